@@ -1,0 +1,241 @@
+"""Stage 3 of Pro2SAM: pick one SAM candidate mask with the GTFormer coarse map (METHOD.md §3).
+
+Frames: the coarse map covers the whole image on its own grid (14x14 for a 224 input). Candidate
+masks cover the whole image too, at any resolution (full resolution on the exact path, SAM's
+low-resolution grid on the fast path). Boxes are ``(x0, y0, x1, y1)`` inclusive pixel indices
+(``x1`` is the last foreground column), the convention of the inclusive-IoU metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "MatchConfig",
+    "Match",
+    "SIMILARITIES",
+    "match_masks",
+    "min_component_area",
+    "mask_box",
+    "coarse_fallback",
+    "upsample_coarse_map",
+]
+
+# Minimum connected-component area of a usable mask, in pixels of a 224x224 frame.
+REFERENCE_FRAME = 224
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """How a candidate mask is chosen.
+
+    Attributes:
+        similarity: name in :data:`SIMILARITIES`: "iou" (reference), "dice", or "soft-iou"
+            (candidate against the continuous coarse map instead of its binarisation).
+        coarse_threshold: the raw coarse map is foreground where it is strictly above this (0.2).
+        match_size: side of the square grid both maps are compared on; None uses the coarse
+            map's own grid (14x14 for 224 input, the reference).
+        min_component_area: a candidate needs a connected component of at least this many pixels
+            in a 224x224 frame; scaled with the mask's resolution.
+        reject_full_frame: reject candidates whose box spans the whole image.
+        fallback_threshold: threshold on the min-max normalised, upsampled coarse map for the
+            coarse-map box used when no candidate survives.
+    """
+
+    similarity: str = "iou"
+    coarse_threshold: float = 0.2
+    match_size: int | None = None
+    min_component_area: float = 10.0
+    reject_full_frame: bool = True
+    fallback_threshold: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(f"unknown similarity {self.similarity!r}; choose from {sorted(SIMILARITIES)}")
+
+
+@dataclass
+class Match:
+    """Outcome of matching one image's candidates.
+
+    Attributes:
+        index: position of the chosen candidate, or None when none survived (use the fallback).
+        match_score: similarity of the chosen candidate (nan when index is None).
+        scores: (N,) float64 similarity of every candidate; nan for rejected ones.
+        rejected: (N,) str, "" for scored candidates, else why it was rejected
+            ("no component of the minimum area", "box spans the whole frame").
+    """
+
+    index: int | None
+    match_score: float
+    scores: np.ndarray
+    rejected: np.ndarray
+
+
+def _iou(target: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    inter = (candidates * target).flatten(1).sum(1)
+    union = (candidates + target - candidates * target).flatten(1).sum(1)
+    return torch.where(union > 0, inter / union.clamp_min(1e-12), torch.zeros_like(union))
+
+
+def _dice(target: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    inter = (candidates * target).flatten(1).sum(1)
+    total = candidates.flatten(1).sum(1) + target.sum()
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1e-12), torch.zeros_like(total))
+
+
+# Each similarity maps (binary coarse map, continuous coarse map, binary candidates (N, s, s))
+# to (N,) scores in [0, 1]. soft-iou is the fuzzy Jaccard index against the continuous map.
+SIMILARITIES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "iou": lambda binary, continuous, cands: _iou(binary, cands),
+    "dice": lambda binary, continuous, cands: _dice(binary, cands),
+    "soft-iou": lambda binary, continuous, cands: _iou(continuous, cands),
+}
+
+
+def min_component_area(mask_shape: tuple[int, int], area_at_224: float) -> int:
+    """The minimum component area scaled from a 224x224 frame to a (h, w) mask, at least 1 px."""
+    h, w = mask_shape
+    return max(1, int(round(area_at_224 * h * w / REFERENCE_FRAME**2)))
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-connected components: (labels (h, w) int32, stats (K, 5) without the background row)."""
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    return labels, stats[1:]
+
+
+def _has_component(mask: np.ndarray, min_area: int) -> bool:
+    if not mask.any():
+        return False
+    _, stats = _components(mask)
+    return bool((stats[:, cv2.CC_STAT_AREA] >= min_area).any())
+
+
+def _spans_frame(mask: np.ndarray) -> bool:
+    rows, cols = mask.any(1), mask.any(0)
+    return bool(rows[0] and rows[-1] and cols[0] and cols[-1])
+
+
+def _downsample(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize to (size, size); any non-zero value is foreground (the reference rule)."""
+    resized = F.interpolate(masks[:, None].float(), size=(size, size), mode="bilinear", align_corners=False)
+    return (resized[:, 0] > 0).float()
+
+
+def match_masks(
+    coarse_map: np.ndarray,
+    candidate_masks: np.ndarray,
+    pred_ious: np.ndarray,
+    config: MatchConfig = MatchConfig(),
+) -> Match:
+    """Score every candidate against the coarse map and pick the best.
+
+    Args:
+        coarse_map: (h, w) float, GTFormer's coarse foreground map M_b in (0, 1), whole image.
+        candidate_masks: (N, H, W) bool, candidates over the whole image at any resolution.
+        pred_ious: (N,) SAM's predicted IoU of each candidate; breaks ties in the score.
+        config: similarity, thresholds and rejection rules.
+
+    Returns:
+        A :class:`Match`; ``index`` is None when there is no candidate or all were rejected.
+    """
+    candidate_masks = np.asarray(candidate_masks, dtype=bool)
+    n = len(candidate_masks)
+    scores = np.full(n, np.nan)
+    rejected = np.full(n, "", dtype=object)
+    if n == 0:
+        return Match(None, float("nan"), scores, rejected.astype(str))
+
+    min_area = min_component_area(candidate_masks.shape[1:], config.min_component_area)
+    for i, mask in enumerate(candidate_masks):
+        if not _has_component(mask, min_area):
+            rejected[i] = "no component of the minimum area"
+        elif config.reject_full_frame and _spans_frame(mask):
+            rejected[i] = "box spans the whole frame"
+    keep = np.flatnonzero(rejected == "")
+    rejected = rejected.astype(str)
+    if len(keep) == 0:
+        return Match(None, float("nan"), scores, rejected)
+
+    size = config.match_size or coarse_map.shape[0]
+    continuous = torch.as_tensor(np.asarray(coarse_map, dtype=np.float32))
+    if continuous.shape != (size, size):
+        continuous = F.interpolate(continuous[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    binary = (continuous > config.coarse_threshold).float()
+    candidates = _downsample(torch.from_numpy(candidate_masks[keep]), size)
+    scores[keep] = SIMILARITIES[config.similarity](binary, continuous, candidates).double().numpy()
+
+    # Highest score first; among equal scores the higher predicted IoU wins.
+    kept_scores = scores[keep]
+    order = np.lexsort((-np.asarray(pred_ious, dtype=np.float64)[keep], -kept_scores))
+    best = int(keep[order[0]])
+    return Match(best, float(scores[best]), scores, rejected)
+
+
+def mask_box(mask: np.ndarray, min_area_at_224: float = 10.0) -> tuple[int, int, int, int] | None:
+    """Union box of the mask's components of at least the (scaled) minimum area.
+
+    Args:
+        mask: (H, W) bool in original-image pixels.
+        min_area_at_224: minimum component area in a 224x224 frame, scaled to (H, W).
+
+    Returns:
+        ``(x0, y0, x1, y1)`` inclusive pixel indices, or None for an empty mask. When no
+        component reaches the minimum area, the box of all foreground pixels.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return None
+    _, stats = _components(mask)
+    big = stats[stats[:, cv2.CC_STAT_AREA] >= min_component_area(mask.shape, min_area_at_224)]
+    if len(big) == 0:
+        big = stats
+    x0 = big[:, cv2.CC_STAT_LEFT].min()
+    y0 = big[:, cv2.CC_STAT_TOP].min()
+    x1 = (big[:, cv2.CC_STAT_LEFT] + big[:, cv2.CC_STAT_WIDTH]).max() - 1
+    y1 = (big[:, cv2.CC_STAT_TOP] + big[:, cv2.CC_STAT_HEIGHT]).max() - 1
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+def upsample_coarse_map(coarse_map: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
+    """Min-max normalise the coarse map and resize it bilinearly to (H, W) = image_size."""
+    m = torch.as_tensor(np.asarray(coarse_map, dtype=np.float32))
+    m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-12)
+    up = F.interpolate(m[None, None], size=tuple(image_size), mode="bilinear", align_corners=False)
+    return up[0, 0].numpy()
+
+
+def coarse_fallback(
+    coarse_map: np.ndarray, image_size: tuple[int, int], threshold: float = 0.2
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """GTFormer's own localisation, used when no SAM candidate survives.
+
+    The min-max normalised coarse map is upsampled to the image, thresholded strictly above
+    ``threshold``, and its largest connected component is kept.
+
+    Returns:
+        mask: (H, W) bool, the largest component (the whole image for a constant map).
+        box: ``(x0, y0, x1, y1)`` inclusive pixel indices of that component.
+    """
+    h, w = image_size
+    fg = upsample_coarse_map(coarse_map, image_size) > threshold
+    if not fg.any():  # a constant map carries no location: the whole image is the honest answer
+        return np.ones((h, w), dtype=bool), (0, 0, w - 1, h - 1)
+    labels, stats = _components(fg)
+    largest = 1 + int(np.argmax(stats[:, cv2.CC_STAT_AREA]))
+    mask = labels == largest
+    s = stats[largest - 1]
+    box = (
+        int(s[cv2.CC_STAT_LEFT]),
+        int(s[cv2.CC_STAT_TOP]),
+        int(s[cv2.CC_STAT_LEFT] + s[cv2.CC_STAT_WIDTH] - 1),
+        int(s[cv2.CC_STAT_TOP] + s[cv2.CC_STAT_HEIGHT] - 1),
+    )
+    return mask, box

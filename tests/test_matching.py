@@ -1,0 +1,114 @@
+"""Mask matching on planted candidate sets whose right answer is known."""
+
+import numpy as np
+import pytest
+
+from pro2sam.matching import MatchConfig, coarse_fallback, mask_box, match_masks, min_component_area
+
+
+def rect_mask(shape, x0, y0, x1, y1):
+    """Bool mask with the inclusive rectangle [x0..x1] x [y0..y1] set."""
+    m = np.zeros(shape, dtype=bool)
+    m[y0 : y1 + 1, x0 : x1 + 1] = True
+    return m
+
+
+def coarse_with_object(x0, y0, x1, y1, high=0.9, low=0.05):
+    """14x14 coarse map, high on the inclusive cell rectangle, low elsewhere."""
+    m = np.full((14, 14), low, dtype=np.float32)
+    m[y0 : y1 + 1, x0 : x1 + 1] = high
+    return m
+
+
+def test_the_candidate_covering_the_coarse_foreground_wins():
+    coarse = coarse_with_object(4, 4, 9, 9)  # cells 4..9 of 14 on a 224 image = pixels 64..159
+    right = rect_mask((224, 224), 64, 64, 159, 159)
+    too_small = rect_mask((224, 224), 90, 90, 120, 120)
+    elsewhere = rect_mask((224, 224), 0, 170, 60, 223)
+    match = match_masks(coarse, np.stack([too_small, right, elsewhere]), np.array([0.99, 0.9, 0.95]))
+    assert match.index == 1
+    assert match.match_score > match.scores[0] > match.scores[2]
+
+
+def test_iou_score_equals_hand_computed_value_on_the_coarse_grid():
+    coarse = coarse_with_object(0, 0, 3, 3)  # 16 foreground cells
+    # a mask covering exactly cells 0..1 x 0..3 of a 14x14 grid, given at 14x14 resolution
+    cand = rect_mask((14, 14), 0, 0, 1, 3)
+    match = match_masks(coarse, cand[None], np.array([0.9]), MatchConfig(min_component_area=0))
+    assert match.match_score == pytest.approx(8 / 16)
+
+
+def test_dice_and_soft_iou_are_selectable():
+    coarse = coarse_with_object(0, 0, 3, 3, high=0.5, low=0.0)
+    cand = rect_mask((14, 14), 0, 0, 1, 3)[None]
+    dice = match_masks(coarse, cand, np.array([0.9]), MatchConfig(similarity="dice", min_component_area=0))
+    soft = match_masks(coarse, cand, np.array([0.9]), MatchConfig(similarity="soft-iou", min_component_area=0))
+    assert dice.match_score == pytest.approx(2 * 8 / (8 + 16))
+    # fuzzy Jaccard: sum(min) / sum(max) = (8 * 0.5) / (8 * 1 + 8 * 0.5)
+    assert soft.match_score == pytest.approx(4 / 12)
+    with pytest.raises(ValueError, match="unknown similarity"):
+        MatchConfig(similarity="cosine")
+
+
+def test_full_frame_candidate_is_rejected_even_when_it_scores_best():
+    coarse = np.full((14, 14), 0.9, dtype=np.float32)  # the map says "everything"
+    full = np.ones((224, 224), dtype=bool)
+    part = rect_mask((224, 224), 20, 20, 200, 200)
+    match = match_masks(coarse, np.stack([full, part]), np.array([0.99, 0.5]))
+    assert match.index == 1
+    assert match.rejected[0] == "box spans the whole frame"
+    assert np.isnan(match.scores[0])
+
+
+def test_mask_without_a_component_of_the_minimum_area_is_rejected():
+    coarse = coarse_with_object(0, 0, 13, 13)
+    speckle = np.zeros((224, 224), dtype=bool)
+    speckle[::8, ::8] = True  # many single pixels, no component of 10 px
+    match = match_masks(coarse, speckle[None], np.array([0.99]))
+    assert match.index is None
+    assert match.rejected[0] == "no component of the minimum area"
+
+
+def test_minimum_area_scales_with_resolution():
+    assert min_component_area((224, 224), 10) == 10
+    assert min_component_area((448, 448), 10) == 40
+    assert min_component_area((56, 56), 10) == 1
+
+
+def test_ties_go_to_the_higher_predicted_iou():
+    coarse = coarse_with_object(2, 2, 6, 6)
+    a = rect_mask((224, 224), 32, 32, 111, 111)
+    match = match_masks(coarse, np.stack([a, a.copy()]), np.array([0.90, 0.97]))
+    assert match.scores[0] == match.scores[1]
+    assert match.index == 1
+
+
+def test_empty_gallery_returns_no_choice():
+    match = match_masks(coarse_with_object(2, 2, 6, 6), np.zeros((0, 64, 64), bool), np.zeros(0))
+    assert match.index is None and len(match.scores) == 0
+
+
+def test_fallback_box_is_the_largest_coarse_component_in_image_pixels():
+    coarse = np.zeros((14, 14), dtype=np.float32)
+    coarse[2:4, 2:4] = 1.0  # small blob
+    coarse[7:12, 6:13] = 1.0  # large blob: cells x 6..12, y 7..11
+    mask, box = coarse_fallback(coarse, (280, 140), threshold=0.5)  # H=280, W=140: 20 px rows, 10 px cols
+    x0, y0, x1, y1 = box
+    assert mask.shape == (280, 140)
+    assert abs(x0 - 60) <= 6 and abs(x1 - 129) <= 6
+    assert abs(y0 - 140) <= 12 and abs(y1 - 239) <= 12
+    assert not mask[:80, :80].any()  # the small blob is not part of the fallback
+
+
+def test_fallback_on_a_constant_map_is_the_whole_image():
+    mask, box = coarse_fallback(np.full((14, 14), 0.3, np.float32), (50, 70))
+    assert box == (0, 0, 69, 49) and mask.all()
+
+
+def test_mask_box_ignores_specks_below_the_minimum_area():
+    m = rect_mask((224, 224), 50, 60, 150, 170)
+    m[5, 5] = True  # one-pixel speck far away
+    assert mask_box(m) == (50, 60, 150, 170)
+    two = m | rect_mask((224, 224), 180, 10, 200, 30)  # second real component joins the union
+    assert mask_box(two) == (50, 10, 200, 170)
+    assert mask_box(np.zeros((10, 10), bool)) is None
