@@ -1,0 +1,146 @@
+"""The ``pro2sam`` command: a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .sam_candidates import CandidateConfig
+
+    defaults = CandidateConfig()
+    p.add_argument("--gtformer", required=True, help="GTFormer export: directory with model.safetensors + config.json")
+    p.add_argument("--sam", default="vit_h", help="SAM variant: vit_h, vit_l, vit_b or tiny (default vit_h)")
+    p.add_argument("--sam-checkpoint", help="SAM weights file (official sam_vit_*.pth, checked by SHA-256)")
+    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official SAM files")
+    p.add_argument("--mode", choices=("fast", "exact"), default=defaults.mode, help="candidate path (default %(default)s)")
+    p.add_argument("--points-per-side", type=int, default=defaults.points_per_side, help="grid is N x N (default %(default)s)")
+    p.add_argument("--prune", action="store_true", help="drop grid points outside the dilated coarse foreground")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def _load_model(args: argparse.Namespace):
+    from .model import Pro2SAM
+    from .sam_candidates import CandidateConfig
+
+    candidates = CandidateConfig(mode=args.mode, points_per_side=args.points_per_side, prune_with_coarse_map=args.prune)
+    return Pro2SAM.from_checkpoints(
+        args.gtformer,
+        sam=args.sam,
+        sam_checkpoint=args.sam_checkpoint,
+        verify=not args.no_verify,
+        device=args.device,
+        candidates=candidates,
+    )
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def result_record(path: str, result) -> dict:
+    """One image's result as a JSON-serialisable dict (mask as COCO RLE)."""
+    from .rle import encode_mask
+
+    h, w = result.image_size
+    return {
+        "path": path,
+        "status": "ok",
+        "error": None,
+        "width": w,
+        "height": h,
+        "box_xyxy": list(result.box_xyxy),
+        "box_source": result.box_source,
+        "mask_rle": encode_mask(result.mask),
+        "mask_area": int(result.mask.sum()),
+        "topk_classes": result.topk_classes,
+        "topk_names": result.topk_names,
+        "topk_scores": result.topk_scores,
+        "match_score": _finite(result.match_score),
+        "pred_iou": _finite(result.pred_iou),
+        "stability_score": _finite(result.stability_score),
+        "num_candidates": result.num_candidates,
+    }
+
+
+def predict_files(model, paths: list[str], out) -> tuple[int, int]:
+    """Run the model on image files, writing one JSON line per file; bad files become error lines."""
+    from .images import ImageDecodeError, to_rgb_array
+
+    ok = failed = 0
+    for path in paths:
+        try:
+            image = to_rgb_array(path)
+        except (ImageDecodeError, OSError) as e:
+            out.write(json.dumps({"path": path, "status": "error", "error": str(e)}) + "\n")
+            failed += 1
+            continue
+        (result,) = model.predict([image])
+        out.write(json.dumps(result_record(path, result)) + "\n")
+        out.flush()
+        ok += 1
+    return ok, failed
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    model = _load_model(args)
+    start = time.perf_counter()
+    out = open(args.output, "w") if args.output != "-" else sys.stdout
+    try:
+        ok, failed = predict_files(model, args.images, out)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    seconds = time.perf_counter() - start
+    print(f"{ok} ok, {failed} error, {seconds:.1f} s -> {args.output}", file=sys.stderr)
+    return 0 if ok or not failed else 1
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    from .example import run_example
+
+    run_example(Path(args.workdir), points_per_side=args.points_per_side)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pro2sam", description="Pro2SAM: image-level labels to boxes and masks.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="label image files with a GTFormer + SAM pair, one JSON line per image")
+    _add_model_args(p)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--output", "-o", default="-", help="JSON-lines output file (default stdout)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "example",
+        help="end-to-end run on tiny random-weight models and generated images (checks the install; "
+        "the boxes are not meaningful)",
+    )
+    p.add_argument("--workdir", default="pro2sam-example", help="where checkpoints, images and results go")
+    p.add_argument("--points-per-side", type=int, default=16)
+    p.set_defaults(func=cmd_example)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoints import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"pro2sam: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Pro2SAM end to end: GTFormer coarse map -> grid-prompted SAM candidates -> mask matching.
+
+This is the library's one way in for inference; it knows nothing of Ray or storage.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .gtformer import load_gtformer
+from .images import to_rgb_array
+from .matching import MatchConfig, coarse_fallback, mask_box, match_masks
+from .sam_candidates import CandidateConfig, GridCandidateGenerator, build_sam
+
+__all__ = ["Pro2SAM", "Pro2SAMResult", "BOX_SOURCES"]
+
+BOX_SOURCES = ("sam", "coarse_fallback")
+
+
+@dataclass
+class Pro2SAMResult:
+    """One image's localisation.
+
+    Attributes:
+        box_xyxy: (x0, y0, x1, y1) inclusive pixel indices in the original image (after EXIF
+            orientation).
+        mask: (H, W) bool, the chosen mask at original resolution.
+        box_source: "sam" (a SAM candidate was chosen) or "coarse_fallback" (none survived
+            matching; box and mask come from the GTFormer coarse map).
+        topk_classes / topk_scores: GTFormer's k most probable classes and their softmax scores.
+        topk_names: class names of topk_classes when the checkpoint carries them, else None.
+        match_score: similarity of the chosen mask to the coarse map (nan for the fallback).
+        pred_iou / stability_score: SAM's predicted IoU and stability score of the chosen mask
+            (nan for the fallback).
+        coarse_map: (h, w) float32 GTFormer coarse foreground map M_b in (0, 1), whole image
+            (14x14 for 224 input).
+        num_candidates: SAM candidates left after filtering, before matching.
+        label: the image-level label given with the image, if any (carried, not used).
+    """
+
+    box_xyxy: tuple[int, int, int, int]
+    mask: np.ndarray
+    box_source: str
+    topk_classes: list[int]
+    topk_scores: list[float]
+    topk_names: list[str] | None
+    match_score: float
+    pred_iou: float
+    stability_score: float
+    coarse_map: np.ndarray
+    num_candidates: int
+    label: Any = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the original image."""
+        return self.mask.shape
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Pro2SAM:
+    """GTFormer and SAM held together, with the candidate and matching settings.
+
+    Args:
+        gtformer: a GTFormer (see :mod:`pro2sam.gtformer`) in eval mode.
+        sam: a ``segment_anything`` Sam model.
+        class_names: names of GTFormer's classes, index-aligned, or None.
+        mean, std: GTFormer's input normalisation (RGB, on [0, 1] pixels).
+        input_size: GTFormer's square input side; images are plain-resized to it (no crop).
+        candidates: SAM grid and filtering settings.
+        matching: mask matching settings.
+        top_k: how many classes each result reports.
+        device: where both models run; default CUDA if available.
+        model_ids: identifiers of the loaded weights (for example checkpoint hashes), reported
+            with results.
+    """
+
+    def __init__(
+        self,
+        gtformer: torch.nn.Module,
+        sam: torch.nn.Module,
+        *,
+        class_names: Sequence[str] | None = None,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        input_size: int = 224,
+        candidates: CandidateConfig | None = None,
+        matching: MatchConfig | None = None,
+        top_k: int = 5,
+        device: str | torch.device | None = None,
+        model_ids: dict[str, str] | None = None,
+    ):
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.gtformer = gtformer.eval().to(self.device)
+        self.sam = sam.eval().to(self.device)
+        self.class_names = list(class_names) if class_names is not None else None
+        self.input_size = input_size
+        self.candidate_config = candidates or CandidateConfig()
+        self.match_config = matching or MatchConfig()
+        self.top_k = top_k
+        self.model_ids = dict(model_ids or {})
+        self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.generator = GridCandidateGenerator(self.sam, self.candidate_config)
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        gtformer: str | os.PathLike,
+        sam: str = "vit_h",
+        sam_checkpoint: str | os.PathLike | None = None,
+        *,
+        verify: bool = True,
+        device: str | torch.device | None = None,
+        candidates: CandidateConfig | None = None,
+        matching: MatchConfig | None = None,
+        top_k: int = 5,
+    ) -> Pro2SAM:
+        """Load GTFormer (our exported checkpoint) and SAM (an official or tiny checkpoint).
+
+        Args:
+            gtformer: a GTFormer export: a directory with ``model.safetensors`` and
+                ``config.json`` (or the ``.safetensors`` file beside its ``config.json``).
+            sam: SAM variant: "vit_h", "vit_l", "vit_b" or "tiny".
+            sam_checkpoint: the SAM weights file. Official variants are checked against the
+                SHA-256 of the official release unless ``verify=False``.
+        """
+        gt_model, gt_config = load_gtformer(gtformer)
+        sam_model = build_sam(sam, sam_checkpoint, verify=verify)
+        ids = {"gtformer": str(gt_config.get("sha256", Path(gtformer).name)), "sam": sam}
+        if sam_checkpoint is not None:
+            ids["sam_checkpoint"] = Path(sam_checkpoint).name
+        return cls(
+            gt_model,
+            sam_model,
+            class_names=gt_config.get("class_names"),
+            mean=gt_config.get("mean", (0.485, 0.456, 0.406)),
+            std=gt_config.get("std", (0.229, 0.224, 0.225)),
+            input_size=int(gt_config.get("img_size", 224)),
+            candidates=candidates,
+            matching=matching,
+            top_k=top_k,
+            device=device,
+            model_ids=ids,
+        )
+
+    def with_settings(self, *, candidates: CandidateConfig | None = None, matching: MatchConfig | None = None) -> Pro2SAM:
+        """A Pro2SAM sharing these models with other candidate or matching settings."""
+        other = object.__new__(Pro2SAM)
+        other.__dict__.update(self.__dict__)
+        other.candidate_config = candidates or self.candidate_config
+        other.match_config = matching or self.match_config
+        other.generator = GridCandidateGenerator(self.sam, other.candidate_config)
+        return other
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(H, W, 3) uint8 RGB images -> (B, 3, S, S) normalised float, plain-resized to S."""
+        size = (self.input_size, self.input_size)
+        batch = np.stack([np.asarray(Image.fromarray(img).resize(size, Image.BILINEAR)) for img in images])
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div_(255.0)
+        return ((x - self._mean) / self._std).to(self.device)
+
+    @torch.inference_mode()
+    def classify(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """GTFormer on a batch of RGB images.
+
+        Returns:
+            probs: (B, C) float32 class probabilities.
+            coarse_maps: (B, h, w) float32 coarse foreground maps M_b in (0, 1).
+        """
+        out = self.gtformer(self.preprocess(images))
+        probs = out.logits.float().softmax(-1)
+        return probs.cpu().numpy(), out.coarse_map.float().cpu().numpy()
+
+    def predict(
+        self,
+        images: Sequence[np.ndarray | Image.Image | str | os.PathLike],
+        labels: Sequence[Any] | None = None,
+        *,
+        batch_size: int = 16,
+    ) -> list[Pro2SAMResult]:
+        """Localise the object of each image.
+
+        Args:
+            images: RGB arrays (H, W, 3) uint8, gray or RGBA arrays, PIL images or file paths.
+            labels: optional image-level labels, one per image, carried into the results.
+            batch_size: GTFormer batch size.
+
+        Returns:
+            One :class:`Pro2SAMResult` per image, in order.
+        """
+        if labels is not None and len(labels) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(labels)} labels")
+        results: list[Pro2SAMResult] = []
+        for start in range(0, len(images), batch_size):
+            chunk = [to_rgb_array(img) for img in images[start : start + batch_size]]
+            probs, coarse_maps = self.classify(chunk)
+            for j, (image, p, coarse) in enumerate(zip(chunk, probs, coarse_maps)):
+                label = labels[start + j] if labels is not None else None
+                results.append(self.localize(image, p, coarse, label=label))
+        return results
+
+    def localize(self, image: np.ndarray, probs: np.ndarray, coarse_map: np.ndarray, *, label: Any = None) -> Pro2SAMResult:
+        """SAM candidates and matching for one image whose GTFormer outputs are known.
+
+        Args:
+            image: (H, W, 3) uint8 RGB.
+            probs: (C,) class probabilities from :meth:`classify`.
+            coarse_map: (h, w) coarse map from :meth:`classify`.
+        """
+        k = min(self.top_k, len(probs))
+        top = np.argsort(-probs, kind="stable")[:k]
+        names = [self.class_names[i] for i in top] if self.class_names else None
+        candidates = self.generator.generate(image, coarse_map=coarse_map)
+        match = match_masks(coarse_map, candidates.masks, candidates.pred_ious, self.match_config)
+        mask = box = None
+        if match.index is not None:
+            mask = candidates.full_resolution_mask(match.index)
+            box = mask_box(mask, self.match_config.min_component_area)
+        if box is None:  # nothing survived, or the winner vanished at full resolution
+            mask, box = coarse_fallback(coarse_map, image.shape[:2], self.match_config.fallback_threshold)
+            source, score, pred_iou, stability = "coarse_fallback", float("nan"), float("nan"), float("nan")
+        else:
+            source, score = "sam", match.match_score
+            pred_iou = float(candidates.pred_ious[match.index])
+            stability = float(candidates.stability_scores[match.index])
+        return Pro2SAMResult(
+            box_xyxy=tuple(int(v) for v in box),
+            mask=mask,
+            box_source=source,
+            topk_classes=[int(i) for i in top],
+            topk_scores=[float(probs[i]) for i in top],
+            topk_names=names,
+            match_score=score,
+            pred_iou=pred_iou,
+            stability_score=stability,
+            coarse_map=np.asarray(coarse_map, dtype=np.float32),
+            num_candidates=len(candidates.pred_ious),
+            label=label,
+            timings=dict(getattr(candidates, "timings", {}) or {}),
+        )

@@ -1,0 +1,106 @@
+"""Pro2SAM end to end on tiny models loaded from real checkpoint files."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pro2sam import CandidateConfig, MatchConfig, Pro2SAM
+from pro2sam.example import EXAMPLE_CLASSES, make_example_images, make_tiny_checkpoints
+from pro2sam.matching import mask_box
+
+LOW_THRESHOLDS = dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return make_tiny_checkpoints(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return make_example_images(tmp_path_factory.mktemp("images"), count=3)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoints):
+    gt_dir, sam_path = checkpoints
+    return Pro2SAM.from_checkpoints(
+        gt_dir, sam="tiny", sam_checkpoint=sam_path, device="cpu", candidates=CandidateConfig(**LOW_THRESHOLDS)
+    )
+
+
+def test_results_are_in_original_image_pixels(model, images):
+    results = model.predict(images)
+    assert len(results) == len(images)
+    for path, r in zip(images, results):
+        w, h = Image.open(path).size
+        assert r.mask.shape == (h, w) and r.mask.dtype == bool
+        x0, y0, x1, y1 = r.box_xyxy
+        assert 0 <= x0 <= x1 < w and 0 <= y0 <= y1 < h
+        assert r.coarse_map.shape == (14, 14)
+
+
+def test_sam_results_carry_the_chosen_candidates_scores_and_box(model, images):
+    results = model.predict(images)
+    sam_results = [r for r in results if r.box_source == "sam"]
+    assert sam_results, "with thresholds at 0 some SAM candidate must survive"
+    for r in sam_results:
+        assert 0.0 <= r.match_score <= 1.0
+        assert not math.isnan(r.pred_iou) and not math.isnan(r.stability_score)
+        assert r.num_candidates > 0
+        assert r.box_xyxy == mask_box(r.mask)
+
+
+def test_top_k_classes_come_with_names_and_sorted_scores(model, images):
+    (r,) = model.predict(images[:1])
+    assert len(r.topk_classes) == len(EXAMPLE_CLASSES)  # top_k=5 capped by 3 classes
+    assert r.topk_names == [EXAMPLE_CLASSES[i] for i in r.topk_classes]
+    assert r.topk_scores == sorted(r.topk_scores, reverse=True)
+    assert sum(r.topk_scores) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_coarse_map_is_gtformers_own(model, images):
+    (r,) = model.predict(images[:1])
+    x = model.preprocess([np.asarray(Image.open(images[0]).convert("RGB"))])
+    with torch.inference_mode():
+        expected = model.gtformer(x).coarse_map[0].numpy()
+    np.testing.assert_allclose(r.coarse_map, expected, atol=1e-6)
+
+
+def test_labels_are_carried_and_must_match_the_images(model, images):
+    results = model.predict(images[:2], labels=["a", "b"])
+    assert [r.label for r in results] == ["a", "b"]
+    with pytest.raises(ValueError, match="2 images but 1 labels"):
+        model.predict(images[:2], labels=["a"])
+
+
+def test_no_surviving_candidate_falls_back_to_the_coarse_map(model, images):
+    strict = model.with_settings(candidates=CandidateConfig(points_per_side=4, pred_iou_thresh=2.0))
+    (r,) = strict.predict(images[:1])
+    assert r.box_source == "coarse_fallback"
+    assert math.isnan(r.match_score) and math.isnan(r.pred_iou)
+    assert r.num_candidates == 0
+    assert r.mask.any()
+
+
+def test_arrays_pil_images_and_paths_give_the_same_result(model, images):
+    arr = np.asarray(Image.open(images[0]).convert("RGB"))
+    by_path, by_pil, by_array = model.predict([images[0], Image.open(images[0]), arr])
+    assert by_path.box_xyxy == by_pil.box_xyxy == by_array.box_xyxy
+
+
+def test_exact_and_fast_paths_both_run_end_to_end(model, images):
+    exact = model.with_settings(candidates=CandidateConfig(mode="exact", **LOW_THRESHOLDS))
+    fast = model.with_settings(candidates=CandidateConfig(mode="fast", **LOW_THRESHOLDS))
+    (re,), (rf,) = exact.predict(images[:1]), fast.predict(images[:1])
+    assert re.mask.shape == rf.mask.shape
+    assert re.box_source == rf.box_source == "sam"
+
+
+def test_other_similarities_are_used_when_configured(model, images):
+    dice = model.with_settings(matching=MatchConfig(similarity="dice"))
+    (r,) = dice.predict(images[:1])
+    assert r.box_source in ("sam", "coarse_fallback")

@@ -1,0 +1,196 @@
+"""Grid-prompted SAM candidates (METHOD.md §2) against segment_anything's own generator.
+
+The tiny SAM has random weights, so these tests check that we filter exactly as the official
+code does, not that the masks are good.
+"""
+
+import numpy as np
+import pytest
+import torch
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.build_sam import build_sam_vit_b
+
+from pro2sam.checkpoints import CheckpointError
+from pro2sam.sam_candidates import CandidateConfig, GridCandidateGenerator, build_sam
+
+# Thresholds low enough that the random tiny SAM keeps candidates, high enough to filter some;
+# an offset of 0.1 because its logits are of order 1.
+FILTERS = dict(points_per_side=8, pred_iou_thresh=0.5, stability_score_thresh=0.3, stability_score_offset=0.1)
+
+
+def synthetic_image(h, w, seed):
+    """Colour gradients with a few flat discs: regions a SAM can split."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    image = np.stack([xx / w * 255, yy / h * 255, np.full((h, w), 128.0)], axis=-1)
+    for _ in range(4):
+        cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(10, 60)
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
+    return image.astype(np.uint8)
+
+
+IMAGES = [(180, 240, 0), (240, 180, 1), (200, 200, 2)]
+
+
+def mask_iou(a, b):
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
+
+
+def by_prompt(c):
+    """{(grid point x, y, multimask index): candidate position}."""
+    return {(*np.round(c.point_coords[i], 6), int(c.multimask_index[i])): i for i in range(len(c))}
+
+
+@pytest.mark.parametrize("h,w,seed", IMAGES)
+def test_exact_path_equals_the_official_generator(tiny_sam, h, w, seed):
+    image = synthetic_image(h, w, seed)
+    official = SamAutomaticMaskGenerator(tiny_sam, box_nms_thresh=0.7, output_mode="binary_mask", **FILTERS)
+    expected = official.generate(image)
+    ours = GridCandidateGenerator(tiny_sam, CandidateConfig(mode="exact", **FILTERS)).generate(image)
+
+    assert len(expected) > 0
+    assert len(ours) == len(expected)
+    # Both come out in NMS order (decreasing predicted IoU).
+    for i, ann in enumerate(expected):
+        assert np.allclose(ours.point_coords[i], ann["point_coords"][0])
+        assert ours.pred_ious[i] == pytest.approx(ann["predicted_iou"], abs=1e-4)
+        assert ours.stability_scores[i] == pytest.approx(ann["stability_score"], abs=1e-4)
+        assert ours.masks[i].shape == (h, w)
+        assert mask_iou(ours.masks[i], ann["segmentation"]) >= 0.99
+        x, y, bw, bh = ann["bbox"]
+        assert np.abs(ours.boxes_xyxy[i] - [x, y, x + bw, y + bh]).max() <= 1
+
+
+def test_exact_path_equals_the_official_generator_with_filters_off(tiny_sam):
+    """Every mask of every point reaches NMS, empty masks included (their boxes never overlap)."""
+    image = synthetic_image(180, 240, 0)
+    off = dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    expected = SamAutomaticMaskGenerator(tiny_sam, **off).generate(image)
+    ours = GridCandidateGenerator(tiny_sam, CandidateConfig(mode="exact", **off)).generate(image)
+    assert len(ours) == len(expected) > 20
+    assert all(mask_iou(m, a["segmentation"]) >= 0.99 for m, a in zip(ours.masks, expected))
+    np.testing.assert_allclose(ours.pred_ious, [a["predicted_iou"] for a in expected], atol=1e-4)
+
+
+@pytest.mark.parametrize("h,w,seed", IMAGES)
+def test_fast_path_keeps_nearly_the_exact_candidates(tiny_sam, h, w, seed):
+    image = synthetic_image(h, w, seed)
+    generator = GridCandidateGenerator(tiny_sam, CandidateConfig(mode="exact", **FILTERS))
+    exact = generator.generate(image)
+    fast = GridCandidateGenerator(tiny_sam, CandidateConfig(mode="fast", **FILTERS)).generate(image)
+    assert fast.masks.shape[1:] == (-(-h * 256 // max(h, w)) // 4, -(-w * 256 // max(h, w)) // 4)
+
+    exact_keys, fast_keys = by_prompt(exact), by_prompt(fast)
+    shared = exact_keys.keys() & fast_keys.keys()
+    agreement = len(shared) / len(exact_keys.keys() | fast_keys.keys())
+    assert agreement >= 0.6, f"fast and exact share {agreement:.2f} of their candidates"
+    assert abs(len(fast) - len(exact)) <= max(2, 0.25 * len(exact))
+    # A fast mask seen at full resolution is the exact mask of the same prompt.
+    ious = [mask_iou(fast.full_resolution_mask(fast_keys[k]), exact.masks[exact_keys[k]]) for k in shared]
+    assert min(ious) >= 0.99
+
+
+def test_full_resolution_mask_is_sams_postprocessed_mask(tiny_sam):
+    image = synthetic_image(180, 240, 0)
+    config = CandidateConfig(mode="fast", points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    fast = GridCandidateGenerator(tiny_sam, config).generate(image)
+
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(tiny_sam)
+    predictor.set_image(image)
+    assert len(fast) > 0
+    for i in range(len(fast)):
+        masks, _, _ = predictor.predict(fast.point_coords[i : i + 1], np.array([1]), multimask_output=True)
+        assert np.array_equal(fast.full_resolution_mask(i), masks[fast.multimask_index[i]])
+
+
+def test_pruning_keeps_only_points_inside_the_dilated_coarse_foreground(tiny_sam):
+    coarse = np.full((14, 14), 0.1, dtype=np.float32)
+    coarse[5:8, 6:9] = 0.9  # 3x3 foreground cells; dilated by one cell: rows 4..8, cols 5..9
+    config = CandidateConfig(points_per_side=14, prune_with_coarse_map=True, prune_threshold=0.5, prune_dilation=1)
+    generator = GridCandidateGenerator(tiny_sam, config)
+    # A 14x14 grid on a 140x280 image puts exactly one point in each coarse cell.
+    points = generator.grid_points((140, 280), coarse)
+    rows, cols = (points[:, 1] // 10).astype(int), (points[:, 0] // 20).astype(int)
+    assert len(points) == 5 * 5
+    assert rows.min() == 4 and rows.max() == 8 and cols.min() == 5 and cols.max() == 9
+
+    candidates = generator.generate(synthetic_image(140, 280, 3), coarse_map=coarse)
+    assert candidates.num_grid_points == 25
+    assert all(any(np.allclose(p, q) for q in points) for p in candidates.point_coords)
+
+
+def test_pruning_is_off_by_default(tiny_sam):
+    assert CandidateConfig().prune_with_coarse_map is False
+    coarse = np.zeros((14, 14), dtype=np.float32)
+    coarse[0, 0] = 1.0
+    generator = GridCandidateGenerator(tiny_sam, CandidateConfig(points_per_side=4))
+    candidates = generator.generate(synthetic_image(64, 64, 4), coarse_map=coarse)
+    assert candidates.num_grid_points == 16
+
+
+def test_reference_option_resizes_to_224_and_reports_the_original_frame(tiny_sam):
+    image = synthetic_image(120, 300, 5)
+    config = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, reference_resize_224=True)
+    exact = GridCandidateGenerator(tiny_sam, CandidateConfig(mode="exact", **config)).generate(image)
+    fast = GridCandidateGenerator(tiny_sam, CandidateConfig(mode="fast", **config)).generate(image)
+    assert exact.masks.shape[1:] == (120, 300)
+    assert fast.masks.shape[1:] == (64, 64)  # SAM saw a square image
+    assert fast.full_resolution_mask(0).shape == (120, 300)
+    assert exact.point_coords.max(0)[0] < 300 and exact.point_coords.max(0)[1] < 120
+
+
+def test_stage_timings_are_recorded(tiny_sam):
+    candidates = GridCandidateGenerator(tiny_sam, CandidateConfig(points_per_side=4)).generate(synthetic_image(64, 96, 6))
+    assert set(candidates.timings) == {"embed", "decode", "filter"}
+    assert all(t >= 0 for t in candidates.timings.values())
+
+
+def test_official_checkpoint_with_wrong_sha256_is_refused(tmp_path):
+    fake = tmp_path / "sam_vit_b_01ec64.pth"
+    fake.write_bytes(b"not the released weights")
+    with pytest.raises(CheckpointError, match=r"official SAM vit_b checkpoint sam_vit_b_01ec64\.pth.*SHA-256"):
+        build_sam("vit_b", fake)
+
+
+def test_truncated_checkpoint_is_refused(tiny_sam, tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(tiny_sam.state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        build_sam("tiny", path, verify=False)
+
+
+def test_checkpoint_of_another_architecture_is_refused(tiny_sam, tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(tiny_sam.state_dict(), path)
+    with pytest.raises(CheckpointError, match="does not fit the vit_b architecture"):
+        build_sam("vit_b", path, verify=False)
+
+
+def test_tiny_checkpoint_round_trips(tiny_sam, tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(tiny_sam.state_dict(), path)
+    loaded = build_sam("tiny", path)
+    image = synthetic_image(96, 128, 7)
+    config = CandidateConfig(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    a = GridCandidateGenerator(tiny_sam, config).generate(image)
+    b = GridCandidateGenerator(loaded, config).generate(image)
+    assert np.array_equal(a.masks, b.masks)
+    assert np.array_equal(a.pred_ious, b.pred_ious)
+
+
+def test_random_tiny_sam_is_seeded():
+    a, b = build_sam("tiny", seed=1), build_sam("tiny", seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_vit_b_has_the_official_architecture_on_the_meta_device():
+    ours = build_sam("vit_b", device="meta")
+    with torch.device("meta"):
+        official = build_sam_vit_b()
+    assert sum(p.numel() for p in ours.parameters()) == 93_735_472
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in official.state_dict().items()}
