@@ -110,6 +110,13 @@ def cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .labels import describe_schema
+
+    print(describe_schema())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pro2sam", description="Pro2SAM: image-level labels to boxes and masks.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--output", "-o", default="-", help="JSON-lines output file (default stdout)")
     p.set_defaults(func=cmd_predict)
+
+    from .pipeline.label_job import add_label_arguments, run_from_args
+
+    p = sub.add_parser("label", help="the labeling job: images in object storage -> Parquet (Ray Data)")
+    add_label_arguments(p)
+    p.set_defaults(func=run_from_args)
+
+    p = sub.add_parser("schema", help="print the labels table's Parquet schema")
+    p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser(
         "example",

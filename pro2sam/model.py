@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from .checkpoints import OFFICIAL_SAM_CHECKPOINTS, sha256_file
 from .gtformer import load_gtformer
 from .images import to_rgb_array
 from .matching import MatchConfig, coarse_fallback, mask_box, match_masks
@@ -64,6 +64,15 @@ class Pro2SAMResult:
     def image_size(self) -> tuple[int, int]:
         """(H, W) of the original image."""
         return self.mask.shape
+
+
+def _sam_weights_id(variant: str, checkpoint: str | os.PathLike | None, verified: bool) -> str:
+    """SHA-256 of the SAM weights (known without re-hashing when the official file was verified)."""
+    if checkpoint is None:
+        return "random-init"
+    if verified and variant in OFFICIAL_SAM_CHECKPOINTS:
+        return OFFICIAL_SAM_CHECKPOINTS[variant][1]
+    return sha256_file(checkpoint)
 
 
 def _default_device() -> torch.device:
@@ -139,9 +148,7 @@ class Pro2SAM:
         """
         gt_model, gt_config = load_gtformer(gtformer)
         sam_model = build_sam(sam, sam_checkpoint, verify=verify)
-        ids = {"gtformer": str(gt_config.get("sha256", Path(gtformer).name)), "sam": sam}
-        if sam_checkpoint is not None:
-            ids["sam_checkpoint"] = Path(sam_checkpoint).name
+        ids = {"gtformer": str(gt_config.get("sha256", "")), "sam": f"{sam}:{_sam_weights_id(sam, sam_checkpoint, verify)}"}
         return cls(
             gt_model,
             sam_model,

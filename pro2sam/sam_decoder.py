@@ -1,32 +1,110 @@
 """Decoding many point prompts against one SAM image embedding.
 
-Initial version: calls SAM's own prompt encoder and mask decoder. To be replaced by a version that
-computes the work shared by every prompt of an image once (same outputs within float tolerance).
+SAM's mask decoder (``segment_anything.modeling.MaskDecoder``) copies the image embedding once per
+prompt and then runs every image-side projection, attention output and LayerNorm on all
+``N = h * w`` image tokens of every copy: ~3.6 GFLOP per prompt for the real decoder (N = 4096,
+C = 256). Yet with point prompts only, the image side starts identical for every prompt, and what
+the prompts add to it is small: each image->token attention adds ``A @ U`` where ``A`` (N x H*T)
+are attention weights over the T prompt tokens and ``U`` (H*T x C) are per-head values pushed
+through ``out_proj``. So the image tokens of a prompt stay, exactly, of the form
+
+    keys = a * S + u + E @ Psi
+
+with ``S`` (N, C) and ``u`` (C) shared by every prompt of the image (computed once in
+``set_image_embedding``), ``a`` (N) a per-token scale (the product of the LayerNorm ``1 / std``s),
+and a low-rank per-prompt part: coefficients ``E`` (N, K) on ``K = 2 * (H*T + 1)`` basis rows
+``Psi`` (K, C). ``keys`` is never formed. Every linear map of it is ``a * (S W) + u W + E (Psi W)``
+with ``S W`` shared; attention logits and outputs are contracted with the few prompt tokens before
+touching N; the LayerNorm statistics (``norm4``) follow from shared Gram terms, a block-structured
+cross term and ``E (Psi Psi^T) E^T``. The first output ConvTranspose is a per-pixel linear map, so
+it is applied to the same representation. What is left per prompt and per pixel is the
+unavoidable non-linear tail: LayerNorm2d, GELU, the second ConvTranspose and the hypernetwork
+product, computed only for the mask tokens asked for.
+
+All of it is algebra, no approximation: outputs equal ``sam.mask_decoder``'s up to float
+rounding (checked in ``tests/test_sam_decoder.py``). ``fast=False`` runs the official decoder.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import Sam
+from segment_anything.modeling.transformer import Attention
 
 __all__ = ["GridDecoder"]
 
 
+@dataclass
+class _TokenToImageShared:
+    """One image's share of a token->image attention: keys and values of ``a * S + u``."""
+
+    k_src: torch.Tensor  # (N, d) S @ Wk^T
+    k_const: torch.Tensor  # (N, d) (image_pe + u) @ Wk^T + bk
+    v_src: torch.Tensor  # (N, d) S @ Wv^T
+    v_const: torch.Tensor  # (d,)  u @ Wv^T + bv
+
+
+@dataclass
+class _NormShared:
+    """One image's share of a ``norm4`` LayerNorm (all vectors centred over channels)."""
+
+    src_sq: torch.Tensor  # (N,) |S_c|^2
+    src_u: torch.Tensor  # (N,) S_c . u_c
+    u_sq: torch.Tensor  # () |u_c|^2
+    u_c: torch.Tensor  # (C,)
+    cross: list[torch.Tensor]  # per basis block: (N, d) S_c @ F_c^T (attention) or (N,) S_c . c_c
+
+
+@dataclass
+class _LayerShared:
+    token_to_image: _TokenToImageShared
+    q_src: torch.Tensor  # (N, d) image->token queries: S @ Wq^T
+    q_const: torch.Tensor  # (N, d) (image_pe + u) @ Wq^T + bq
+    norm: _NormShared
+
+
+@dataclass
+class _ImageShared:
+    layers: list[_LayerShared]
+    final: _TokenToImageShared
+    up_src: torch.Tensor  # (N, 4 * C/4) first ConvTranspose of S, per pixel, (ki, kj, c) order
+    up_const: torch.Tensor  # (4 * C/4,) of u, with the bias
+
+
 class GridDecoder:
-    """Decode batches of single-point prompts for one image.
+    """Decode batches of point prompts for one image.
 
     Args:
-        sam: a Segment Anything model (any size), in eval mode.
+        sam: a Segment Anything model (any size), in eval mode. Only its prompt encoder and mask
+            decoder are used.
+        fast: compute the per-image work once and the per-prompt work in low rank (True), or call
+            SAM's own prompt encoder and mask decoder (False, for comparison).
+        batch_size: prompts decoded together; bounds memory (the fast path holds about
+            ``batch_size * N * (2K + 16 * C/8)`` floats).
     """
 
-    def __init__(self, sam: Sam):
+    def __init__(self, sam: Sam, *, fast: bool = True, batch_size: int = 64):
         self.sam = sam
+        self.fast = fast
+        self.batch_size = batch_size
         self._embedding: torch.Tensor | None = None
+        self._shared: _ImageShared | None = None
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.sam.mask_decoder.iou_token.weight.dtype
 
     @torch.inference_mode()
     def set_image_embedding(self, image_embedding: torch.Tensor) -> None:
-        """Remember one image's embedding, (1, C, h, w) from ``sam.image_encoder``."""
-        self._embedding = image_embedding
+        """Remember one image's embedding, (1, C, h, w) from ``sam.image_encoder``, and (fast)
+        compute everything that is the same for all of its prompts."""
+        self._embedding = image_embedding.to(self._dtype)
+        self._image_pe = self.sam.prompt_encoder.get_dense_pe().to(self._dtype)
+        self._shared = self._precompute(self._embedding) if self.fast else None
 
     @torch.inference_mode()
     def decode(
@@ -41,7 +119,7 @@ class GridDecoder:
         Args:
             point_coords: (B, P, 2) float, (x, y) in SAM's input frame (longest side resized to
                 ``sam.image_encoder.img_size``).
-            point_labels: (B, P) int, 1 foreground / 0 background.
+            point_labels: (B, P) int, 1 foreground / 0 background / -1 padding.
             multimask_output: three masks per prompt (True) or one.
 
         Returns:
@@ -50,12 +128,265 @@ class GridDecoder:
         """
         if self._embedding is None:
             raise RuntimeError("call set_image_embedding() before decode()")
-        sparse, dense = self.sam.prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
-        low_res, iou = self.sam.mask_decoder(
+        sparse, _ = self.sam.prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
+        sparse = sparse.to(self._dtype)
+        logits, iou = [], []
+        for start in range(0, sparse.shape[0], self.batch_size):
+            chunk = sparse[start : start + self.batch_size]
+            if self.fast:
+                out = self._decode_fast(chunk, multimask_output)
+            else:
+                out = self._decode_official(chunk, multimask_output)
+            logits.append(out[0])
+            iou.append(out[1])
+        return torch.cat(logits), torch.cat(iou)
+
+    def _decode_official(self, sparse: torch.Tensor, multimask_output: bool):
+        dec = self.sam.mask_decoder
+        dense = self.sam.prompt_encoder.no_mask_embed.weight.to(self._dtype).reshape(1, -1, 1, 1)
+        dense = dense.expand(sparse.shape[0], -1, *self._embedding.shape[-2:])
+        return dec(
             image_embeddings=self._embedding,
-            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            image_pe=self._image_pe,
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
-        return low_res, iou
+
+    # ---------------------------------------------------------------- per image (shared) work
+
+    def _precompute(self, image_embedding: torch.Tensor) -> _ImageShared:
+        """Follow the shared part ``a * S + u`` of the image tokens through the decoder, and the
+        fixed basis each image->token attention adds (rows of ``out_proj``, then each LayerNorm's
+        centring and scale), keeping what the per-prompt pass needs."""
+        dec = self.sam.mask_decoder
+        no_mask = self.sam.prompt_encoder.no_mask_embed.weight.to(self._dtype)
+        src = (image_embedding[0] + no_mask.reshape(-1, 1, 1)).flatten(1).T  # (N, C)
+        pe = self._image_pe[0].flatten(1).T  # (N, C)
+        u = torch.zeros_like(src[0])
+        blocks: list[torch.Tensor] = []  # per basis block: (d, C) attention rows or (C,) constant
+
+        def token_to_image(attn: Attention) -> _TokenToImageShared:
+            return _TokenToImageShared(
+                k_src=src @ attn.k_proj.weight.T,
+                k_const=attn.k_proj(pe + u),
+                v_src=src @ attn.v_proj.weight.T,
+                v_const=attn.v_proj(u),
+            )
+
+        layers = []
+        for layer in dec.transformer.layers:
+            t2i = token_to_image(layer.cross_attn_token_to_image)
+            i2t = layer.cross_attn_image_to_token
+            q_src, q_const = src @ i2t.q_proj.weight.T, i2t.q_proj(pe + u)
+            blocks.append(i2t.out_proj.weight.T)
+            u = u + i2t.out_proj.bias
+            # norm4: statistics of the centred parts, then every part goes through (x - mean) * w
+            src_c = src - src.mean(-1, keepdim=True)
+            u_c = u - u.mean()
+            blocks_c = [b - b.mean(-1, keepdim=True) for b in blocks]
+            norm = _NormShared(
+                src_sq=(src_c * src_c).sum(-1),
+                src_u=src_c @ u_c,
+                u_sq=u_c @ u_c,
+                u_c=u_c,
+                cross=[src_c @ b.mT if b.ndim == 2 else src_c @ b for b in blocks_c],
+            )
+            layers.append(_LayerShared(t2i, q_src, q_const, norm))
+            w, bias = layer.norm4.weight, layer.norm4.bias
+            src = src_c * w
+            blocks = [b * w for b in blocks_c] + [u_c * w]
+            u = bias
+        final = token_to_image(dec.transformer.final_attn_token_to_image)
+        up_w, up_b = self._upscale_1_weight()
+        return _ImageShared(layers, final, src @ up_w, u @ up_w + up_b)
+
+    def _upscale_1_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ConvTranspose2d (kernel 2, stride 2) as a per-pixel (C, 4 * C/4) matrix."""
+        conv = self.sam.mask_decoder.output_upscaling[0]
+        w = conv.weight.permute(0, 2, 3, 1).flatten(1)  # (C_in, ki * kj * C_out)
+        return w, conv.bias.repeat(4)
+
+    # ---------------------------------------------------------------- per prompt work
+
+    def _decode_fast(self, sparse: torch.Tensor, multimask_output: bool):
+        dec = self.sam.mask_decoder
+        tr = dec.transformer
+        shared = self._shared
+        b = sparse.shape[0]
+        n = shared.up_src.shape[0]
+        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
+        t = tokens.shape[1]
+
+        # Per-prompt state of the image tokens, keys = a * S + u + coef^T @ basis. coef is stored
+        # transposed, (B, K, N), in one buffer: each image->token attention appends H*T rows, each
+        # LayerNorm one.
+        heads = [layer.cross_attn_image_to_token.num_heads for layer in tr.layers]
+        buffer = sparse.new_empty(b, sum(h * t + 1 for h in heads), n)
+        k = 0
+        a = None  # (B, N); None: all ones
+        basis = sparse.new_empty(b, 0, sparse.shape[-1])  # (B, K, C)
+        values: list[torch.Tensor | None] = []  # per basis block: (B, T, H, dh), None (constant)
+
+        queries, query_pe = tokens, tokens
+        for layer, sh in zip(tr.layers, shared.layers):
+            if layer.skip_first_layer_pe:
+                queries = layer.self_attn(q=queries, k=queries, v=queries)
+            else:
+                q = queries + query_pe
+                queries = queries + layer.self_attn(q=q, k=q, v=queries)
+            queries = layer.norm1(queries)
+            attn_out = _token_to_image(
+                layer.cross_attn_token_to_image, sh.token_to_image, queries + query_pe, a, buffer[:, :k], basis
+            )
+            queries = layer.norm2(queries + attn_out)
+            queries = layer.norm3(queries + layer.mlp(queries))
+
+            attn = layer.cross_attn_image_to_token
+            new_basis, v = _image_to_token(attn, sh, queries + query_pe, queries, a, buffer[:, :k], basis, out=buffer[:, k : k + attn.num_heads * t])
+            k += attn.num_heads * t
+            basis = torch.cat([basis, new_basis], dim=1)
+            values.append(v)
+            a, basis = _layer_norm(layer.norm4, sh.norm, a, buffer[:, : k + 1], basis, values)
+            values.append(None)
+            k += 1
+        coef = buffer[:, :k]
+
+        attn_out = _token_to_image(tr.final_attn_token_to_image, shared.final, queries + query_pe, a, coef, basis)
+        hs = tr.norm_final_attn(queries + attn_out)
+
+        sel = slice(1, None) if multimask_output else slice(0, 1)
+        mask_ids = range(dec.num_mask_tokens)[sel]
+        hyper_in = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in mask_ids], dim=1)
+        masks = self._upscale_and_predict(a, coef, basis, hyper_in)
+        iou_pred = dec.iou_prediction_head(hs[:, 0])[:, sel]
+        return masks, iou_pred
+
+    def _upscale_and_predict(self, a, coef, basis, hyper_in):
+        """``hyper_in @ output_upscaling(keys)`` with keys in low rank, channels last.
+
+        Returns (B, M, 4h, 4w)."""
+        up = self.sam.mask_decoder.output_upscaling
+        shared = self._shared
+        h, w = self._embedding.shape[-2:]
+        b, _, n = coef.shape
+        up_w, _ = self._upscale_1_weight()
+        # the first ConvTranspose is per pixel linear, so it maps S, u and the basis separately
+        x = torch.addcmul(shared.up_const, shared.up_src, a.unsqueeze(-1))
+        x = x.baddbmm_(coef.transpose(1, 2), basis @ up_w)  # (B, N, 4 * C/4)
+        c4 = up[1].weight.shape[0]
+        x = x.view(b, n, 4, c4)  # pixel (i, j), sub-pixel (ki1, kj1), channel
+        x = up[2](F.layer_norm(x, (c4,), up[1].weight, up[1].bias, up[1].eps))
+        conv = up[3]
+        c8 = conv.weight.shape[1]
+        x = torch.addmm(conv.bias.repeat(4), x.view(-1, c4), conv.weight.permute(0, 2, 3, 1).flatten(1))
+        x = up[4](x)  # (B * N * 4, 4 * C/8): pixel, sub-pixel, sub-sub-pixel (ki2, kj2), channel
+        m = hyper_in.shape[1]
+        masks = x.view(b, n * 16, c8) @ hyper_in.transpose(1, 2)  # (B, N * 16, M)
+        masks = masks.view(b, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return masks.reshape(b, m, 4 * h, 4 * w)
+
+
+def _heads(x: torch.Tensor, attn: Attention) -> torch.Tensor:
+    """(..., d) -> (..., H, d / H), SAM's head split."""
+    return x.unflatten(-1, (attn.num_heads, -1))
+
+
+def _shared_logits(x: torch.Tensor, src: torch.Tensor, const: torch.Tensor, a, attn: Attention) -> torch.Tensor:
+    """Per head ``x . (a * src + const)`` for x (B, T, d) and src, const (N, d): (H, B, T, N)."""
+    b, t, _ = x.shape
+    x = _heads(x, attn).permute(2, 0, 1, 3).flatten(1, 2)  # (H, B*T, dh)
+    out = x @ _heads(src, attn).permute(1, 2, 0)  # (H, B*T, N)
+    if a is not None:
+        out.view(attn.num_heads, b, t, -1).mul_(a[None, :, None, :])
+    return out.baddbmm_(x, _heads(const, attn).permute(1, 2, 0)).view(attn.num_heads, b, t, -1)
+
+
+def _token_to_image(attn, sh: _TokenToImageShared, q_in, a, coef, basis):
+    """``attn(q=q_in, k=keys + image_pe, v=keys)`` for keys = a * S + u + coef^T @ basis.
+
+    q_in: (B, T, C); a: (B, N) or None; coef: (B, K, N); basis: (B, K, C). Returns (B, T, C)."""
+    b, t, _ = q_in.shape
+    nh = attn.num_heads
+    q = attn.q_proj(q_in)
+    q = q / math.sqrt(q.shape[-1] // nh)
+    logits = _shared_logits(q, sh.k_src, sh.k_const, a, attn).permute(1, 0, 2, 3)  # (B, H, T, N)
+    if coef.shape[1]:
+        # (q Wk) Psi^T coef: contracted with the T queries before touching the N image tokens
+        qk = torch.einsum("bkhe,bthe->bhtk", _heads(basis @ attn.k_proj.weight.T, attn), _heads(q, attn))
+        logits = torch.baddbmm(logits.reshape(b, nh * t, -1), qk.flatten(1, 2), coef).view(b, nh, t, -1)
+    probs = logits.softmax(-1)  # (B, H, T, N) or a permuted view
+
+    weighted = probs.permute(1, 0, 2, 3) if a is None else probs.permute(1, 0, 2, 3) * a[None, :, None, :]
+    out = weighted.reshape(nh, b * t, -1) @ _heads(sh.v_src, attn).transpose(0, 1)  # (H, B*T, dh)
+    out = out.view(nh, b, t, -1).permute(1, 2, 0, 3) + _heads(sh.v_const, attn)  # (B, T, H, dh)
+    if coef.shape[1]:
+        # softmax rows sum to one, so the constant part of the values is just added
+        p_coef = probs.reshape(b, nh * t, -1) @ coef.transpose(1, 2)  # (B, H*T, K)
+        v_basis = _heads(basis @ attn.v_proj.weight.T, attn)  # (B, K, H, dh)
+        out = out + torch.einsum("bhtk,bkhe->bthe", p_coef.view(b, nh, t, -1), v_basis)
+    return attn.out_proj(out.flatten(2))
+
+
+def _image_to_token(attn, sh: _LayerShared, k_in, v_in, a, coef, basis, out):
+    """``attn(q=keys + image_pe, k=k_in, v=v_in)`` for keys = a * S + u + coef^T @ basis, in low
+    rank and without out_proj's bias (which the shared pass adds to u).
+
+    Writes the new coefficients, the attention weights (B, H*T, N), to ``out``; returns the new
+    basis rows (B, H*T, C) (per-head values through out_proj) and the values (B, T, H, dh)."""
+    b, t, _ = k_in.shape
+    nh = attn.num_heads
+    k = attn.k_proj(k_in)
+    k = k / math.sqrt(k.shape[-1] // nh)
+    v = _heads(attn.v_proj(v_in), attn)
+    logits = _shared_logits(k, sh.q_src, sh.q_const, a, attn).permute(1, 0, 2, 3)  # (B, H, T, N)
+    if coef.shape[1]:
+        qk = torch.einsum("bjhe,bthe->bhtj", _heads(basis @ attn.q_proj.weight.T, attn), _heads(k, attn))
+        logits = torch.baddbmm(logits.reshape(b, nh * t, -1), qk.flatten(1, 2), coef).view(b, nh, t, -1)
+    out.view(b, nh, t, -1).copy_(logits.softmax(2))  # softmax over the T prompt tokens
+    out_w = attn.out_proj.weight.T.unflatten(0, (nh, -1))  # (H, dh, C)
+    new_basis = torch.einsum("bthe,hec->bhtc", v, out_w).flatten(1, 2)
+    return new_basis, v
+
+
+def _layer_norm(norm, sh: _NormShared, a, coef, basis, values):
+    """LayerNorm over channels of keys = a * S + u + coef^T @ basis.
+
+    The squared norm of the centred keys is expanded into shared terms, a cross term with S (via
+    the shared ``S_c @ F_c^T`` and each block's per-head values, never (N, C) per prompt) and the
+    quadratic form of ``coef`` with the Gram matrix of the basis. The old u becomes one more basis
+    row, whose coefficient (the last row of ``coef``, (B, K + 1, N), written here) is 1 / std.
+    Scales coef in place; returns the new (a, basis)."""
+    dtype = basis.dtype
+    stats_dtype = torch.promote_types(dtype, torch.float32)  # low precision: statistics in float32
+    k = coef.shape[1] - 1
+    c = basis.shape[-1]
+    old = coef[:, :k].to(stats_dtype)
+    basis_c = (basis - basis.mean(-1, keepdim=True)).to(stats_dtype)
+    u_c = sh.u_c.to(stats_dtype)
+    scale = 1.0 if a is None else a.to(stats_dtype)
+
+    two_scale = torch.full((1, 1), 2.0, dtype=stats_dtype, device=coef.device) if a is None else 2 * scale
+
+    # weight[k, n] such that |keys_c[n]|^2 = shared terms + sum_k coef[k, n] * weight[k, n]
+    weight = torch.baddbmm((2 * basis_c @ u_c).unsqueeze(-1), basis_c @ basis_c.transpose(1, 2), old)
+    row = 0
+    for cross, v in zip(sh.cross, values):
+        cross = cross.to(stats_dtype)
+        if v is None:  # constant block: S_c . c_c
+            weight[:, row].addcmul_(two_scale, cross)
+            row += 1
+        else:  # attention block: S_c @ (values @ F)_c^T, per head
+            cross = torch.einsum("nhe,bthe->bhtn", cross.unflatten(-1, v.shape[-2:]), v.to(stats_dtype))
+            rows = cross.shape[1] * cross.shape[2]
+            weight[:, row : row + rows].addcmul_(cross.flatten(1, 2), two_scale.unsqueeze(1))
+            row += rows
+    sq = scale * scale * sh.src_sq + 2 * scale * sh.src_u + sh.u_sq + (weight * old).sum(1)
+    rstd = torch.rsqrt(sq / c + norm.eps)  # (B, N)
+
+    a = rstd if a is None else a * rstd
+    coef[:, :k].mul_(rstd.unsqueeze(1))
+    coef[:, k] = rstd
+    basis = torch.cat([basis_c, u_c.expand(basis.shape[0], 1, -1)], dim=1) * norm.weight.to(stats_dtype)
+    return a.to(dtype), basis.to(dtype)

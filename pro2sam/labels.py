@@ -1,0 +1,127 @@
+"""The labels table: one row per input image, the one Parquet schema of the labeling job.
+
+:data:`LABEL_SCHEMA` is the single source of truth; every column carries its description in the
+field metadata (``pro2sam schema`` prints it), and rows are built only by :func:`ok_row` and
+:func:`error_row`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+
+from .rle import encode_mask
+
+__all__ = ["LABEL_SCHEMA", "STATUS_OK", "STATUS_ERROR", "ok_row", "error_row", "rows_to_table", "describe_schema"]
+
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+
+def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"description": doc})
+
+
+LABEL_SCHEMA = pa.schema(
+    [
+        _field("image_id", pa.string(), "stable id: 20 hex digits of SHA-1(uri)", nullable=False),
+        _field("uri", pa.string(), "where the image was read from", nullable=False),
+        _field("width", pa.int32(), "image width in pixels, after EXIF orientation"),
+        _field("height", pa.int32(), "image height in pixels, after EXIF orientation"),
+        _field("label", pa.string(), "image-level label given in the manifest, if any"),
+        _field("topk_classes", pa.list_(pa.int32()), "GTFormer's top-k class indices, most probable first"),
+        _field("topk_names", pa.list_(pa.string()), "names of topk_classes (from the GTFormer checkpoint)"),
+        _field("topk_scores", pa.list_(pa.float32()), "softmax probabilities of topk_classes"),
+        _field("box_xyxy", pa.list_(pa.int32(), 4), "x0, y0, x1, y1: inclusive pixel indices in the original image"),
+        _field("box_source", pa.string(), "'sam' (a SAM candidate) or 'coarse_fallback' (GTFormer map)"),
+        _field(
+            "mask_rle",
+            pa.struct([pa.field("size", pa.list_(pa.int32(), 2)), pa.field("counts", pa.string())]),
+            "chosen mask as COCO compressed RLE: size [height, width], counts (pycocotools)",
+        ),
+        _field("mask_area", pa.int64(), "foreground pixels of the mask"),
+        _field("match_score", pa.float32(), "similarity of the mask to the coarse map (null for the fallback)"),
+        _field("pred_iou", pa.float32(), "SAM's predicted IoU of the mask (null for the fallback)"),
+        _field("stability_score", pa.float32(), "SAM's stability score of the mask (null for the fallback)"),
+        _field("num_candidates", pa.int32(), "SAM candidates left after filtering"),
+        _field("status", pa.string(), "'ok' or 'error'", nullable=False),
+        _field("error", pa.string(), "why the image could not be labeled (null when ok)"),
+        _field("gtformer_sha256", pa.string(), "SHA-256 of the GTFormer weights file"),
+        _field("sam_model", pa.string(), "SAM variant and SHA-256 of its checkpoint"),
+        _field("run_id", pa.string(), "id of the job run that wrote the row", nullable=False),
+    ]
+)
+
+
+def _nan_to_none(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def ok_row(image_id: str, uri: str, label: str | None, result, *, model_ids: dict[str, str], run_id: str) -> dict:
+    """A row for an image labeled by :meth:`pro2sam.Pro2SAM.localize`."""
+    h, w = result.mask.shape
+    return {
+        "image_id": image_id,
+        "uri": uri,
+        "width": w,
+        "height": h,
+        "label": label,
+        "topk_classes": result.topk_classes,
+        "topk_names": result.topk_names,
+        "topk_scores": result.topk_scores,
+        "box_xyxy": list(result.box_xyxy),
+        "box_source": result.box_source,
+        "mask_rle": encode_mask(result.mask),
+        "mask_area": int(result.mask.sum()),
+        "match_score": _nan_to_none(result.match_score),
+        "pred_iou": _nan_to_none(result.pred_iou),
+        "stability_score": _nan_to_none(result.stability_score),
+        "num_candidates": result.num_candidates,
+        "status": STATUS_OK,
+        "error": None,
+        "gtformer_sha256": model_ids.get("gtformer"),
+        "sam_model": model_ids.get("sam"),
+        "run_id": run_id,
+    }
+
+
+def error_row(
+    image_id: str,
+    uri: str,
+    label: str | None,
+    error: str,
+    *,
+    run_id: str,
+    model_ids: dict[str, str] | None = None,
+    width: int | None = None,
+    height: int | None = None,
+) -> dict:
+    """A row for an image that could not be labeled; ``error`` says why."""
+    row = {name: None for name in LABEL_SCHEMA.names}
+    row.update(
+        image_id=image_id,
+        uri=uri,
+        label=label,
+        width=width,
+        height=height,
+        status=STATUS_ERROR,
+        error=error,
+        run_id=run_id,
+        gtformer_sha256=(model_ids or {}).get("gtformer"),
+        sam_model=(model_ids or {}).get("sam"),
+    )
+    return row
+
+
+def rows_to_table(rows: list[dict]) -> pa.Table:
+    """Rows from :func:`ok_row` / :func:`error_row` as a table with :data:`LABEL_SCHEMA`."""
+    return pa.Table.from_pylist(rows, schema=LABEL_SCHEMA)
+
+
+def describe_schema() -> str:
+    """The schema as a Markdown table (column, type, meaning)."""
+    lines = ["| column | type | meaning |", "|---|---|---|"]
+    for f in LABEL_SCHEMA:
+        lines.append(f"| `{f.name}` | `{f.type}` | {f.metadata[b'description'].decode()} |")
+    return "\n".join(lines)
