@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "example",
-        help="end-to-end run on tiny random-weight models and generated images (checks the install; "
-        "the boxes are not meaningful)",
+        help="the labeling job on a local Ray over generated images with tiny random-weight models "
+        "(checks the install end to end; the boxes are not meaningful)",
     )
     p.add_argument("--workdir", default="pro2sam-example", help="where checkpoints, images and results go")
     p.add_argument("--points-per-side", type=int, default=16)

@@ -8,7 +8,6 @@ candidate thresholds are lowered so that random SAM outputs survive filtering an
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -61,30 +60,41 @@ def make_tiny_checkpoints(folder: Path, seed: int = 0) -> tuple[Path, Path]:
 
 
 def run_example(workdir: Path, *, points_per_side: int = 16) -> list[dict]:
-    """Make models and images under ``workdir``, label the images, print and return the records."""
-    from .cli import predict_files
-    from .model import Pro2SAM
-    from .sam_candidates import CandidateConfig
+    """Make models and images under ``workdir``, run the labeling job on a local Ray, print a summary.
+
+    Returns the rows of the labels table as dicts.
+    """
+    import pyarrow.parquet as pq
+
+    from .pipeline.label_job import LabelJobConfig, run_label_job
 
     gt_dir, sam_path = make_tiny_checkpoints(workdir / "models")
-    paths = make_example_images(workdir / "images")
-    model = Pro2SAM.from_checkpoints(
-        gt_dir,
-        sam="tiny",
-        sam_checkpoint=sam_path,
-        device="cpu",
-        candidates=CandidateConfig(points_per_side=points_per_side, pred_iou_thresh=0.0, stability_score_thresh=0.0),
-    )
-    out_path = workdir / "results.jsonl"
-    with open(out_path, "w") as out:
-        ok, failed = predict_files(model, [str(p) for p in paths], out)
-    records = [json.loads(line) for line in out_path.read_text().splitlines()]
-    print("pro2sam example: tiny RANDOM-weight models, so the boxes are not meaningful;")
-    print("this checks that loading, SAM grid decoding, matching and RLE output run end to end.")
-    for r in records:
-        print(
-            f"  {Path(r['path']).name:28s} {r['width']}x{r['height']}  box={r['box_xyxy']}  "
-            f"source={r['box_source']}  candidates={r['num_candidates']}  top1={r['topk_names'][0]}"
+    images = workdir / "images"
+    make_example_images(images)
+    (images / "not_an_image.jpg").write_bytes(b"this file is text, not a JPEG")
+    output = workdir / "labels"
+    summary = run_label_job(
+        LabelJobConfig(
+            input=str(images),
+            output=str(output),
+            gtformer=str(gt_dir),
+            sam="tiny",
+            sam_checkpoint=str(sam_path),
+            points_per_side=points_per_side,
+            pred_iou_thresh=0.0,
+            stability_score_thresh=0.0,
+            overwrite=True,
         )
-    print(f"{ok} ok, {failed} error -> {out_path}")
-    return records
+    )
+    rows = pq.read_table(output).to_pylist()
+    print()
+    print("pro2sam example: tiny RANDOM-weight models, so the boxes are not meaningful; this checks that")
+    print("the labeling job (Ray Data, checkpoint loading, SAM grid decoding, matching, Parquet) runs end to end.")
+    for r in sorted(rows, key=lambda r: r["uri"]):
+        name = Path(r["uri"]).name
+        if r["status"] == "ok":
+            print(f"  {name:28s} {r['width']}x{r['height']}  box={r['box_xyxy']}  source={r['box_source']}  top1={r['topk_names'][0]}")
+        else:
+            print(f"  {name:28s} error: {r['error']}")
+    print(summary)
+    return rows

@@ -12,3 +12,75 @@ def tiny_sam():
     from pro2sam.sam_candidates import build_sam
 
     return build_sam("tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """(GTFormer export folder, tiny SAM .pth) written to disk, random weights, 3 classes."""
+    from pro2sam.example import make_tiny_checkpoints
+
+    return make_tiny_checkpoints(tmp_path_factory.mktemp("tiny_models"))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto) on 127.0.0.1 at a free port, for the whole session.
+
+    The AWS_* variables are set in this process before any Ray is started, so Ray workers and
+    subprocesses inherit them. Yields the endpoint URL.
+    """
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in _AWS_ENV}
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A new empty bucket on the session's S3 server; yields its name."""
+    import uuid
+
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """A real local Ray (4 logical CPUs) for in-process jobs, shared by the session.
+
+    Depends on the S3 server so that its workers see the AWS_* settings.
+    """
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -35,7 +35,7 @@ def test_predict_writes_a_line_per_image_and_an_error_line_for_a_broken_one(tmp_
 def test_example_runs_end_to_end(tmp_path):
     proc = run_cli("example", "--workdir", str(tmp_path / "ex"), "--points-per-side", "4")
     assert proc.returncode == 0, proc.stderr
-    assert "4 ok, 0 error" in proc.stdout
+    assert "4 ok, 1 error" in proc.stdout
     assert "RANDOM-weight" in proc.stdout
 
 
