@@ -133,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_label_arguments(p)
     p.set_defaults(func=run_from_args)
 
+    from .export import add_export_arguments, run_export
+    from .gallery import add_show_arguments, run_show
+
+    p = sub.add_parser("export", help="labels table -> COCO JSON or YOLO labels")
+    add_export_arguments(p)
+    p.set_defaults(func=run_export)
+
+    p = sub.add_parser("show", help="labels table -> self-contained HTML gallery of overlays")
+    add_show_arguments(p)
+    p.set_defaults(func=run_show)
+
     p = sub.add_parser("schema", help="print the labels table's Parquet schema")
     p.set_defaults(func=cmd_schema)
 

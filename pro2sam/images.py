@@ -37,7 +37,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         raise ImageDecodeError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # max_pixels (below) is the guard: Pillow's lower warning threshold must not refuse an
+            # image the caller allowed. Pillow's hard limit (DecompressionBombError) still applies.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
@@ -48,8 +50,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
             image.load()  # decode now so that truncation is caught here
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError(f"image too large: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"image is over the limit of Pillow's decompression-bomb guard: {e}") from None
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(f"not an image file (unrecognised format, {len(data)} bytes)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:

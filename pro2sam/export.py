@@ -1,0 +1,433 @@
+"""Export the labels table to COCO (one JSON) or YOLO (one .txt per image + ``data.yaml``).
+
+The labels table may be far larger than memory: it is read one Parquet record batch at a time
+(:func:`iter_label_rows`, without the ``coarse_map`` column), and every output is written as rows
+arrive. The COCO JSON is streamed: ``images`` go straight to the file, ``annotations`` to a local
+spool file appended after them, ``categories`` (known only at the end) last; JSON objects are
+unordered, so ``pycocotools.coco.COCO`` loads it as usual.
+
+Conventions:
+
+- ``box_xyxy`` holds inclusive pixel indices, so a COCO box is ``[x0, y0, x1 - x0 + 1, y1 - y0 + 1]``
+  (the same box ``pycocotools.mask.toBbox`` gives for a mask that fills it) and a YOLO box spans
+  ``[x0, x1 + 1)`` in continuous pixel coordinates.
+- A category is the top-1 GTFormer class (``category_id`` = class index, as in the checkpoint) or,
+  with ``category="label"``, the image-level label of the manifest.
+- A COCO annotation's ``score`` is ``match_score`` (0.0 for the coarse-map fallback, which has none);
+  ``class_score``, ``pred_iou``, ``stability_score`` and ``box_source`` are kept beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import posixpath
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+
+from .labels import LABEL_SCHEMA, STATUS_OK
+from .rle import decode_mask
+from .storage import filesystem, is_remote, join_uri, read_bytes
+
+__all__ = [
+    "EXPORT_COLUMNS",
+    "DEFAULT_BATCH_SIZE",
+    "LabelFilter",
+    "ExportSummary",
+    "parquet_files",
+    "iter_label_rows",
+    "class_names_from_gtformer",
+    "export_coco",
+    "export_yolo",
+    "yolo_box",
+    "yolo_polygon",
+    "add_export_arguments",
+    "run_export",
+]
+
+# Everything an export needs; coarse_map (196+ floats a row) is never read.
+EXPORT_COLUMNS = [name for name in LABEL_SCHEMA.names if name not in ("coarse_map",)]
+# Rows per Parquet record batch: bounds the memory of an export, whatever the table's size.
+DEFAULT_BATCH_SIZE = 1024
+CATEGORY_SOURCES = ("top1", "label")
+YOLO_TASKS = ("detect", "segment")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def parquet_files(input: str) -> list[str]:
+    """The Parquet files of a labels table: ``input`` itself if it is a file, else every
+    ``*.parquet`` under the folder (recursively, sorted), as URIs of the same kind as ``input``.
+
+    Raises:
+        FileNotFoundError: ``input`` does not exist or holds no Parquet file.
+    """
+    fs, path = filesystem(input)
+    if fs.isfile(path):
+        return [input]
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"labels input {input} does not exist")
+    found = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not posixpath.basename(p).startswith("."))
+    if not found:
+        raise FileNotFoundError(f"no .parquet files under {input}")
+    return [fs.unstrip_protocol(p) if is_remote(input) else p for p in found]
+
+
+def iter_label_rows(
+    input: str, *, columns: Sequence[str] = EXPORT_COLUMNS, batch_size: int = DEFAULT_BATCH_SIZE
+) -> Iterator[dict]:
+    """Rows of the labels table as dicts, read one record batch (<= ``batch_size`` rows) at a time.
+
+    Only ``columns`` are read; at most one batch of rows is held in memory.
+    """
+    for uri in parquet_files(input):
+        fs, path = filesystem(uri)
+        with fs.open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=list(columns)):
+                yield from batch.to_pylist()
+
+
+@dataclass(frozen=True)
+class LabelFilter:
+    """Which rows an export keeps.
+
+    Attributes:
+        status: keep rows with this status; None keeps all (error rows become images without
+            annotations). Default ``"ok"``.
+        min_match_score: keep rows with ``match_score >= min_match_score``; rows without a match
+            score (the coarse-map fallback) are dropped when it is set.
+        classes: keep rows whose top-1 class is one of these, given as class indices or names.
+    """
+
+    status: str | None = STATUS_OK
+    min_match_score: float | None = None
+    classes: Sequence[int | str] | None = None
+
+    def keeps(self, row: dict) -> bool:
+        if self.status is not None and row["status"] != self.status:
+            return False
+        if self.min_match_score is not None and (row["match_score"] is None or row["match_score"] < self.min_match_score):
+            return False
+        if self.classes is not None:
+            top1 = _top1(row)
+            if top1 is None or (top1[0] not in self.classes and top1[1] not in self.classes):
+                return False
+        return True
+
+
+@dataclass
+class ExportSummary:
+    """What an export wrote; ``filtered`` rows were read but left out."""
+
+    output: str
+    images: int = 0
+    annotations: int = 0
+    filtered: int = 0
+    categories: dict[int, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.images} images, {self.annotations} annotations, {len(self.categories)} categories "
+            f"({self.filtered} rows filtered out) -> {self.output}"
+        )
+
+
+def _top1(row: dict) -> tuple[int, str | None] | None:
+    classes = row.get("topk_classes")
+    if not classes:
+        return None
+    names = row.get("topk_names") or [None]
+    return int(classes[0]), names[0]
+
+
+def class_names_from_gtformer(gtformer: str) -> list[str] | None:
+    """``class_names`` from a GTFormer export's ``config.json`` (folder, config or weights URI),
+    without loading the model; None if the export has none."""
+    uri = gtformer
+    if not uri.rstrip("/").endswith(".json"):
+        if uri.endswith(".safetensors"):
+            uri = uri.rsplit("/", 1)[0] if "/" in uri else "."
+        uri = join_uri(uri, "config.json")
+    names = json.loads(read_bytes(uri)).get("class_names")
+    return list(names) if names else None
+
+
+class _Categories:
+    """Category ids and names, fixed by ``class_names`` where given, otherwise learnt from rows."""
+
+    def __init__(self, source: str, class_names: Sequence[str] | None):
+        if source not in CATEGORY_SOURCES:
+            raise ValueError(f"category source must be one of {CATEGORY_SOURCES}, not {source!r}")
+        self.source = source
+        self.class_names = list(class_names) if class_names else None
+        self.names: dict[int, str] = dict(enumerate(self.class_names)) if self.class_names else {}
+        self._label_ids = {n: i for i, n in self.names.items()}
+
+    def of(self, row: dict) -> int | None:
+        """The category id of a row, or None if it has none (no class, no manifest label)."""
+        if self.source == "label":
+            label = row.get("label")
+            if label is None:
+                return None
+            if label not in self._label_ids:
+                self._label_ids[label] = len(self._label_ids)
+                self.names[self._label_ids[label]] = label
+            return self._label_ids[label]
+        top1 = _top1(row)
+        if top1 is None:
+            return None
+        class_id, name = top1
+        if class_id not in self.names:
+            self.names[class_id] = name if name is not None else str(class_id)
+        return class_id
+
+    def contiguous(self) -> dict[int, str]:
+        """``names`` with every id from 0 to the largest present (YOLO needs them all)."""
+        if not self.names:
+            return {}
+        return {i: self.names.get(i, str(i)) for i in range(max(self.names) + 1)}
+
+
+def _coco_box(box_xyxy: Sequence[int]) -> list[int]:
+    x0, y0, x1, y1 = (int(v) for v in box_xyxy)
+    return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
+
+
+# ---------------------------------------------------------------- COCO
+
+
+def export_coco(
+    input: str,
+    output: str,
+    *,
+    filters: LabelFilter = LabelFilter(),
+    class_names: Sequence[str] | None = None,
+    category: str = "top1",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> ExportSummary:
+    """Write the labels table at ``input`` as one COCO JSON file at ``output`` (local or URI).
+
+    ``images``: ``id`` (1, 2, ...), ``file_name`` (the image URI), ``width``, ``height``,
+    ``pro2sam_image_id``. ``annotations``: one per kept ok row: ``bbox`` [x, y, w, h] (pixels),
+    ``segmentation`` as compressed RLE ``{size: [h, w], counts}``, ``area`` (mask pixels),
+    ``iscrowd`` 0, ``category_id``, ``score`` and the other scores. ``categories``: every class
+    of ``class_names`` if given, else those seen.
+
+    Args:
+        filters: which rows to keep.
+        class_names: names of the class indices (e.g. :func:`class_names_from_gtformer`); without
+            them, names come from the table's ``topk_names``.
+        category: ``"top1"`` (GTFormer's top-1 class) or ``"label"`` (the manifest's label).
+        batch_size: rows per Parquet record batch read.
+    """
+    categories = _Categories(category, class_names)
+    summary = ExportSummary(output)
+    fs, path = filesystem(output)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "w") as out, tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+        out.write('{"info": {"description": "pro2sam labels", "source": %s},\n"images": [' % json.dumps(input))
+        for row in iter_label_rows(input, batch_size=batch_size):
+            if not filters.keeps(row):
+                summary.filtered += 1
+                continue
+            category_id = categories.of(row) if row["status"] == STATUS_OK else None
+            if row["status"] == STATUS_OK and category_id is None:
+                summary.filtered += 1  # an ok row without the chosen category (no manifest label)
+                continue
+            summary.images += 1
+            image = {
+                "id": summary.images,
+                "file_name": row["uri"],
+                "width": row["width"],
+                "height": row["height"],
+                "pro2sam_image_id": row["image_id"],
+            }
+            out.write((",\n" if summary.images > 1 else "\n") + json.dumps(image))
+            if category_id is None or row["box_xyxy"] is None or row["mask_rle"] is None:
+                continue
+            summary.annotations += 1
+            rle = row["mask_rle"]
+            top1 = _top1(row)
+            annotation = {
+                "id": summary.annotations,
+                "image_id": summary.images,
+                "category_id": category_id,
+                "bbox": _coco_box(row["box_xyxy"]),
+                "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"]},
+                "area": int(row["mask_area"]),
+                "iscrowd": 0,
+                "score": row["match_score"] if row["match_score"] is not None else 0.0,
+                "class_score": row["topk_scores"][0] if row["topk_scores"] else None,
+                "top1_class": top1[0] if top1 else None,
+                "match_score": row["match_score"],
+                "pred_iou": row["pred_iou"],
+                "stability_score": row["stability_score"],
+                "box_source": row["box_source"],
+            }
+            spool.write((",\n" if summary.annotations > 1 else "\n") + json.dumps(annotation))
+        out.write('\n],\n"annotations": [')
+        spool.seek(0)
+        while chunk := spool.read(1 << 20):
+            out.write(chunk)
+        summary.categories = dict(sorted(categories.names.items()))
+        cats = [{"id": i, "name": n, "supercategory": "object"} for i, n in summary.categories.items()]
+        out.write('\n],\n"categories": ' + json.dumps(cats) + "}\n")
+    return summary
+
+
+# ---------------------------------------------------------------- YOLO
+
+
+def yolo_box(box_xyxy: Sequence[int], width: int, height: int) -> tuple[float, float, float, float]:
+    """Inclusive pixel box -> YOLO ``(cx, cy, w, h)`` normalised by the image size."""
+    x0, y0, x1, y1 = (int(v) for v in box_xyxy)
+    return ((x0 + x1 + 1) / 2 / width, (y0 + y1 + 1) / 2 / height, (x1 - x0 + 1) / width, (y1 - y0 + 1) / height)
+
+
+def yolo_polygon(mask: np.ndarray) -> np.ndarray | None:
+    """(H, W) bool mask -> (N, 2) float polygon (x, y), normalised, of its largest outer contour.
+
+    Points are pixel centres (index + 0.5), so the polygon lies inside the mask's box. One
+    polygon per object, as a YOLO segmentation line holds one instance; None for an empty mask.
+    """
+    h, w = mask.shape
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    largest = max(contours, key=lambda c: (cv2.contourArea(c), len(c)))
+    points = largest.reshape(-1, 2).astype(np.float64) + 0.5
+    if len(points) < 3:  # a 1- or 2-pixel sliver: use its pixel corners so YOLO gets a polygon
+        xs, ys = points[:, 0], points[:, 1]
+        left, right, top, bottom = xs.min() - 0.5, xs.max() + 0.5, ys.min() - 0.5, ys.max() + 0.5
+        points = np.array([[left, top], [right, top], [right, bottom], [left, bottom]])
+    points[:, 0] /= w
+    points[:, 1] /= h
+    return np.clip(points, 0.0, 1.0)
+
+
+def _label_file_name(uri: str, image_id: str, used: set[str]) -> str:
+    stem = posixpath.splitext(posixpath.basename(uri.rstrip("/")))[0] or image_id
+    name = stem if stem not in used else f"{stem}_{image_id}"
+    used.add(name)
+    return name + ".txt"
+
+
+def export_yolo(
+    input: str,
+    output: str,
+    *,
+    task: str = "detect",
+    filters: LabelFilter = LabelFilter(),
+    class_names: Sequence[str] | None = None,
+    category: str = "top1",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> ExportSummary:
+    """Write the labels table at ``input`` as YOLO labels under the folder ``output``.
+
+    Layout: ``labels/<image stem>.txt`` (``_<image_id>`` appended when two images share a stem),
+    one line per object: ``class cx cy w h`` (``task="detect"``) or ``class x1 y1 x2 y2 ...``
+    (``task="segment"``, the mask's outer contour), all normalised to [0, 1];
+    ``images.txt``, the image URIs in the order of the label files; ``data.yaml`` with ``path``,
+    ``train``/``val`` (``images.txt``), ``nc`` and ``names``. Images are not copied: trainers
+    that pair ``images/`` with ``labels/`` need the images placed beside ``labels/``.
+    """
+    import yaml
+
+    if task not in YOLO_TASKS:
+        raise ValueError(f"YOLO task must be one of {YOLO_TASKS}, not {task!r}")
+    categories = _Categories(category, class_names)
+    summary = ExportSummary(output)
+    fs, root = filesystem(output)
+    labels_dir = posixpath.join(root, "labels")
+    fs.makedirs(labels_dir, exist_ok=True)
+    used: set[str] = set()
+    with fs.open(posixpath.join(root, "images.txt"), "w") as images_txt:
+        for row in iter_label_rows(input, batch_size=batch_size):
+            if not filters.keeps(row) or row["status"] != STATUS_OK or row["box_xyxy"] is None:
+                summary.filtered += 1
+                continue
+            class_id = categories.of(row)
+            if class_id is None:
+                summary.filtered += 1
+                continue
+            width, height = int(row["width"]), int(row["height"])
+            if task == "detect":
+                values = yolo_box(row["box_xyxy"], width, height)
+            else:
+                polygon = yolo_polygon(decode_mask(row["mask_rle"]))
+                if polygon is None:
+                    summary.filtered += 1
+                    continue
+                values = polygon.ravel()
+            line = f"{class_id} " + " ".join(f"{v:.6f}" for v in values) + "\n"
+            with fs.open(posixpath.join(labels_dir, _label_file_name(row["uri"], row["image_id"], used)), "w") as f:
+                f.write(line)
+            images_txt.write(row["uri"] + "\n")
+            summary.images += 1
+            summary.annotations += 1
+    summary.categories = categories.contiguous()
+    data = {
+        "path": output,
+        "train": "images.txt",
+        "val": "images.txt",
+        "nc": len(summary.categories),
+        "names": summary.categories,
+        "task": task,
+    }
+    with fs.open(posixpath.join(root, "data.yaml"), "w") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    return summary
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _parse_classes(text: str | None) -> list[int | str] | None:
+    if not text:
+        return None
+    return [int(c) if c.strip().lstrip("-").isdigit() else c.strip() for c in text.split(",") if c.strip()]
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``pro2sam export`` options."""
+    p.add_argument("--input", required=True, help="labels table: a Parquet file or folder (local or URI)")
+    p.add_argument("--format", choices=("coco", "yolo"), required=True, help="coco: one JSON; yolo: a folder")
+    p.add_argument("--output", required=True, help="COCO: the .json file; YOLO: the output folder")
+    p.add_argument("--yolo-task", choices=YOLO_TASKS, default="detect", help="YOLO boxes or polygons (default %(default)s)")
+    p.add_argument("--gtformer", help="GTFormer export whose config.json names the classes")
+    p.add_argument("--class-names", help="comma-separated class names, index-aligned (overrides --gtformer)")
+    p.add_argument(
+        "--category", choices=CATEGORY_SOURCES, default="top1", help="top1: GTFormer's class; label: the manifest label"
+    )
+    p.add_argument("--min-match-score", type=float, help="keep rows with match_score >= this (drops the fallback)")
+    p.add_argument("--status", default=STATUS_OK, help="keep rows with this status, or 'all' (default %(default)s)")
+    p.add_argument("--classes", help="keep these top-1 classes: comma-separated indices or names")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per record batch read")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``pro2sam export``: prints a summary line; exit status 0."""
+    class_names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    if class_names is None and args.gtformer:
+        class_names = class_names_from_gtformer(args.gtformer)
+    filters = LabelFilter(
+        status=None if args.status == "all" else args.status,
+        min_match_score=args.min_match_score,
+        classes=_parse_classes(args.classes),
+    )
+    common = dict(filters=filters, class_names=class_names, category=args.category, batch_size=args.batch_size)
+    if args.format == "coco":
+        summary = export_coco(args.input, args.output, **common)
+    else:
+        summary = export_yolo(args.input, args.output, task=args.yolo_task, **common)
+    print(f"pro2sam export ({args.format}): {summary}", file=sys.stderr)
+    return 0

@@ -1,0 +1,274 @@
+"""A self-contained HTML gallery of labeled images: mask tinted, box drawn, class and scores.
+
+Rows are chosen with DuckDB over ``read_parquet`` of the labels table (an optional SQL ``WHERE``
+condition over its columns, best ``match_score`` first or a repeatable random sample, at most
+``limit`` rows); each image is read through :func:`pro2sam.storage.read_bytes`, decoded with EXIF
+orientation applied (the frame ``box_xyxy`` and the mask are in) and embedded as a base64 JPEG
+thumbnail. The page needs no network and no files besides itself.
+
+Each row is one ``<figure class="overlay">`` with ``data-*`` attributes for its scores; buttons
+sort the figures by a score (a small inline script), and ``gallery.html#sort=pred_iou`` (or
+``#sort=pred_iou:asc``) opens the page sorted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import math
+import posixpath
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+
+from .export import parquet_files
+from .images import ImageDecodeError, decode_image
+from .rle import decode_mask
+from .storage import StorageError, filesystem, is_remote, read_bytes
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "DEFAULT_THUMB_SIZE",
+    "select_rows",
+    "render_overlay",
+    "build_gallery",
+    "add_show_arguments",
+    "run_show",
+]
+
+DEFAULT_LIMIT = 100
+DEFAULT_THUMB_SIZE = 256
+# The scores a page sorts by: data attribute (and sort key) -> button text.
+SORT_KEYS = {
+    "match_score": "match score",
+    "class_score": "class score",
+    "pred_iou": "predicted IoU",
+    "stability_score": "stability",
+    "mask_area": "mask area",
+}
+_MASK_TINT = np.array([255, 64, 160], dtype=np.float32)  # RGB, magenta: visible on most photographs
+_MASK_ALPHA = 0.45
+_BOX_RGB = (255, 230, 0)
+
+
+def select_rows(
+    input: str, *, where: str | None = None, limit: int = DEFAULT_LIMIT, sample: bool = False, seed: int = 0
+) -> list[dict]:
+    """Rows of the labels table at ``input`` (file or folder, local or URI), without ``coarse_map``.
+
+    Args:
+        where: a DuckDB SQL condition over the table's columns, e.g.
+            ``"match_score > 0.5 AND status = 'ok'"``.
+        limit: at most this many rows.
+        sample: a random sample (reservoir, repeatable with ``seed``) of the rows that pass
+            ``where``, instead of the best ``match_score`` first.
+
+    Returns:
+        Dicts keyed by the labels table's column names, plus ``class_score`` (top-1 probability).
+    """
+    import duckdb
+
+    files = parquet_files(input)
+    con = duckdb.connect()
+    try:
+        if is_remote(input):
+            fs, _ = filesystem(input)
+            con.register_filesystem(fs)
+        filtered = "SELECT * EXCLUDE (coarse_map) FROM read_parquet($files)" + (f" WHERE ({where})" if where else "")
+        if sample:
+            sample_clause = f"USING SAMPLE reservoir({int(limit)} ROWS) REPEATABLE ({int(seed)})"
+            sql = f"SELECT * FROM ({filtered}) {sample_clause} ORDER BY image_id"
+        else:
+            sql = f"{filtered} ORDER BY match_score DESC NULLS LAST, image_id LIMIT {int(limit)}"
+        result = con.execute(sql, {"files": files})
+        names = [d[0] for d in result.description]
+        rows = [dict(zip(names, values)) for values in result.fetchall()]
+    finally:
+        con.close()
+    for row in rows:
+        row["class_score"] = row["topk_scores"][0] if row.get("topk_scores") else None
+    return rows
+
+
+def render_overlay(image: np.ndarray, row: dict, *, thumb_size: int = DEFAULT_THUMB_SIZE) -> np.ndarray:
+    """(H, W, 3) uint8 RGB image -> thumbnail (longer side ``thumb_size``) with the row's mask
+    tinted and its box drawn; the box and mask are in the image's pixel frame."""
+    h, w = image.shape[:2]
+    scale = min(1.0, thumb_size / max(h, w))
+    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
+    thumb = cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA).astype(np.float32)
+    if row.get("mask_rle"):
+        mask = cv2.resize(decode_mask(row["mask_rle"]).astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST) > 0
+        thumb[mask] = (1 - _MASK_ALPHA) * thumb[mask] + _MASK_ALPHA * _MASK_TINT
+    thumb = np.ascontiguousarray(thumb.round().clip(0, 255).astype(np.uint8))
+    if row.get("box_xyxy"):
+        x0, y0, x1, y1 = row["box_xyxy"]
+        sx, sy = tw / w, th / h  # inclusive indices: the box covers [x0, x1 + 1) pixels
+        top_left = (int(x0 * sx), int(y0 * sy))
+        bottom_right = (max(int(x0 * sx), math.ceil((x1 + 1) * sx) - 1), max(int(y0 * sy), math.ceil((y1 + 1) * sy) - 1))
+        cv2.rectangle(thumb, top_left, bottom_right, _BOX_RGB, thickness=2)
+    return thumb
+
+
+def _jpeg_data_uri(rgb: np.ndarray) -> str:
+    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return "data:image/jpeg;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
+
+
+def _thumbnail(row: dict, thumb_size: int) -> tuple[str | None, str | None]:
+    """(data URI, None) or (None, why the image could not be shown)."""
+    try:
+        image = decode_image(read_bytes(row["uri"]))
+        return _jpeg_data_uri(render_overlay(image, row, thumb_size=thumb_size)), None
+    except FileNotFoundError:
+        return None, f"image not found: {row['uri']}"
+    except (StorageError, ImageDecodeError, ValueError, cv2.error) as e:
+        return None, f"image not shown: {e}"
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _figure(row: dict, thumb: str | None, problem: str | None) -> str:
+    e = html.escape
+    attrs = {f"data-{k.replace('_', '-')}": "" if row.get(k) is None else f"{row[k]:.6g}" for k in SORT_KEYS}
+    attrs.update({"data-status": row["status"], "data-image-id": row["image_id"]})
+    names, classes = row.get("topk_names") or [], row.get("topk_classes") or []
+    class_name = names[0] if names and names[0] is not None else (str(classes[0]) if classes else "no class")
+    lines = [
+        f'<b class="class-name">{e(class_name)}</b>'
+        + (f' <span class="class-id">#{classes[0]}</span>' if classes else "")
+        + f' <span class="class-score">p={_fmt(row.get("class_score"))}</span>',
+        f'match {_fmt(row.get("match_score"))} · IoU {_fmt(row.get("pred_iou"))} · '
+        f'stability {_fmt(row.get("stability_score"))} · {e(str(row.get("box_source") or row["status"]))}',
+    ]
+    if row.get("label") is not None:
+        lines.append(f'label: {e(row["label"])}')
+    if row.get("error"):
+        lines.append(f'<span class="error">{e(row["error"])}</span>')
+    if problem:
+        lines.append(f'<span class="error">{e(problem)}</span>')
+    lines.append(f'<span class="uri">{e(row["uri"])}</span>')
+    body = f'<img src="{thumb}" alt="{e(class_name)}">' if thumb else '<div class="missing">no image</div>'
+    attr_text = " ".join(f'{k}="{e(v)}"' for k, v in attrs.items())
+    return f'<figure class="overlay" {attr_text}>{body}<figcaption>{"<br>".join(lines)}</figcaption></figure>'
+
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1em;background:#fafafa;color:#222}
+header p{color:#555;margin:.3em 0}
+.sort button{margin-right:.3em}
+.sort button.active{font-weight:bold}
+#gallery{display:flex;flex-wrap:wrap;gap:12px}
+figure.overlay{margin:0;padding:6px;background:#fff;border:1px solid #ddd;border-radius:4px;width:260px}
+figure.overlay[data-status=error]{border-color:#d33}
+figure.overlay img{display:block;max-width:256px;max-height:256px}
+figcaption{font-size:12px;line-height:1.4;margin-top:4px;word-break:break-all}
+.error{color:#c00}.uri{color:#777}
+.missing{width:256px;height:96px;background:#eee;display:flex;align-items:center;justify-content:center;color:#999}
+"""
+
+# Sorts the figures by a data attribute; rows without the score go last whatever the direction.
+_SCRIPT = """
+(function(){
+  var gallery=document.getElementById('gallery');
+  function sortBy(key,asc){
+    var attr='data-'+key.replace(/_/g,'-');
+    var figs=Array.prototype.slice.call(gallery.querySelectorAll('figure.overlay'));
+    figs.sort(function(a,b){
+      var va=a.getAttribute(attr),vb=b.getAttribute(attr);
+      if(va===''&&vb==='')return 0; if(va==='')return 1; if(vb==='')return -1;
+      return asc?parseFloat(va)-parseFloat(vb):parseFloat(vb)-parseFloat(va);
+    });
+    figs.forEach(function(f){gallery.appendChild(f);});
+    document.querySelectorAll('.sort button').forEach(function(b){
+      b.classList.toggle('active',b.dataset.key===key);
+      if(b.dataset.key===key)b.dataset.asc=asc?'1':'';
+    });
+    gallery.setAttribute('data-sorted-by',key+(asc?':asc':':desc'));
+  }
+  document.querySelectorAll('.sort button').forEach(function(b){
+    b.addEventListener('click',function(){sortBy(b.dataset.key,b.classList.contains('active')&&!b.dataset.asc);});
+  });
+  var m=/^#sort=(\\w+)(:asc)?$/.exec(location.hash);
+  if(m)sortBy(m[1],!!m[2]);
+})();
+"""
+
+
+def build_gallery(
+    input: str,
+    output: str,
+    *,
+    where: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+    sample: bool = False,
+    seed: int = 0,
+    thumb_size: int = DEFAULT_THUMB_SIZE,
+    threads: int = 8,
+) -> int:
+    """Write the gallery of the rows chosen by :func:`select_rows` to ``output`` (local or URI);
+    return the number of overlays. Images that cannot be read still get a figure, saying why."""
+    rows = select_rows(input, where=where, limit=limit, sample=sample, seed=seed)
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
+        thumbs = list(pool.map(lambda r: _thumbnail(r, thumb_size), rows))
+    e = html.escape
+    buttons = "".join(f'<button type="button" data-key="{k}">{e(v)}</button>' for k, v in SORT_KEYS.items())
+    chosen = f"where {e(where)}" if where else "all rows"
+    order = f"random sample (seed {seed})" if sample else "best match_score first"
+    page = "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>pro2sam gallery: {e(input)}</title>",
+            f"<style>{_STYLE}</style></head><body>",
+            f"<header><h1>pro2sam labels</h1><p>{e(input)}: {chosen}; {order}; "
+            f'<span class="count">{len(rows)}</span> of at most {int(limit)} rows</p>',
+            f'<p class="sort">Sort by: {buttons}</p></header>',
+            '<main id="gallery">',
+            *(_figure(row, thumb, problem) for row, (thumb, problem) in zip(rows, thumbs)),
+            "</main>",
+            f"<script>{_SCRIPT}</script>",
+            "</body></html>",
+        ]
+    )
+    fs, path = filesystem(output)
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return len(rows)
+
+
+def add_show_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``pro2sam show`` options."""
+    p.add_argument("--input", required=True, help="labels table: a Parquet file or folder (local or URI)")
+    p.add_argument("--output", default="gallery.html", help="the HTML file to write (default %(default)s)")
+    p.add_argument("--where", help="DuckDB SQL condition, e.g. \"match_score > 0.5 AND status='ok'\"")
+    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="at most this many images (default %(default)s)")
+    p.add_argument("--sample", action="store_true", help="a random sample instead of the best match_score first")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    p.add_argument("--thumb-size", type=int, default=DEFAULT_THUMB_SIZE, help="thumbnail's longer side in pixels")
+
+
+def run_show(args: argparse.Namespace) -> int:
+    """``pro2sam show``: writes the page, prints how many overlays it holds; exit status 0."""
+    count = build_gallery(
+        args.input,
+        args.output,
+        where=args.where,
+        limit=args.limit,
+        sample=args.sample,
+        seed=args.seed,
+        thumb_size=args.thumb_size,
+    )
+    print(f"pro2sam show: {count} images -> {args.output}", file=sys.stderr)
+    return 0
+

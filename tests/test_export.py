@@ -1,0 +1,225 @@
+"""Exports of the labels table: COCO JSON that pycocotools reads and scores, YOLO text files,
+row filters, and reading in record batches."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from pro2sam.export import (
+    EXPORT_COLUMNS,
+    LabelFilter,
+    class_names_from_gtformer,
+    export_coco,
+    export_yolo,
+    iter_label_rows,
+)
+from pro2sam.labels import error_row, ok_row, rows_to_table
+from pro2sam.model import Pro2SAMResult
+
+CLASSES = ["bird", "cat", "dog"]
+
+
+def box_of(mask):
+    ys, xs = np.nonzero(mask)
+    return (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+
+
+def disc(h, w, cx, cy, r):
+    yy, xx = np.mgrid[:h, :w]
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
+
+
+def labeled(uri, mask, cls, *, match=0.8, box=None, source="sam", label=None):
+    result = Pro2SAMResult(
+        box_xyxy=box or box_of(mask), mask=mask, box_source=source, topk_classes=[cls, (cls + 1) % 3],
+        topk_scores=[0.7, 0.2], topk_names=[CLASSES[cls], CLASSES[(cls + 1) % 3]], match_score=match,
+        pred_iou=0.9, stability_score=0.95, coarse_map=np.full((14, 14), 0.5, np.float32), num_candidates=3,
+    )  # fmt: skip
+    return ok_row(uri.rsplit("/", 1)[-1], uri, label, result, model_ids={"gtformer": "g", "sam": "s"}, run_id="r")
+
+
+def rect(h, w, x0, y0, x1, y1):
+    m = np.zeros((h, w), bool)
+    m[y0 : y1 + 1, x0 : x1 + 1] = True
+    return m
+
+
+@pytest.fixture
+def labels_dir(tmp_path):
+    """A labels folder of two Parquet files: 5 ok rows (classes 0, 1, 2, 0, 1; one a coarse-map
+    fallback without a match score) and 1 error row."""
+    rows = [
+        labeled("s3://b/a.jpg", rect(30, 40, 10, 5, 29, 19), 2, match=0.9, label="dog"),
+        labeled("s3://b/b.jpg", disc(60, 80, 40, 30, 20), 0, match=0.6, label="bird"),
+        labeled("s3://b/c.jpg", disc(50, 50, 20, 25, 12) | rect(50, 50, 30, 30, 45, 45), 1, match=0.3),
+        labeled("s3://b/d.jpg", rect(20, 20, 0, 0, 19, 19), 0, match=None, source="coarse_fallback", label="bird"),
+        labeled("s3://b/e.jpg", disc(64, 48, 24, 40, 10), 1, match=0.75),
+        error_row("f.jpg", "s3://b/f.jpg", None, "not an image file", run_id="r"),
+    ]
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    pq.write_table(rows_to_table(rows[:4]), folder / "part-0.parquet", row_group_size=2)
+    pq.write_table(rows_to_table(rows[4:]), folder / "part-1.parquet", row_group_size=1)
+    return folder
+
+
+def run_coco_eval(gt: COCO, results: list[dict], iou_type: str) -> float:
+    evaluation = COCOeval(gt, gt.loadRes(results), iou_type)
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    return evaluation.stats[0]
+
+
+def test_coco_export_loads_in_pycocotools_and_scores_ap_1_against_itself(labels_dir, tmp_path):
+    out = tmp_path / "coco.json"
+    summary = export_coco(str(labels_dir), str(out))
+    gt = COCO(str(out))
+    assert (summary.images, summary.annotations) == (5, 5) == (len(gt.getImgIds()), len(gt.getAnnIds()))
+    anns = gt.loadAnns(gt.getAnnIds())
+    # loadRes treats any result with a bbox as a box result, so the two kinds are kept apart
+    boxes = [{k: a[k] for k in ("image_id", "category_id", "bbox", "score")} for a in anns]
+    masks = [{k: a[k] for k in ("image_id", "category_id", "segmentation", "score")} for a in anns]
+    assert run_coco_eval(gt, boxes, "bbox") == pytest.approx(1.0)
+    assert run_coco_eval(gt, masks, "segm") == pytest.approx(1.0)
+
+
+def test_coco_fields_follow_the_labels_table(labels_dir, tmp_path):
+    out = tmp_path / "coco.json"
+    export_coco(str(labels_dir), str(out))
+    data = json.loads(out.read_text())
+    image = data["images"][0]
+    assert (image["file_name"], image["width"], image["height"]) == ("s3://b/a.jpg", 40, 30)
+    ann = data["annotations"][0]
+    # box_xyxy (10, 5, 29, 19) holds inclusive indices: 20 x 15 pixels.
+    assert ann["bbox"] == [10, 5, 20, 15]
+    assert ann["area"] == 300 and ann["category_id"] == 2 and ann["score"] == pytest.approx(0.9)
+    for ann in data["annotations"]:  # tight boxes equal the box pycocotools measures on the mask
+        assert ann["bbox"] == mask_utils.toBbox(ann["segmentation"]).tolist()
+        assert ann["area"] == int(mask_utils.area(ann["segmentation"]))
+    fallback = next(a for a in data["annotations"] if a["box_source"] == "coarse_fallback")
+    assert fallback["score"] == 0.0 and fallback["match_score"] is None
+    assert {c["id"]: c["name"] for c in data["categories"]} == {0: "bird", 1: "cat", 2: "dog"}
+
+
+def test_coco_categories_come_from_the_gtformer_config(labels_dir, tmp_path):
+    gtformer = tmp_path / "gtformer"
+    gtformer.mkdir()
+    (gtformer / "config.json").write_text(json.dumps({"class_names": ["bird", "cat", "dog", "fish"]}))
+    names = class_names_from_gtformer(str(gtformer))
+    out = tmp_path / "coco.json"
+    export_coco(str(labels_dir), str(out), class_names=names, filters=LabelFilter(classes=["bird"]))
+    data = json.loads(out.read_text())
+    assert [c["name"] for c in data["categories"]] == ["bird", "cat", "dog", "fish"]
+    assert {a["category_id"] for a in data["annotations"]} == {0}
+
+
+def test_coco_categories_can_be_the_manifest_labels(labels_dir, tmp_path):
+    out = tmp_path / "coco.json"
+    summary = export_coco(str(labels_dir), str(out), category="label")
+    data = json.loads(out.read_text())
+    assert [c["name"] for c in data["categories"]] == ["dog", "bird"]
+    assert summary.annotations == 3 and summary.filtered == 3  # two rows without a label, one error
+
+
+def test_yolo_detection_line_is_the_normalised_inclusive_box(labels_dir, tmp_path):
+    export_yolo(str(labels_dir), str(tmp_path / "yolo"))
+    # a.jpg: 40 x 30 image, box (10, 5, 29, 19) covers x in [10, 30), y in [5, 20).
+    line = (tmp_path / "yolo" / "labels" / "a.txt").read_text()
+    assert line == f"2 {20 / 40:.6f} {12.5 / 30:.6f} {20 / 40:.6f} {15 / 30:.6f}\n"
+    data = yaml.safe_load((tmp_path / "yolo" / "data.yaml").read_text())
+    assert data["names"] == {0: "bird", 1: "cat", 2: "dog"} and data["nc"] == 3
+    images = (tmp_path / "yolo" / data["train"]).read_text().split()
+    assert images == ["s3://b/a.jpg", "s3://b/b.jpg", "s3://b/c.jpg", "s3://b/d.jpg", "s3://b/e.jpg"]
+    assert len(list((tmp_path / "yolo" / "labels").iterdir())) == 5
+
+
+def test_yolo_segmentation_polygons_lie_inside_the_box(labels_dir, tmp_path):
+    export_yolo(str(labels_dir), str(tmp_path / "yolo"), task="segment")
+    rows = {r["uri"].rsplit("/", 1)[-1][:-4]: r for r in iter_label_rows(str(labels_dir)) if r["status"] == "ok"}
+    for name, row in rows.items():
+        fields = (tmp_path / "yolo" / "labels" / f"{name}.txt").read_text().split()
+        assert int(fields[0]) == row["topk_classes"][0]
+        xy = np.array(fields[1:], float).reshape(-1, 2) * [row["width"], row["height"]]
+        x0, y0, x1, y1 = row["box_xyxy"]
+        assert len(xy) >= 3
+        assert (xy[:, 0] >= x0).all() and (xy[:, 0] <= x1 + 1).all(), name
+        assert (xy[:, 1] >= y0).all() and (xy[:, 1] <= y1 + 1).all(), name
+
+
+def exported_uris(labels_dir, tmp_path, filters):
+    out = tmp_path / "filtered.json"
+    export_coco(str(labels_dir), str(out), filters=filters)
+    return sorted(i["file_name"].rsplit("/", 1)[-1] for i in json.loads(out.read_text())["images"])
+
+
+def test_default_filter_keeps_ok_rows_only(labels_dir, tmp_path):
+    assert exported_uris(labels_dir, tmp_path, LabelFilter()) == ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"]
+
+
+def test_status_none_keeps_error_rows_as_images_without_annotations(labels_dir, tmp_path):
+    out = tmp_path / "all.json"
+    summary = export_coco(str(labels_dir), str(out), filters=LabelFilter(status=None))
+    assert (summary.images, summary.annotations) == (6, 5)
+    assert exported_uris(labels_dir, tmp_path, LabelFilter(status="error")) == ["f.jpg"]
+
+
+def test_min_match_score_drops_lower_scores_and_the_fallback(labels_dir, tmp_path):
+    assert exported_uris(labels_dir, tmp_path, LabelFilter(min_match_score=0.6)) == ["a.jpg", "b.jpg", "e.jpg"]
+
+
+def test_classes_filter_by_index_or_name(labels_dir, tmp_path):
+    assert exported_uris(labels_dir, tmp_path, LabelFilter(classes=[1])) == ["c.jpg", "e.jpg"]
+    assert exported_uris(labels_dir, tmp_path, LabelFilter(classes=["bird", 2])) == ["a.jpg", "b.jpg", "d.jpg"]
+
+
+def test_export_reads_record_batches_of_bounded_size_never_whole_tables(labels_dir, tmp_path, monkeypatch):
+    seen = []
+    iter_batches = pq.ParquetFile.iter_batches
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("columns"))
+        for batch in iter_batches(self, *args, **kwargs):
+            seen.append(batch.num_rows)
+            yield batch
+
+    def whole_table(*args, **kwargs):
+        raise AssertionError("the exporter read a whole table")
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    monkeypatch.setattr(pq.ParquetFile, "read", whole_table)
+    monkeypatch.setattr(pq, "read_table", whole_table)
+    monkeypatch.setattr(pq, "ParquetDataset", whole_table)
+    summary = export_coco(str(labels_dir), str(tmp_path / "coco.json"), batch_size=2, filters=LabelFilter(status=None))
+    sizes = [s for s in seen if isinstance(s, int)]
+    assert summary.images == 6 and sum(sizes) == 6
+    assert len(sizes) >= 3 and max(sizes) <= 2
+    assert all(columns == EXPORT_COLUMNS and "coarse_map" not in columns for columns in seen if not isinstance(columns, int))
+
+
+def test_cli_functions_export_coco(labels_dir, tmp_path):
+    import argparse
+
+    from pro2sam.export import add_export_arguments, run_export
+
+    parser = argparse.ArgumentParser()
+    add_export_arguments(parser)
+    out = tmp_path / "cli.json"
+    args = parser.parse_args(
+        ["--input", str(labels_dir / "part-0.parquet"), "--format", "coco", "--output", str(out), "--classes", "0"]
+    )
+    assert run_export(args) == 0
+    assert len(COCO(str(out)).getImgIds()) == 2
+    out_dir = tmp_path / "cli-yolo"
+    args = parser.parse_args(
+        ["--input", str(labels_dir), "--format", "yolo", "--yolo-task", "segment", "--output", str(out_dir)]
+        + ["--min-match-score", "0.7"]
+    )
+    assert run_export(args) == 0
+    assert sorted(p.name for p in (out_dir / "labels").iterdir()) == ["a.txt", "e.txt"]

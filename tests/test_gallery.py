@@ -1,0 +1,111 @@
+"""The HTML gallery: one overlay per chosen row, as a real headless Chromium renders the page."""
+
+import argparse
+import base64
+import io
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pro2sam.gallery import add_show_arguments, build_gallery, render_overlay, run_show
+from pro2sam.labels import error_row, ok_row, rows_to_table
+from pro2sam.model import Pro2SAMResult
+from pro2sam.rle import encode_mask
+
+CHROMIUM = Path("/usr/bin/chromium")
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs a headless browser at /usr/bin/chromium (apt-get install chromium)"
+)
+
+
+def labeled(path: Path, match: float | None, cls: int) -> dict:
+    h, w = 48, 64
+    Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(path)
+    mask = np.zeros((h, w), bool)
+    mask[10:30, 20:50] = True
+    result = Pro2SAMResult(
+        box_xyxy=(20, 10, 49, 29), mask=mask, box_source="sam" if match is not None else "coarse_fallback",
+        topk_classes=[cls], topk_scores=[0.8], topk_names=[f"class<{cls}>"], match_score=match, pred_iou=0.9,
+        stability_score=0.95, coarse_map=np.zeros((14, 14), np.float32), num_candidates=2,
+    )  # fmt: skip
+    return ok_row(path.stem, str(path), None, result, model_ids={}, run_id="r")
+
+
+@pytest.fixture
+def labels_file(tmp_path):
+    """5 rows: 4 ok with match scores 0.9, 0.2, 0.7, none (fallback), 1 error (missing image)."""
+    rows = [labeled(tmp_path / f"img{i}.png", m, i % 3) for i, m in enumerate([0.9, 0.2, 0.7, None])]
+    rows.append(error_row("bad", str(tmp_path / "missing.png"), None, "not found", run_id="r"))
+    path = tmp_path / "labels.parquet"
+    pq.write_table(rows_to_table(rows), path, row_group_size=2)
+    return path
+
+
+def dump_dom(page: Path, tmp_path: Path, fragment: str = "") -> str:
+    """The DOM of ``page`` after Chromium has loaded it and run its script."""
+    profile = tmp_path / f"chromium-profile-{len(list(tmp_path.iterdir()))}"
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={profile}",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [str(CHROMIUM), *flags, "--dump-dom", page.resolve().as_uri() + fragment], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def overlays(dom: str) -> list[str]:
+    return re.findall(r'<figure class="overlay"[^>]*>', dom)
+
+
+def test_render_overlay_tints_the_mask_and_draws_the_box():
+    mask = np.zeros((48, 64), bool)
+    mask[10:30, 20:50] = True
+    image = np.full((48, 64, 3), 90, np.uint8)
+    row = {"mask_rle": encode_mask(mask), "box_xyxy": [20, 10, 49, 29]}
+    thumb = render_overlay(image, row, thumb_size=64)
+    assert thumb.shape == (48, 64, 3)
+    assert tuple(thumb[20, 35]) != (90, 90, 90)  # inside the mask: tinted
+    assert tuple(thumb[40, 5]) == (90, 90, 90)  # background untouched
+    assert tuple(thumb[10, 35]) == (255, 230, 0)  # the box's top edge
+
+
+@needs_chromium
+def test_browser_shows_one_overlay_per_row_with_embedded_jpegs(labels_file, tmp_path):
+    page = tmp_path / "gallery.html"
+    assert build_gallery(str(labels_file), str(page)) == 5
+    dom = dump_dom(page, tmp_path)
+    assert len(overlays(dom)) == 5
+    thumbs = re.findall(r'<img src="data:image/jpeg;base64,([^"]+)"', dom)
+    assert len(thumbs) == 4  # the error row's image is missing: a figure without an image
+    assert all(Image.open(io.BytesIO(base64.b64decode(t))).format == "JPEG" for t in thumbs)
+    assert "class&lt;0&gt;" in dom and "<class" not in dom  # names are escaped
+
+
+@needs_chromium
+def test_where_and_limit_change_the_overlay_count(labels_file, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_show_arguments(parser)
+    filtered, limited = tmp_path / "where.html", tmp_path / "limit.html"
+    where = "match_score > 0.5 AND status='ok'"
+    run_show(parser.parse_args(["--input", str(labels_file), "--output", str(filtered), "--where", where]))
+    run_show(parser.parse_args(["--input", str(labels_file), "--output", str(limited), "--limit", "2"]))
+    shown = overlays(dump_dom(filtered, tmp_path))
+    assert len(shown) == 2 and all('data-status="ok"' in o for o in shown)
+    assert len(overlays(dump_dom(limited, tmp_path))) == 2
+
+
+@needs_chromium
+def test_page_script_sorts_overlays_by_score(labels_file, tmp_path):
+    page = tmp_path / "gallery.html"
+    build_gallery(str(labels_file), str(page))
+    scores = lambda dom: [re.search(r'data-match-score="([^"]*)"', o).group(1) for o in overlays(dom)]  # noqa: E731
+    assert scores(page.read_text()) == ["0.9", "0.7", "0.2", "", ""]  # as written: best first
+    assert scores(dump_dom(page, tmp_path, "#sort=match_score:asc")) == ["0.2", "0.7", "0.9", "", ""]
