@@ -12,9 +12,10 @@ through ``out_proj``. So the image tokens of a prompt stay, exactly, of the form
 
 with ``S`` (N, C) and ``u`` (C) shared by every prompt of the image (computed once in
 ``set_image_embedding``), ``a`` (N) a per-token scale (the product of the LayerNorm ``1 / std``s),
-and a low-rank per-prompt part: coefficients ``E`` (N, K) on ``K = 2 * (H*T + 1)`` basis rows
-``Psi`` (K, C). ``keys`` is never formed. Every linear map of it is ``a * (S W) + u W + E (Psi W)``
-with ``S W`` shared; attention logits and outputs are contracted with the few prompt tokens before
+and a low-rank per-prompt part: coefficients ``E`` (N, K) on ``K = depth * (H*T + 1)`` basis
+rows ``Psi`` (K, C) (H*T per image->token attention, one per LayerNorm for the then ``u``).
+``keys`` is never formed. Every linear map of it is ``a * (S W) + u W + E (Psi W)`` with ``S W``
+shared; attention logits and outputs are contracted with the few prompt tokens before
 touching N; the LayerNorm statistics (``norm4``) follow from shared Gram terms, a block-structured
 cross term and ``E (Psi Psi^T) E^T``. The first output ConvTranspose is a per-pixel linear map, so
 it is applied to the same representation. What is left per prompt and per pixel is the
@@ -244,7 +245,8 @@ class GridDecoder:
             queries = layer.norm3(queries + layer.mlp(queries))
 
             attn = layer.cross_attn_image_to_token
-            new_basis, v = _image_to_token(attn, sh, queries + query_pe, queries, a, buffer[:, :k], basis, out=buffer[:, k : k + attn.num_heads * t])
+            rows = buffer[:, k : k + attn.num_heads * t]
+            new_basis, v = _image_to_token(attn, sh, queries + query_pe, queries, a, buffer[:, :k], basis, out=rows)
             k += attn.num_heads * t
             basis = torch.cat([basis, new_basis], dim=1)
             values.append(v)

@@ -1,0 +1,180 @@
+"""GridDecoder's fast path gives SAM's own decoder outputs, within float rounding."""
+
+from functools import partial
+
+import pytest
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from pro2sam.sam_decoder import GridDecoder
+
+
+def build_sam(*, dim=256, heads=8, depth=2, mlp_dim=2048, embedding_hw=(16, 16), seed=0) -> Sam:
+    """A SAM with a tiny image encoder and (by default) a real-size prompt encoder and decoder,
+    with random weights drawn wider than PyTorch's defaults so that attention is far from uniform,
+    LayerNorm affine terms are far from identity and prompts give different masks."""
+    torch.manual_seed(seed)
+    h, w = embedding_hw
+    encoder = ImageEncoderViT(
+        img_size=16 * max(h, w),
+        patch_size=16,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        mlp_ratio=2,
+        out_chans=dim,
+        qkv_bias=True,
+        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        use_rel_pos=False,
+        window_size=0,
+        global_attn_indexes=(),
+    )
+    prompt_encoder = PromptEncoder(
+        embed_dim=dim, image_embedding_size=(h, w), input_image_size=(16 * h, 16 * w), mask_in_chans=16
+    )
+    decoder = MaskDecoder(
+        num_multimask_outputs=3,
+        transformer=TwoWayTransformer(depth=depth, embedding_dim=dim, mlp_dim=mlp_dim, num_heads=heads),
+        transformer_dim=dim,
+        iou_head_depth=3,
+        iou_head_hidden_dim=256,
+    )
+    sam = Sam(encoder, prompt_encoder, decoder).eval().requires_grad_(False)
+    for name, p in list(prompt_encoder.named_parameters()) + list(decoder.named_parameters()):
+        if p.ndim >= 2:
+            p.normal_(0, 2.0 / p.shape[-1] ** 0.5)
+        elif "norm" in name and name.endswith("weight"):
+            p.uniform_(0.5, 1.5)
+        else:
+            p.normal_(0, 0.3)
+    return sam
+
+
+@pytest.fixture(scope="module")
+def sam():
+    return build_sam()
+
+
+@pytest.fixture(scope="module")
+def image_embedding(sam):
+    size = sam.image_encoder.img_size
+    with torch.no_grad():
+        return sam.image_encoder(torch.randn(1, 3, size, size))
+
+
+def random_prompts(sam, batch, points, *, seed=1, padding=False):
+    """(B, P, 2) coordinates in SAM's input frame and (B, P) labels, 1 or 0, or -1 for padding
+    points at the end of some prompts (as SamPredictor pads prompts with fewer points)."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = sam.prompt_encoder.input_image_size
+    coords = torch.rand(batch, points, 2, generator=g) * torch.tensor([w, h])
+    labels = torch.randint(0, 2, (batch, points), generator=g)
+    labels[:, 0] = 1
+    if padding:
+        for i in range(batch):
+            keep = 1 + i % points
+            labels[i, keep:] = -1
+            coords[i, keep:] = 0.0
+    return coords, labels
+
+
+def decode_both(sam, embedding, coords, labels, multimask_output, **fast_options):
+    outputs = []
+    for fast in (True, False):
+        decoder = GridDecoder(sam, fast=fast, **(fast_options if fast else {}))
+        decoder.set_image_embedding(embedding)
+        outputs.append(decoder.decode(coords, labels, multimask_output=multimask_output))
+    return outputs
+
+
+def reference_decode(sam, embedding, coords, labels, multimask_output):
+    """SamPredictor.predict_torch's decoding, verbatim."""
+    with torch.no_grad():
+        sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        return sam.mask_decoder(
+            image_embeddings=embedding,
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+
+
+def assert_same_outputs(fast, reference):
+    (logits, iou), (ref_logits, ref_iou) = fast, reference
+    assert logits.shape == ref_logits.shape and iou.shape == ref_iou.shape
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-4 * ref_logits.abs().max().item())
+    torch.testing.assert_close(iou, ref_iou, rtol=0, atol=1e-5 * max(1.0, ref_iou.abs().max().item()))
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+@pytest.mark.parametrize("multimask_output", [True, False])
+def test_single_point_prompts_match_sams_decoder(sam, image_embedding, batch, multimask_output):
+    coords, labels = random_prompts(sam, batch, 1)
+    fast = GridDecoder(sam)
+    fast.set_image_embedding(image_embedding)
+    outputs = fast.decode(coords, labels, multimask_output=multimask_output)
+    assert_same_outputs(outputs, reference_decode(sam, image_embedding, coords, labels, multimask_output))
+    assert outputs[0].shape == (batch, 3 if multimask_output else 1, 64, 64)
+
+
+@pytest.mark.parametrize("multimask_output", [True, False])
+def test_multi_point_prompts_with_padding_match_sams_decoder(sam, image_embedding, multimask_output):
+    coords, labels = random_prompts(sam, 7, 3, padding=True)
+    assert (labels == -1).any() and (labels == 0).any()
+    fast = GridDecoder(sam)
+    fast.set_image_embedding(image_embedding)
+    outputs = fast.decode(coords, labels, multimask_output=multimask_output)
+    assert_same_outputs(outputs, reference_decode(sam, image_embedding, coords, labels, multimask_output))
+
+
+def test_official_mode_is_sams_decoder(sam, image_embedding):
+    coords, labels = random_prompts(sam, 5, 2)
+    official = GridDecoder(sam, fast=False)
+    official.set_image_embedding(image_embedding)
+    got = official.decode(coords, labels)
+    want = reference_decode(sam, image_embedding, coords, labels, True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_chunked_decoding_equals_one_batch(sam, image_embedding):
+    coords, labels = random_prompts(sam, 11, 1)
+    chunked, whole = GridDecoder(sam, batch_size=4), GridDecoder(sam, batch_size=64)
+    for decoder in (chunked, whole):
+        decoder.set_image_embedding(image_embedding)
+    torch.testing.assert_close(chunked.decode(coords, labels), whole.decode(coords, labels), rtol=0, atol=1e-5)
+
+
+def test_a_new_image_embedding_replaces_the_old_one(sam, image_embedding):
+    coords, labels = random_prompts(sam, 3, 1)
+    decoder = GridDecoder(sam)
+    decoder.set_image_embedding(torch.randn_like(image_embedding))
+    decoder.decode(coords, labels)
+    decoder.set_image_embedding(image_embedding)
+    assert_same_outputs(decoder.decode(coords, labels), reference_decode(sam, image_embedding, coords, labels, True))
+
+
+@pytest.mark.parametrize("multimask_output", [True, False])
+def test_other_decoder_shapes_match_sams_decoder(multimask_output):
+    # deeper, narrower, fewer heads, non-square embedding: nothing is tied to vit_b's sizes
+    sam = build_sam(dim=64, heads=4, depth=3, mlp_dim=128, embedding_hw=(6, 10), seed=3)
+    embedding = torch.randn(1, 64, 6, 10)
+    coords, labels = random_prompts(sam, 9, 2, padding=True)
+    fast = GridDecoder(sam)
+    fast.set_image_embedding(embedding)
+    outputs = fast.decode(coords, labels, multimask_output=multimask_output)
+    assert_same_outputs(outputs, reference_decode(sam, embedding, coords, labels, multimask_output))
+
+
+def test_random_weights_are_a_discriminating_check(sam, image_embedding):
+    # if prompts barely changed the masks, equal outputs would say little about the prompt path
+    coords, labels = random_prompts(sam, 16, 1)
+    logits, iou = reference_decode(sam, image_embedding, coords, labels, True)
+    assert logits.std(dim=0).mean() > 0.2 * logits.std()
+    assert iou.std(dim=0).mean() > 0.05 * iou.abs().mean()
+
+
+def test_decode_before_set_image_embedding_raises(sam):
+    coords, labels = random_prompts(sam, 1, 1)
+    with pytest.raises(RuntimeError, match="set_image_embedding"):
+        GridDecoder(sam).decode(coords, labels)
