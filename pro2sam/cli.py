@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_label_arguments(p)
     p.set_defaults(func=run_from_args)
 
+    from .pipeline.evaluate_job import add_evaluate_arguments
+    from .pipeline.evaluate_job import run_from_args as run_evaluate
+
+    p = sub.add_parser("evaluate", help="label a held-out and a test split (Ray Data), score GTFormer-only and Pro2SAM")
+    add_evaluate_arguments(p)
+    p.set_defaults(func=run_evaluate)
+
     from .export import add_export_arguments, run_export
     from .gallery import add_show_arguments, run_show
 

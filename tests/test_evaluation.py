@@ -1,0 +1,213 @@
+"""Evaluation: hand-computed numbers on constructed cases, held-out thresholds, the job end to end.
+
+The constructed cases live directly in the 224x224 evaluation frame: images are 224x224 (so GT
+boxes are not rescaled) and the coarse maps are 224x224 (upsampling is the identity), with
+
+    A = rows/cols 20..119 at 0.5 (quantised 127),  B = rows/cols 60..79 at 1.0 (quantised 255).
+
+Cut at tau the map keeps pixels above int(tau * 255): for tau <= 0.49 (cut <= 124) that is A
+(which contains B), whose contour box is (20, 20, 120, 120) in wsolevaluation's x + w convention;
+for tau >= 0.50 (cut 127) it is B, box (60, 60, 80, 80). With GT_A = (20, 20, 119, 119) and
+GT_B = (60, 60, 79, 79), inclusive IoUs are:
+
+    box A vs GT_A: 100*100 / 101*101 = 0.980      box A vs GT_B: 20*20 / 101*101 = 0.039
+    box B vs GT_B: 20*20 / 21*21     = 0.907      box B vs GT_A: 21*21 / 100*100 = 0.044
+"""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pro2sam.datasets import Sample, WSOLDataset
+from pro2sam.evaluation import (
+    _iou_by_cut,
+    choose_thresholds,
+    evaluate_predictions,
+    evaluate_with_heldout,
+    report_markdown,
+)
+from pro2sam.labels import error_row
+from pro2sam.metrics import mask_iou
+from pro2sam.rle import encode_mask
+
+GT_A = [20, 20, 119, 119]
+GT_B = [60, 60, 79, 79]
+
+
+def _region(lo: int, hi: int) -> np.ndarray:
+    m = np.zeros((224, 224), dtype=bool)
+    m[lo : hi + 1, lo : hi + 1] = True
+    return m
+
+
+A, B = _region(20, 119), _region(60, 79)
+MAP_AB = np.where(B, 1.0, np.where(A, 0.5, 0.0)).astype(np.float32)
+
+
+def _sample(i: int, label: int, boxes=None, mask_uri=None) -> Sample:
+    return Sample(f"img{i}", f"/toy/img{i}.png", label, None if boxes is None else np.array(boxes, float),
+                  mask_uri=mask_uri, width=224, height=224)  # fmt: skip
+
+
+def _row(i: int, topk, box=GT_B, mask=B, coarse=MAP_AB) -> dict:
+    return {
+        "image_id": f"id{i}", "uri": f"/toy/img{i}.png", "width": 224, "height": 224, "label": None,
+        "topk_classes": list(topk), "box_xyxy": list(box), "mask_rle": encode_mask(mask),
+        "coarse_map": coarse.ravel().tolist(), "status": "ok", "error": None,
+    }  # fmt: skip
+
+
+def _error(i: int) -> dict:
+    return error_row(f"id{i}", f"/toy/img{i}.png", None, "decode failed", run_id="r")
+
+
+def _box_case():
+    """Held-out: two images whose GT is A (best tau 0.0). Test: GT B, B, A and an error row."""
+    heldout = WSOLDataset("toy", "val", ["c0", "c1", "c2"], [_sample(10, 0, [GT_A]), _sample(11, 1, [GT_A])])
+    heldout_rows = [_row(10, [0, 1]), _row(11, [1, 0])]
+    test = WSOLDataset(
+        "toy", "test", ["c0", "c1", "c2"],
+        [_sample(0, 0, [GT_B]), _sample(1, 1, [GT_B]), _sample(2, 0, [GT_A]), _sample(3, 2, [GT_B])],
+    )  # fmt: skip
+    test_rows = [_row(0, [0, 1]), _row(1, [2, 1]), _row(2, [0, 2]), _error(3)]
+    return heldout, heldout_rows, test, test_rows
+
+
+def test_numbers_on_a_constructed_case():
+    _, _, test, rows = _box_case()
+    r = evaluate_predictions(test, rows, cam_threshold=0.5, maxboxacc_taus={30: 0.5, 50: 0.5, 70: 0.5})
+    gtf, p2s = r["GTFormer"], r["Pro2SAM"]
+    # classes: img0 top-1; img1 in top-5 only; img2 top-1; img3 is an error row (wrong) -> 2/4, 3/4
+    assert (p2s["top1_cls"], p2s["top5_cls"]) == (50.0, 75.0)
+    # GTFormer at tau 0.5 boxes B: img0 0.907 (top-1), img1 0.907 (top-5 only), img2 0.044, img3 error
+    assert (gtf["top1_loc"], gtf["top5_loc"], gtf["gt_known_loc"]) == (25.0, 50.0, 50.0)
+    # same boxes for every delta 30/50/70: 2/4 correct -> MaxBoxAccV2 50
+    assert gtf["MaxBoxAccV2"] == 50.0
+    # Pro2SAM box (60,60,79,79): IoU 1, 1, 0.04 with GT_A, error -> Top-1 1/4, Top-5 2/4, GT-known 2/4;
+    # the same box is right at IoU 30, 50 and 70 for img0 and img1 -> MaxBoxAccV2 50
+    assert (p2s["top1_loc"], p2s["top5_loc"], p2s["gt_known_loc"], p2s["MaxBoxAccV2"]) == (25.0, 50.0, 50.0, 50.0)
+    assert (r["num_images"], r["num_error_rows"], r["num_missing_rows"]) == (4, 1, 0)
+
+
+def test_image_without_a_row_counts_as_wrong():
+    _, _, test, rows = _box_case()
+    r = evaluate_predictions(test, rows[:1], cam_threshold=0.5)  # only img0 has a row
+    assert r["num_missing_rows"] == 3
+    assert r["Pro2SAM"]["gt_known_loc"] == 25.0 and r["GTFormer"]["gt_known_loc"] == 25.0
+
+
+def test_thresholds_are_chosen_on_heldout_and_applied_to_test():
+    heldout, heldout_rows, test, test_rows = _box_case()
+    report = evaluate_with_heldout(heldout, heldout_rows, test, test_rows)
+    # held-out GT is A: every tau <= 0.49 boxes A (IoU 0.98), so the first best tau is 0.0
+    t = report["thresholds"]
+    assert t["chosen_on"] == "toy:val" and t["cam_threshold"] == 0.0
+    assert t["maxboxacc_taus"] == {"30": 0.0, "50": 0.0, "70": 0.0}
+    # applied to test, tau 0.0 boxes A: only img2 (GT A, top-1) is right -> 25 / 25 / 25, V2 25
+    gtf = report["results"]["GTFormer"]
+    assert (gtf["top1_loc"], gtf["top5_loc"], gtf["gt_known_loc"], gtf["MaxBoxAccV2"]) == (25.0, 25.0, 25.0, 25.0)
+    # test itself would prefer tau 0.5 (boxes B): shown beside, labelled test-tuned
+    tuned = report["test_tuned"]
+    assert tuned["thresholds"]["cam_threshold"] == 0.5 and tuned["thresholds"]["chosen_on"] == "toy:test"
+    assert (tuned["GTFormer"]["gt_known_loc"], tuned["GTFormer"]["MaxBoxAccV2"]) == (50.0, 50.0)
+    # Pro2SAM has no threshold: the same numbers either way
+    assert report["results"]["Pro2SAM"]["gt_known_loc"] == 50.0
+    md = report_markdown(report)
+    assert "| Method | Top-1 Loc | Top-5 Loc | GT-known Loc | MaxBoxAccV2 |" in md
+    assert "| GTFormer (coarse map) | 25.0 | 25.0 | 25.0 | 25.0 |" in md
+    assert "| Pro2SAM | 25.0 | 50.0 | 50.0 | 50.0 |" in md
+    assert "| GTFormer (coarse map), test-tuned † | 25.0 | 50.0 | 50.0 | 50.0 |" in md
+    assert "chosen on the held-out split `toy:val`" in md and "PxAP" not in md
+
+
+def _mask_png(path, mask: np.ndarray) -> str:
+    Image.fromarray(mask.astype(np.uint8) * 255).save(path)
+    return str(path)
+
+
+def test_pxap_and_miou_with_masks_and_heldout_selection_by_miou(tmp_path):
+    # OpenImages-like: masks, no boxes. Held-out GT mask A (best cut keeps A: tau 0.0), test GT mask B.
+    heldout = WSOLDataset("toy", "val", ["c0"], [_sample(10, 0, mask_uri=_mask_png(tmp_path / "a.png", A))])
+    test = WSOLDataset("toy", "test", ["c0"], [_sample(0, 0, mask_uri=_mask_png(tmp_path / "b.png", B))])
+    report = evaluate_with_heldout(heldout, [_row(10, [0])], test, [_row(0, [0], mask=A)])
+    assert report["thresholds"]["selected_by"] == "mIoU" and report["thresholds"]["cam_threshold"] == 0.0
+    gtf, p2s = report["results"]["GTFormer"], report["results"]["Pro2SAM"]
+    # GTFormer: B holds the top scores, so every GT pixel is found before any false one: PxAP 100;
+    # its mask at tau 0.0 is A: IoU |B| / |A| = 400 / 10000 = 4%
+    assert gtf["PxAP"] == pytest.approx(100.0) and gtf["mIoU"] == pytest.approx(4.0)
+    # Pro2SAM's binary mask A: one operating point, precision 400/10000 at recall 1 -> 4; IoU 4%
+    assert p2s["PxAP"] == pytest.approx(4.0) and p2s["mIoU"] == pytest.approx(4.0)
+    assert report["test_tuned"]["GTFormer"]["mIoU"] == pytest.approx(100.0)  # tau 0.5 keeps B
+    assert "| PxAP | mIoU |" in report_markdown(report)
+
+
+def test_miou_by_cut_matches_mask_iou():
+    rng = np.random.default_rng(0)
+    q = rng.integers(0, 256, size=(32, 32)).astype(np.uint8)
+    gt, ignore = rng.random((32, 32)) > 0.6, rng.random((32, 32)) > 0.8
+    by_cut = _iou_by_cut(q, gt, ignore)
+    for cut in (0, 50, 127, 254):
+        assert by_cut[cut] == pytest.approx(mask_iou(q > cut, gt, ignore))
+
+
+def test_heldout_without_ground_truth_is_refused():
+    split = WSOLDataset("toy", "val", ["c0"], [_sample(10, 0)])
+    with pytest.raises(ValueError, match="neither boxes nor masks"):
+        choose_thresholds(evaluate_predictions(split, [_row(10, [0])]))
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def _wsol_tree(root):
+    """Six 64x48 images with one box each, three in val and three in test."""
+    rng = np.random.default_rng(0)
+    data, meta = root / "data", root / "meta"
+    for split, names in (("val", ["v0", "v1", "v2"]), ("test", ["t0", "t1", "t2"])):
+        lines = {"image_ids.txt": [], "class_labels.txt": [], "image_sizes.txt": [], "localization.txt": []}
+        for k, name in enumerate(names):
+            image = np.full((48, 64, 3), 200, np.uint8)
+            x0, y0 = int(rng.integers(2, 20)), int(rng.integers(2, 14))
+            image[y0 : y0 + 24, x0 : x0 + 30] = (30, 60, 160)
+            (data / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(data / split / f"{name}.png")
+            path = f"{split}/{name}.png"
+            lines["image_ids.txt"].append(path)
+            lines["class_labels.txt"].append(f"{path},{k}")
+            lines["image_sizes.txt"].append(f"{path},64,48")
+            lines["localization.txt"].append(f"{path},{x0},{y0},{x0 + 29},{y0 + 23}")
+        (meta / split).mkdir(parents=True, exist_ok=True)
+        for file, content in lines.items():
+            (meta / split / file).write_text("\n".join(content) + "\n")
+    return meta, data
+
+
+def test_evaluate_job_end_to_end(tmp_path, tiny_checkpoints, ray_local):
+    from pro2sam.pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
+
+    meta, data = _wsol_tree(tmp_path)
+    gtformer, sam = tiny_checkpoints
+    out = tmp_path / "eval"
+    cfg = EvaluateJobConfig(
+        test=f"wsol:{meta}:{data}:test", heldout=f"wsol:{meta}:{data}:val", output=str(out),
+        gtformer=str(gtformer), sam="tiny", sam_checkpoint=str(sam), points_per_side=4,
+        pred_iou_thresh=0.0, stability_score_thresh=0.0, batch_size=4, overlays=2,
+    )  # fmt: skip
+    report = run_evaluate_job(cfg)
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["thresholds"]["chosen_on"] == "meta:val" and saved["test"]["num_images"] == 3
+    assert saved["heldout"]["num_images"] == 3 and saved["test"]["num_error_rows"] == 0
+    for method in ("GTFormer", "Pro2SAM"):
+        for key in ("top1_loc", "top5_loc", "gt_known_loc", "MaxBoxAccV2"):
+            assert 0.0 <= saved["results"][method][key] <= 100.0
+    md = (out / "report.md").read_text()
+    assert "| Pro2SAM |" in md and "`meta:val`" in md
+    assert len((out / "per_image.jsonl").read_text().splitlines()) == 3
+    overlays = sorted(p.name for p in (out / "overlays").iterdir())
+    assert len(overlays) == 2 and overlays == sorted(report["overlays"])
+    assert Image.open(out / "overlays" / overlays[0]).size == (256, 192)  # 64x48 enlarged x4
+    # a second run resumes: nothing is labeled again, the numbers are the same
+    again = run_evaluate_job(cfg)
+    assert again["results"] == report["results"]
