@@ -276,7 +276,7 @@ class GridDecoder:
         up_w, _ = self._upscale_1_weight()
         # the first ConvTranspose is per pixel linear, so it maps S, u and the basis separately
         x = torch.addcmul(shared.up_const, shared.up_src, a.unsqueeze(-1))
-        x = x.baddbmm_(coef.transpose(1, 2), basis @ up_w)  # (B, N, 4 * C/4)
+        x = torch.baddbmm(x, coef.transpose(1, 2), basis @ up_w)  # (B, N, 4 * C/4); not in place: autocast may change dtypes
         c4 = up[1].weight.shape[0]
         x = x.view(b, n, 4, c4)  # pixel (i, j), sub-pixel (ki1, kj1), channel
         x = up[2](F.layer_norm(x, (c4,), up[1].weight, up[1].bias, up[1].eps))

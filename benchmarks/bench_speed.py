@@ -1,0 +1,488 @@
+"""Per-image speed of Pro2SAM's SAM stage, side by side: the authors' flow against ours.
+
+Five flows run on the same SAM weights and the same images, interleaved per image (the order
+rotates from image to image and repeat to repeat) so that machine noise hits all of them alike:
+
+    (a) reference  ``SamAutomaticMaskGenerator`` (32x32 grid, official decoder, full-resolution
+                   masks, RLE round trip), then the authors' matching of every mask against the
+                   coarse map (``pro2sam.matching.match_masks`` on the full-resolution masks)
+    (b) exact      ``GridCandidateGenerator(mode="exact")``: filters on full-resolution masks
+    (c) fast       ``GridCandidateGenerator(mode="fast")``: filters and matches SAM's low-res
+                   logits, upsamples only the winner
+    (d) fast+prune (c) with ``prune_with_coarse_map=True``: grid points outside the dilated
+                   coarse foreground are never decoded
+    (e) encoder    SAM's image encoder alone (preprocessing included), the floor of every flow
+
+Every flow encodes each image once, as in real use, and ends with the chosen mask at full
+resolution and its box (``mask_box``); stages are timed separately (embed, decode, filter, match,
+finish = upsampling of the winner and its box). The script prints seconds per image and per
+stage, milliseconds per decoded prompt, candidate counts, whether (b), (c) and (d) chose the same
+mask as (a) (mask IoU, box equality) and the speed-ups (a)/(b), (a)/(c), (a)/(d), against the
+targets (a)/(c) >= 1.3 with the same chosen mask and (a)/(d) >= 3.
+
+Inputs are generated, deterministic scenes: one bright shape on a textured background, at a few
+sizes (480x640, 512x512, 600x400, ...). GTFormer is not run. Its coarse map is **planted**: the
+object's true mask area-averaged to 14x14, standing for the map of a trained GTFormer (matching
+and pruning depend on it; a real map is blurrier, so pruning keeps somewhat more points).
+
+Without ``--sam-checkpoint`` SAM has random weights (said in the output). Network speed does not
+depend on the weights, but the number of candidates (hence filter and match time) does: random
+decoders are adjusted as ``build_sam`` adjusts the tiny one (``_make_random_masks_coherent``) so
+masks follow image content, and the candidate filters are off by default (the official 0.88 / 0.95
+keep nothing; a random SAM's masks are mostly empty or whole-frame, so with filters off hundreds
+of mostly empty masks survive NMS, with any filter on one or two). The same thresholds go to every
+flow and are printed.
+
+    python benchmarks/bench_speed.py                                  # tiny SAM, 3 images, CPU
+    python benchmarks/bench_speed.py --sam vit_b --images 1 --warmup 0 --points-per-side 16
+    python benchmarks/bench_speed.py --sam vit_h --sam-checkpoint sam_vit_h_4b8939.pth \\
+        --pred-iou-thresh 0.88 --stability-score-thresh 0.95 --stability-score-offset 1.0 \\
+        --device cuda --dtype bf16 --images 20 --json speed.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict
+
+import cv2
+import numpy as np
+import torch
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from pro2sam.matching import MatchConfig, coarse_fallback, mask_box, match_masks
+from pro2sam.sam_candidates import (
+    SAM_PIXEL_MEAN,
+    SAM_PIXEL_STD,
+    CandidateConfig,
+    GridCandidateGenerator,
+    _make_random_masks_coherent,
+    build_sam,
+)
+from pro2sam.sam_decoder import GridDecoder
+
+FLOWS = {
+    "a": "reference (SamAutomaticMaskGenerator + matching)",
+    "b": "ours, exact",
+    "c": "ours, fast",
+    "d": "ours, fast + grid pruning",
+    "e": "SAM image encoder alone",
+}
+STAGES = ("embed", "decode", "filter", "match", "finish")
+IMAGE_SIZES = [(480, 640), (512, 512), (600, 400), (375, 500), (640, 480)]
+COARSE_GRID = 14  # GTFormer's 14x14 patch grid (224 / 16)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def make_scene(h: int, w: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A bright shape on a textured background: (H, W, 3) uint8 RGB and its (H, W) bool mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    blotches = cv2.resize(rng.normal(0, 25, (6, 8, 3)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    fx, fy = rng.uniform(0.02, 0.08, 2)
+    stripes = 18 * np.sin(2 * np.pi * (fx * xx + fy * yy))[..., None] * rng.uniform(0.5, 1.0, 3)
+    background = rng.uniform(50, 110, 3) + blotches + stripes + rng.normal(0, 8, (h, w, 3))
+
+    mask = np.zeros((h, w), np.uint8)
+    side = min(h, w)
+    cx, cy = w * rng.uniform(0.35, 0.65), h * rng.uniform(0.35, 0.65)
+    r = side * rng.uniform(0.18, 0.3)
+    kind = seed % 3
+    if kind == 0:
+        cv2.ellipse(mask, (int(cx), int(cy)), (int(r * 1.3), int(r * 0.8)), float(rng.uniform(0, 180)), 0, 360, 1, -1)
+    else:
+        n = 5 if kind == 1 else 7
+        angles = np.linspace(0, 2 * np.pi, 2 * n, endpoint=False) + rng.uniform(0, np.pi)
+        radii = np.where(np.arange(2 * n) % 2 == 0, r, r * (0.45 if kind == 1 else 0.8))
+        polygon = np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1)
+        cv2.fillPoly(mask, [polygon.round().astype(np.int32)], 1)
+    mask = mask.astype(bool)
+    shading = 1.0 - 0.25 * ((yy - cy) / max(r, 1))[..., None]
+    colour = rng.uniform(190, 255, 3) * shading + rng.normal(0, 4, (h, w, 3))
+    image = np.where(mask[..., None], colour, background)
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def planted_coarse_map(mask: np.ndarray) -> np.ndarray:
+    """(14, 14) float32 in [0, 1]: the fraction of each cell the object covers. Stands for a
+    trained GTFormer's coarse map M_b; matching binarises it at > 0.2."""
+    return cv2.resize(mask.astype(np.float32), (COARSE_GRID, COARSE_GRID), interpolation=cv2.INTER_AREA)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing helpers
+# --------------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Wall-clock seconds that wait for the device before reading the time."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+@contextlib.contextmanager
+def timed_modules(modules, clock: Clock, totals: dict[str, float], key: str):
+    """Add the forward time of ``modules`` to ``totals[key]`` while the context is open."""
+    handles, starts = [], {}
+
+    def pre(module, args):
+        starts[id(module)] = clock()
+
+    def post(module, args, output):
+        totals[key] += clock() - starts.pop(id(module))
+
+    for m in modules:
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def float_outputs(module, args, output):
+    """Forward hook: hand float32 to code after the network (numpy cannot take bfloat16)."""
+    if isinstance(output, torch.Tensor):
+        return output.float()
+    return tuple(o.float() if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in output)
+
+
+def grid_decoder_outside_autocast(decoder: GridDecoder) -> None:
+    """Run this GridDecoder's methods with autocast off: it picks its own dtype (that of the
+    mask decoder's weights) and its in-place products need one dtype throughout."""
+    for name in ("set_image_embedding", "decode"):
+        method = getattr(decoder, name)
+
+        def outside(*args, _method=method, **kwargs):
+            with torch.autocast(decoder.sam.device.type, enabled=False):
+                return _method(*args, **kwargs)
+
+        setattr(decoder, name, outside)
+
+
+# --------------------------------------------------------------------------------------------
+# The flows
+# --------------------------------------------------------------------------------------------
+
+
+def finish(match, masks_full_res, coarse_map, image_size, match_config):
+    """The chosen (H, W) mask and its box, or the coarse-map fallback (as ``Pro2SAM.localize``)."""
+    mask = box = None
+    if match.index is not None:
+        mask = masks_full_res(match.index)
+        box = mask_box(mask, match_config.min_component_area)
+    if box is None:
+        mask, box = coarse_fallback(coarse_map, image_size, match_config.fallback_threshold)
+        return mask, box, True
+    return mask, box, False
+
+
+def run_reference(sam, amg_kwargs, image, coarse_map, match_config, clock):
+    times = dict.fromkeys(STAGES, 0.0)
+    generator = SamAutomaticMaskGenerator(sam, output_mode="binary_mask", **amg_kwargs)
+    set_image = generator.predictor.set_image
+
+    def timed_set_image(*args, **kwargs):
+        t = clock()
+        set_image(*args, **kwargs)
+        times["embed"] += clock() - t
+
+    generator.predictor.set_image = timed_set_image
+    t0 = clock()
+    with timed_modules([sam.prompt_encoder, sam.mask_decoder], clock, times, "decode"):
+        anns = generator.generate(image)
+    t1 = clock()
+    times["filter"] = (t1 - t0) - times["embed"] - times["decode"]
+    if anns:
+        masks = np.stack([a["segmentation"] for a in anns])
+        pred_ious = np.array([a["predicted_iou"] for a in anns], np.float32)
+    else:
+        masks, pred_ious = np.zeros((0, *image.shape[:2]), bool), np.zeros(0, np.float32)
+    match = match_masks(coarse_map, masks, pred_ious, match_config)
+    t2 = clock()
+    mask, box, fallback = finish(match, lambda i: masks[i], coarse_map, image.shape[:2], match_config)
+    t3 = clock()
+    times.update(match=t2 - t1, finish=t3 - t2)
+    prompts = amg_kwargs["points_per_side"] ** 2
+    return dict(times=times, total=t3 - t0, prompts=prompts, candidates=len(anns), mask=mask, box=box,
+                fallback=fallback, match_score=match.match_score)
+
+
+def run_ours(generator, image, coarse_map, match_config, clock):
+    t0 = clock()
+    cands = generator.generate(image, coarse_map=coarse_map)
+    t1 = clock()
+    match = match_masks(coarse_map, cands.masks, cands.pred_ious, match_config)
+    t2 = clock()
+    mask, box, fallback = finish(match, cands.full_resolution_mask, coarse_map, image.shape[:2], match_config)
+    t3 = clock()
+    times = {**{k: cands.timings[k] for k in ("embed", "decode")}, "filter": (t1 - t0) - cands.timings["embed"]
+             - cands.timings["decode"], "match": t2 - t1, "finish": t3 - t2}
+    return dict(times=times, total=t3 - t0, prompts=cands.num_grid_points, candidates=len(cands), mask=mask,
+                box=box, fallback=fallback, match_score=match.match_score)
+
+
+def run_encoder(sam, image, clock):
+    t0 = clock()
+    resized = ResizeLongestSide(sam.image_encoder.img_size).apply_image(image)
+    x = torch.as_tensor(resized, device=sam.device).permute(2, 0, 1).contiguous()[None]
+    with torch.inference_mode():
+        sam.image_encoder(sam.preprocess(x))
+    t1 = clock()
+    return dict(times={**dict.fromkeys(STAGES, 0.0), "embed": t1 - t0}, total=t1 - t0, prompts=0, candidates=0,
+                mask=None, box=None, fallback=False, match_score=float("nan"))
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def decoder_flops(sam, image, prompts: int = 64) -> dict[str, float]:
+    """GFLOP per prompt of SAM's own decoder and of GridDecoder (image-shared work included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    resized = ResizeLongestSide(sam.image_encoder.img_size).apply_image(image)
+    x = torch.as_tensor(resized, device=sam.device).permute(2, 0, 1).contiguous()[None]
+    with torch.inference_mode():
+        embedding = sam.image_encoder(sam.preprocess(x)).float()
+    side = int(round(prompts**0.5))
+    xs = (torch.arange(side, device=sam.device) + 0.5) * sam.image_encoder.img_size / side
+    coords = torch.stack(torch.meshgrid(xs, xs, indexing="xy"), -1).reshape(-1, 1, 2)
+    labels = torch.ones(len(coords), 1, dtype=torch.int, device=sam.device)
+    out = {}
+    for name, fast in (("official", False), ("grid_decoder", True)):
+        decoder = GridDecoder(sam, fast=fast)
+        with FlopCounterMode(display=False) as counter:
+            decoder.set_image_embedding(embedding)
+            shared = counter.get_total_flops()
+            decoder.decode(coords, labels, multimask_output=True)
+        out[name] = dict(per_prompt=(counter.get_total_flops() - shared) / len(coords) / 1e9,
+                         per_image=shared / 1e9)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sam", choices=["tiny", "vit_b", "vit_l", "vit_h"], default="tiny")
+    parser.add_argument("--sam-checkpoint", help="SAM state dict; random weights without it")
+    parser.add_argument("--no-verify", action="store_true", help="skip the official checkpoint's SHA-256 check")
+    parser.add_argument("--images", type=int, default=3)
+    parser.add_argument("--points-per-side", type=int, default=32)
+    parser.add_argument("--points-per-batch", type=int, default=256, help="ours; the reference keeps its 64")
+    parser.add_argument("--pred-iou-thresh", type=float, default=None, help="default: see THRESHOLDS")
+    parser.add_argument("--stability-score-thresh", type=float, default=None)
+    parser.add_argument("--stability-score-offset", type=float, default=None)
+    parser.add_argument("--box-nms-thresh", type=float, default=0.7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: autocast for the networks; masks and scores are handled in float32")
+    parser.add_argument("--repeats", type=int, default=1, help="timed rounds over all images (median taken)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds of every flow (4x4 grid, image 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-flops", action="store_true", help="skip counting decoder FLOPs")
+    parser.add_argument("--json", help="write every number to this file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    clock = Clock(device)
+
+    # Trained weights take the official thresholds. A random SAM's masks are mostly empty or cover
+    # the whole frame (NMS then keeps one or two when any filter is on), so by default its filters
+    # are off: every mask reaches NMS and the empty ones survive it, the heavy end for the
+    # reference's full-resolution and RLE work. --pred-iou-thresh 0.5 is a lighter setting.
+    trained = args.sam_checkpoint is not None
+    defaults = (0.88, 0.95, 1.0) if trained else (0.0, 0.0, 1.0)
+    thresholds = dict(
+        pred_iou_thresh=defaults[0] if args.pred_iou_thresh is None else args.pred_iou_thresh,
+        stability_score_thresh=defaults[1] if args.stability_score_thresh is None else args.stability_score_thresh,
+        stability_score_offset=defaults[2] if args.stability_score_offset is None else args.stability_score_offset,
+        box_nms_thresh=args.box_nms_thresh,
+    )
+
+    sam = build_sam(args.sam, args.sam_checkpoint, verify=not args.no_verify, device=device, seed=0)
+    sam.requires_grad_(False)  # frozen; FlopCounterMode's module tracker also needs it
+    if not trained and args.sam != "tiny":  # build_sam does this for tiny already
+        _make_random_masks_coherent(sam)
+    # bf16: the image encoder (every flow) and SAM's own decoder (reference) run under autocast;
+    # GridDecoder computes in its decoder's weight dtype, so our flows get a SAM that shares the
+    # encoders and holds a bf16 copy of the mask decoder, with autocast off around GridDecoder
+    # (see ``grid_decoder_outside_autocast``).
+    autocast = contextlib.nullcontext
+    ours_sam = sam
+    if args.dtype == "bf16":
+        for m in (sam.image_encoder, sam.mask_decoder):
+            m.register_forward_hook(float_outputs)
+        ours_sam = Sam(image_encoder=sam.image_encoder, prompt_encoder=sam.prompt_encoder,
+                       mask_decoder=copy.deepcopy(sam.mask_decoder).to(torch.bfloat16),
+                       pixel_mean=list(SAM_PIXEL_MEAN), pixel_std=list(SAM_PIXEL_STD)).to(device).eval()
+
+        def autocast():
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+
+    match_config = MatchConfig()
+    pps = args.points_per_side
+
+    def generator(mode: str, prune: bool, points_per_side: int = pps) -> GridCandidateGenerator:
+        config = CandidateConfig(mode=mode, points_per_side=points_per_side, points_per_batch=args.points_per_batch,
+                                 prune_with_coarse_map=prune, **thresholds)
+        g = GridCandidateGenerator(ours_sam, config)
+        if args.dtype == "bf16":
+            grid_decoder_outside_autocast(g.decoder)
+        return g
+
+    def flows(points_per_side: int):
+        amg = dict(points_per_side=points_per_side, **thresholds)
+        ours = {k: generator(*spec, points_per_side) for k, spec in
+                {"b": ("exact", False), "c": ("fast", False), "d": ("fast", True)}.items()}
+        return {
+            "a": lambda img, cm: run_reference(sam, amg, img, cm, match_config, clock),
+            **{k: (lambda img, cm, g=g: run_ours(g, img, cm, match_config, clock)) for k, g in ours.items()},
+            "e": lambda img, cm: run_encoder(sam, img, clock),
+        }
+
+    scenes = [make_scene(*IMAGE_SIZES[i % len(IMAGE_SIZES)], seed=i) for i in range(args.images)]
+    coarse_maps = [planted_coarse_map(mask) for _, mask in scenes]
+
+    n_params = sum(p.numel() for p in sam.parameters())
+    print(f"SAM {args.sam} ({n_params / 1e6:.2f} M parameters), "
+          + (f"weights {args.sam_checkpoint}" if trained else
+             "RANDOM weights (seed 0" + (", decoder made coherent as build_sam does for tiny" if args.sam != "tiny"
+                                         else ", tiny's coherent random init") + "): speed only, masks mean nothing"))
+    print(f"device {device} ({platform.processor() or platform.machine()}), dtype {args.dtype}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"{args.images} generated image(s) {[s[0].shape[:2] for s in scenes]}, coarse map planted from the true "
+          f"object mask ({COARSE_GRID}x{COARSE_GRID} area fractions, stands for a trained GTFormer)")
+    print(f"grid {pps}x{pps} = {pps * pps} points; thresholds (every flow): {thresholds}; "
+          f"points_per_batch ours {args.points_per_batch}, reference 64; repeats {args.repeats}, warmup {args.warmup}")
+    print(f"matching: {asdict(match_config)}")
+    print()
+
+    for _ in range(args.warmup):
+        for key, run in flows(4).items():
+            with autocast():
+                run(*scenes[0][:1], coarse_maps[0])
+
+    runs = flows(pps)
+    records: dict[str, list[list[dict]]] = {k: [[] for _ in scenes] for k in FLOWS}
+    order = list(FLOWS)
+    for rep in range(args.repeats):
+        for i, ((image, _), coarse_map) in enumerate(zip(scenes, coarse_maps)):
+            shift = (i + rep) % len(order)
+            for key in order[shift:] + order[:shift]:
+                with autocast():
+                    rec = runs[key](image, coarse_map)
+                records[key][i].append(rec)
+                print(f"  rep {rep} image {i} {image.shape[:2]} ({key}) {rec['total']:8.3f} s, "
+                      f"{rec['candidates']:4d} candidates", flush=True)
+    print()
+
+    # Median over repeats per image, then mean over images.
+    def per_image(key: str, get) -> list[float]:
+        return [statistics.median(get(r) for r in recs) for recs in records[key]]
+
+    summary = {}
+    for key in FLOWS:
+        s = {"total": float(np.mean(per_image(key, lambda r: r["total"])))}
+        for stage in STAGES:
+            s[stage] = float(np.mean(per_image(key, lambda r, st=stage: r["times"][st])))
+        s["prompts"] = float(np.mean(per_image(key, lambda r: r["prompts"])))
+        s["candidates"] = float(np.mean(per_image(key, lambda r: r["candidates"])))
+        s["decode_ms_per_prompt"] = 1e3 * s["decode"] / s["prompts"] if s["prompts"] else float("nan")
+        s["after_embed_ms_per_prompt"] = 1e3 * (s["total"] - s["embed"]) / s["prompts"] if s["prompts"] else float("nan")
+        summary[key] = s
+
+    header = f"{'flow':30s} {'s/image':>8s} " + " ".join(f"{s:>7s}" for s in STAGES) + \
+        f" {'prompts':>7s} {'ms/prompt':>9s} {'ms/prompt':>9s} {'cands':>6s}"
+    print("seconds per image (mean over images of the median over repeats); ms/prompt: decode only, all but embed")
+    print(header)
+    for key, name in FLOWS.items():
+        s = summary[key]
+        print(f"({key}) {name[:26]:26s} {s['total']:8.3f} " + " ".join(f"{s[st]:7.3f}" for st in STAGES)
+              + f" {s['prompts']:7.0f} {s['decode_ms_per_prompt']:9.3f} {s['after_embed_ms_per_prompt']:9.3f}"
+              f" {s['candidates']:6.1f}")
+    print()
+
+    # Same answer as the reference? Compared on the last repeat (outputs do not depend on it).
+    agreement = {}
+    print("chosen mask vs (a), per image: mask IoU / same box / fallback used")
+    for key in ("b", "c", "d"):
+        rows = []
+        for i in range(len(scenes)):
+            ref, ours = records["a"][i][-1], records[key][i][-1]
+            rows.append(dict(mask_iou=mask_iou(ref["mask"], ours["mask"]), same_box=tuple(ref["box"]) == tuple(ours["box"]),
+                             box_max_diff=int(np.abs(np.subtract(ref["box"], ours["box"])).max()),
+                             fallback=(ref["fallback"], ours["fallback"])))
+        agreement[key] = rows
+        print(f"  ({key}) " + "  ".join(f"img{i}: {r['mask_iou']:.3f}/{'yes' if r['same_box'] else 'no'}"
+                                        f"(max |dbox| {r['box_max_diff']})" + ("/fallback" if any(r['fallback']) else "")
+                                        for i, r in enumerate(rows)))
+    truth_iou = {k: [mask_iou(records[k][i][-1]["mask"], scenes[i][1]) for i in range(len(scenes))] for k in "abcd"}
+    print("  chosen mask vs true object mask (meaningful with trained weights only): "
+          + ", ".join(f"({k}) {np.mean(v):.3f}" for k, v in truth_iou.items()))
+    print()
+
+    ratios = {f"a/{k}": summary["a"]["total"] / summary[k]["total"] for k in "bcde"}
+    per_image_ratios = {f"a/{k}": [ra / rk for ra, rk in zip(per_image("a", lambda r: r["total"]),
+                                                              per_image(k, lambda r: r["total"]))] for k in "bcd"}
+    same_c = all(r["mask_iou"] >= 0.99 for r in agreement["c"])
+    print("speed-ups (mean s/image ratio; per image in brackets):")
+    for k in "bcd":
+        print(f"  (a)/({k}) = {ratios[f'a/{k}']:.2f}x  [" + ", ".join(f"{v:.2f}" for v in per_image_ratios[f"a/{k}"]) + "]")
+    print(f"  encoder share of (a): {summary['e']['total'] / summary['a']['total']:.1%}, "
+          f"of (c): {summary['e']['total'] / summary['c']['total']:.1%}, of (d): {summary['e']['total'] / summary['d']['total']:.1%}")
+    targets = {
+        "a/c >= 1.3 with the same chosen mask": bool(ratios["a/c"] >= 1.3 and same_c),
+        "a/d >= 3": bool(ratios["a/d"] >= 3.0),
+    }
+    for name, ok in targets.items():
+        print(f"  target {name}: {'MET' if ok else 'NOT MET'}")
+
+    flops = None
+    if not args.no_flops:
+        flops = decoder_flops(ours_sam, scenes[0][0])
+        print("decoder GFLOP per prompt (3 masks) / per image (shared work): "
+              + ", ".join(f"{n} {f['per_prompt']:.4f} / {f['per_image']:.3f}" for n, f in flops.items()))
+
+    if args.json:
+        out = dict(
+            sam=args.sam, checkpoint=args.sam_checkpoint, random_weights=not trained, device=str(device),
+            dtype=args.dtype, threads=torch.get_num_threads(), images=[list(s[0].shape[:2]) for s in scenes],
+            points_per_side=pps, thresholds=thresholds, repeats=args.repeats, summary=summary, ratios=ratios,
+            per_image_ratios=per_image_ratios, agreement=agreement, truth_iou=truth_iou, targets=targets,
+            decoder_gflops=flops,
+            runs={k: [[{kk: vv for kk, vv in r.items() if kk not in ("mask",)} | {"box": list(map(int, r["box"]))
+                        if r["box"] is not None else None} for r in recs] for recs in v] for k, v in records.items()},
+        )
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=float)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
