@@ -1,22 +1,37 @@
-"""Pro2SAM: image-level labels to boxes and masks (GTFormer + grid-prompted SAM + mask matching)."""
+"""Pro2SAM: image-level labels to boxes and masks (GTFormer + grid-prompted SAM + mask matching).
 
-from .checkpoints import CheckpointError
-from .gtformer import create_gtformer, load_gtformer, save_gtformer  # also registers the timm presets
-from .matching import MatchConfig
-from .model import Pro2SAM, Pro2SAMResult
-from .sam_candidates import CandidateConfig, GridCandidateGenerator, build_sam
+Names are imported lazily, so that light users (the Ray Data read and decode tasks, the CLI's
+argument parsing) do not pay for importing torch and timm. Importing :mod:`pro2sam.gtformer`
+(which ``Pro2SAM`` and ``create_gtformer`` do) registers the GTFormer presets with timm.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CandidateConfig",
-    "CheckpointError",
-    "GridCandidateGenerator",
-    "MatchConfig",
-    "Pro2SAM",
-    "Pro2SAMResult",
-    "build_sam",
-    "create_gtformer",
-    "load_gtformer",
-    "save_gtformer",
-]
+_EXPORTS = {
+    "CandidateConfig": "sam_candidates",
+    "CheckpointError": "checkpoints",
+    "GridCandidateGenerator": "sam_candidates",
+    "MatchConfig": "matching",
+    "Pro2SAM": "model",
+    "Pro2SAMResult": "model",
+    "build_sam": "sam_candidates",
+    "create_gtformer": "gtformer",
+    "load_gtformer": "gtformer",
+    "save_gtformer": "gtformer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -84,3 +84,20 @@ def ray_local(s3_server):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _checkpoint_cache(tmp_path_factory):
+    """Remote checkpoints fetched during the tests are cached under the session's tmp, not ~/.cache.
+
+    Autouse, so it is set before any Ray starts and its workers inherit it.
+    """
+    import os
+
+    saved = os.environ.get("PRO2SAM_CACHE")
+    os.environ["PRO2SAM_CACHE"] = str(tmp_path_factory.mktemp("pro2sam_cache"))
+    yield
+    if saved is None:
+        os.environ.pop("PRO2SAM_CACHE", None)
+    else:
+        os.environ["PRO2SAM_CACHE"] = saved
