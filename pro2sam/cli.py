@@ -133,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_label_arguments(p)
     p.set_defaults(func=run_from_args)
 
+    from .pipeline.train_job import add_train_arguments
+    from .pipeline.train_job import run_from_args as run_train
+
+    p = sub.add_parser("train", help="train GTFormer on image-level labels (Ray Train, DDP), export a checkpoint")
+    add_train_arguments(p)
+    p.set_defaults(func=run_train)
+
     from .pipeline.evaluate_job import add_evaluate_arguments
     from .pipeline.evaluate_job import run_from_args as run_evaluate
 
