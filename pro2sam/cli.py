@@ -158,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_show_arguments(p)
     p.set_defaults(func=run_show)
 
+    from .synthetic import add_synthetic_arguments, run_synthetic
+
+    p = sub.add_parser("synthetic", help="write a synthetic WSOL data set (wsolevaluation layout), deterministic by seed")
+    add_synthetic_arguments(p)
+    p.set_defaults(func=run_synthetic)
+
     p = sub.add_parser("schema", help="print the labels table's Parquet schema")
     p.set_defaults(func=cmd_schema)
 

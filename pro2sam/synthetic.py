@@ -1,0 +1,561 @@
+"""A synthetic WSOL world: procedurally generated scenes in which the whole method runs offline.
+
+Official SAM and DeiT weights and CUB / ImageNet cannot be downloaded everywhere; these scenes
+stand in for them. Each image holds one **target object**: a large class-agnostic *body* (blob,
+ellipse or star-shaped polygon of random scale, aspect, orientation, position and texture) with a
+small class-specific *part* attached to its outline (like a bird's head). Only the part's shape
+and colour decide the class, so a classifier trained on image-level labels finds the part first,
+which is the situation WSOL methods are built for. Backgrounds are textured and cluttered, and 0-3
+**distractors** (bodies of the same distribution without a part) compete with the target.
+
+Colour is what separates class evidence from everything else: parts are saturated red or blue,
+while bodies, distractors and background clutter are drawn with low saturation
+(:data:`MAX_CLUTTER_SATURATION`).
+
+Every scene is determined by ``(seed, stream, index)`` (:func:`make_scene`); labels cycle through
+the classes in shuffled blocks, so any prefix of a split is close to balanced. The streams
+``train``/``val``/``test`` make the data set written by :func:`write_wsol_dataset`; ``sam`` is
+the disjoint stream SAM-tiny is trained on (:mod:`pro2sam.sam_training`), so that, as SAM never
+saw CUB, SAM-tiny never sees an image of the data set.
+
+Frames and conventions: images are (H, W, 3) uint8 RGB; masks are (H, W) bool in the same frame;
+``box_xyxy`` is ``(x0, y0, x1, y1)`` in inclusive pixel indices (``x1`` is the last object
+column), the tight box of ``object_mask``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "PART_SHAPES",
+    "PART_COLOURS",
+    "SYNTHETIC_CLASSES",
+    "STREAMS",
+    "DEFAULT_SIZE_RANGE",
+    "SyntheticScene",
+    "SyntheticDataset",
+    "generate_scene",
+    "make_scene",
+    "scene_label",
+    "write_wsol_dataset",
+    "add_synthetic_arguments",
+    "run_synthetic",
+]
+
+GENERATOR_VERSION = 1
+
+# Class = (part colour, part shape); the class index is colour-major over these two tuples.
+PART_SHAPES = ("disc", "triangle", "square", "star", "cross")
+PART_COLOURS: dict[str, tuple[int, int, int]] = {"red": (225, 40, 35), "blue": (35, 85, 235)}
+SYNTHETIC_CLASSES: tuple[str, ...] = tuple(f"{c}_{s}" for c in PART_COLOURS for s in PART_SHAPES)
+
+# Scene streams: data-set splits and SAM-tiny's own training scenes (never in the data set).
+STREAMS = {"train": 0, "val": 1, "test": 2, "sam": 3}
+_LABEL_KEY = 7  # seeds the per-block label permutations, apart from the scene seeds
+
+DEFAULT_SIZE_RANGE = (160, 256)  # (smallest, largest) image side in pixels
+
+# Everything but the class part stays at or below this HSV saturation (0..1).
+MAX_CLUTTER_SATURATION = 0.4
+# Body area as a fraction of the image, part area as a fraction of the body, distractor area
+# as a fraction of the image. Part / object area stays near or below 0.1 (rasterising small
+# shapes adds a few percent).
+BODY_AREA_FRACTION = (0.12, 0.35)
+PART_AREA_FRACTION = (0.06, 0.10)
+DISTRACTOR_AREA_FRACTION = (0.03, 0.15)
+MAX_DISTRACTORS = 3
+# Smallest RGB distance between an object's base colour and the background's mean colour.
+MIN_OBJECT_CONTRAST = 60.0
+
+
+@dataclass(frozen=True)
+class SyntheticScene:
+    """One generated image and its ground truth.
+
+    Attributes:
+        image: (H, W, 3) uint8 RGB.
+        label: class index into :data:`SYNTHETIC_CLASSES`.
+        box_xyxy: tight box of ``object_mask``, inclusive pixel indices ``(x0, y0, x1, y1)``.
+        object_mask: (H, W) bool, the whole target object (body and part).
+        part_mask: (H, W) bool, the class part (a subset of ``object_mask``).
+        distractor_masks: (K, H, W) bool, K = 0..3, one per distractor; disjoint from the target.
+    """
+
+    image: np.ndarray
+    label: int
+    box_xyxy: tuple[int, int, int, int]
+    object_mask: np.ndarray
+    part_mask: np.ndarray
+    distractor_masks: np.ndarray
+
+    @property
+    def class_name(self) -> str:
+        return SYNTHETIC_CLASSES[self.label]
+
+    @property
+    def body_mask(self) -> np.ndarray:
+        """(H, W) bool, the object without its part."""
+        return self.object_mask & ~self.part_mask
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return self.image.shape[1], self.image.shape[0]
+
+
+# ---------------------------------------------------------------- shapes
+
+
+def _unit_part_polygon(shape: str) -> np.ndarray:
+    """(N, 2) vertices of a part shape of circumradius 1 around the origin."""
+    if shape == "disc":
+        t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
+        return np.stack([np.cos(t), np.sin(t)], 1)
+    if shape == "triangle":
+        t = np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+        return np.stack([np.cos(t), np.sin(t)], 1)
+    if shape == "square":
+        t = np.pi / 4 + np.arange(4) * np.pi / 2
+        return np.stack([np.cos(t), np.sin(t)], 1)
+    if shape == "star":
+        t = np.pi / 2 + np.arange(10) * np.pi / 5
+        r = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
+        return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+    if shape == "cross":
+        a, b = 0.33, 1.0 / np.sqrt(1 + 0.33**2)  # arm half-width and half-length (corners on the unit circle)
+        quarter = np.array([[a, b], [a, a], [b, a]])
+        out = []
+        for k in range(4):  # the quarter outline runs clockwise, so turn it clockwise
+            c, s = np.cos(-k * np.pi / 2), np.sin(-k * np.pi / 2)
+            out.append(quarter @ np.array([[c, s], [-s, c]]))
+        return np.concatenate(out)
+    raise ValueError(f"unknown part shape {shape!r}")
+
+
+def _unit_body_polygon(rng: np.random.Generator) -> np.ndarray:
+    """(N, 2) vertices of a random star-convex body around the origin, radius about 1."""
+    kind = rng.choice(("ellipse", "blob", "polygon"))
+    if kind == "polygon":
+        n = int(rng.integers(5, 10))
+        # jittered even angles: every gap stays under pi, so the origin stays inside
+        t = (np.arange(n) + rng.uniform(-0.35, 0.35, n)) * 2 * np.pi / n
+        r = rng.uniform(0.7, 1.0, n)
+    else:
+        t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+        r = np.ones_like(t)
+        if kind == "blob":
+            for k in (2, 3, 4):
+                r = r + rng.uniform(0, 0.14) * np.cos(k * t + rng.uniform(0, 2 * np.pi))
+    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+
+
+def _transform(points: np.ndarray, scale: float, aspect: float, angle: float, centre: Sequence[float]) -> np.ndarray:
+    xy = points * np.array([scale * np.sqrt(aspect), scale / np.sqrt(aspect)])
+    c, s = np.cos(angle), np.sin(angle)
+    return xy @ np.array([[c, s], [-s, c]]) + np.asarray(centre, dtype=np.float64)
+
+
+def _polygon_area(points: np.ndarray) -> float:
+    x, y = points[:, 0], points[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+def _rasterize(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool mask of a polygon given in pixel coordinates (pixel centres at integers)."""
+    w, h = size
+    mask = np.zeros((h, w), dtype=np.uint8)
+    cv2.fillPoly(mask, [np.round(points * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+    return mask.astype(bool)
+
+
+def _boundary_distance(mask: np.ndarray, centre: np.ndarray, direction: np.ndarray) -> float:
+    """Distance from ``centre`` to the last mask pixel along ``direction`` (star-convex masks)."""
+    h, w = mask.shape
+    t = np.arange(0.0, float(np.hypot(h, w)), 0.5)
+    x = np.round(centre[0] + t * direction[0]).astype(int)
+    y = np.round(centre[1] + t * direction[1]).astype(int)
+    inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+    hit = np.zeros_like(t, dtype=bool)
+    hit[inside] = mask[y[inside], x[inside]]
+    return float(t[np.nonzero(hit)[0].max()]) if hit.any() else 0.0
+
+
+# ---------------------------------------------------------------- colour and texture
+
+
+def _rgb(h: float, s: float, v: float) -> np.ndarray:
+    return np.array(colorsys.hsv_to_rgb(h, s, v), dtype=np.float32) * 255
+
+
+def _dull_colour(rng: np.random.Generator, v_range=(0.15, 0.95)) -> np.ndarray:
+    return _rgb(rng.uniform(), rng.uniform(0, MAX_CLUTTER_SATURATION), rng.uniform(*v_range))
+
+
+def _shift_value(rng: np.random.Generator, colour: np.ndarray) -> np.ndarray:
+    """A second colour of a texture: same hue family, different brightness, still dull."""
+    h, s, v = colorsys.rgb_to_hsv(*(colour / 255))
+    v2 = np.clip(v + rng.choice((-1, 1)) * rng.uniform(0.15, 0.4), 0.05, 1.0)
+    return _rgb((h + rng.uniform(-0.05, 0.05)) % 1, min(s * rng.uniform(0.5, 1.2), MAX_CLUTTER_SATURATION), v2)
+
+
+def _smooth_noise(rng: np.random.Generator, size: tuple[int, int], cells: int) -> np.ndarray:
+    """(H, W) float32 in about [0, 1]: bicubic upsampling of a cells x cells random grid."""
+    w, h = size
+    grid = rng.random((cells, cells)).astype(np.float32)
+    return np.clip(cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC), 0, 1)
+
+
+def _pattern(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) float32 weight map in [0, 1]: stripes, spots, smooth noise or a checkerboard."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    kind = rng.choice(("stripes", "spots", "noise", "checker"))
+    if kind == "stripes":
+        a = rng.uniform(0, np.pi)
+        wave = np.sin(rng.uniform(0.15, 0.6) * (xx * np.cos(a) + yy * np.sin(a)) + rng.uniform(0, 2 * np.pi))
+        return (0.5 + 0.5 * wave) if rng.random() < 0.5 else (wave > 0).astype(np.float32)
+    if kind == "spots":
+        spots = (_smooth_noise(rng, size, int(rng.integers(6, 16))) > rng.uniform(0.55, 0.7)).astype(np.float32)
+        return cv2.GaussianBlur(spots, (0, 0), 0.8)
+    if kind == "noise":
+        return _smooth_noise(rng, size, int(rng.integers(4, 12)))
+    step = int(rng.integers(4, 12))
+    return (((xx // step) + (yy // step)) % 2).astype(np.float32)
+
+
+def _object_texture(rng: np.random.Generator, size: tuple[int, int], base: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float32 texture of a body or distractor with mean colour near ``base``."""
+    second = _shift_value(rng, base)
+    weight = _pattern(rng, size)[..., None] * rng.uniform(0.25, 0.8)
+    shade = (_smooth_noise(rng, size, 3)[..., None] - 0.5) * rng.uniform(0, 40)
+    return base * (1 - weight) + second * weight + shade
+
+
+def _background(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) float32 textured, cluttered background of low saturation."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    a = rng.uniform(0, 2 * np.pi)
+    ramp = (xx * np.cos(a) + yy * np.sin(a)) / max(w, h)
+    ramp = ((ramp - ramp.min()) / max(float(np.ptp(ramp)), 1e-6))[..., None]
+    c0, c1 = _dull_colour(rng, (0.25, 0.85)), _dull_colour(rng, (0.25, 0.85))
+    image = c0 * (1 - ramp) + c1 * ramp
+    image = image + (_smooth_noise(rng, size, int(rng.integers(3, 7)))[..., None] - 0.5) * rng.uniform(20, 60)
+    image = image + (_pattern(rng, size)[..., None] - 0.5) * rng.uniform(5, 35)
+    side = min(w, h)
+    for _ in range(int(rng.integers(8, 26))):  # small strokes and blobs: clutter, not objects
+        colour = tuple(float(c) for c in _dull_colour(rng))
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        if rng.random() < 0.5:
+            length, angle = rng.uniform(0.05, 0.25) * side, rng.uniform(0, 2 * np.pi)
+            end = (int(x + length * np.cos(angle)), int(y + length * np.sin(angle)))
+            cv2.line(image, (x, y), end, colour, int(rng.integers(1, 4)), cv2.LINE_AA)
+        else:
+            axes = (max(1, int(rng.uniform(0.015, 0.05) * side)), max(1, int(rng.uniform(0.015, 0.05) * side)))
+            cv2.ellipse(image, (x, y), axes, float(rng.uniform(0, 180)), 0, 360, colour, -1, cv2.LINE_AA)
+    return image
+
+
+def _contrasting_colour(rng: np.random.Generator, background_mean: np.ndarray) -> np.ndarray:
+    for _ in range(50):
+        colour = _dull_colour(rng)
+        if np.linalg.norm(colour - background_mean) >= MIN_OBJECT_CONTRAST:
+            return colour
+    return np.where(background_mean > 127, 25.0, 230.0).astype(np.float32)  # dark on light, light on dark
+
+
+# ---------------------------------------------------------------- scenes
+
+
+def _place_body(
+    rng: np.random.Generator, size: tuple[int, int], area: float, margin: float
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(polygon in pixels, centre) of a random body of ``area`` px^2 fully inside the image with
+    ``margin`` px to spare, or None if it does not fit."""
+    w, h = size
+    unit = _unit_body_polygon(rng)
+    aspect, angle = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0)))), rng.uniform(0, 2 * np.pi)
+    shaped = _transform(unit, 1.0, aspect, angle, (0.0, 0.0))
+    scale = np.sqrt(area / _polygon_area(shaped))
+    shaped = shaped * scale
+    lo, hi = shaped.min(0), shaped.max(0)
+    x_range = (margin - lo[0], w - 1 - margin - hi[0])
+    y_range = (margin - lo[1], h - 1 - margin - hi[1])
+    if x_range[0] > x_range[1] or y_range[0] > y_range[1]:
+        return None
+    centre = np.array([rng.uniform(*x_range), rng.uniform(*y_range)])
+    return shaped + centre, centre
+
+
+def generate_scene(
+    rng: np.random.Generator,
+    *,
+    label: int | None = None,
+    size: tuple[int, int] | None = None,
+    size_range: tuple[int, int] = DEFAULT_SIZE_RANGE,
+    num_classes: int = len(SYNTHETIC_CLASSES),
+) -> SyntheticScene:
+    """Draw one scene from ``rng``.
+
+    Args:
+        rng: the only source of randomness (same state, same scene).
+        label: class index; None draws one uniformly from the first ``num_classes`` classes.
+        size: (W, H) of the image; None draws each side from ``size_range``.
+        size_range: (smallest, largest) side in pixels, inclusive.
+        num_classes: how many of :data:`SYNTHETIC_CLASSES` are in play (the first N).
+    """
+    if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
+        raise ValueError(f"num_classes must be 1..{len(SYNTHETIC_CLASSES)}, got {num_classes}")
+    if label is None:
+        label = int(rng.integers(num_classes))
+    if not 0 <= label < num_classes:
+        raise ValueError(f"label {label} out of range 0..{num_classes - 1}")
+    if size is None:
+        lo, hi = size_range
+        size = (int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1)))
+    w, h = size
+    colour_name, shape = SYNTHETIC_CLASSES[label].split("_", 1)
+
+    image = _background(rng, size)
+    background_mean = image.reshape(-1, 3).mean(0)
+
+    # target body, sized so that its part fits around it anywhere
+    part_fraction = rng.uniform(*PART_AREA_FRACTION)
+    unit_part = _unit_part_polygon(shape)
+    for attempt in range(20):
+        body_area = rng.uniform(*BODY_AREA_FRACTION) * w * h * (0.85**attempt)
+        part_radius = np.sqrt(part_fraction * body_area / _polygon_area(unit_part))
+        placed = _place_body(rng, size, body_area, margin=1.4 * part_radius + 1)
+        if placed is not None:
+            break
+    else:  # pragma: no cover - the shrinking above always ends in a fit
+        raise RuntimeError("could not place the target object")
+    body_polygon, centre = placed
+    body_mask = _rasterize(body_polygon, size)
+
+    # the part: centred just beyond (or on) the body's outline, in a random direction
+    theta = rng.uniform(0, 2 * np.pi)
+    direction = np.array([np.cos(theta), np.sin(theta)])
+    reach = _boundary_distance(body_mask, centre, direction) + rng.uniform(-0.2, 0.3) * part_radius
+    part_polygon = _transform(unit_part, part_radius, 1.0, rng.uniform(0, 2 * np.pi), centre + reach * direction)
+    part_mask = _rasterize(part_polygon, size)
+    object_mask = body_mask | part_mask
+
+    # distractors: bodies without a part, clear of the target and of each other
+    taken = cv2.dilate(object_mask.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    distractors = []
+    for _ in range(int(rng.integers(0, MAX_DISTRACTORS + 1))):
+        for _ in range(20):
+            placed_d = _place_body(rng, size, rng.uniform(*DISTRACTOR_AREA_FRACTION) * w * h, margin=1)
+            if placed_d is None:
+                continue
+            mask = _rasterize(placed_d[0], size)
+            if mask.any() and not (mask & taken).any():
+                distractors.append(mask)
+                taken |= cv2.dilate(mask.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+                break
+
+    for mask in [body_mask, *distractors]:
+        texture = _object_texture(rng, size, _contrasting_colour(rng, background_mean))
+        image[mask] = texture[mask]
+    part_colour = np.array(PART_COLOURS[colour_name], np.float32) * rng.uniform(0.85, 1.05)
+    part_colour = part_colour + rng.uniform(-10, 10, 3)
+    part_texture = part_colour + (_smooth_noise(rng, size, 4)[..., None] - 0.5) * 30
+    image[part_mask] = part_texture[part_mask]
+
+    image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.4, 0.9))  # soft edges, as a camera gives
+    image = image + rng.normal(0, rng.uniform(1, 5), image.shape)
+    image = np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+    ys, xs = np.nonzero(object_mask)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+    return SyntheticScene(
+        image=image,
+        label=int(label),
+        box_xyxy=box,
+        object_mask=object_mask,
+        part_mask=part_mask,
+        distractor_masks=np.stack(distractors) if distractors else np.zeros((0, h, w), dtype=bool),
+    )
+
+
+def scene_label(seed: int, stream: str, index: int, num_classes: int = len(SYNTHETIC_CLASSES)) -> int:
+    """Class of scene ``index`` of a stream: every block of ``num_classes`` consecutive scenes holds
+    each class once, in a shuffled order."""
+    block, offset = divmod(index, num_classes)
+    order = np.random.default_rng([seed, STREAMS[stream], _LABEL_KEY, block]).permutation(num_classes)
+    return int(order[offset])
+
+
+def make_scene(
+    seed: int,
+    stream: str,
+    index: int,
+    *,
+    size_range: tuple[int, int] = DEFAULT_SIZE_RANGE,
+    num_classes: int = len(SYNTHETIC_CLASSES),
+) -> SyntheticScene:
+    """Scene ``index`` of ``stream`` (a key of :data:`STREAMS`) for ``seed``; the same arguments
+    always give the same scene, on any machine with the same numpy and OpenCV."""
+    if stream not in STREAMS:
+        raise ValueError(f"unknown stream {stream!r}; choose from {sorted(STREAMS)}")
+    rng = np.random.default_rng([seed, STREAMS[stream], index])
+    label = scene_label(seed, stream, index, num_classes)
+    return generate_scene(rng, label=label, size_range=size_range, num_classes=num_classes)
+
+
+# ---------------------------------------------------------------- the data set on disk
+
+
+@dataclass(frozen=True)
+class SyntheticDataset:
+    """Where :func:`write_wsol_dataset` put a data set.
+
+    ``root`` is both the wsolevaluation metadata root (``root/<split>/*.txt``,
+    ``root/class_names.txt``) and the data root (``root/images/<split>/``,
+    ``root/masks/<split>/``).
+    """
+
+    root: Path
+    counts: dict[str, int]
+
+    def spec(self, split: str) -> str:
+        """The :func:`pro2sam.datasets.open_dataset` spec of a split."""
+        return f"wsol:{self.root}:{self.root}:{split}"
+
+
+def write_wsol_dataset(
+    root: str | Path,
+    *,
+    num_train: int,
+    num_val: int,
+    num_test: int,
+    image_size: tuple[int, int] = DEFAULT_SIZE_RANGE,
+    seed: int = 0,
+    num_classes: int = len(SYNTHETIC_CLASSES),
+    jpeg_quality: int = 95,
+    command: str | None = None,
+) -> SyntheticDataset:
+    """Generate the splits and write them in ``clovaai/wsolevaluation``'s metadata layout.
+
+    Layout under ``root`` (read unchanged by :func:`pro2sam.datasets.read_wsol_metadata` with
+    ``metadata_root = data_root = root``; see :meth:`SyntheticDataset.spec`)::
+
+        class_names.txt                   one class name per line, index order
+        synthetic.json                    generator version, seed, counts, sizes, command
+        <split>/image_ids.txt             images/<split>/000000.jpg ...
+        <split>/class_labels.txt          path,label (0-based)
+        <split>/image_sizes.txt           path,width,height
+        <split>/localization.txt          val/test only: path,x0,y0,x1,y1 (inclusive pixel
+                                          indices) and path,masks/<split>/000000.png, (the
+                                          OpenImages form, no ignore mask)
+        images/<split>/NNNNNN.jpg         RGB, JPEG
+        masks/<split>/NNNNNN.png          val/test: 8-bit grey, 255 = object, 0 = rest
+
+    ``train`` has image-level labels only (no ``localization.txt``), as WSOL training allows.
+
+    Args:
+        image_size: (smallest, largest) side in pixels; W and H are drawn independently per
+            image. ``(s, s)`` gives s x s images.
+        seed: with the split and index, determines every scene (:func:`make_scene`).
+        num_classes: use the first N of :data:`SYNTHETIC_CLASSES`.
+        command: recorded in ``synthetic.json`` (default: this process's command line).
+    """
+    root = Path(root)
+    counts = {"train": num_train, "val": num_val, "test": num_test}
+    if any(n < 0 for n in counts.values()):
+        raise ValueError(f"split sizes must be >= 0, got {counts}")
+    lo, hi = image_size
+    if not 32 <= lo <= hi:
+        raise ValueError(f"image_size must be (smallest, largest) with 32 <= smallest <= largest, got {image_size}")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "class_names.txt").write_text("".join(f"{n}\n" for n in SYNTHETIC_CLASSES[:num_classes]))
+    for split, count in counts.items():
+        _write_split(root, split, count, seed=seed, size_range=(lo, hi), num_classes=num_classes, quality=jpeg_quality)
+    info = {
+        "generator": "pro2sam.synthetic",
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "counts": counts,
+        "image_size": [lo, hi],
+        "class_names": list(SYNTHETIC_CLASSES[:num_classes]),
+        "box_convention": "x0,y0,x1,y1 inclusive pixel indices",
+        "command": command if command is not None else shlex.join(sys.argv),
+    }
+    (root / "synthetic.json").write_text(json.dumps(info, indent=2) + "\n")
+    return SyntheticDataset(root=root, counts=counts)
+
+
+def _write_split(
+    root: Path, split: str, count: int, *, seed: int, size_range: tuple[int, int], num_classes: int, quality: int
+) -> None:
+    with_localization = split != "train"
+    (root / split).mkdir(exist_ok=True)
+    (root / "images" / split).mkdir(parents=True, exist_ok=True)
+    if with_localization:
+        (root / "masks" / split).mkdir(parents=True, exist_ok=True)
+    ids, labels, sizes, localization = [], [], [], []
+    for i in range(count):
+        scene = make_scene(seed, split, i, size_range=size_range, num_classes=num_classes)
+        path = f"images/{split}/{i:06d}.jpg"
+        Image.fromarray(scene.image).save(root / path, quality=quality)
+        w, h = scene.size
+        ids.append(f"{path}\n")
+        labels.append(f"{path},{scene.label}\n")
+        sizes.append(f"{path},{w},{h}\n")
+        if with_localization:
+            mask_path = f"masks/{split}/{i:06d}.png"
+            Image.fromarray(scene.object_mask.astype(np.uint8) * 255).save(root / mask_path)
+            localization.append(f"{path},{','.join(str(v) for v in scene.box_xyxy)}\n")
+            localization.append(f"{path},{mask_path},\n")
+    folder = root / split
+    (folder / "image_ids.txt").write_text("".join(ids))
+    (folder / "class_labels.txt").write_text("".join(labels))
+    (folder / "image_sizes.txt").write_text("".join(sizes))
+    if with_localization:
+        (folder / "localization.txt").write_text("".join(localization))
+    elif (folder / "localization.txt").exists():  # a rerun over an older layout
+        (folder / "localization.txt").unlink()
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_synthetic_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``pro2sam synthetic``."""
+    p.add_argument("--output", required=True, help="root folder of the data set (metadata and images)")
+    p.add_argument("--num-train", type=int, default=2000, help="training images (default %(default)s)")
+    p.add_argument("--num-val", type=int, default=500, help="held-out images with boxes and masks (default %(default)s)")
+    p.add_argument("--num-test", type=int, default=1000, help="test images with boxes and masks (default %(default)s)")
+    p.add_argument("--min-size", type=int, default=DEFAULT_SIZE_RANGE[0], help="smallest image side, px (default %(default)s)")
+    p.add_argument("--max-size", type=int, default=DEFAULT_SIZE_RANGE[1], help="largest image side, px (default %(default)s)")
+    p.add_argument("--num-classes", type=int, default=len(SYNTHETIC_CLASSES), help="classes in play (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run_synthetic(args: argparse.Namespace) -> int:
+    """``pro2sam synthetic``: write the data set and print the specs of its splits."""
+    out = write_wsol_dataset(
+        args.output,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        num_test=args.num_test,
+        image_size=(args.min_size, args.max_size),
+        seed=args.seed,
+        num_classes=args.num_classes,
+    )
+    for split, count in out.counts.items():
+        print(f"{split}: {count} images  {out.spec(split)}")
+    return 0

@@ -1,0 +1,136 @@
+"""Training SAM-tiny on synthetic scenes: prompts, SAM's multimask loss, the run and its files."""
+
+import json
+
+import pytest
+import torch
+from segment_anything.utils.transforms import ResizeLongestSide
+from torch.utils.data import default_collate
+
+from pro2sam.sam_candidates import SAM_VARIANTS, _sam_from_variant, build_sam
+from pro2sam.sam_training import (
+    PromptedScenes,
+    SamTrainConfig,
+    lr_at_step,
+    make_optimizer,
+    predict_prompted,
+    sam_losses,
+    train_sam_tiny,
+    train_step,
+)
+from pro2sam.synthetic import make_scene
+
+S = SAM_VARIANTS["tiny"].image_size
+SMALL = (96, 128)
+
+
+def test_every_prompt_lies_inside_its_target_mask():
+    data = PromptedScenes(seed=0, length=3, image_size=S, prompts_per_image=5, size_range=SMALL)
+    for i in range(len(data)):
+        item = data[i]
+        assert item["image"].shape == (3, S, S) and item["masks"].shape == (5, S, S)
+        assert item["points"].shape == (5, 1, 2) and (item["labels"] == 1).all()
+        for mask, (x, y) in zip(item["masks"], item["points"][:, 0]):
+            assert mask[int(y), int(x)]
+
+
+def test_padding_is_zero_in_image_and_targets():
+    data = PromptedScenes(seed=1, length=4, image_size=S, prompts_per_image=2, size_range=SMALL)
+    for i in range(len(data)):
+        h, w = make_scene(1, "sam", i, size_range=SMALL).object_mask.shape
+        new_h, new_w = ResizeLongestSide.get_preprocess_shape(h, w, S)
+        item = data[i]
+        assert max(new_h, new_w) == S
+        assert not item["image"][:, new_h:].any() and not item["image"][:, :, new_w:].any()
+        assert not item["masks"][:, new_h:].any() and not item["masks"][:, :, new_w:].any()
+        assert item["masks"][:, :new_h, :new_w].any((1, 2)).all()
+
+
+def test_items_are_a_function_of_seed_and_index():
+    a = PromptedScenes(seed=2, length=2, image_size=S, prompts_per_image=3, size_range=SMALL)[1]
+    b = PromptedScenes(seed=2, length=2, image_size=S, prompts_per_image=3, size_range=SMALL)[1]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_only_the_best_of_three_masks_gets_mask_gradient():
+    target = torch.zeros(1, 8, 8, dtype=torch.bool)
+    target[:, 2:6, 2:6] = True
+    logits = torch.full((1, 3, 8, 8), -5.0)
+    logits[0, 1] = torch.where(target[0], 5.0, -5.0)  # output 1 is right
+    logits.requires_grad_(True)
+    iou_pred = torch.full((1, 3), 0.5)
+    sam_losses(logits, iou_pred, target)["loss"].backward()
+    grad = logits.grad.abs().sum((-2, -1))[0]
+    assert grad[1] > 0 and grad[0] == 0 and grad[2] == 0
+
+
+def test_iou_head_regresses_the_actual_iou_of_every_output():
+    target = torch.zeros(1, 4, 4, dtype=torch.bool)
+    target[:, :2, :] = True  # 8 pixels
+    logits = torch.full((1, 3, 4, 4), -5.0)
+    logits[0, 0, :2, :] = 5.0  # IoU 1
+    logits[0, 1, :1, :] = 5.0  # IoU 0.5
+    logits[0, 2, :, :] = 5.0  # IoU 0.5
+    exact = sam_losses(logits, torch.tensor([[1.0, 0.5, 0.5]]), target)
+    assert float(exact["iou_mse"]) == pytest.approx(0.0, abs=1e-9)
+    off = sam_losses(logits, torch.tensor([[1.0, 0.5, 0.8]]), target)
+    assert float(off["iou_mse"]) == pytest.approx(0.3**2 / 3)
+    assert float(off["best_iou"]) == pytest.approx(1.0)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    config = SamTrainConfig(steps=100, batch_size=1, lr=1e-3, warmup_steps=10)
+    assert lr_at_step(0, config) == pytest.approx(1e-4)
+    assert lr_at_step(9, config) == pytest.approx(1e-3)
+    assert lr_at_step(99, config) < 1e-5
+
+
+def test_a_few_steps_on_a_fixed_batch_lower_its_loss():
+    data = PromptedScenes(seed=0, length=1, image_size=S, prompts_per_image=2, size_range=SMALL)
+    batch = default_collate([data[0]])
+    torch.manual_seed(0)
+    sam = _sam_from_variant(SAM_VARIANTS["tiny"])
+    optimizer = make_optimizer(sam, SamTrainConfig(steps=15, batch_size=1, lr=2e-3))
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(sam_losses(*predict_prompted(sam, batch["image"], batch["points"], batch["labels"]), batch["masks"])["loss"])
+
+    before = loss()
+    for _ in range(15):
+        train_step(sam, optimizer, batch, max_grad_norm=1.0)
+    assert loss() < 0.8 * before
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_trained_weights_load_with_build_sam_and_record_the_run(tmp_path, suffix):
+    out = tmp_path / f"sam_tiny{suffix}"
+    record = train_sam_tiny(
+        out, steps=2, batch_size=1, seed=3, prompts_per_image=2, size_range=SMALL, eval_scenes=1, log_every=1,
+        command="python jobs/train_sam_tiny.py --steps 2",
+    )
+    sam = build_sam("tiny", out, verify=False)
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved == json.loads(json.dumps(record))
+    assert saved["command"] == "python jobs/train_sam_tiny.py --steps 2" and saved["seed"] == 3
+    assert saved["weights"] == out.name and saved["steps_done"] == 2 and len(saved["history"]) == 2
+    assert 0.0 <= saved["held_out"]["best_iou"] <= 1.0
+    random = build_sam("tiny", seed=0)
+    assert any(not torch.equal(a, b) for a, b in zip(sam.state_dict().values(), random.state_dict().values()))
+
+
+def test_job_entry_point_records_its_command(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("train_sam_tiny", Path(__file__).parents[1] / "jobs" / "train_sam_tiny.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = tmp_path / "m.pth"
+    argv = ["--output", str(out), "--steps", "1", "--batch-size", "1", "--prompts-per-image", "1",
+            "--min-size", "96", "--max-size", "96", "--eval-scenes", "0", "--seed", "5"]
+    assert job.main(argv) == 0
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["command"].endswith(" ".join(argv[2:])) and "train_sam_tiny.py" in record["command"]
+    assert record["seed"] == 5 and "held_out" not in record
+    build_sam("tiny", out, verify=False)

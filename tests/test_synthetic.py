@@ -1,0 +1,144 @@
+"""The synthetic WSOL world: scenes, their ground truth, and the data set on disk."""
+
+import argparse
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from pro2sam.datasets import open_dataset, read_wsol_metadata
+from pro2sam.evaluation import load_gt_mask
+from pro2sam.synthetic import (
+    SYNTHETIC_CLASSES,
+    add_synthetic_arguments,
+    make_scene,
+    run_synthetic,
+    scene_label,
+    write_wsol_dataset,
+)
+
+SMALL = (96, 128)  # image sides for fast tests
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return [make_scene(3, "test", i, size_range=SMALL) for i in range(20)]
+
+
+def _class_coloured(image: np.ndarray) -> np.ndarray:
+    """(H, W) bool: saturated, bright pixels (the colours only class parts have)."""
+    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+    return (hsv[..., 1] > 0.7 * 255) & (hsv[..., 2] > 0.5 * 255)
+
+
+def _erode(mask: np.ndarray, px: int) -> np.ndarray:
+    return cv2.erode(mask.astype(np.uint8), np.ones((2 * px + 1, 2 * px + 1), np.uint8)).astype(bool)
+
+
+def test_same_seed_stream_and_index_give_the_same_scene():
+    a, b = make_scene(5, "train", 7, size_range=SMALL), make_scene(5, "train", 7, size_range=SMALL)
+    assert np.array_equal(a.image, b.image)
+    assert a.label == b.label and a.box_xyxy == b.box_xyxy
+    assert np.array_equal(a.object_mask, b.object_mask) and np.array_equal(a.part_mask, b.part_mask)
+    assert np.array_equal(a.distractor_masks, b.distractor_masks)
+
+
+def test_other_seed_or_stream_gives_another_scene():
+    base = make_scene(5, "train", 7, size_range=SMALL).image
+    for other in (make_scene(6, "train", 7, size_range=SMALL), make_scene(5, "sam", 7, size_range=SMALL)):
+        assert other.image.shape != base.shape or not np.array_equal(other.image, base)
+
+
+def test_scene_arrays_have_the_documented_types(scenes):
+    for s in scenes:
+        h, w = s.image.shape[:2]
+        assert s.image.dtype == np.uint8 and s.image.shape == (h, w, 3)
+        assert SMALL[0] <= w <= SMALL[1] and SMALL[0] <= h <= SMALL[1]
+        assert s.object_mask.shape == s.part_mask.shape == (h, w) and s.object_mask.dtype == bool
+        assert s.distractor_masks.dtype == bool and s.distractor_masks.shape[1:] == (h, w)
+        assert 0 <= s.label < len(SYNTHETIC_CLASSES)
+
+
+def test_box_is_the_tight_inclusive_box_of_the_object_mask(scenes):
+    for s in scenes:
+        ys, xs = np.nonzero(s.object_mask)
+        assert s.box_xyxy == (xs.min(), ys.min(), xs.max(), ys.max())
+
+
+def test_class_part_is_small_and_attached_to_the_body(scenes):
+    for s in scenes:
+        assert not (s.part_mask & ~s.object_mask).any()
+        assert 0 < s.part_mask.sum() < 0.15 * s.object_mask.sum()
+        touching = cv2.dilate(s.part_mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        assert (touching & s.body_mask).any()
+
+
+def test_class_part_carries_the_class_colour(scenes):
+    for s in scenes:
+        inner = _erode(s.part_mask, 2)
+        if inner.sum() >= 10:
+            assert _class_coloured(s.image)[inner].mean() > 0.9
+
+
+def test_distractors_are_apart_from_the_target_and_carry_no_class_part(scenes):
+    assert sum(len(s.distractor_masks) for s in scenes) > 0
+    for s in scenes:
+        assert len(s.distractor_masks) <= 3
+        coloured = _class_coloured(s.image)
+        for d in s.distractor_masks:
+            assert d.any() and not (d & s.object_mask).any()
+            assert coloured[_erode(d, 2)].mean() < 0.005
+        # nothing but the part is class-coloured
+        assert coloured[_erode(~s.part_mask, 3)].mean() < 0.005
+
+
+def test_labels_cycle_through_every_class_in_each_block():
+    n = len(SYNTHETIC_CLASSES)
+    for block in range(3):
+        labels = [scene_label(0, "train", block * n + i) for i in range(n)]
+        assert sorted(labels) == list(range(n))
+    assert sorted(scene_label(0, "val", i, num_classes=3) for i in range(3)) == [0, 1, 2]
+
+
+def test_written_dataset_is_read_back_by_the_wsolevaluation_reader(tmp_path):
+    out = write_wsol_dataset(tmp_path / "synth", num_train=4, num_val=2, num_test=3, image_size=SMALL, seed=11)
+    train = read_wsol_metadata(out.root, out.root, "train")
+    val = open_dataset(out.spec("val"))
+    test = open_dataset(out.spec("test"))
+    assert (len(train), len(val), len(test)) == (4, 2, 3)
+    assert train.class_names == val.class_names == list(SYNTHETIC_CLASSES)
+    assert not train.has_boxes and not train.has_masks
+    assert val.has_boxes and val.has_masks and test.has_boxes and test.has_masks
+    for i, sample in enumerate(test.samples):
+        scene = make_scene(11, "test", i, size_range=SMALL)
+        assert sample.label == scene.label
+        assert (sample.width, sample.height) == scene.size
+        np.testing.assert_array_equal(sample.boxes, [scene.box_xyxy])
+        assert np.array_equal(np.asarray(Image.open(sample.mask_uri)) > 127, scene.object_mask)
+        mask, ignore = load_gt_mask(sample)  # as the evaluation reads it: 224 frame, nearest
+        expected = cv2.resize(scene.object_mask.astype(np.uint8), (224, 224), interpolation=cv2.INTER_NEAREST)
+        assert np.array_equal(mask, expected.astype(bool)) and ignore is None
+        assert sample.ignore_uri is None
+        with Image.open(sample.uri) as image:
+            assert image.mode == "RGB" and image.size == scene.size
+    assert [s.label for s in train.samples] == [make_scene(11, "train", i, size_range=SMALL).label for i in range(4)]
+
+
+def test_fewer_classes_write_fewer_class_names(tmp_path):
+    out = write_wsol_dataset(tmp_path / "s", num_train=3, num_val=0, num_test=1, image_size=SMALL, num_classes=3)
+    train = open_dataset(out.spec("train"))
+    assert train.class_names == list(SYNTHETIC_CLASSES[:3])
+    assert sorted(s.label for s in train.samples) == [0, 1, 2]
+
+
+def test_cli_writes_the_dataset(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_synthetic_arguments(parser)
+    args = parser.parse_args(
+        ["--output", str(tmp_path / "d"), "--num-train", "2", "--num-val", "1", "--num-test", "1",
+         "--min-size", "96", "--max-size", "112", "--seed", "4"]
+    )
+    assert run_synthetic(args) == 0
+    assert f"wsol:{tmp_path / 'd'}:{tmp_path / 'd'}:test" in capsys.readouterr().out
+    assert len(open_dataset(f"wsol:{tmp_path / 'd'}:{tmp_path / 'd'}:val")) == 1
