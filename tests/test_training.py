@@ -253,14 +253,18 @@ def test_killed_training_resumes_from_its_last_checkpoint(ray_local, shapes_mani
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert first.returncode == -signal.SIGKILL
-    assert _latest_epoch(run_dir) == 1
+    assert _latest_epoch(run_dir) >= 1
     assert not (out / "gtformer").exists()
 
     # Started again with the same output (here through the library, on the session's Ray).
     export = run_train_job(str(shapes_manifest), str(out), cfg, num_workers=2)
 
+    # The kill lands after epoch 1's checkpoint; epoch 2's may also have reached storage while
+    # the process died (seen in CI), and then the run rightly resumes after epoch 2. Either way
+    # it resumes, never restarts, and every epoch is trained exactly once.
     _, config = load_gtformer(export)
-    assert config["extra"]["start_epoch"] == 2
+    start = config["extra"]["start_epoch"]
+    assert start in (2, 3)
     assert [h["epoch"] for h in config["extra"]["history"]] == [1, 2, 3]
-    assert [h["start_epoch"] for h in config["extra"]["history"]] == [1, 2, 2]
+    assert [h["start_epoch"] for h in config["extra"]["history"]] == [1] * (start - 1) + [start] * (4 - start)
     assert _latest_epoch(run_dir) == 3
