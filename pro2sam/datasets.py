@@ -741,7 +741,6 @@ def read_manifest(uri: str, *, class_names: Sequence[str] | None = None) -> WSOL
             unparsable number, a box outside ``width``/``height``, conflicting labels for one
             image. Line numbers count the CSV header as line 1 (Parquet: data row + 1).
     """
-    import pyarrow.csv as pa_csv
     import pyarrow.parquet as pq
 
     source = os.fspath(uri)

@@ -26,7 +26,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import cv2
 import numpy as np

@@ -23,7 +23,7 @@ import io
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,10 +40,16 @@ from ..evaluation import (
     report_markdown,
     select_overlay_cases,
 )
-from ..images import DEFAULT_MAX_PIXELS
 from ..labels import LABEL_SCHEMA
 from ..storage import StorageError, filesystem, join_uri
-from .label_job import LabelJobConfig, read_output_columns, run_label_job
+from .label_job import (
+    LabelingSettings,
+    LabelJobConfig,
+    add_labeling_arguments,
+    labeling_settings_from_args,
+    read_output_columns,
+    run_label_job,
+)
 
 __all__ = ["EvaluateJobConfig", "run_evaluate_job", "add_evaluate_arguments", "run_from_args", "main"]
 
@@ -52,8 +58,8 @@ log = logging.getLogger("pro2sam.evaluate")
 ROLES = ("heldout", "test")
 
 
-@dataclass
-class EvaluateJobConfig:
+@dataclass(kw_only=True)
+class EvaluateJobConfig(LabelingSettings):
     """Settings of one evaluation run.
 
     Attributes:
@@ -62,38 +68,20 @@ class EvaluateJobConfig:
         output: output folder, local or fsspec URI; a rerun resumes the labeling.
         cam_curve_interval: step of the tau grid.
         overlays: how many overlay PNGs (half best, half worst).
-        The other fields are the labeling job's (:class:`~pro2sam.pipeline.label_job.LabelJobConfig`).
+        The rest: the labeling job's :class:`~pro2sam.pipeline.label_job.LabelingSettings`.
     """
 
     test: str
     heldout: str
     output: str
-    gtformer: str
-    sam: str = "vit_h"
-    sam_checkpoint: str | None = None
-    verify: bool = True
-    mode: str = "fast"
-    points_per_side: int = 32
-    prune: bool = False
-    pred_iou_thresh: float | None = None
-    stability_score_thresh: float | None = None
-    actors: int | None = None
-    gpus_per_actor: float | None = None
-    cpus_per_actor: float | None = None
-    batch_size: int = 8
-    overwrite: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    ray_address: str | None = None
     cam_curve_interval: float = DEFAULT_CAM_CURVE_INTERVAL
     overlays: int = 6
 
     def label_config(self) -> LabelJobConfig:
-        shared = {f.name for f in fields(LabelJobConfig)} & {f.name for f in fields(self)}
-        settings = {name: getattr(self, name) for name in shared if name not in ("output",)}
         return LabelJobConfig(
             input=join_uri(self.output, "manifests/inputs.parquet"),
             output=join_uri(self.output, "labels"),
-            **settings,
+            **self.labeling_settings(),
         )
 
 
@@ -191,22 +179,7 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
         "--heldout", required=True, help="split the thresholds are chosen on, e.g. wsol:META:DATA:val (never test)"
     )
     p.add_argument("--output", required=True, help="output folder (local or URI); a rerun resumes the labeling")
-    p.add_argument("--gtformer", required=True, help="GTFormer export folder (local or URI)")
-    p.add_argument("--sam", default="vit_h", help="SAM variant: vit_h, vit_l, vit_b, tiny (default vit_h)")
-    p.add_argument("--sam-checkpoint", help="SAM weights file (local or URI)")
-    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official SAM files")
-    p.add_argument("--mode", choices=("fast", "exact"), default="fast")
-    p.add_argument("--points-per-side", type=int, default=32)
-    p.add_argument("--prune", action="store_true", help="prune grid points outside the coarse foreground")
-    p.add_argument("--pred-iou-thresh", type=float, help="SAM predicted-IoU filter (default 0.88)")
-    p.add_argument("--stability-score-thresh", type=float, help="SAM stability filter (default 0.95)")
-    p.add_argument("--actors", type=int, help="labeling actors (default: one per GPU, else 1)")
-    p.add_argument("--gpus-per-actor", type=float)
-    p.add_argument("--cpus-per-actor", type=float)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--overwrite", action="store_true", help="relabel instead of resuming")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
-    p.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    add_labeling_arguments(p)
     p.add_argument(
         "--cam-curve-interval", type=float, default=DEFAULT_CAM_CURVE_INTERVAL, help="tau grid step (default 0.01)"
     )
@@ -214,8 +187,14 @@ def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EvaluateJobConfig:
-    names = {f.name for f in fields(EvaluateJobConfig)} - {"verify"}
-    return EvaluateJobConfig(verify=not args.no_verify, **{n: getattr(args, n) for n in names})
+    return EvaluateJobConfig(
+        test=args.test,
+        heldout=args.heldout,
+        output=args.output,
+        cam_curve_interval=args.cam_curve_interval,
+        overlays=args.overlays,
+        **labeling_settings_from_args(args),
+    )
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
@@ -26,10 +25,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from ..labels import LABEL_SCHEMA, STATUS_ERROR, STATUS_OK, error_row, ok_row, rows_to_table
+from ..labels import (
+    LABEL_SCHEMA,
+    STATUS_ERROR,
+    STATUS_OK,
+    error_row,
+    ok_row,
+    rows_to_table,
+)
 from ..storage import StorageError, filesystem, is_remote, list_inputs, read_bytes
+from .ray_env import ensure_ray
 
-__all__ = ["LabelJobConfig", "LabelJobSummary", "run_label_job", "add_label_arguments", "main"]
+__all__ = ["LabelingSettings", "LabelJobConfig", "add_labeling_arguments", "labeling_settings_from_args", "LabelJobSummary", "run_label_job", "add_label_arguments", "main"]
 
 log = logging.getLogger("pro2sam.label")
 
@@ -38,14 +45,12 @@ _ROWS_PER_BLOCK = 32
 _NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
 
 
-@dataclass
-class LabelJobConfig:
-    """Everything a labeling run needs. Paths may be local or any fsspec URI.
+@dataclass(kw_only=True)
+class LabelingSettings:
+    """Models, candidate settings and resources of a labeling run (shared with evaluation).
 
     Attributes:
-        input: image prefix, or a manifest (.csv / .parquet with ``uri`` and optional ``label``).
-        output: folder (prefix) the Parquet files go to; also what resumes.
-        gtformer: GTFormer export folder (model.safetensors + config.json).
+        gtformer: GTFormer export folder (model.safetensors + config.json), local or URI.
         sam, sam_checkpoint, verify: SAM variant, its weights file, SHA-256 check of official files.
         mode, points_per_side, prune: candidate path, grid size, grid pruning by the coarse map.
         pred_iou_thresh, stability_score_thresh: SAM's filtering (None: generator defaults).
@@ -58,8 +63,6 @@ class LabelJobConfig:
         ray_address: Ray cluster to join; default $RAY_ADDRESS, else a new local Ray.
     """
 
-    input: str
-    output: str
     gtformer: str
     sam: str = "vit_h"
     sam_checkpoint: str | None = None
@@ -76,6 +79,25 @@ class LabelJobConfig:
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     ray_address: str | None = None
+
+    def labeling_settings(self) -> dict:
+        """These settings alone, as keyword arguments for another settings holder."""
+        return {f.name: getattr(self, f.name) for f in fields(LabelingSettings)}
+
+
+@dataclass(kw_only=True)
+class LabelJobConfig(LabelingSettings):
+    """Everything a labeling run needs. Paths may be local or any fsspec URI.
+
+    Attributes:
+        input: image prefix, or a manifest (.csv / .parquet with ``uri`` and optional ``label``).
+        output: folder (prefix) the Parquet files go to; also what resumes.
+        run_id: written into every row of this run.
+        The rest: :class:`LabelingSettings`.
+    """
+
+    input: str
+    output: str
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8])
 
 
@@ -276,17 +298,6 @@ class Pro2SAMLabeler:
 # ---------------------------------------------------------------- the job
 
 
-def _ensure_ray(address: str | None):
-    import ray
-
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
-    return ray
-
 
 def _pyarrow_filesystem(output: str):
     if not is_remote(output):
@@ -317,7 +328,7 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
     if len(todo) == 0:
         return LabelJobSummary(cfg.run_id, len(inputs), 0, 0, skipped, time.perf_counter() - start, cfg.output)
 
-    ray = _ensure_ray(cfg.ray_address)
+    ray = ensure_ray(cfg.ray_address)
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if cluster_gpus else 0)
     actors = cfg.actors or (max(1, int(cluster_gpus // gpus)) if gpus else 1)
@@ -352,10 +363,8 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
 # ---------------------------------------------------------------- command line
 
 
-def add_label_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``pro2sam label`` / ``jobs/label.py`` options."""
-    p.add_argument("--input", required=True, help="image prefix (local or fsspec URI) or manifest .csv/.parquet")
-    p.add_argument("--output", required=True, help="output prefix for the Parquet files (resumes if it exists)")
+def add_labeling_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of :class:`LabelingSettings` (shared by ``pro2sam label`` and ``pro2sam evaluate``)."""
     p.add_argument("--gtformer", required=True, help="GTFormer export folder (local or URI)")
     p.add_argument("--sam", default="vit_h", help="SAM variant: vit_h, vit_l, vit_b, tiny (default vit_h)")
     p.add_argument("--sam-checkpoint", help="SAM weights file (local or URI)")
@@ -374,27 +383,21 @@ def add_label_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
 
 
+def labeling_settings_from_args(args: argparse.Namespace) -> dict:
+    """Keyword arguments of :class:`LabelingSettings` from :func:`add_labeling_arguments` options."""
+    names = {f.name for f in fields(LabelingSettings)} - {"verify"}
+    return {"verify": not args.no_verify, **{n: getattr(args, n) for n in names}}
+
+
+def add_label_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``pro2sam label`` / ``jobs/label.py`` options."""
+    p.add_argument("--input", required=True, help="image prefix (local or fsspec URI) or manifest .csv/.parquet")
+    p.add_argument("--output", required=True, help="output prefix for the Parquet files (resumes if it exists)")
+    add_labeling_arguments(p)
+
+
 def config_from_args(args: argparse.Namespace) -> LabelJobConfig:
-    return LabelJobConfig(
-        input=args.input,
-        output=args.output,
-        gtformer=args.gtformer,
-        sam=args.sam,
-        sam_checkpoint=args.sam_checkpoint,
-        verify=not args.no_verify,
-        mode=args.mode,
-        points_per_side=args.points_per_side,
-        prune=args.prune,
-        pred_iou_thresh=args.pred_iou_thresh,
-        stability_score_thresh=args.stability_score_thresh,
-        actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor,
-        batch_size=args.batch_size,
-        overwrite=args.overwrite,
-        max_pixels=args.max_pixels,
-        ray_address=args.ray_address,
-    )
+    return LabelJobConfig(input=args.input, output=args.output, **labeling_settings_from_args(args))
 
 
 def run_from_args(args: argparse.Namespace) -> int:

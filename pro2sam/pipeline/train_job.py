@@ -56,6 +56,7 @@ from ..training import (
     train_one_epoch,
     train_transform,
 )
+from .ray_env import ensure_ray
 
 __all__ = ["DEFAULT_RUN_NAME", "EXPORT_DIR", "run_train_job", "add_train_arguments", "run_from_args", "main"]
 
@@ -164,19 +165,6 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------- driver
-
-
-def _ensure_ray(address: str | None, cpus_needed: float):
-    import ray
-
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            cpus = max(4, int(cpus_needed), os.cpu_count() or 1)
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False)
-    return ray
 
 
 def _absolute(uri: str) -> str:
@@ -334,7 +322,7 @@ def run_train_job(
         checkpoint = previous
     else:
         log.info("training %s for epochs %d..%d on %d worker(s)", cfg.preset, done + 1, cfg.epochs, num_workers)
-        ray = _ensure_ray(ray_address, num_workers * cpus_per_worker)
+        ray = ensure_ray(ray_address, cpus_needed=num_workers * cpus_per_worker)
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
