@@ -110,6 +110,27 @@ def cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    import logging
+
+    from .demo import run_demo
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_demo(
+        args.workdir,
+        num_test=args.num_test,
+        num_val=args.num_val,
+        points_per_side=args.points_per_side,
+        seed=args.seed,
+        gtformer=args.gtformer,
+        sam=args.sam,
+        sam_checkpoint=args.sam_checkpoint,
+        ray_address=args.ray_address,
+        gallery_limit=args.gallery_limit,
+    )
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from .labels import describe_schema
 
@@ -175,6 +196,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="pro2sam-example", help="where checkpoints, images and results go")
     p.add_argument("--points-per-side", type=int, default=16)
     p.set_defaults(func=cmd_example)
+
+    from . import demo
+    from .shipped import SYNTHETIC_SEED
+
+    p = sub.add_parser(
+        "demo",
+        help="offline end to end: the shipped models on generated synthetic scenes; labeling job on a local Ray, "
+        "report of GTFormer-only vs Pro2SAM, HTML gallery with coarse maps",
+    )
+    p.add_argument("--workdir", default="pro2sam-demo", help="where the data, labels, report and demo.html go")
+    p.add_argument("--num-test", type=int, default=demo.DEFAULT_NUM_TEST, help="test images (default %(default)s)")
+    p.add_argument("--num-val", type=int, default=demo.DEFAULT_NUM_VAL, help="held-out images (default %(default)s)")
+    p.add_argument(
+        "--points-per-side", type=int, default=demo.DEFAULT_POINTS_PER_SIDE, help="SAM grid N x N (default %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=SYNTHETIC_SEED, help="synthetic data set seed (default %(default)s)")
+    p.add_argument(
+        "--gallery-limit", type=int, default=demo.DEFAULT_GALLERY_LIMIT, help="images in demo.html (default %(default)s)"
+    )
+    p.add_argument("--gtformer", help="GTFormer export folder (default: the shipped model)")
+    p.add_argument("--sam", help="SAM variant (default: the shipped 'synthetic' SAM)")
+    p.add_argument("--sam-checkpoint", help="SAM weights file (default: the shipped one, with the default --sam)")
+    p.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -8,7 +8,10 @@ thumbnail. The page needs no network and no files besides itself.
 
 Each row is one ``<figure class="overlay">`` with ``data-*`` attributes for its scores; buttons
 sort the figures by a score (a small inline script), and ``gallery.html#sort=pred_iou`` (or
-``#sort=pred_iou:asc``) opens the page sorted.
+``#sort=pred_iou:asc``) opens the page sorted. With ``coarse_map=True`` each figure also shows the
+row's GTFormer coarse map beside the overlay (``<img class="coarse-map">``, same size): its values
+as they are in the table (0 blue, 1 red; not rescaled per image), upsampled bilinearly over the
+whole image and blended over a dimmed grey copy of it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ __all__ = [
     "DEFAULT_THUMB_SIZE",
     "select_rows",
     "render_overlay",
+    "render_coarse_map",
     "build_gallery",
     "add_show_arguments",
     "run_show",
@@ -52,12 +56,20 @@ SORT_KEYS = {
 _MASK_TINT = np.array([255, 64, 160], dtype=np.float32)  # RGB, magenta: visible on most photographs
 _MASK_ALPHA = 0.45
 _BOX_RGB = (255, 230, 0)
+_COARSE_ALPHA = 0.6  # weight of the heat map over the dimmed image
+_COARSE_TITLE = "GTFormer coarse map (0 blue, 1 red)"
 
 
 def select_rows(
-    input: str, *, where: str | None = None, limit: int = DEFAULT_LIMIT, sample: bool = False, seed: int = 0
+    input: str,
+    *,
+    where: str | None = None,
+    limit: int = DEFAULT_LIMIT,
+    sample: bool = False,
+    seed: int = 0,
+    coarse_map: bool = False,
 ) -> list[dict]:
-    """Rows of the labels table at ``input`` (file or folder, local or URI), without ``coarse_map``.
+    """Rows of the labels table at ``input`` (file or folder, local or URI).
 
     Args:
         where: a DuckDB SQL condition over the table's columns, e.g.
@@ -65,6 +77,7 @@ def select_rows(
         limit: at most this many rows.
         sample: a random sample (reservoir, repeatable with ``seed``) of the rows that pass
             ``where``, instead of the best ``match_score`` first.
+        coarse_map: also read the ``coarse_map`` column (left out by default for its size).
 
     Returns:
         Dicts keyed by the labels table's column names, plus ``class_score`` (top-1 probability).
@@ -77,7 +90,8 @@ def select_rows(
         if is_remote(input):
             fs, _ = filesystem(input)
             con.register_filesystem(fs)
-        filtered = "SELECT * EXCLUDE (coarse_map) FROM read_parquet($files)" + (f" WHERE ({where})" if where else "")
+        columns = "*" if coarse_map else "* EXCLUDE (coarse_map)"
+        filtered = f"SELECT {columns} FROM read_parquet($files)" + (f" WHERE ({where})" if where else "")
         if sample:
             sample_clause = f"USING SAMPLE reservoir({int(limit)} ROWS) REPEATABLE ({int(seed)})"
             sql = f"SELECT * FROM ({filtered}) {sample_clause} ORDER BY image_id"
@@ -113,6 +127,30 @@ def render_overlay(image: np.ndarray, row: dict, *, thumb_size: int = DEFAULT_TH
     return thumb
 
 
+def render_coarse_map(image: np.ndarray, coarse_map, size: tuple[int, int]) -> np.ndarray:
+    """The coarse map as a heat map over the image, both resized to ``size`` = (width, height).
+
+    Args:
+        image: (H, W, 3) uint8 RGB, the image the map covers.
+        coarse_map: the labels table's ``coarse_map``: S*S floats in [0, 1], row-major.
+        size: (width, height) of the result, e.g. the overlay thumbnail's.
+
+    Returns:
+        (height, width, 3) uint8 RGB: JET colours of the bilinearly upsampled map, blended over a
+        dimmed grey copy of the image.
+    """
+    values = np.asarray(coarse_map, dtype=np.float32)
+    side = math.isqrt(values.size)
+    if side == 0 or side * side != values.size:
+        raise ValueError(f"coarse_map has {values.size} values, not a square number")
+    heat = cv2.resize(values.reshape(side, side), size, interpolation=cv2.INTER_LINEAR)
+    colours = cv2.applyColorMap((heat.clip(0, 1) * 255).round().astype(np.uint8), cv2.COLORMAP_JET)
+    colours = cv2.cvtColor(colours, cv2.COLOR_BGR2RGB).astype(np.float32)
+    grey = cv2.cvtColor(cv2.resize(image, size, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
+    dimmed = np.repeat(grey[..., None].astype(np.float32) * 0.5, 3, axis=2)
+    return ((1 - _COARSE_ALPHA) * dimmed + _COARSE_ALPHA * colours).round().clip(0, 255).astype(np.uint8)
+
+
 def _jpeg_data_uri(rgb: np.ndarray) -> str:
     ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
     if not ok:
@@ -120,22 +158,30 @@ def _jpeg_data_uri(rgb: np.ndarray) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
 
 
-def _thumbnail(row: dict, thumb_size: int) -> tuple[str | None, str | None]:
-    """(data URI, None) or (None, why the image could not be shown)."""
+def _thumbnails(row: dict, thumb_size: int, coarse_map: bool) -> tuple[str | None, str | None, str | None]:
+    """(overlay data URI, coarse-map data URI, problem): a URI is None where that picture could
+    not be made (``problem`` says why) or, for the coarse map, was not asked for or is absent."""
     try:
         image = decode_image(read_bytes(row["uri"]))
-        return _jpeg_data_uri(render_overlay(image, row, thumb_size=thumb_size)), None
+        overlay = render_overlay(image, row, thumb_size=thumb_size)
     except FileNotFoundError:
-        return None, f"image not found: {row['uri']}"
+        return None, None, f"image not found: {row['uri']}"
     except (StorageError, ImageDecodeError, ValueError, cv2.error) as e:
-        return None, f"image not shown: {e}"
+        return None, None, f"image not shown: {e}"
+    if not (coarse_map and row.get("coarse_map")):
+        return _jpeg_data_uri(overlay), None, None
+    th, tw = overlay.shape[:2]
+    try:
+        return _jpeg_data_uri(overlay), _jpeg_data_uri(render_coarse_map(image, row["coarse_map"], (tw, th))), None
+    except (ValueError, cv2.error) as e:
+        return _jpeg_data_uri(overlay), None, f"coarse map not shown: {e}"
 
 
 def _fmt(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _figure(row: dict, thumb: str | None, problem: str | None) -> str:
+def _figure(row: dict, thumb: str | None, heat: str | None, problem: str | None) -> str:
     e = html.escape
     attrs = {f"data-{k.replace('_', '-')}": "" if row.get(k) is None else f"{row[k]:.6g}" for k in SORT_KEYS}
     attrs.update({"data-status": row["status"], "data-image-id": row["image_id"]})
@@ -154,8 +200,12 @@ def _figure(row: dict, thumb: str | None, problem: str | None) -> str:
         lines.append(f'<span class="error">{e(row["error"])}</span>')
     if problem:
         lines.append(f'<span class="error">{e(problem)}</span>')
+    if heat:
+        lines.append(f'<span class="coarse-map-note">right: {e(_COARSE_TITLE)}</span>')
     lines.append(f'<span class="uri">{e(row["uri"])}</span>')
     body = f'<img src="{thumb}" alt="{e(class_name)}">' if thumb else '<div class="missing">no image</div>'
+    if heat:
+        body += f'<img class="coarse-map" src="{heat}" alt="{e(_COARSE_TITLE)}" title="{e(_COARSE_TITLE)}">'
     attr_text = " ".join(f'{k}="{e(v)}"' for k, v in attrs.items())
     return f'<figure class="overlay" {attr_text}>{body}<figcaption>{"<br>".join(lines)}</figcaption></figure>'
 
@@ -169,6 +219,8 @@ header p{color:#555;margin:.3em 0}
 figure.overlay{margin:0;padding:6px;background:#fff;border:1px solid #ddd;border-radius:4px;width:260px}
 figure.overlay[data-status=error]{border-color:#d33}
 figure.overlay img{display:block;max-width:256px;max-height:256px}
+.with-coarse-map figure.overlay{width:524px}
+.with-coarse-map figure.overlay img{display:inline-block;vertical-align:top;margin-right:4px}
 figcaption{font-size:12px;line-height:1.4;margin-top:4px;word-break:break-all}
 .error{color:#c00}.uri{color:#777}
 .missing{width:256px;height:96px;background:#eee;display:flex;align-items:center;justify-content:center;color:#999}
@@ -212,12 +264,14 @@ def build_gallery(
     seed: int = 0,
     thumb_size: int = DEFAULT_THUMB_SIZE,
     threads: int = 8,
+    coarse_map: bool = False,
 ) -> int:
     """Write the gallery of the rows chosen by :func:`select_rows` to ``output`` (local or URI);
-    return the number of overlays. Images that cannot be read still get a figure, saying why."""
-    rows = select_rows(input, where=where, limit=limit, sample=sample, seed=seed)
+    return the number of overlays. Images that cannot be read still get a figure, saying why.
+    With ``coarse_map``, each row's GTFormer coarse map is shown beside its overlay."""
+    rows = select_rows(input, where=where, limit=limit, sample=sample, seed=seed, coarse_map=coarse_map)
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
-        thumbs = list(pool.map(lambda r: _thumbnail(r, thumb_size), rows))
+        thumbs = list(pool.map(lambda r: _thumbnails(r, thumb_size, coarse_map), rows))
     e = html.escape
     buttons = "".join(f'<button type="button" data-key="{k}">{e(v)}</button>' for k, v in SORT_KEYS.items())
     chosen = f"where {e(where)}" if where else "all rows"
@@ -231,8 +285,8 @@ def build_gallery(
             f"<header><h1>pro2sam labels</h1><p>{e(input)}: {chosen}; {order}; "
             f'<span class="count">{len(rows)}</span> of at most {int(limit)} rows</p>',
             f'<p class="sort">Sort by: {buttons}</p></header>',
-            '<main id="gallery">',
-            *(_figure(row, thumb, problem) for row, (thumb, problem) in zip(rows, thumbs)),
+            '<main id="gallery" class="with-coarse-map">' if coarse_map else '<main id="gallery">',
+            *(_figure(row, thumb, heat, problem) for row, (thumb, heat, problem) in zip(rows, thumbs)),
             "</main>",
             f"<script>{_SCRIPT}</script>",
             "</body></html>",
@@ -256,6 +310,7 @@ def add_show_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", action="store_true", help="a random sample instead of the best match_score first")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample")
     p.add_argument("--thumb-size", type=int, default=DEFAULT_THUMB_SIZE, help="thumbnail's longer side in pixels")
+    p.add_argument("--coarse-map", action="store_true", help="show each row's GTFormer coarse map beside its overlay")
 
 
 def run_show(args: argparse.Namespace) -> int:
@@ -268,6 +323,7 @@ def run_show(args: argparse.Namespace) -> int:
         sample=args.sample,
         seed=args.seed,
         thumb_size=args.thumb_size,
+        coarse_map=args.coarse_map,
     )
     print(f"pro2sam show: {count} images -> {args.output}", file=sys.stderr)
     return 0

@@ -79,6 +79,11 @@ GTFORMER_PRESETS: dict[str, dict[str, Any]] = {
         backbone="deit_base_patch16_224.fb_in1k", img_size=224, patch_size=16,
         embed_dim=768, depth=12, num_heads=12, drop_path_rate=0.1,
     ),
+    # Trained from scratch on pro2sam.synthetic scenes and shipped with the package (pro2sam.shipped):
+    # small enough to train in under 30 minutes on 2 CPU cores, same token layout.
+    "gtformer_synthetic_patch16_224": dict(
+        backbone=None, img_size=224, patch_size=16, embed_dim=128, depth=6, num_heads=4, drop_path_rate=0.05,
+    ),
     # For tests: fast on a CPU, same token layout (14x14 patches + 4 global tokens).
     "gtformer_test_tiny": dict(
         backbone=None, img_size=224, patch_size=16, embed_dim=48, depth=4, num_heads=3, drop_path_rate=0.0,
@@ -634,6 +639,12 @@ def gtformer_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> GTFor
 def gtformer_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> GTFormer:
     """GTFormer on DeiT-Base/16 (D=768, 12 blocks, 12 heads)."""
     return _create_gtformer("gtformer_deit_base_patch16_224", pretrained, **kwargs)
+
+
+@register_model
+def gtformer_synthetic_patch16_224(pretrained: bool = False, **kwargs) -> GTFormer:
+    """A 6-block, D=128 GTFormer trained from scratch on synthetic scenes; no pretrained weights."""
+    return _create_gtformer("gtformer_synthetic_patch16_224", pretrained, **kwargs)
 
 
 @register_model

@@ -96,7 +96,9 @@ class SamVariant:
 
 
 # Every SAM we build. The official three match segment_anything/build_sam.py; "tiny" is a
-# random-weight stand-in for tests and CPU benchmarks of the pipeline (no pretrained weights).
+# random-weight stand-in for tests and CPU benchmarks of the pipeline (no pretrained weights);
+# "synthetic" is the small SAM trained on pro2sam.synthetic scenes and shipped with the package
+# (pro2sam.shipped, jobs/train_sam_tiny.py).
 SAM_VARIANTS: dict[str, SamVariant] = {
     "vit_h": SamVariant(1280, 32, 16, (7, 15, 23, 31)),
     "vit_l": SamVariant(1024, 24, 16, (5, 11, 17, 23)),
@@ -112,6 +114,18 @@ SAM_VARIANTS: dict[str, SamVariant] = {
         decoder_mlp_dim=64,
         decoder_num_heads=2,
         iou_head_hidden_dim=32,
+    ),
+    "synthetic": SamVariant(
+        encoder_embed_dim=128,
+        encoder_depth=4,
+        encoder_num_heads=4,
+        encoder_global_attn_indexes=(1, 3),
+        image_size=256,
+        window_size=8,
+        prompt_embed_dim=64,
+        decoder_mlp_dim=256,
+        decoder_num_heads=4,
+        iou_head_hidden_dim=64,
     ),
 }
 
@@ -190,14 +204,16 @@ def build_sam(
 
     Args:
         variant: a key of :data:`SAM_VARIANTS`: "vit_h", "vit_l", "vit_b" (the official
-            architectures) or "tiny" (256 px input, a few hundred thousand parameters).
+            architectures), "tiny" (256 px input, a few hundred thousand parameters) or
+            "synthetic" (256 px input, 1.2 M parameters; the shipped weights are
+            :func:`pro2sam.shipped.sam_checkpoint`).
         checkpoint: a state-dict file (``.pth`` or ``.safetensors``). None gives **random
             weights** drawn with ``seed`` (for tests and speed benchmarks only: a random SAM
             segments nothing meaningful; the random "tiny" one is adjusted so that its masks
             are spatially coherent, see ``_make_random_masks_coherent``).
         verify: for official variants, check the file's SHA-256 against the released file
             (:data:`pro2sam.checkpoints.OFFICIAL_SAM_CHECKPOINTS`) before reading it. Pass False
-            to load other weights of the same architecture. Ignored for "tiny".
+            to load other weights of the same architecture. Ignored for the other variants.
         device: where the model lives; "meta" builds the structure without memory (parameter
             counts, shapes).
         seed: seed of the random initialisation when ``checkpoint`` is None; the global torch

@@ -88,12 +88,16 @@ class SamTrainConfig:
         max_grad_norm: gradient clipping (0: off).
         size_range: (smallest, largest) side of the generated scenes, px.
         scene_pool: draw scenes from the first N of the stream only (None: a new scene for every
-            image of every step). Prompts are drawn anew on every visit.
+            image of every step). Prompts are drawn anew on every visit; each DataLoader process
+            keeps the scenes it generated in memory (about 0.5 MB each).
         seed: model initialisation, scenes and prompts.
         variant: the SAM architecture (a key of :data:`pro2sam.sam_candidates.SAM_VARIANTS`).
         num_workers: DataLoader processes generating scenes (0: in this process).
         eval_scenes: held-out scenes scored after training (0: none).
         log_every: steps between loss records.
+        loss_size: side of the square frame the mask loss and the IoU targets are computed in
+            (logits upsampled bilinearly, targets area-averaged then thresholded at 0.5).
+            None: the input frame, as SAM does; smaller sides make each step cheaper.
     """
 
     steps: int = 4000
@@ -111,6 +115,7 @@ class SamTrainConfig:
     num_workers: int = 0
     eval_scenes: int = 64
     log_every: int = 50
+    loss_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.variant not in SAM_VARIANTS:
@@ -162,6 +167,9 @@ class PromptedScenes(Dataset):
         self.prompts_per_image, self.size_range = prompts_per_image, tuple(size_range)
         self.scene_pool, self.first_index = scene_pool, first_index
         self.transform = ResizeLongestSide(image_size)
+        # With a pool, each scene is generated once per process and kept (generation costs tens
+        # of milliseconds, about as much as a training step spends per image).
+        self._cache: dict[int, SyntheticScene] = {}
 
     def __len__(self) -> int:
         return self.length
@@ -169,8 +177,17 @@ class PromptedScenes(Dataset):
     def scene_index(self, i: int) -> int:
         return self.first_index + (i % self.scene_pool if self.scene_pool else i)
 
+    def scene(self, index: int) -> SyntheticScene:
+        """Scene ``index`` of the ``sam`` stream (kept in memory when drawing from a pool)."""
+        scene = self._cache.get(index)
+        if scene is None:
+            scene = make_scene(self.seed, "sam", index, size_range=self.size_range)
+            if self.scene_pool:
+                self._cache[index] = scene
+        return scene
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        scene = make_scene(self.seed, "sam", self.scene_index(i), size_range=self.size_range)
+        scene = self.scene(self.scene_index(i))
         rng = np.random.default_rng([self.seed, self.first_index, i, 1])
         h, w = scene.object_mask.shape
         new_h, new_w = ResizeLongestSide.get_preprocess_shape(h, w, self.image_size)
@@ -229,19 +246,27 @@ def predict_prompted(sam: Sam, images: torch.Tensor, points: torch.Tensor, label
     return torch.stack(logits), torch.stack(ious)
 
 
-def sam_losses(low_res_logits: torch.Tensor, iou_predictions: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+def sam_losses(
+    low_res_logits: torch.Tensor, iou_predictions: torch.Tensor, masks: torch.Tensor, *, size: int | None = None
+) -> dict[str, torch.Tensor]:
     """SAM's training loss for multimask outputs.
 
     Args:
-        low_res_logits: (..., 3, h, w) mask logits; upsampled bilinearly to the targets' frame.
+        low_res_logits: (..., 3, h, w) mask logits; upsampled bilinearly to the loss frame.
         iou_predictions: (..., 3).
         masks: (..., H, W) bool targets (one per prompt).
+        size: side of the square loss frame; None: the targets' own (H, W). Targets are
+            area-averaged to it and thresholded at 0.5.
 
     Returns:
         dict of scalars: ``loss`` (to back-propagate: mask loss of the best of the three outputs
         + IoU MSE over all three), ``mask``, ``focal``, ``dice`` (of the best output), ``iou_mse``,
         and ``best_iou`` (mean actual IoU of the best output, no gradient).
     """
+    if size is not None and tuple(masks.shape[-2:]) != (size, size):
+        lead = masks.shape[:-2]
+        small = F.interpolate(masks.flatten(0, -3)[:, None].float(), (size, size), mode="area")
+        masks = (small[:, 0] >= 0.5).reshape(*lead, size, size)
     h, w = masks.shape[-2:]
     logits = F.interpolate(low_res_logits.flatten(0, -4), (h, w), mode="bilinear", align_corners=False)
     target = masks.flatten(0, -3)[:, None].expand_as(logits).float()  # (N, 3, H, W)
@@ -291,12 +316,17 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 
 
 def train_step(
-    sam: Sam, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor], *, max_grad_norm: float = 0.0
+    sam: Sam,
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    *,
+    max_grad_norm: float = 0.0,
+    loss_size: int | None = None,
 ) -> dict[str, float]:
     """One optimiser step on a collated :class:`PromptedScenes` batch; returns the loss terms."""
     sam.train()
     logits, ious = predict_prompted(sam, batch["image"], batch["points"], batch["labels"])
-    losses = sam_losses(logits, ious, batch["masks"])
+    losses = sam_losses(logits, ious, batch["masks"], size=loss_size)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     if max_grad_norm > 0:
@@ -426,7 +456,9 @@ def train_sam_tiny(
     for step, batch in enumerate(loader):
         for group in optimizer.param_groups:
             group["lr"] = lr_at_step(step, config)
-        stats = train_step(sam, optimizer, _to(batch, device), max_grad_norm=config.max_grad_norm)
+        stats = train_step(
+            sam, optimizer, _to(batch, device), max_grad_norm=config.max_grad_norm, loss_size=config.loss_size
+        )
         for k, v in stats.items():
             window[k] = window.get(k, 0.0) + v
         done = step + 1
@@ -476,6 +508,8 @@ def add_sam_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scene-pool", type=int, default=None, help="reuse the first N scenes (default: fresh scenes)")
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="scene-generating DataLoader workers")
     p.add_argument("--eval-scenes", type=int, default=d.eval_scenes)
+    p.add_argument("--loss-size", type=int, default=None, help="side of the loss frame (default: the input side, as SAM)")
+    p.add_argument("--variant", default=d.variant, choices=sorted(SAM_VARIANTS), help="SAM architecture (default %(default)s)")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -501,6 +535,8 @@ def run_sam_training(args: argparse.Namespace, argv: Sequence[str] | None = None
         num_workers=args.num_workers,
         eval_scenes=args.eval_scenes,
         log_every=args.log_every,
+        loss_size=args.loss_size,
+        variant=args.variant,
     )
     held_out = record.get("held_out")
     if held_out:

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pro2sam.gallery import add_show_arguments, build_gallery, render_overlay, run_show
+from pro2sam.gallery import add_show_arguments, build_gallery, render_coarse_map, render_overlay, run_show
 from pro2sam.labels import error_row, ok_row, rows_to_table
 from pro2sam.model import Pro2SAMResult
 from pro2sam.rle import encode_mask
@@ -65,6 +65,15 @@ def overlays(dom: str) -> list[str]:
     return re.findall(r'<figure class="overlay"[^>]*>', dom)
 
 
+def figures(dom: str) -> list[str]:
+    """Each whole ``<figure class="overlay">`` element, in page order."""
+    return re.findall(r'<figure class="overlay".*?</figure>', dom, flags=re.S)
+
+
+def jpeg_size(data_uri_body: str) -> tuple[int, int]:
+    return Image.open(io.BytesIO(base64.b64decode(data_uri_body))).size
+
+
 def test_render_overlay_tints_the_mask_and_draws_the_box():
     mask = np.zeros((48, 64), bool)
     mask[10:30, 20:50] = True
@@ -109,3 +118,45 @@ def test_page_script_sorts_overlays_by_score(labels_file, tmp_path):
     scores = lambda dom: [re.search(r'data-match-score="([^"]*)"', o).group(1) for o in overlays(dom)]  # noqa: E731
     assert scores(page.read_text()) == ["0.9", "0.7", "0.2", "", ""]  # as written: best first
     assert scores(dump_dom(page, tmp_path, "#sort=match_score:asc")) == ["0.2", "0.7", "0.9", "", ""]
+
+
+def test_render_coarse_map_is_hot_where_the_map_is_high():
+    coarse = np.zeros((14, 14), np.float32)
+    coarse[:7, :7] = 1.0  # top-left quadrant of the image
+    image = np.full((48, 64, 3), 90, np.uint8)
+    heat = render_coarse_map(image, coarse.ravel().tolist(), (64, 48))
+    assert heat.shape == (48, 64, 3) and heat.dtype == np.uint8
+    red, green, blue = (int(v) for v in heat[5, 5])
+    assert red > 2 * blue  # JET at 1: red
+    red, green, blue = (int(v) for v in heat[42, 58])
+    assert blue > 2 * red  # JET at 0: blue
+
+
+def test_render_coarse_map_refuses_a_map_that_is_not_square():
+    with pytest.raises(ValueError, match="square"):
+        render_coarse_map(np.zeros((8, 8, 3), np.uint8), [0.5] * 15, (8, 8))
+
+
+@needs_chromium
+def test_coarse_map_flag_puts_a_heat_map_beside_each_shown_overlay(labels_file, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_show_arguments(parser)
+    page = tmp_path / "coarse.html"
+    run_show(parser.parse_args(["--input", str(labels_file), "--output", str(page), "--coarse-map"]))
+    shown = figures(dump_dom(page, tmp_path))
+    assert len(shown) == 5
+    for figure in shown:
+        overlay = re.search(r'<img src="data:image/jpeg;base64,([^"]+)"', figure)
+        heat = re.search(r'<img class="coarse-map" src="data:image/jpeg;base64,([^"]+)"[^>]*title="GTFormer', figure)
+        if 'data-status="ok"' in figure:
+            assert overlay and heat
+            assert jpeg_size(heat.group(1)) == jpeg_size(overlay.group(1)) == (64, 48)
+        else:  # the error row: no image, no coarse map
+            assert not overlay and not heat
+
+
+def test_without_the_flag_no_coarse_map_is_shown(labels_file, tmp_path):
+    page = tmp_path / "gallery.html"
+    build_gallery(str(labels_file), str(page))
+    assert len(figures(page.read_text())) == 5
+    assert 'class="coarse-map"' not in page.read_text()

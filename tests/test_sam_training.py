@@ -52,6 +52,28 @@ def test_items_are_a_function_of_seed_and_index():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_scene_pool_generates_each_scene_once_and_keeps_it():
+    data = PromptedScenes(seed=3, length=6, image_size=S, prompts_per_image=2, size_range=SMALL, scene_pool=2)
+    assert [data.scene_index(i) for i in range(6)] == [0, 1, 0, 1, 0, 1]
+    first = data.scene(1)
+    assert data.scene(1) is first
+    assert (first.image == make_scene(3, "sam", 1, size_range=SMALL).image).all()
+    # prompts are drawn anew on each visit of a pooled scene
+    assert not torch.equal(data[1]["points"], data[3]["points"])
+
+
+def test_loss_frame_size_area_averages_the_targets():
+    target = torch.zeros(1, 8, 8, dtype=torch.bool)
+    target[:, 2:6, 2:6] = True  # 2x2 downsampling keeps it exact: rows/columns 1..2 of 4
+    logits = torch.randn(1, 3, 4, 4)
+    iou_pred = torch.full((1, 3), 0.5)
+    small = torch.zeros(1, 4, 4, dtype=torch.bool)
+    small[:, 1:3, 1:3] = True
+    in_frame = sam_losses(logits, iou_pred, target, size=4)
+    direct = sam_losses(logits, iou_pred, small)
+    assert all(torch.allclose(in_frame[k], direct[k]) for k in in_frame)
+
+
 def test_only_the_best_of_three_masks_gets_mask_gradient():
     target = torch.zeros(1, 8, 8, dtype=torch.bool)
     target[:, 2:6, 2:6] = True

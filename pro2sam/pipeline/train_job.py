@@ -24,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -357,6 +358,7 @@ def run_train_job(
     if state.epoch != cfg.epochs:
         raise RuntimeError(f"the last checkpoint is after epoch {state.epoch}, expected {cfg.epochs}")
     extra = {
+        "command": shlex.join([os.path.basename(sys.executable), *sys.argv]),
         "training_data_sha256": data_sha,
         "train_config": cfg.to_dict(),
         "dataset": {"spec": dataset_spec, "name": dataset.name, "split": dataset.split, "images": len(dataset)},

@@ -1,0 +1,100 @@
+"""The small models shipped with the package: GTFormer and SAM trained on synthetic scenes.
+
+Official SAM and DeiT weights and real WSOL data sets need downloads; these two models need none.
+Both were trained here, from scratch, on :mod:`pro2sam.synthetic` scenes, on 2 CPU cores in under
+30 minutes each; ``pro2sam/models/README.md`` gives the exact commands and seeds, and a JSON record
+beside each model holds its command, settings, loss history, wall time and SHA-256.
+
+- GTFormer (preset ``gtformer_synthetic_patch16_224``) was trained by the project's own training
+  job (:mod:`pro2sam.pipeline.train_job`) with image-level labels only, on the ``train`` split of
+  ``pro2sam synthetic --seed 0``.
+- SAM (variant ``"synthetic"`` of :data:`pro2sam.sam_candidates.SAM_VARIANTS`, Segment
+  Anything's own modules at a small size) was trained class-agnostically by
+  ``jobs/train_sam_tiny.py`` on the ``sam`` stream, which no written data set contains.
+
+They load through the same code as official checkpoints::
+
+    Pro2SAM.from_checkpoints(gtformer_dir(), sam=SAM_VARIANT, sam_checkpoint=sam_checkpoint())
+
+They are good for the synthetic world only: on photographs they mean nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+__all__ = [
+    "MODELS_DIR",
+    "SAM_VARIANT",
+    "SYNTHETIC_SEED",
+    "SHIPPED_SHA256",
+    "gtformer_dir",
+    "sam_checkpoint",
+    "training_records",
+    "verify_shipped",
+]
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+SAM_VARIANT = "synthetic"
+# The seed of the synthetic data set GTFormer was trained on; its val/test splits never met
+# either model (SAM trained on the separate "sam" stream).
+SYNTHETIC_SEED = 0
+
+_GTFORMER_DIR = "gtformer_synthetic"
+_SAM_FILE = "sam_synthetic.pth"
+
+# SHA-256 of the shipped weights files, as the training runs wrote them.
+SHIPPED_SHA256 = {
+    "gtformer": "TBD",
+    "sam": "0e5ed7f09dd24f317534fa3c112dc88b38b382b5c65300743acc6171700d9291",
+}
+
+
+def gtformer_dir() -> Path:
+    """The shipped GTFormer export (``model.safetensors`` + ``config.json``)."""
+    return _existing(MODELS_DIR / _GTFORMER_DIR)
+
+
+def sam_checkpoint() -> Path:
+    """The shipped SAM state dict, for ``build_sam(SAM_VARIANT, sam_checkpoint())``."""
+    return _existing(MODELS_DIR / _SAM_FILE)
+
+
+def training_records() -> dict[str, dict]:
+    """What the two training runs recorded: ``{"gtformer": ..., "sam": ...}``. GTFormer's is its
+    export's ``config.json`` (command, recipe, data set, per-epoch history, weights' SHA-256);
+    SAM's is the JSON beside its weights."""
+    return {
+        "gtformer": json.loads((gtformer_dir() / "config.json").read_text()),
+        "sam": json.loads(sam_checkpoint().with_suffix(".json").read_text()),
+    }
+
+
+def verify_shipped() -> dict[str, str]:
+    """Check each shipped weights file against :data:`SHIPPED_SHA256`.
+
+    Returns:
+        ``{"gtformer": sha256, "sam": sha256}``.
+
+    Raises:
+        FileNotFoundError: a file is missing (a broken install).
+        ValueError: a file differs from what its training run wrote.
+    """
+    files = {"gtformer": gtformer_dir() / "model.safetensors", "sam": sam_checkpoint()}
+    out = {}
+    for name, path in files.items():
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != SHIPPED_SHA256[name]:
+            raise ValueError(f"{path} has SHA-256 {digest}, not the shipped {SHIPPED_SHA256[name]}: a damaged install")
+        out[name] = digest
+    return out
+
+
+def _existing(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: the shipped models are package data of pro2sam; reinstall the package"
+        )
+    return path

@@ -1,0 +1,110 @@
+"""``pro2sam demo`` end to end: generated data, the real Ray evaluation job, real Parquet, the gallery.
+
+The tiny random-weight models stand in wherever the shipped ones are not needed: their numbers mean
+nothing, but every stage runs. Sizes are small (a few images, a 4 x 4 grid); Ray is the session's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pro2sam import shipped
+from pro2sam.cli import main
+from pro2sam.demo import SUMMARY_METRICS, run_demo
+
+NUM_TEST, NUM_VAL, POINTS_PER_SIDE = 6, 4, 4
+
+
+def shipped_models_exist() -> bool:
+    try:
+        shipped.gtformer_dir(), shipped.sam_checkpoint()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def run_captured(workdir: Path, **kwargs) -> tuple[dict, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = run_demo(workdir, num_test=NUM_TEST, num_val=NUM_VAL, points_per_side=POINTS_PER_SIDE, **kwargs)
+    return summary, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory, tiny_checkpoints, ray_local):
+    """(summary, printed text) of one demo run with the tiny random-weight models."""
+    gtformer, sam_path = tiny_checkpoints
+    workdir = tmp_path_factory.mktemp("demo")
+    return run_captured(workdir, gtformer=gtformer, sam="tiny", sam_checkpoint=sam_path)
+
+
+def test_every_image_of_both_splits_gets_an_ok_row(tiny_demo):
+    summary, _ = tiny_demo
+    rows = pq.read_table(summary["labels"], columns=["uri", "status"]).to_pylist()
+    assert len(rows) == NUM_TEST + NUM_VAL
+    assert {r["status"] for r in rows} == {"ok"}
+    assert sum("/images/test/" in r["uri"] for r in rows) == NUM_TEST
+
+
+def test_report_holds_both_methods_numbers_on_the_test_split(tiny_demo):
+    summary, _ = tiny_demo
+    report = json.loads(Path(summary["report_json"]).read_text())
+    assert report["test_split"] == "test" and report["heldout_split"] == "val"
+    assert report["test"]["num_images"] == NUM_TEST and report["heldout"]["num_images"] == NUM_VAL
+    for method in ("GTFormer", "Pro2SAM"):
+        for key in SUMMARY_METRICS:
+            value = report["results"][method][key]
+            assert 0.0 <= value <= 100.0
+            assert summary["results"][method][key] == value
+    assert Path(summary["report_md"]).is_file()
+
+
+def test_gallery_shows_each_test_image_with_its_coarse_map(tiny_demo):
+    summary, _ = tiny_demo
+    page = Path(summary["gallery"]).read_text()
+    figures = re.findall(r'<figure class="overlay".*?</figure>', page, flags=re.S)
+    assert summary["gallery_images"] == len(figures) == NUM_TEST
+    assert all('<img class="coarse-map"' in f and "/images/test/" in f for f in figures)
+
+
+def test_printed_summary_gives_the_numbers_and_the_paths(tiny_demo):
+    summary, printed = tiny_demo
+    assert "GT-known Loc" in printed and "MaxBoxAccV2" in printed
+    pro2sam_line = next(line for line in printed.splitlines() if line.strip().startswith("Pro2SAM"))
+    assert f"{summary['results']['Pro2SAM']['gt_known_loc']:.1f}" in pro2sam_line
+    for key in ("labels", "report_md", "gallery"):
+        assert str(summary[key]) in printed
+    assert f"{NUM_TEST} test + {NUM_VAL} held-out" in printed
+
+
+def test_cli_demo_exits_0_and_prints_the_summary(tmp_path, tiny_checkpoints, ray_local, capsys):
+    gtformer, sam_path = tiny_checkpoints
+    argv = [
+        "demo", "--workdir", str(tmp_path / "demo"), "--num-test", "2", "--num-val", "2", "--points-per-side", "2",
+        "--gtformer", str(gtformer), "--sam", "tiny", "--sam-checkpoint", str(sam_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "GT-known Loc" in printed and str(tmp_path / "demo" / "demo.html") in printed
+
+
+def test_cli_demo_without_the_shipped_models_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(shipped, "MODELS_DIR", tmp_path / "no_models")
+    assert main(["demo", "--workdir", str(tmp_path / "demo")]) == 2
+    assert "reinstall the package" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not shipped_models_exist(), reason="the shipped models are not in pro2sam/models yet")
+def test_demo_runs_with_the_shipped_models_by_default(tmp_path, ray_local):
+    summary, printed = run_captured(tmp_path / "demo")
+    assert summary["models"]["sam"] == shipped.SAM_VARIANT
+    assert summary["models"]["gtformer"] == str(shipped.gtformer_dir())
+    assert summary["error_rows"] == {"test": 0, "val": 0}
+    assert "GT-known Loc" in printed

@@ -1,0 +1,99 @@
+"""The models shipped in the package: present, intact, loaded through the official code paths, and
+good at what they were trained for (on synthetic scenes neither model saw)."""
+
+import numpy as np
+import pytest
+
+from pro2sam import shipped
+from pro2sam.gtformer import load_gtformer
+from pro2sam.model import Pro2SAM
+from pro2sam.sam_candidates import CandidateConfig, build_sam
+from pro2sam.synthetic import make_scene
+from segment_anything import SamPredictor
+
+MAX_SHIPPED_BYTES = 20 * 1024 * 1024
+MAX_TRAINING_SECONDS = 30 * 60
+
+
+@pytest.fixture(scope="module")
+def test_scenes():
+    # The test stream of the seed GTFormer was trained with: never seen by either model.
+    return [make_scene(shipped.SYNTHETIC_SEED, "test", i) for i in range(20)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Pro2SAM.from_checkpoints(
+        shipped.gtformer_dir(),
+        sam=shipped.SAM_VARIANT,
+        sam_checkpoint=shipped.sam_checkpoint(),
+        candidates=CandidateConfig(points_per_side=16),
+    )
+
+
+def _box_iou(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+    inter = ix * iy
+    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def test_shipped_weights_are_small_and_match_their_recorded_hashes():
+    sizes = sum(p.stat().st_size for p in [shipped.sam_checkpoint(), *shipped.gtformer_dir().iterdir()])
+    assert sizes <= MAX_SHIPPED_BYTES
+    assert set(shipped.verify_shipped()) == {"gtformer", "sam"}
+
+
+def test_training_records_hold_the_commands_seeds_and_times():
+    records = shipped.training_records()
+    sam, gt = records["sam"], records["gtformer"]
+    assert "jobs/train_sam_tiny.py" in sam["command"] and "--seed" in sam["command"]
+    assert sam["config"]["variant"] == shipped.SAM_VARIANT
+    assert sam["wall_seconds"] <= MAX_TRAINING_SECONDS
+    assert "train" in gt["command"] and gt["train_config"]["seed"] == 0
+    assert gt["train_config"]["preset"] == gt["preset"]
+    assert sum(epoch["seconds"] for epoch in gt["history"]) <= MAX_TRAINING_SECONDS
+
+
+def test_a_damaged_shipped_file_is_reported(tmp_path, monkeypatch):
+    broken = tmp_path / "models"
+    (broken / "gtformer_synthetic").mkdir(parents=True)
+    for f in shipped.gtformer_dir().iterdir():
+        (broken / "gtformer_synthetic" / f.name).write_bytes(f.read_bytes())
+    data = bytearray(shipped.sam_checkpoint().read_bytes())
+    data[-100] ^= 0xFF
+    (broken / "sam_synthetic.pth").write_bytes(bytes(data))
+    monkeypatch.setattr(shipped, "MODELS_DIR", broken)
+    with pytest.raises(ValueError, match="damaged install"):
+        shipped.verify_shipped()
+
+
+def test_sam_loads_like_an_official_checkpoint_and_segments_a_clicked_object(test_scenes):
+    sam = build_sam(shipped.SAM_VARIANT, shipped.sam_checkpoint())
+    predictor = SamPredictor(sam)  # segment_anything's own predictor, unchanged
+    ious = []
+    for scene in test_scenes:
+        ys, xs = np.nonzero(scene.body_mask)
+        k = len(xs) // 2
+        predictor.set_image(scene.image)
+        masks, scores, _ = predictor.predict(point_coords=np.array([[xs[k], ys[k]]]), point_labels=np.array([1]))
+        best = max(masks, key=lambda m: (m & scene.object_mask).sum() / (m | scene.object_mask).sum())
+        ious.append((best & scene.object_mask).sum() / (best | scene.object_mask).sum())
+    assert np.median(ious) >= 0.7
+
+
+def test_gtformer_classifies_by_the_small_part_well_above_chance(test_scenes):
+    gtformer, config = load_gtformer(shipped.gtformer_dir())
+    assert config["preset"] == "gtformer_synthetic_patch16_224"
+    model = Pro2SAM(gtformer, build_sam("tiny"), class_names=config["class_names"])
+    probs, maps = model.classify([s.image for s in test_scenes])
+    accuracy = np.mean(probs.argmax(1) == np.array([s.label for s in test_scenes]))
+    assert accuracy >= 0.5  # chance: 0.1
+    assert maps.shape == (len(test_scenes), 14, 14)
+
+
+def test_pro2sam_boxes_cover_the_whole_object(model, test_scenes):
+    results = model.predict([s.image for s in test_scenes])
+    hits = [_box_iou(r.box_xyxy, s.box_xyxy) >= 0.5 for r, s in zip(results, test_scenes)]
+    assert np.mean(hits) >= 0.7
