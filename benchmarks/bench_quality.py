@@ -22,6 +22,7 @@ Target (issue 5): Pro2SAM GT-known Loc >= 85% and >= 15 points above GTFormer-on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -45,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["fast", "exact"], default="fast")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--choose-sam-thresholds",
+        action="store_true",
+        help="instead: score Pro2SAM on val (held-out) for pairs of SAM's pred_iou / stability thresholds "
+        "at the first grid size, to choose pro2sam.shipped.CANDIDATE_THRESHOLDS",
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -82,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"GTFormer on {len(gt_outputs)} images: {gtformer_seconds * 1000:.1f} ms/image", flush=True)
 
     def label(samples, config: CandidateConfig) -> tuple[list[dict], float]:
+        config = dataclasses.replace(config, **shipped.CANDIDATE_THRESHOLDS) if not args.choose_sam_thresholds else config
         runner = model.with_settings(candidates=config)
         rows, t0 = [], time.perf_counter()
         for s in samples:
@@ -92,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # an image that fails is scored wrong, as the job does
                 rows.append(error_row(s.image_id, s.uri, str(s.label), f"{type(e).__name__}: {e}", run_id="bench"))
         return rows, (time.perf_counter() - t0) / max(1, len(samples))
+
+    if args.choose_sam_thresholds:
+        return choose_sam_thresholds(args, heldout, label, evaluate_predictions, CandidateConfig)
 
     # Held-out rows carry GTFormer's outputs, which alone choose its thresholds.
     heldout_rows, _ = label(heldout.samples, CandidateConfig(points_per_side=min(args.grids), mode=args.mode))
@@ -167,6 +178,32 @@ def main(argv: list[str] | None = None) -> int:
         "gtformer_seconds_per_image": gtformer_seconds,
         "runs": runs,
     }, indent=2, default=float) + "\n")  # fmt: skip
+    return 0
+
+
+SAM_THRESHOLD_PAIRS = [(0.88, 0.95), (0.8, 0.9), (0.7, 0.9), (0.7, 0.8), (0.6, 0.9), (0.6, 0.8), (0.6, 0.7), (0.5, 0.8), (0.5, 0.7), (0.0, 0.0)]
+
+
+def choose_sam_thresholds(args, heldout, label, evaluate_predictions, CandidateConfig) -> int:
+    """Pro2SAM on the held-out split for each (pred_iou_thresh, stability_score_thresh) pair;
+    prints GT-known Loc and mIoU and the best pair (by GT-known Loc, then mIoU)."""
+    scores = []
+    for pred_iou, stability in SAM_THRESHOLD_PAIRS:
+        config = CandidateConfig(
+            points_per_side=args.grids[0], mode=args.mode, pred_iou_thresh=pred_iou, stability_score_thresh=stability
+        )
+        rows, seconds = label(heldout.samples, config)
+        pro = evaluate_predictions(heldout, rows)["Pro2SAM"]
+        fallback = sum(r.get("box_source") == "coarse_fallback" for r in rows) / len(rows) * 100
+        scores.append(((pro["gt_known_loc"], pro.get("mIoU") or 0), (pred_iou, stability)))
+        print(
+            f"val, grid {args.grids[0]}: pred_iou_thresh {pred_iou:.2f} stability_score_thresh {stability:.2f}: "
+            f"GT-known {_fmt(pro['gt_known_loc'])} mIoU {_fmt(pro.get('mIoU'))} fallback {fallback:.1f}% "
+            f"{seconds:.2f} s/image",
+            flush=True,
+        )
+    best = max(scores)[1]
+    print(f"best on val: pred_iou_thresh {best[0]}, stability_score_thresh {best[1]}")
     return 0
 
 

@@ -16,9 +16,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     from .sam_candidates import CandidateConfig
 
     defaults = CandidateConfig()
-    p.add_argument("--gtformer", required=True, help="GTFormer export: directory with model.safetensors + config.json")
-    p.add_argument("--sam", default="vit_h", help="SAM variant: vit_h, vit_l, vit_b or tiny (default vit_h)")
-    p.add_argument("--sam-checkpoint", help="SAM weights file (official sam_vit_*.pth, checked by SHA-256)")
+    p.add_argument("--gtformer", required=True, help="GTFormer export: directory with model.safetensors + config.json; "
+                   "'shipped': the model in the package")  # fmt: skip
+    p.add_argument("--sam", default="vit_h", help="SAM variant: vit_h, vit_l, vit_b, synthetic or tiny (default vit_h)")
+    p.add_argument("--sam-checkpoint", help="SAM weights file (official sam_vit_*.pth, checked by SHA-256); "
+                   "default for --sam synthetic: the shipped one")  # fmt: skip
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official SAM files")
     p.add_argument("--mode", choices=("fast", "exact"), default=defaults.mode, help="candidate path (default %(default)s)")
     p.add_argument("--points-per-side", type=int, default=defaults.points_per_side, help="grid is N x N (default %(default)s)")
@@ -29,12 +31,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _load_model(args: argparse.Namespace):
     from .model import Pro2SAM
     from .sam_candidates import CandidateConfig
+    from .shipped import candidate_defaults, resolve_model_options
 
-    candidates = CandidateConfig(mode=args.mode, points_per_side=args.points_per_side, prune_with_coarse_map=args.prune)
+    gtformer, sam, sam_checkpoint = resolve_model_options(args.gtformer, args.sam, args.sam_checkpoint)
+    candidates = CandidateConfig(
+        mode=args.mode, points_per_side=args.points_per_side, prune_with_coarse_map=args.prune, **candidate_defaults(sam)
+    )
     return Pro2SAM.from_checkpoints(
-        args.gtformer,
-        sam=args.sam,
-        sam_checkpoint=args.sam_checkpoint,
+        gtformer,
+        sam=sam,
+        sam_checkpoint=sam_checkpoint,
         verify=not args.no_verify,
         device=args.device,
         candidates=candidates,

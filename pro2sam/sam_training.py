@@ -1,8 +1,8 @@
 """Training SAM-tiny on synthetic scenes, class-agnostically, the way Segment Anything was trained.
 
-The official SAM weights are out of reach here, so the tiny variant of :data:`SAM_VARIANTS` is
-trained from scratch on the ``sam`` stream of :mod:`pro2sam.synthetic` (scenes that never appear in
-a written data set). The recipe follows the SAM paper (Kirillov et al., 2023, §3 and appendix A)
+The official SAM weights are out of reach here, so a small variant of :data:`SAM_VARIANTS`
+("synthetic" for the shipped model, "tiny" in tests) is trained from scratch on the ``sam``
+stream of :mod:`pro2sam.synthetic` (scenes that never appear in a written data set). The recipe follows the SAM paper (Kirillov et al., 2023, §3 and appendix A)
 for single-point prompts, the only prompts Pro2SAM gives SAM:
 
 - every target is one mask: a whole target object, its class part, or a distractor (SAM-tiny is

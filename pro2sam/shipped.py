@@ -34,6 +34,10 @@ __all__ = [
     "sam_checkpoint",
     "training_records",
     "verify_shipped",
+    "SHIPPED_NAME",
+    "CANDIDATE_THRESHOLDS",
+    "candidate_defaults",
+    "resolve_model_options",
 ]
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -42,12 +46,21 @@ SAM_VARIANT = "synthetic"
 # either model (SAM trained on the separate "sam" stream).
 SYNTHETIC_SEED = 0
 
+# What ``--gtformer`` says to mean the shipped GTFormer.
+SHIPPED_NAME = "shipped"
+
 _GTFORMER_DIR = "gtformer_synthetic"
 _SAM_FILE = "sam_synthetic.pth"
 
+# SAM's candidate filters for the shipped SAM. SamAutomaticMaskGenerator's defaults (0.88, 0.95)
+# suit the official SAM; the small SAM's predicted IoUs and stability run lower, and at those
+# defaults nearly every image falls back to the coarse map. Chosen on the synthetic val split
+# (held-out) with `benchmarks/bench_quality.py --choose-sam-thresholds`.
+CANDIDATE_THRESHOLDS = {"pred_iou_thresh": 0.6, "stability_score_thresh": 0.8}
+
 # SHA-256 of the shipped weights files, as the training runs wrote them.
 SHIPPED_SHA256 = {
-    "gtformer": "TBD",
+    "gtformer": "866a93357f3fc324dc3ac5c09d52d49bf9c9244cca8386b428a78a8aabb5bfb7",
     "sam": "0e5ed7f09dd24f317534fa3c112dc88b38b382b5c65300743acc6171700d9291",
 }
 
@@ -98,3 +111,20 @@ def _existing(path: Path) -> Path:
             f"{path} is missing: the shipped models are package data of pro2sam; reinstall the package"
         )
     return path
+
+
+def resolve_model_options(gtformer: str | None, sam: str, checkpoint: str | None) -> tuple[str | None, str, str | None]:
+    """Command-line model options ``(--gtformer, --sam, --sam-checkpoint)`` with the shipped
+    models filled in: ``--gtformer shipped`` is :func:`gtformer_dir`, and ``--sam synthetic``
+    without a checkpoint reads :func:`sam_checkpoint`. Anything else is returned unchanged."""
+    if gtformer == SHIPPED_NAME:
+        gtformer = str(gtformer_dir())
+    if sam == SAM_VARIANT and not checkpoint:
+        checkpoint = str(sam_checkpoint())
+    return gtformer, sam, checkpoint
+
+
+def candidate_defaults(sam: str) -> dict[str, float]:
+    """SAM filter thresholds that differ from ``CandidateConfig``'s defaults for this SAM variant:
+    :data:`CANDIDATE_THRESHOLDS` for the shipped ``"synthetic"`` SAM, none for the others."""
+    return dict(CANDIDATE_THRESHOLDS) if sam == SAM_VARIANT else {}

@@ -27,7 +27,7 @@ def model():
         shipped.gtformer_dir(),
         sam=shipped.SAM_VARIANT,
         sam_checkpoint=shipped.sam_checkpoint(),
-        candidates=CandidateConfig(points_per_side=16),
+        candidates=CandidateConfig(points_per_side=16, **shipped.CANDIDATE_THRESHOLDS),
     )
 
 
@@ -47,12 +47,12 @@ def test_shipped_weights_are_small_and_match_their_recorded_hashes():
 
 def test_training_records_hold_the_commands_seeds_and_times():
     records = shipped.training_records()
-    sam, gt = records["sam"], records["gtformer"]
+    sam, gt = records["sam"], records["gtformer"]["extra"]
     assert "jobs/train_sam_tiny.py" in sam["command"] and "--seed" in sam["command"]
     assert sam["config"]["variant"] == shipped.SAM_VARIANT
     assert sam["wall_seconds"] <= MAX_TRAINING_SECONDS
     assert "train" in gt["command"] and gt["train_config"]["seed"] == 0
-    assert gt["train_config"]["preset"] == gt["preset"]
+    assert gt["train_config"]["preset"] == records["gtformer"]["preset"] == "gtformer_synthetic_patch16_224"
     assert sum(epoch["seconds"] for epoch in gt["history"]) <= MAX_TRAINING_SECONDS
 
 
@@ -97,3 +97,31 @@ def test_pro2sam_boxes_cover_the_whole_object(model, test_scenes):
     results = model.predict([s.image for s in test_scenes])
     hits = [_box_iou(r.box_xyxy, s.box_xyxy) >= 0.5 for r, s in zip(results, test_scenes)]
     assert np.mean(hits) >= 0.7
+
+
+def test_command_line_names_resolve_to_the_shipped_files():
+    gtformer, sam, checkpoint = shipped.resolve_model_options("shipped", "synthetic", None)
+    assert (gtformer, sam, checkpoint) == (str(shipped.gtformer_dir()), "synthetic", str(shipped.sam_checkpoint()))
+    assert shipped.resolve_model_options("/models/gt", "vit_h", "sam.pth") == ("/models/gt", "vit_h", "sam.pth")
+    assert shipped.resolve_model_options("shipped", "synthetic", "other.pth")[2] == "other.pth"
+
+
+def test_the_shipped_sam_gets_its_own_filter_thresholds(model):
+    config = model.candidate_config
+    assert config.pred_iou_thresh == shipped.CANDIDATE_THRESHOLDS["pred_iou_thresh"]
+    assert config.stability_score_thresh == shipped.CANDIDATE_THRESHOLDS["stability_score_thresh"]
+    default = Pro2SAM.from_checkpoints(shipped.gtformer_dir(), sam="synthetic", sam_checkpoint=shipped.sam_checkpoint())
+    assert default.candidate_config == CandidateConfig(**shipped.CANDIDATE_THRESHOLDS)
+    assert shipped.candidate_defaults("vit_h") == {} and shipped.candidate_defaults("tiny") == {}
+
+
+def test_label_options_fill_in_the_shipped_models_and_thresholds():
+    import argparse
+
+    from pro2sam.pipeline.label_job import add_label_arguments, labeling_settings_from_args
+
+    p = argparse.ArgumentParser()
+    add_label_arguments(p)
+    settings = labeling_settings_from_args(p.parse_args(["--input", "in", "--output", "out", "--gtformer", "shipped", "--sam", "synthetic"]))
+    assert settings["gtformer"] == str(shipped.gtformer_dir())
+    assert settings["sam_checkpoint"] == str(shipped.sam_checkpoint())

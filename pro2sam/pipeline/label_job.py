@@ -53,7 +53,9 @@ class LabelingSettings:
         gtformer: GTFormer export folder (model.safetensors + config.json), local or URI.
         sam, sam_checkpoint, verify: SAM variant, its weights file, SHA-256 check of official files.
         mode, points_per_side, prune: candidate path, grid size, grid pruning by the coarse map.
-        pred_iou_thresh, stability_score_thresh: SAM's filtering (None: generator defaults).
+        pred_iou_thresh, stability_score_thresh: SAM's filtering (None: the variant's defaults,
+            ``SamAutomaticMaskGenerator``'s or, for the shipped "synthetic" SAM,
+            :data:`pro2sam.shipped.CANDIDATE_THRESHOLDS`).
         actors: labeling actors (default: one per GPU of the cluster, else 1).
         gpus_per_actor: GPUs pinned by each actor (default 1 when the cluster has GPUs, else 0).
         cpus_per_actor: CPUs (and torch threads) per actor (default 1 with a GPU, else 2).
@@ -231,12 +233,13 @@ class Pro2SAMLabeler:
         from ..matching import MatchConfig
         from ..model import Pro2SAM
         from ..sam_candidates import CandidateConfig
+        from ..shipped import candidate_defaults
         from ..storage import fetch_to_local
 
         if threads:
             torch.set_num_threads(int(threads))
         cfg = LabelJobConfig(**config)
-        overrides = {}
+        overrides = candidate_defaults(cfg.sam)
         if cfg.pred_iou_thresh is not None:
             overrides["pred_iou_thresh"] = cfg.pred_iou_thresh
         if cfg.stability_score_thresh is not None:
@@ -365,9 +368,9 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
 
 def add_labeling_arguments(p: argparse.ArgumentParser) -> None:
     """Options of :class:`LabelingSettings` (shared by ``pro2sam label`` and ``pro2sam evaluate``)."""
-    p.add_argument("--gtformer", required=True, help="GTFormer export folder (local or URI)")
-    p.add_argument("--sam", default="vit_h", help="SAM variant: vit_h, vit_l, vit_b, tiny (default vit_h)")
-    p.add_argument("--sam-checkpoint", help="SAM weights file (local or URI)")
+    p.add_argument("--gtformer", required=True, help="GTFormer export folder (local or URI); 'shipped': the model in the package")
+    p.add_argument("--sam", default="vit_h", help="SAM variant: vit_h, vit_l, vit_b, synthetic, tiny (default vit_h)")
+    p.add_argument("--sam-checkpoint", help="SAM weights file (local or URI); default for --sam synthetic: the shipped one")
     p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official SAM files")
     p.add_argument("--mode", choices=("fast", "exact"), default="fast")
     p.add_argument("--points-per-side", type=int, default=32)
@@ -385,8 +388,14 @@ def add_labeling_arguments(p: argparse.ArgumentParser) -> None:
 
 def labeling_settings_from_args(args: argparse.Namespace) -> dict:
     """Keyword arguments of :class:`LabelingSettings` from :func:`add_labeling_arguments` options."""
+    from ..shipped import resolve_model_options
+
     names = {f.name for f in fields(LabelingSettings)} - {"verify"}
-    return {"verify": not args.no_verify, **{n: getattr(args, n) for n in names}}
+    settings = {"verify": not args.no_verify, **{n: getattr(args, n) for n in names}}
+    settings["gtformer"], settings["sam"], settings["sam_checkpoint"] = resolve_model_options(
+        settings["gtformer"], settings["sam"], settings["sam_checkpoint"]
+    )
+    return settings
 
 
 def add_label_arguments(p: argparse.ArgumentParser) -> None:
