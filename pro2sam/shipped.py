@@ -56,7 +56,7 @@ _SAM_FILE = "sam_synthetic.pth"
 # suit the official SAM; the small SAM's predicted IoUs and stability run lower, and at those
 # defaults nearly every image falls back to the coarse map. Chosen on the synthetic val split
 # (held-out) with `benchmarks/bench_quality.py --choose-sam-thresholds`.
-CANDIDATE_THRESHOLDS = {"pred_iou_thresh": 0.6, "stability_score_thresh": 0.8}
+CANDIDATE_THRESHOLDS = {"pred_iou_thresh": 0.7, "stability_score_thresh": 0.8}
 
 # SHA-256 of the shipped weights files, as the training runs wrote them.
 SHIPPED_SHA256 = {
