@@ -29,8 +29,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.1f}"
