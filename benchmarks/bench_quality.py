@@ -22,7 +22,6 @@ Target (issue 5): Pro2SAM GT-known Loc >= 85% and >= 15 points above GTFormer-on
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import sys
@@ -56,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from pro2sam import shipped
     from pro2sam.datasets import open_dataset
-    from pro2sam.evaluation import evaluate_predictions, evaluate_with_heldout
+    from pro2sam.evaluation import evaluate_with_heldout
     from pro2sam.images import decode_image
     from pro2sam.labels import error_row, ok_row
     from pro2sam.model import Pro2SAM
     from pro2sam.sam_candidates import CandidateConfig
+    from pro2sam.storage import read_bytes
     from pro2sam.synthetic import write_wsol_dataset
 
     if args.threads:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     for split in (heldout, test):
         for s0 in range(0, len(split.samples), 32):
             chunk = split.samples[s0 : s0 + 32]
-            images = [decode_image(Path(s.uri).read_bytes()) for s in chunk]
+            images = [decode_image(read_bytes(s.uri)) for s in chunk]
             probs, maps = model.classify(images)
             for s, img, pr, cm in zip(chunk, images, probs, maps):
                 gt_outputs[s.uri] = (img, pr, cm)
@@ -87,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"GTFormer on {len(gt_outputs)} images: {gtformer_seconds * 1000:.1f} ms/image", flush=True)
 
     def label(samples, config: CandidateConfig) -> tuple[list[dict], float]:
-        config = dataclasses.replace(config, **shipped.CANDIDATE_THRESHOLDS) if not args.choose_sam_thresholds else config
         runner = model.with_settings(candidates=config)
         rows, t0 = [], time.perf_counter()
         for s in samples:
@@ -100,16 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         return rows, (time.perf_counter() - t0) / max(1, len(samples))
 
     if args.choose_sam_thresholds:
-        return choose_sam_thresholds(args, heldout, label, evaluate_predictions, CandidateConfig)
+        return choose_sam_thresholds(args, heldout, label)
 
     # Held-out rows carry GTFormer's outputs, which alone choose its thresholds.
-    heldout_rows, _ = label(heldout.samples, CandidateConfig(points_per_side=min(args.grids), mode=args.mode))
+    heldout_rows, _ = label(heldout.samples, CandidateConfig.for_variant(shipped.SAM_VARIANT, points_per_side=min(args.grids), mode=args.mode))
     prunes = {"both": [False, True], "off": [False], "on": [True]}[args.prune]
     runs = []
     gtformer_result = None
     for grid in args.grids:
         for prune in prunes:
-            config = CandidateConfig(points_per_side=grid, prune_with_coarse_map=prune, mode=args.mode)
+            config = CandidateConfig.for_variant(
+                shipped.SAM_VARIANT, points_per_side=grid, prune_with_coarse_map=prune, mode=args.mode
+            )
             rows, seconds = label(test.samples, config)
             report = evaluate_with_heldout(heldout, heldout_rows, test, rows)
             pro = report["results"]["Pro2SAM"]
@@ -182,9 +183,12 @@ def main(argv: list[str] | None = None) -> int:
 SAM_THRESHOLD_PAIRS = [(0.88, 0.95), (0.8, 0.9), (0.7, 0.9), (0.7, 0.8), (0.6, 0.9), (0.6, 0.8), (0.6, 0.7), (0.5, 0.8), (0.5, 0.7), (0.0, 0.0)]
 
 
-def choose_sam_thresholds(args, heldout, label, evaluate_predictions, CandidateConfig) -> int:
+def choose_sam_thresholds(args, heldout, label) -> int:
     """Pro2SAM on the held-out split for each (pred_iou_thresh, stability_score_thresh) pair;
     prints GT-known Loc and mIoU and the best pair (by GT-known Loc, then mIoU)."""
+    from pro2sam.evaluation import evaluate_predictions
+    from pro2sam.sam_candidates import CandidateConfig
+
     scores = []
     for pred_iou, stability in SAM_THRESHOLD_PAIRS:
         config = CandidateConfig(

@@ -31,11 +31,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _load_model(args: argparse.Namespace):
     from .model import Pro2SAM
     from .sam_candidates import CandidateConfig
-    from .shipped import candidate_defaults, resolve_model_options
+    from .shipped import resolve_model_options
 
     gtformer, sam, sam_checkpoint = resolve_model_options(args.gtformer, args.sam, args.sam_checkpoint)
-    candidates = CandidateConfig(
-        mode=args.mode, points_per_side=args.points_per_side, prune_with_coarse_map=args.prune, **candidate_defaults(sam)
+    candidates = CandidateConfig.for_variant(
+        sam, mode=args.mode, points_per_side=args.points_per_side, prune_with_coarse_map=args.prune
     )
     return Pro2SAM.from_checkpoints(
         gtformer,

@@ -19,7 +19,6 @@ from .gtformer import load_gtformer
 from .images import to_rgb_array
 from .matching import MatchConfig, coarse_fallback, mask_box, match_masks
 from .sam_candidates import CandidateConfig, GridCandidateGenerator, build_sam
-from .shipped import candidate_defaults
 
 __all__ = ["Pro2SAM", "Pro2SAMResult", "BOX_SOURCES"]
 
@@ -147,12 +146,12 @@ class Pro2SAM:
             sam_checkpoint: the SAM weights file. Official variants are checked against the
                 SHA-256 of the official release unless ``verify=False``.
             candidates: grid and filter settings; None: ``CandidateConfig``'s defaults with the
-                variant's own filter thresholds (:func:`pro2sam.shipped.candidate_defaults`).
+                variant's own filter thresholds (:meth:`CandidateConfig.for_variant`).
         """
         gt_model, gt_config = load_gtformer(gtformer)
         sam_model = build_sam(sam, sam_checkpoint, verify=verify)
         if candidates is None:
-            candidates = CandidateConfig(**candidate_defaults(sam))
+            candidates = CandidateConfig.for_variant(sam)
         ids = {"gtformer": str(gt_config.get("sha256", "")), "sam": f"{sam}:{_sam_weights_id(sam, sam_checkpoint, verify)}"}
         return cls(
             gt_model,

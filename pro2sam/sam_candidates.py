@@ -78,6 +78,9 @@ class SamVariant:
         decoder_mlp_dim, decoder_num_heads, decoder_depth: TwoWayTransformer sizes.
         iou_head_hidden_dim: width of the IoU prediction MLP.
         mask_in_chans: hidden channels of the (unused here) mask-prompt encoder.
+        filter_thresholds: this variant's own ``CandidateConfig`` filter thresholds where
+            ``SamAutomaticMaskGenerator``'s defaults do not suit it (see
+            :meth:`CandidateConfig.for_variant`); empty for the official variants.
     """
 
     encoder_embed_dim: int
@@ -93,6 +96,7 @@ class SamVariant:
     decoder_depth: int = 2
     iou_head_hidden_dim: int = 256
     mask_in_chans: int = 16
+    filter_thresholds: tuple[tuple[str, float], ...] = ()
 
 
 # Every SAM we build. The official three match segment_anything/build_sam.py; "tiny" is a
@@ -126,6 +130,10 @@ SAM_VARIANTS: dict[str, SamVariant] = {
         decoder_mlp_dim=256,
         decoder_num_heads=4,
         iou_head_hidden_dim=64,
+        # Its predicted IoUs and stability run lower than the official SAM's: at the generator's
+        # defaults (0.88, 0.95) nearly every image falls back to the coarse map. Chosen on the
+        # synthetic val split with `benchmarks/bench_quality.py --choose-sam-thresholds`.
+        filter_thresholds=(("pred_iou_thresh", 0.7), ("stability_score_thresh", 0.8)),
     ),
 }
 
@@ -316,6 +324,14 @@ class CandidateConfig:
             raise ValueError("points_per_side and points_per_batch must be positive")
         if self.prune_dilation < 0:
             raise ValueError("prune_dilation must be >= 0")
+
+    @classmethod
+    def for_variant(cls, variant: str, **settings) -> CandidateConfig:
+        """The settings for a SAM variant: ``settings`` (None values are left out), with the
+        variant's own filter thresholds (:attr:`SamVariant.filter_thresholds`) where not given,
+        and the defaults above for the rest."""
+        given = {k: v for k, v in settings.items() if v is not None}
+        return cls(**{**dict(SAM_VARIANTS[variant].filter_thresholds), **given})
 
 
 @dataclass

@@ -25,6 +25,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from .sam_candidates import SAM_VARIANTS
+
 __all__ = [
     "MODELS_DIR",
     "SAM_VARIANT",
@@ -52,11 +54,8 @@ SHIPPED_NAME = "shipped"
 _GTFORMER_DIR = "gtformer_synthetic"
 _SAM_FILE = "sam_synthetic.pth"
 
-# SAM's candidate filters for the shipped SAM. SamAutomaticMaskGenerator's defaults (0.88, 0.95)
-# suit the official SAM; the small SAM's predicted IoUs and stability run lower, and at those
-# defaults nearly every image falls back to the coarse map. Chosen on the synthetic val split
-# (held-out) with `benchmarks/bench_quality.py --choose-sam-thresholds`.
-CANDIDATE_THRESHOLDS = {"pred_iou_thresh": 0.7, "stability_score_thresh": 0.8}
+# SAM's candidate filter thresholds for the shipped SAM, declared with its sizes in SAM_VARIANTS.
+CANDIDATE_THRESHOLDS = dict(SAM_VARIANTS[SAM_VARIANT].filter_thresholds)
 
 # SHA-256 of the shipped weights files, as the training runs wrote them.
 SHIPPED_SHA256 = {
@@ -125,6 +124,7 @@ def resolve_model_options(gtformer: str | None, sam: str, checkpoint: str | None
 
 
 def candidate_defaults(sam: str) -> dict[str, float]:
-    """SAM filter thresholds that differ from ``CandidateConfig``'s defaults for this SAM variant:
-    :data:`CANDIDATE_THRESHOLDS` for the shipped ``"synthetic"`` SAM, none for the others."""
-    return dict(CANDIDATE_THRESHOLDS) if sam == SAM_VARIANT else {}
+    """SAM filter thresholds that differ from ``CandidateConfig``'s defaults for this SAM variant
+    (:attr:`pro2sam.sam_candidates.SamVariant.filter_thresholds`): :data:`CANDIDATE_THRESHOLDS`
+    for the shipped ``"synthetic"`` SAM, none for the others."""
+    return dict(SAM_VARIANTS[sam].filter_thresholds)

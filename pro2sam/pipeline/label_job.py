@@ -55,7 +55,7 @@ class LabelingSettings:
         mode, points_per_side, prune: candidate path, grid size, grid pruning by the coarse map.
         pred_iou_thresh, stability_score_thresh: SAM's filtering (None: the variant's defaults,
             ``SamAutomaticMaskGenerator``'s or, for the shipped "synthetic" SAM,
-            :data:`pro2sam.shipped.CANDIDATE_THRESHOLDS`).
+            :meth:`pro2sam.sam_candidates.CandidateConfig.for_variant`).
         actors: labeling actors (default: one per GPU of the cluster, else 1).
         gpus_per_actor: GPUs pinned by each actor (default 1 when the cluster has GPUs, else 0).
         cpus_per_actor: CPUs (and torch threads) per actor (default 1 with a GPU, else 2).
@@ -233,19 +233,18 @@ class Pro2SAMLabeler:
         from ..matching import MatchConfig
         from ..model import Pro2SAM
         from ..sam_candidates import CandidateConfig
-        from ..shipped import candidate_defaults
         from ..storage import fetch_to_local
 
         if threads:
             torch.set_num_threads(int(threads))
         cfg = LabelJobConfig(**config)
-        overrides = candidate_defaults(cfg.sam)
-        if cfg.pred_iou_thresh is not None:
-            overrides["pred_iou_thresh"] = cfg.pred_iou_thresh
-        if cfg.stability_score_thresh is not None:
-            overrides["stability_score_thresh"] = cfg.stability_score_thresh
-        candidates = CandidateConfig(
-            mode=cfg.mode, points_per_side=cfg.points_per_side, prune_with_coarse_map=cfg.prune, **overrides
+        candidates = CandidateConfig.for_variant(
+            cfg.sam,
+            mode=cfg.mode,
+            points_per_side=cfg.points_per_side,
+            prune_with_coarse_map=cfg.prune,
+            pred_iou_thresh=cfg.pred_iou_thresh,
+            stability_score_thresh=cfg.stability_score_thresh,
         )
         self.model = Pro2SAM.from_checkpoints(
             fetch_to_local(cfg.gtformer),
