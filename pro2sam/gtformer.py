@@ -53,6 +53,7 @@ __all__ = [
     "norm_loss",
     "gtformer_loss",
     "create_gtformer",
+    "create_deit_backbone",
     "load_backbone_checkpoint",
     "deit_to_gtformer_state_dict",
     "save_gtformer",
@@ -567,6 +568,25 @@ def deit_to_gtformer_state_dict(state_dict: Mapping[str, torch.Tensor], model: G
     if report.ignored:
         _logger.info("DeiT checkpoint keys not used by GTFormer: %s", ", ".join(report.ignored))
     return mapped
+
+
+def create_deit_backbone(name: str, *, num_classes: int, **overrides) -> VisionTransformer:
+    """The plain timm DeiT (ViT, class-token head) of preset ``name``'s sizes.
+
+    Its state dict is in timm's DeiT format (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``,
+    ``blocks.N.*``, ``norm.*``, ``head.*``), the format :func:`load_backbone_checkpoint` reads:
+    what a backbone pretrained for a preset without released weights is trained as
+    (``scripts/pretrain_backbone.py``).
+
+    Args:
+        name: a key of :data:`GTFORMER_PRESETS`.
+        num_classes: classes of the pretraining task (the Linear head on the class token).
+        overrides: ``VisionTransformer`` arguments (``dynamic_img_size``, ``drop_path_rate``, ...).
+    """
+    if name not in GTFORMER_PRESETS:
+        raise ValueError(f"unknown GTFormer preset {name!r}; choose from {sorted(GTFORMER_PRESETS)}")
+    spec = {k: v for k, v in GTFORMER_PRESETS[name].items() if k != "backbone"}
+    return VisionTransformer(num_classes=num_classes, qkv_bias=True, global_pool="token", **{**spec, **overrides})
 
 
 def load_backbone_checkpoint(model: GTFormer, path: str | os.PathLike) -> BackboneLoadReport:

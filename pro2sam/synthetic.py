@@ -217,11 +217,19 @@ def _smooth_noise(rng: np.random.Generator, size: tuple[int, int], cells: int) -
     return np.clip(cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC), 0, 1)
 
 
-def _pattern(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
-    """(H, W) float32 weight map in [0, 1]: stripes, spots, smooth noise or a checkerboard."""
+# The texture patterns of bodies, distractors and backgrounds (:func:`_pattern`).
+PATTERNS = ("stripes", "spots", "noise", "checker")
+
+
+def _pattern(rng: np.random.Generator, size: tuple[int, int], kind: str | None = None) -> np.ndarray:
+    """(H, W) float32 weight map in [0, 1]: stripes, spots, smooth noise or a checkerboard
+    (``kind``, one of :data:`PATTERNS`; None draws one)."""
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    kind = rng.choice(("stripes", "spots", "noise", "checker"))
+    if kind is None:
+        kind = rng.choice(PATTERNS)
+    elif kind not in PATTERNS:
+        raise ValueError(f"unknown pattern {kind!r}; choose from {PATTERNS}")
     if kind == "stripes":
         a = rng.uniform(0, np.pi)
         wave = np.sin(rng.uniform(0.15, 0.6) * (xx * np.cos(a) + yy * np.sin(a)) + rng.uniform(0, 2 * np.pi))
