@@ -175,6 +175,7 @@ def test_training_lowers_the_loss_and_exports_a_loadable_gtformer(ray_local, sha
     assert extra["train_config"] == cfg.to_dict()
     history = extra["history"]
     assert [h["epoch"] for h in history] == [1, 2] and extra["start_epoch"] == 1
+    assert {"uptime_before", "uptime_after", "job_wall_seconds", "cpus"} <= set(extra["machine"])
     assert history[1]["train_loss"] < history[0]["train_loss"]
     assert history[1]["val_loss"] < history[0]["val_loss"]
     assert all(h["lr"] == pytest.approx(1e-3) and h["images"] == 36 for h in history)

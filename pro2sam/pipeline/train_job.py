@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -194,6 +195,14 @@ def _remove(uri: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def _uptime() -> str:
+    """``uptime``'s line (load averages), recorded with a run: how busy the machine was."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def latest_checkpoint(run_dir: str):
     """The latest checkpoint Ray Train recorded for the run in ``run_dir``, or None."""
     from ray.train import Result
@@ -313,6 +322,8 @@ def run_train_job(
     except OSError as e:
         raise StorageError(f"cannot use checkpoint storage {run_dir}: {type(e).__name__}: {e}") from None
 
+    machine = {"cpus": os.cpu_count(), "uptime_before": _uptime()}
+    started = time.perf_counter()
     previous = latest_checkpoint(run_dir) if resume else None
     done = 0
     if previous is not None:
@@ -367,6 +378,8 @@ def run_train_job(
         "start_epoch": state.history[-1]["start_epoch"] if state.history else 1,
         "history": state.history,
         "ray_train": {"storage_path": storage, "run_name": run_name, "num_workers": num_workers, "use_gpu": use_gpu},
+        # this call's wall time (Ray start-up included; epochs already done before a resume excluded)
+        "machine": {**machine, "job_wall_seconds": time.perf_counter() - started, "uptime_after": _uptime()},
     }
     export = _export(state, cfg, dataset, output_dir, extra)
     log.info("exported GTFormer to %s", export)
