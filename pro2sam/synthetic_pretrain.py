@@ -239,20 +239,37 @@ def _make_range(args: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray
 
 
 def make_pretrain_arrays(
-    seed: int, count: int, *, first: int = 0, size: int = DEFAULT_SIZE, workers: int = 1, chunk: int = 500
+    seed: int,
+    count: int,
+    *,
+    first: int = 0,
+    size: int = DEFAULT_SIZE,
+    workers: int = 1,
+    chunk: int = 500,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scenes ``first .. first + count - 1`` of ``seed`` as arrays (the same for any ``workers``).
 
+    Args:
+        out: optional (count, size, size, 3) uint8 array to fill (e.g. a ``np.lib.format.open_memmap``),
+            so that tens of thousands of scenes need not be held twice in memory.
+
     Returns:
-        images: (count, size, size, 3) uint8 RGB.
+        images: (count, size, size, 3) uint8 RGB (``out`` when given).
         labels: (count,) int64.
     """
+    images = np.empty((count, size, size, 3), np.uint8) if out is None else out
+    if images.shape != (count, size, size, 3) or images.dtype != np.uint8:
+        raise ValueError(f"out must be ({count}, {size}, {size}, 3) uint8, got {images.shape} {images.dtype}")
+    labels = np.empty(count, np.int64)
     jobs = [(seed, a, min(a + chunk, first + count), size) for a in range(first, first + count, chunk)]
-    if workers <= 1:
-        parts = [_make_range(j) for j in jobs]
-    else:
-        with ProcessPoolExecutor(workers) as pool:
-            parts = list(pool.map(_make_range, jobs))
-    if not parts:
-        return np.empty((0, size, size, 3), np.uint8), np.empty(0, np.int64)
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        done = pool.map(_make_range, jobs) if pool is not None else map(_make_range, jobs)
+        for (_, a, b, _), (part_images, part_labels) in zip(jobs, done):
+            images[a - first : b - first] = part_images
+            labels[a - first : b - first] = part_labels
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    return images, labels

@@ -12,19 +12,22 @@ real DeiT weights::
 
     python jobs/train_gtformer.py ... --backbone-checkpoint OUTPUT/backbone.safetensors
 
-Besides the class-token head (exported as ``head.*``), an auxiliary linear head on the average
-of the patch tokens (``--avg-head-weight``; not exported) trains the patch tokens to carry the
-class, as GTFormer's classifier reads them.
+Besides the class-token head (exported as ``head.*``), training-only heads (not exported) read
+the class from the average of the patch tokens (``--avg-head-weight``: trains the patch tokens
+to carry the class, as GTFormer's classifier reads them) and each class factor (shape, hue,
+texture) from either (``--factor-weight``: an easier signal early on, while a ViT trained from
+scratch would otherwise sit at chance).
 
 Writes into ``--output``:
 
 - ``backbone.safetensors``: the state dict, timm DeiT keys (``cls_token``, ``pos_embed``,
   ``patch_embed.proj.*``, ``blocks.N.*``, ``norm.*``, ``head.*``), float32;
 - ``backbone.json``: command, seeds, settings, per-epoch history (loss, held-out accuracy of each
-  head and of each class factor), wall times of data generation and training, ``uptime`` before
-  and after, machine, SHA-256 of the weights.
+  head and of each class factor), wall times of data generation and training, the process's CPU
+  time, ``uptime`` before and after, machine, SHA-256 of the weights.
 
-No Ray; data are generated once into memory (``--cache`` keeps them on disk between runs).
+No Ray; the scenes are generated before training (``--cache`` keeps them on disk, memory-mapped,
+for later runs; the generation time is recorded apart from the training time).
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ from pro2sam.checkpoints import sha256_file
 from pro2sam.gtformer import GTFORMER_PRESETS, create_deit_backbone
 from pro2sam.synthetic_pretrain import (
     PRETRAIN_CLASSES,
+    PRETRAIN_HUES,
+    PRETRAIN_SHAPES,
+    PRETRAIN_TEXTURES,
     PRETRAIN_GENERATOR_VERSION,
     make_pretrain_arrays,
     pretrain_class_factors,
@@ -67,20 +73,23 @@ def uptime() -> str:
 
 
 def load_or_make(seed: int, count: int, size: int, workers: int, cache: Path | None, first: int = 0):
-    """(images (N, S, S, 3) uint8, labels (N,) int64) of pretraining scenes first..first+count-1."""
-    name = f"pretrain_v{PRETRAIN_GENERATOR_VERSION}_seed{seed}_from{first}_n{count}_s{size}.npz"
-    if cache is not None and (cache / name).is_file():
-        with np.load(cache / name) as f:
-            return f["images"], f["labels"], 0.0, str(cache / name)
+    """Pretraining scenes ``first .. first + count - 1``: (images (N, S, S, 3) uint8, labels (N,)
+    int64, seconds spent generating, cache folder read or None). With ``cache`` they are written
+    there as .npy files once and memory-mapped afterwards."""
+    if cache is None:
+        start = time.perf_counter()
+        images, labels = make_pretrain_arrays(seed, count, first=first, size=size, workers=workers)
+        return images, labels, time.perf_counter() - start, None
+    folder = cache / f"pretrain_v{PRETRAIN_GENERATOR_VERSION}_seed{seed}_from{first}_n{count}_s{size}"
+    if (folder / "labels.npy").is_file():
+        return np.load(folder / "images.npy", mmap_mode="r"), np.load(folder / "labels.npy"), 0.0, str(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    images, labels = make_pretrain_arrays(seed, count, size=size, workers=workers, first=first)
-    seconds = time.perf_counter() - start
-    if cache is not None:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".{name}.tmp.npz"
-        np.savez(tmp, images=images, labels=labels)
-        os.replace(tmp, cache / name)
-    return images, labels, seconds, None
+    images = np.lib.format.open_memmap(folder / "images.npy", mode="w+", dtype=np.uint8, shape=(count, size, size, 3))
+    images, labels = make_pretrain_arrays(seed, count, first=first, size=size, workers=workers, out=images)
+    images.flush()
+    np.save(folder / "labels.npy", labels)  # written last: marks the folder complete
+    return np.load(folder / "images.npy", mmap_mode="r"), labels, time.perf_counter() - start, None
 
 
 class Normalise:
@@ -91,20 +100,46 @@ class Normalise:
         self.std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1) * 255
 
     def __call__(self, batch: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float()
+        x = torch.from_numpy(np.array(batch)).permute(0, 3, 1, 2).float()
         return (x - self.mean) / self.std
 
 
-def heads(model, avg_head, x):
-    """Class-token logits and patch-average logits of a batch."""
+class AuxHeads(torch.nn.Module):
+    """Training-only heads (not exported): the class from the patch-token average, and each class
+    factor (shape, hue, texture) from the class token and from the patch-token average."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        sizes = (len(PRETRAIN_SHAPES), len(PRETRAIN_HUES), len(PRETRAIN_TEXTURES))
+        self.avg = torch.nn.Linear(dim, len(PRETRAIN_CLASSES))
+        self.factors_cls = torch.nn.Linear(dim, sum(sizes))
+        self.factors_avg = torch.nn.Linear(dim, sum(sizes))
+        self.factors_max = torch.nn.Linear(dim, sum(sizes))
+        self.sizes = sizes
+
+
+def heads(model, aux: AuxHeads, x):
+    """Logits of a batch: class-token head, patch-average head, and the three factor heads (class
+    token, patch average, patch maximum)."""
     tokens = model.forward_features(x)
     cls_logits = model.forward_head(tokens)
-    avg_logits = avg_head(tokens[:, model.num_prefix_tokens :].mean(dim=1))
-    return cls_logits, avg_logits
+    patches = tokens[:, model.num_prefix_tokens :]
+    patch_mean = patches.mean(dim=1)
+    factors = (aux.factors_cls(tokens[:, 0]), aux.factors_avg(patch_mean), aux.factors_max(patches.max(dim=1).values))
+    return cls_logits, aux.avg(patch_mean), *factors
+
+
+def factor_loss(logits: torch.Tensor, factors: torch.Tensor, sizes, smoothing: float) -> torch.Tensor:
+    """Sum over the class factors of the cross-entropy of that factor's slice of ``logits``."""
+    total, start = 0.0, 0
+    for j, n in enumerate(sizes):
+        total = total + F.cross_entropy(logits[:, start : start + n], factors[:, j], label_smoothing=smoothing)
+        start += n
+    return total
 
 
 @torch.no_grad()
-def evaluate(model, avg_head, images, labels, normalise, batch_size: int = 128) -> dict:
+def evaluate(model, aux, images, labels, normalise, batch_size: int = 128) -> dict:
     model.eval()
     correct = {"cls": 0, "avg": 0, "shape": 0, "hue": 0, "texture": 0}
     loss_sum = 0.0
@@ -112,7 +147,7 @@ def evaluate(model, avg_head, images, labels, normalise, batch_size: int = 128) 
     for a in range(0, len(labels), batch_size):
         x = normalise(images[a : a + batch_size])
         y = torch.from_numpy(labels[a : a + batch_size])
-        cls_logits, avg_logits = heads(model, avg_head, x)
+        cls_logits, avg_logits, *_ = heads(model, aux, x)
         loss_sum += F.cross_entropy(cls_logits, y, reduction="sum").item()
         pred = cls_logits.argmax(1).numpy()
         correct["cls"] += int((pred == y.numpy()).sum())
@@ -141,11 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--drop-path", type=float, default=0.05, help="stochastic depth rate (default %(default)s)")
     p.add_argument("--avg-head-weight", type=float, default=1.0, help="weight of the patch-average head's loss")
+    p.add_argument("--factor-weight", type=float, default=1.0,
+                   help="weight of the per-factor (shape, hue, texture) losses")  # fmt: skip
+    p.add_argument("--max-head-weight", type=float, default=0.0,
+                   help="weight of the factor head on the patch-token maximum (a part is a few tokens)")  # fmt: skip
+    p.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip (0: none)")
     p.add_argument("--seed", type=int, default=0, help="model initialisation, order and flips")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the pretraining scenes")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default %(default)s)")
     p.add_argument("--data-workers", type=int, default=2, help="processes generating the scenes")
-    p.add_argument("--cache", type=Path, help="folder to keep / reuse the generated scenes (.npz)")
+    p.add_argument("--cache", type=Path, help="folder to keep / reuse the generated scenes (.npy, memory-mapped)")
     p.add_argument("--eval-every", type=float, default=0.5, help="held-out evaluation every this many epochs")
     args = p.parse_args(argv)
     if args.size % 16:
@@ -177,10 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     model = create_deit_backbone(
         args.preset, num_classes=len(PRETRAIN_CLASSES), dynamic_img_size=True, drop_path_rate=args.drop_path
     )
-    avg_head = torch.nn.Linear(model.embed_dim, len(PRETRAIN_CLASSES))
+    aux = AuxHeads(model.embed_dim)
     groups = param_groups(model, args.weight_decay)
-    groups[0]["params"] = groups[0]["params"] + [avg_head.weight]
-    groups[1]["params"] = groups[1]["params"] + [avg_head.bias]
+    for g, extra in zip(groups, param_groups(aux, args.weight_decay)):
+        g["params"] = g["params"] + extra["params"]
+    factor_table = torch.tensor([pretrain_class_factors(c) for c in range(len(PRETRAIN_CLASSES))])
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
     steps_per_epoch = math.ceil(len(labels) / args.batch_size)
     total_steps = max(1, round(args.epochs * steps_per_epoch))
@@ -189,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     history: list[dict] = []
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     model.train()
     order = np.empty(0, np.int64)
     loss_sum = correct = seen = 0.0
@@ -204,12 +245,22 @@ def main(argv: list[str] | None = None) -> int:
         lr = lr_at_step(step, lr=args.lr, total_steps=total_steps, warmup_steps=args.warmup_steps, min_lr=args.min_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        cls_logits, avg_logits = heads(model, avg_head, x)
-        loss = F.cross_entropy(cls_logits, y, label_smoothing=args.label_smoothing)
+        cls_logits, avg_logits, factors_cls, factors_avg, factors_max = heads(model, aux, x)
+        smoothing = args.label_smoothing
+        loss = F.cross_entropy(cls_logits, y, label_smoothing=smoothing)
         if args.avg_head_weight:
-            loss = loss + args.avg_head_weight * F.cross_entropy(avg_logits, y, label_smoothing=args.label_smoothing)
+            loss = loss + args.avg_head_weight * F.cross_entropy(avg_logits, y, label_smoothing=smoothing)
+        if args.factor_weight:
+            factors = factor_table[y]
+            loss = loss + args.factor_weight * (
+                factor_loss(factors_cls, factors, aux.sizes, smoothing)
+                + args.avg_head_weight * factor_loss(factors_avg, factors, aux.sizes, smoothing)
+                + args.max_head_weight * factor_loss(factors_max, factors, aux.sizes, smoothing)
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if args.clip_grad:
+            torch.nn.utils.clip_grad_norm_([q for g in optimizer.param_groups for q in g["params"]], args.clip_grad)
         optimizer.step()
         loss_sum += loss.item() * len(idx)
         correct += (cls_logits.argmax(1) == y).sum().item()
@@ -218,14 +269,15 @@ def main(argv: list[str] | None = None) -> int:
             train_seconds = time.perf_counter() - start
             entry = {"step": step + 1, "epoch": (step + 1) / steps_per_epoch, "lr": lr,
                      "train_loss": loss_sum / seen, "train_accuracy": correct / seen}  # fmt: skip
-            entry.update(evaluate(model, avg_head, val_images, val_labels, normalise))
+            entry.update(evaluate(model, aux, val_images, val_labels, normalise))
             entry["seconds"] = time.perf_counter() - start
+            entry["cpu_seconds"] = time.process_time() - cpu_start
             entry["eval_seconds"] = entry["seconds"] - train_seconds
             history.append(entry)
             shown = " ".join(f"{k} {v:.4g}" for k, v in entry.items())
             print(f"[pretrain] {shown}", flush=True)
             loss_sum = correct = seen = 0.0
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
 
     from safetensors.torch import save_file
 
@@ -236,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         steps=total_steps,
         images_seen=total_steps * args.batch_size,
         train_wall_seconds=wall,
+        # CPU seconds of this process (all threads): about wall x threads on an otherwise idle machine
+        train_cpu_seconds=cpu,
         history=history,
         uptime_after=uptime(),
         weights=WEIGHTS_FILE,
