@@ -4,22 +4,23 @@ As DeiT is pretrained on ImageNet before it meets CUB, the backbone of the shipp
 pretrained here before it meets the target world of :mod:`pro2sam.synthetic` (METHOD.md §5). The
 classes are **not** the target world's: each is a triple
 
-    (part shape, part hue, texture of the body the part is attached to)
+    (pattern of the part, hue of the part, texture of the body the part is attached to)
 
-over :data:`PRETRAIN_SHAPES` (10 shapes, the target world's five among them, as ImageNet holds
-birds), :data:`PRETRAIN_HUES` (6 saturated hues; never the target world's red or blue) and
-:data:`PRETRAIN_TEXTURES` (4), i.e. 240 classes. A scene is built like a target-world scene: a
-textured, cluttered background of low saturation, one large *body* with a small saturated *part*
-attached to its outline, and 0-4 *distractor* bodies without a part whose textures are drawn from
-the same four. To name the class a model must find the part, read its shape and hue, and read
-the texture of the body it belongs to (not of a distractor): what the coarse map of a WSOL model
-needs to know, taught with other labels.
+over :data:`PRETRAIN_PATTERNS` (7 fine two-tone patterns, the target world's five among them, as
+ImageNet holds birds), :data:`PRETRAIN_HUES` (6 saturated hues; never the target world's red or
+blue) and :data:`PRETRAIN_TEXTURES` (4), i.e. 168 classes. The part's shape is drawn from
+:data:`PRETRAIN_SHAPES` (10, the target world's five among them) and is not part of the class. A
+scene is built like a target-world scene: a textured, cluttered background of low saturation, one
+large *body* with a small saturated *part* attached to its outline, and 0-4 *distractor* bodies
+without a part whose textures are drawn from the same four. To name the class a model must find
+the part, read its hue and pattern, and read the texture of the body it belongs to (not of a
+distractor): what the coarse map of a WSOL model needs to know, taught with other labels.
 
 Scenes are square, ``size`` pixels a side (default 144, smaller than GTFormer's 224 input so
 that pretraining sees more images in the same time; a ViT built with ``dynamic_img_size``
 resamples its 224 position embedding). Parts are drawn at 12-36 px (square root of their area;
-scaled with ``size``), near the scale of the target world's parts at 224 (20-38 px), so
-patch-level features transfer.
+scaled with ``size``), near the scale of the target world's parts at 224 (20-38 px), with the
+target world's pattern periods, so patch-level features transfer.
 
 Every scene is determined by ``(seed, index)`` (:func:`make_pretrain_scene`); labels cycle through
 the classes in shuffled blocks. Frames: images (S, S, 3) uint8 RGB.
@@ -36,6 +37,7 @@ import numpy as np
 
 from .synthetic import (
     DISTRACTOR_AREA_FRACTION,
+    PART_PATTERN_KINDS,
     _background,
     _boundary_distance,
     _contrasting_colour,
@@ -47,10 +49,13 @@ from .synthetic import (
     _smooth_noise,
     _transform,
     _unit_part_polygon,
+    part_pattern,
+    two_tone,
 )
 
 __all__ = [
     "PRETRAIN_SHAPES",
+    "PRETRAIN_PATTERNS",
     "PRETRAIN_HUES",
     "PRETRAIN_TEXTURES",
     "PRETRAIN_CLASSES",
@@ -62,18 +67,19 @@ __all__ = [
     "make_pretrain_arrays",
 ]
 
-PRETRAIN_GENERATOR_VERSION = 1
+PRETRAIN_GENERATOR_VERSION = 2  # 2: the part's pattern, not its shape, is a class factor
 
 PRETRAIN_SHAPES = ("disc", "triangle", "square", "star", "cross", "ring", "crescent", "bar", "chevron", "ell")
 # Hue (0..1 of the HSV circle), away from the target world's red (~0.00) and blue (~0.63).
 PRETRAIN_HUES: dict[str, float] = {
     "orange": 0.075, "yellow": 0.15, "green": 0.33, "cyan": 0.5, "purple": 0.77, "magenta": 0.87,
 }  # fmt: skip
-# "plain" is a body with shading only; the others are patterns of pro2sam.synthetic.
+PRETRAIN_PATTERNS = PART_PATTERN_KINDS
+# Body textures: "plain" is shading only; the others are pro2sam.synthetic's dull patterns.
 PRETRAIN_TEXTURES = ("plain", "stripes", "spots", "checker")
-# Class = (shape, hue, texture), shape-major.
+# Class = (part pattern, part hue, body texture), pattern-major: "dots_orange_on_checker".
 PRETRAIN_CLASSES: tuple[str, ...] = tuple(
-    f"{s}_{h}_{t}" for s in PRETRAIN_SHAPES for h in PRETRAIN_HUES for t in PRETRAIN_TEXTURES
+    f"{p}_{h}_on_{t}" for p in PRETRAIN_PATTERNS for h in PRETRAIN_HUES for t in PRETRAIN_TEXTURES
 )
 
 _STREAM = 11  # apart from pro2sam.synthetic's streams (0..3)
@@ -92,7 +98,7 @@ class PretrainScene:
     Attributes:
         image: (S, S, 3) uint8 RGB.
         label: class index into :data:`PRETRAIN_CLASSES`.
-        part_mask: (S, S) bool, the saturated part that names shape and hue.
+        part_mask: (S, S) bool, the saturated part that names pattern and hue.
         body_mask: (S, S) bool, the body it is attached to (whose texture is the third factor),
             without the part.
         distractor_masks: (K, S, S) bool, K = 0..4, bodies without a part.
@@ -106,7 +112,7 @@ class PretrainScene:
 
 
 def pretrain_class_factors(label: int) -> tuple[int, int, int]:
-    """(shape, hue, texture) indices of a class."""
+    """(pattern, hue, texture) indices of a class."""
     nh, nt = len(PRETRAIN_HUES), len(PRETRAIN_TEXTURES)
     return label // (nh * nt), (label // nt) % nh, label % nt
 
@@ -168,8 +174,9 @@ def make_pretrain_scene(seed: int, index: int, *, size: int = DEFAULT_SIZE) -> P
     arguments always give the same scene."""
     rng = np.random.default_rng([seed, _STREAM, index])
     label = pretrain_label(seed, index)
-    s, h, t = pretrain_class_factors(label)
-    shape, hue, texture = PRETRAIN_SHAPES[s], list(PRETRAIN_HUES.values())[h], PRETRAIN_TEXTURES[t]
+    p, h, t = pretrain_class_factors(label)
+    pattern, hue, texture = PRETRAIN_PATTERNS[p], list(PRETRAIN_HUES.values())[h], PRETRAIN_TEXTURES[t]
+    shape = PRETRAIN_SHAPES[int(rng.integers(len(PRETRAIN_SHAPES)))]
     frame = (size, size)
 
     image = _background(rng, frame)
@@ -193,7 +200,8 @@ def make_pretrain_scene(seed: int, index: int, *, size: int = DEFAULT_SIZE) -> P
     theta = rng.uniform(0, 2 * np.pi)
     direction = np.array([np.cos(theta), np.sin(theta)])
     reach = _boundary_distance(body, centre, direction) + rng.uniform(-0.3, 0.3) * radius
-    part = _part_mask(shape, radius, rng.uniform(0, 2 * np.pi), centre + reach * direction, frame)
+    part_centre = centre + reach * direction
+    part = _part_mask(shape, radius, rng.uniform(0, 2 * np.pi), part_centre, frame)
 
     taken = cv2.dilate((body | part).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
     distractors = []
@@ -214,7 +222,8 @@ def make_pretrain_scene(seed: int, index: int, *, size: int = DEFAULT_SIZE) -> P
         image[mask] = _textured(rng, frame, _contrasting_colour(rng, background_mean), kind)[mask]
     rgb = np.array(colorsys.hsv_to_rgb((hue + rng.uniform(-0.02, 0.02)) % 1, rng.uniform(0.75, 0.95),
                                        rng.uniform(0.75, 0.95)), np.float32) * 255  # fmt: skip
-    part_texture = rgb + (_smooth_noise(rng, frame, 4)[..., None] - 0.5) * 30
+    part_texture = two_tone(rng, rgb, part_pattern(rng, pattern, frame, part_centre))
+    part_texture = part_texture + (_smooth_noise(rng, frame, 4)[..., None] - 0.5) * 30
     image[part] = part_texture[part]
 
     image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.4, 0.9))

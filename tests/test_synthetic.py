@@ -1,6 +1,7 @@
 """The synthetic WSOL world: scenes, their ground truth, and the data set on disk."""
 
 import argparse
+import math
 
 import cv2
 import numpy as np
@@ -13,6 +14,7 @@ from pro2sam.synthetic import (
     SYNTHETIC_CLASSES,
     add_synthetic_arguments,
     make_scene,
+    part_pattern,
     run_synthetic,
     scene_label,
     write_wsol_dataset,
@@ -27,9 +29,10 @@ def scenes():
 
 
 def _class_coloured(image: np.ndarray) -> np.ndarray:
-    """(H, W) bool: saturated, bright pixels (the colours only class parts have)."""
+    """(H, W) bool: saturated pixels, not too dark (the colours only class parts have, in either
+    of their two tones)."""
     hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-    return (hsv[..., 1] > 0.7 * 255) & (hsv[..., 2] > 0.5 * 255)
+    return (hsv[..., 1] > 0.6 * 255) & (hsv[..., 2] > 0.25 * 255)
 
 
 def _erode(mask: np.ndarray, px: int) -> np.ndarray:
@@ -79,6 +82,40 @@ def test_class_part_carries_the_class_colour(scenes):
         inner = _erode(s.part_mask, 2)
         if inner.sum() >= 10:
             assert _class_coloured(s.image)[inner].mean() > 0.9
+
+
+def test_class_part_carries_its_kinds_pattern_in_two_tones_of_the_class_hue():
+    # Full-size scenes: patterns of 5-7 px need parts larger than the small test images give.
+    expected_hue = {"red": 0.0, "blue": 0.62}
+    checked = set()
+    for i in range(30):
+        s = make_scene(0, "val", i)
+        inner = _erode(s.part_mask, 2)
+        if inner.sum() < 60:
+            continue
+        colour, kind = s.class_name.split("_")
+        hsv = cv2.cvtColor(s.image, cv2.COLOR_RGB2HSV)[inner].astype(np.float64)
+        hue = hsv[:, 0] / 180
+        assert np.median(np.minimum(abs(hue - expected_hue[colour]), 1 - abs(hue - expected_hue[colour]))) < 0.04
+        value = hsv[:, 2]
+        dark = (value < 0.75 * np.percentile(value, 95)).mean()
+        if kind == "disc":  # solid
+            assert dark < 0.1, (i, kind, dark)
+        else:  # stripes, checker, rings, dots: a fair share of each tone
+            assert 0.12 < dark < 0.85, (i, kind, dark)
+        checked.add(kind)
+    assert checked == {"disc", "triangle", "square", "star", "cross"}
+
+
+@pytest.mark.parametrize(
+    "kind, share",
+    [("solid", 0.0), ("stripes", 0.5), ("checker", 0.5), ("rings", 0.5), ("dots", math.pi * 0.28**2),
+     ("grid", 1 - 0.7**2), ("zigzag", 0.5)],
+)  # fmt: skip
+def test_part_patterns_cover_their_geometric_share_of_the_part(kind, share):
+    pattern = part_pattern(np.random.default_rng(0), kind, (300, 300), (150.0, 150.0))
+    assert pattern.shape == (300, 300) and set(np.unique(pattern)) <= {0.0, 1.0}
+    assert pattern.mean() == pytest.approx(share, abs=0.03)
 
 
 def test_distractors_are_apart_from_the_target_and_carry_no_class_part(scenes):

@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from pro2sam.gtformer import create_deit_backbone, create_gtformer
-from pro2sam.synthetic import PART_COLOURS, SYNTHETIC_CLASSES
+from pro2sam.synthetic import PART_COLOURS, PART_PATTERNS, PART_SHAPES, SYNTHETIC_CLASSES
 from pro2sam.synthetic_pretrain import (
     PRETRAIN_CLASSES,
     PRETRAIN_HUES,
+    PRETRAIN_PATTERNS,
     PRETRAIN_SHAPES,
     PRETRAIN_TEXTURES,
     make_pretrain_arrays,
@@ -40,8 +41,9 @@ def _hue_distance(a: float, b: float) -> float:
 
 
 def _saturated(image: np.ndarray) -> np.ndarray:
+    """Saturated pixels, not too dark: either tone of a part."""
     hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-    return (hsv[..., 1] > 0.6 * 255) & (hsv[..., 2] > 0.5 * 255)
+    return (hsv[..., 1] > 0.6 * 255) & (hsv[..., 2] > 0.25 * 255)
 
 
 def test_same_seed_and_index_give_the_same_scene_and_others_differ():
@@ -51,12 +53,13 @@ def test_same_seed_and_index_give_the_same_scene_and_others_differ():
     assert not np.array_equal(make_pretrain_scene(2, 5, size=SIZE).image, a.image)
 
 
-def test_classes_are_shape_hue_texture_triples_none_of_them_the_target_worlds():
-    names = [f"{s}_{h}_{t}" for s in PRETRAIN_SHAPES for h in PRETRAIN_HUES for t in PRETRAIN_TEXTURES]
-    assert list(PRETRAIN_CLASSES) == names and len(names) == 240
+def test_classes_are_pattern_hue_texture_triples_none_of_them_the_target_worlds():
+    names = [f"{p}_{h}_on_{t}" for p in PRETRAIN_PATTERNS for h in PRETRAIN_HUES for t in PRETRAIN_TEXTURES]
+    assert list(PRETRAIN_CLASSES) == names and len(names) == 7 * 6 * 4
     for label, name in enumerate(names):
-        s, h, t = pretrain_class_factors(label)
-        assert name == f"{PRETRAIN_SHAPES[s]}_{list(PRETRAIN_HUES)[h]}_{PRETRAIN_TEXTURES[t]}"
+        p, h, t = pretrain_class_factors(label)
+        assert name == f"{PRETRAIN_PATTERNS[p]}_{list(PRETRAIN_HUES)[h]}_on_{PRETRAIN_TEXTURES[t]}"
+    assert set(PART_PATTERNS.values()) <= set(PRETRAIN_PATTERNS) and set(PART_SHAPES) <= set(PRETRAIN_SHAPES)
     assert not set(PRETRAIN_CLASSES) & set(SYNTHETIC_CLASSES)
     # no pretraining hue is within 0.05 of the HSV circle of the target world's part colours
     target_hues = [colorsys.rgb_to_hsv(*(np.array(rgb) / 255))[0] for rgb in PART_COLOURS.values()]
