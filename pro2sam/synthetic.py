@@ -4,13 +4,14 @@ Official SAM and DeiT weights and CUB / ImageNet cannot be downloaded everywhere
 stand in for them. Each image holds one **target object**: a large class-agnostic *body* (blob,
 ellipse or star-shaped polygon of random scale, aspect, orientation, position and texture) with a
 small class-specific *part* attached to its outline (like a bird's head). Only the part decides
-the class: its colour (red or blue) and its kind, a shape with its own fine two-tone pattern
-(:data:`PART_PATTERNS`: a solid disc, a striped triangle, a checkered square, a ringed star, a
-dotted cross), as a bird's head differs in outline and in plumage. So a classifier trained on
-image-level labels finds the part first, which is the situation WSOL methods are built for.
-(Generator version 1 had plain parts told apart by shape alone, 20-38 px at 224: a 16 px patch
-ViT trained for 30 CPU minutes learned their colour but not their shape; the pattern is a cue
-a patch embedding sees locally.) Backgrounds are textured and cluttered, and 0-3
+the class: its colour (red or blue) and its kind (:data:`PART_KINDS`), a shape with its own fine
+pattern in its own accent colour (a solid disc, a triangle with white stripes, a square with a
+black checker, a star with yellow rings, a cross with green dots), as a bird's head differs in
+outline and in plumage. So a classifier trained on image-level labels finds the part first,
+which is the situation WSOL methods are built for. (Generator version 1 had plain parts told
+apart by shape alone, 20-38 px at 224, and version 2 added a dark-shade pattern: a 16 px patch
+ViT trained for 30 CPU minutes learned their colour, and whether they were patterned, but not
+their shape or which pattern; version 3 gives each kind a colour cue a patch embedding sees.) Backgrounds are textured and cluttered, and 0-3
 **distractors** (bodies of the same distribution without a part) compete with the target.
 
 Colour is what separates class evidence from everything else: parts are saturated red or blue,
@@ -46,8 +47,9 @@ from PIL import Image
 __all__ = [
     "PART_SHAPES",
     "PART_COLOURS",
-    "PART_PATTERNS",
+    "PART_KINDS",
     "PART_PATTERN_KINDS",
+    "ACCENT_COLOURS",
     "SYNTHETIC_CLASSES",
     "STREAMS",
     "DEFAULT_SIZE_RANGE",
@@ -55,6 +57,7 @@ __all__ = [
     "SyntheticDataset",
     "generate_scene",
     "part_pattern",
+    "two_tone",
     "make_scene",
     "scene_label",
     "write_wsol_dataset",
@@ -62,16 +65,22 @@ __all__ = [
     "run_synthetic",
 ]
 
-GENERATOR_VERSION = 2  # 2: class parts carry a pattern as well as a shape
+GENERATOR_VERSION = 3  # 3: class parts carry a pattern in an accent colour as well as a shape
 
 # Class = (part colour, part kind); the class index is colour-major over these two tuples. Each
-# kind has its own shape and its own fine two-tone pattern (PART_PATTERNS).
+# kind has its own shape, its own fine pattern and the pattern's own accent colour (PART_KINDS).
 PART_SHAPES = ("disc", "triangle", "square", "star", "cross")
 # Fine patterns a class part can carry (pro2sam.synthetic_pretrain uses them all); period in px.
 PART_PATTERN_KINDS = ("solid", "stripes", "checker", "rings", "dots", "grid", "zigzag")
 PART_PATTERN_PERIOD_PX = (5.0, 7.0)
-PART_PATTERNS: dict[str, str] = {
-    "disc": "solid", "triangle": "stripes", "square": "checker", "star": "rings", "cross": "dots",
+# Second colours of patterned parts (RGB); the part's own colour is the first.
+ACCENT_COLOURS: dict[str, tuple[int, int, int]] = {
+    "white": (240, 240, 232), "black": (22, 22, 28), "yellow": (238, 212, 40), "green": (40, 190, 70),
+}  # fmt: skip
+# kind (its shape) -> (pattern, accent colour or None)
+PART_KINDS: dict[str, tuple[str, str | None]] = {
+    "disc": ("solid", None), "triangle": ("stripes", "white"), "square": ("checker", "black"),
+    "star": ("rings", "yellow"), "cross": ("dots", "green"),
 }  # fmt: skip
 PART_COLOURS: dict[str, tuple[int, int, int]] = {"red": (225, 40, 35), "blue": (35, 85, 235)}
 SYNTHETIC_CLASSES: tuple[str, ...] = tuple(f"{c}_{s}" for c in PART_COLOURS for s in PART_SHAPES)
@@ -333,7 +342,7 @@ def part_pattern(
     elif kind == "checker":
         out = (np.floor(u) + np.floor(v)) % 2 == 0
     elif kind == "dots":
-        out = ((u % 1) - 0.5) ** 2 + ((v % 1) - 0.5) ** 2 < 0.28**2
+        out = ((u % 1) - 0.5) ** 2 + ((v % 1) - 0.5) ** 2 < 0.36**2
     elif kind == "rings":
         out = (np.hypot(xx - centre[0], yy - centre[1]) / period + phase[0]) % 1 < 0.5
     elif kind == "grid":
@@ -343,11 +352,16 @@ def part_pattern(
     return out.astype(np.float32)
 
 
-def two_tone(rng: np.random.Generator, colour: np.ndarray, pattern: np.ndarray) -> np.ndarray:
-    """(H, W, 3) float32: ``colour`` where ``pattern`` is 0, a darker shade of the same hue (and
-    saturation) where it is 1."""
-    dark = colour * rng.uniform(0.35, 0.5)
-    return colour * (1 - pattern[..., None]) + dark * pattern[..., None]
+def two_tone(
+    rng: np.random.Generator, colour: np.ndarray, pattern: np.ndarray, second: np.ndarray | None = None
+) -> np.ndarray:
+    """(H, W, 3) float32: ``colour`` where ``pattern`` is 0, ``second`` (RGB, jittered a little)
+    where it is 1; without ``second``, a darker shade of the same hue and saturation."""
+    if second is None:
+        second = colour * rng.uniform(0.35, 0.5)
+    else:
+        second = np.asarray(second, np.float32) * rng.uniform(0.9, 1.05) + rng.uniform(-8, 8, 3)
+    return colour * (1 - pattern[..., None]) + second * pattern[..., None]
 
 
 # ---------------------------------------------------------------- scenes
@@ -446,7 +460,9 @@ def generate_scene(
         image[mask] = texture[mask]
     part_colour = np.array(PART_COLOURS[colour_name], np.float32) * rng.uniform(0.85, 1.05)
     part_colour = part_colour + rng.uniform(-10, 10, 3)
-    part_texture = two_tone(rng, part_colour, part_pattern(rng, PART_PATTERNS[shape], size, part_polygon.mean(0)))
+    pattern, accent = PART_KINDS[shape]
+    pattern_map = part_pattern(rng, pattern, size, part_polygon.mean(0))
+    part_texture = two_tone(rng, part_colour, pattern_map, ACCENT_COLOURS[accent] if accent else None)
     part_texture = part_texture + (_smooth_noise(rng, size, 4)[..., None] - 0.5) * 30
     image[part_mask] = part_texture[part_mask]
 

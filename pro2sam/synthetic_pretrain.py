@@ -4,17 +4,18 @@ As DeiT is pretrained on ImageNet before it meets CUB, the backbone of the shipp
 pretrained here before it meets the target world of :mod:`pro2sam.synthetic` (METHOD.md §5). The
 classes are **not** the target world's: each is a triple
 
-    (pattern of the part, hue of the part, texture of the body the part is attached to)
+    (hue of the part, accent of its pattern, texture of the body the part is attached to)
 
-over :data:`PRETRAIN_PATTERNS` (7 fine two-tone patterns, the target world's five among them, as
-ImageNet holds birds), :data:`PRETRAIN_HUES` (6 saturated hues; never the target world's red or
-blue) and :data:`PRETRAIN_TEXTURES` (4), i.e. 168 classes. The part's shape is drawn from
-:data:`PRETRAIN_SHAPES` (10, the target world's five among them) and is not part of the class. A
-scene is built like a target-world scene: a textured, cluttered background of low saturation, one
-large *body* with a small saturated *part* attached to its outline, and 0-4 *distractor* bodies
-without a part whose textures are drawn from the same four. To name the class a model must find
-the part, read its hue and pattern, and read the texture of the body it belongs to (not of a
-distractor): what the coarse map of a WSOL model needs to know, taught with other labels.
+over :data:`PRETRAIN_HUES` (6 saturated hues; never the target world's red or blue),
+:data:`PRETRAIN_ACCENTS` (6: a solid part, or a fine pattern in white, black, a darker or a
+lighter shade, or the complementary hue) and :data:`PRETRAIN_TEXTURES` (4), i.e. 144 classes.
+The part's shape (:data:`PRETRAIN_SHAPES`, 10, the target world's five among them, as ImageNet
+holds birds) and its pattern (:data:`PRETRAIN_PATTERNS`) are drawn at random and are not part of
+the class. A scene is built like a target-world scene: a textured, cluttered background of low
+saturation, one large *body* with a small saturated *part* attached to its outline, and 0-4
+*distractor* bodies without a part whose textures are drawn from the same four. To name the class
+a model must find the part, read its colours, and read the texture of the body it belongs to
+(not of a distractor): what the coarse map of a WSOL model needs to know, taught with other labels.
 
 Scenes are square, ``size`` pixels a side (default 144, smaller than GTFormer's 224 input so
 that pretraining sees more images in the same time; a ViT built with ``dynamic_img_size``
@@ -57,6 +58,7 @@ __all__ = [
     "PRETRAIN_SHAPES",
     "PRETRAIN_PATTERNS",
     "PRETRAIN_HUES",
+    "PRETRAIN_ACCENTS",
     "PRETRAIN_TEXTURES",
     "PRETRAIN_CLASSES",
     "PRETRAIN_GENERATOR_VERSION",
@@ -67,19 +69,23 @@ __all__ = [
     "make_pretrain_arrays",
 ]
 
-PRETRAIN_GENERATOR_VERSION = 2  # 2: the part's pattern, not its shape, is a class factor
+PRETRAIN_GENERATOR_VERSION = 3  # 3: the accent colour of the part's pattern is a class factor
 
 PRETRAIN_SHAPES = ("disc", "triangle", "square", "star", "cross", "ring", "crescent", "bar", "chevron", "ell")
 # Hue (0..1 of the HSV circle), away from the target world's red (~0.00) and blue (~0.63).
 PRETRAIN_HUES: dict[str, float] = {
     "orange": 0.075, "yellow": 0.15, "green": 0.33, "cyan": 0.5, "purple": 0.77, "magenta": 0.87,
 }  # fmt: skip
-PRETRAIN_PATTERNS = PART_PATTERN_KINDS
+# Patterns of accented parts (solid parts have none).
+PRETRAIN_PATTERNS = tuple(k for k in PART_PATTERN_KINDS if k != "solid")
+# Second colour of the part's pattern: "plain" parts are solid; "dark" / "light" are shades of
+# the part's hue; "complement" is the opposite hue.
+PRETRAIN_ACCENTS = ("plain", "white", "black", "dark", "light", "complement")
 # Body textures: "plain" is shading only; the others are pro2sam.synthetic's dull patterns.
 PRETRAIN_TEXTURES = ("plain", "stripes", "spots", "checker")
-# Class = (part pattern, part hue, body texture), pattern-major: "dots_orange_on_checker".
+# Class = (part hue, accent, body texture), hue-major: "orange_black_on_checker".
 PRETRAIN_CLASSES: tuple[str, ...] = tuple(
-    f"{p}_{h}_on_{t}" for p in PRETRAIN_PATTERNS for h in PRETRAIN_HUES for t in PRETRAIN_TEXTURES
+    f"{h}_{a}_on_{t}" for h in PRETRAIN_HUES for a in PRETRAIN_ACCENTS for t in PRETRAIN_TEXTURES
 )
 
 _STREAM = 11  # apart from pro2sam.synthetic's streams (0..3)
@@ -98,7 +104,7 @@ class PretrainScene:
     Attributes:
         image: (S, S, 3) uint8 RGB.
         label: class index into :data:`PRETRAIN_CLASSES`.
-        part_mask: (S, S) bool, the saturated part that names pattern and hue.
+        part_mask: (S, S) bool, the saturated part that names hue and accent.
         body_mask: (S, S) bool, the body it is attached to (whose texture is the third factor),
             without the part.
         distractor_masks: (K, S, S) bool, K = 0..4, bodies without a part.
@@ -112,9 +118,9 @@ class PretrainScene:
 
 
 def pretrain_class_factors(label: int) -> tuple[int, int, int]:
-    """(pattern, hue, texture) indices of a class."""
-    nh, nt = len(PRETRAIN_HUES), len(PRETRAIN_TEXTURES)
-    return label // (nh * nt), (label // nt) % nh, label % nt
+    """(hue, accent, texture) indices of a class."""
+    na, nt = len(PRETRAIN_ACCENTS), len(PRETRAIN_TEXTURES)
+    return label // (na * nt), (label // nt) % na, label % nt
 
 
 def pretrain_label(seed: int, index: int) -> int:
@@ -174,9 +180,10 @@ def make_pretrain_scene(seed: int, index: int, *, size: int = DEFAULT_SIZE) -> P
     arguments always give the same scene."""
     rng = np.random.default_rng([seed, _STREAM, index])
     label = pretrain_label(seed, index)
-    p, h, t = pretrain_class_factors(label)
-    pattern, hue, texture = PRETRAIN_PATTERNS[p], list(PRETRAIN_HUES.values())[h], PRETRAIN_TEXTURES[t]
+    h, a, t = pretrain_class_factors(label)
+    hue, accent, texture = list(PRETRAIN_HUES.values())[h], PRETRAIN_ACCENTS[a], PRETRAIN_TEXTURES[t]
     shape = PRETRAIN_SHAPES[int(rng.integers(len(PRETRAIN_SHAPES)))]
+    pattern = "solid" if accent == "plain" else PRETRAIN_PATTERNS[int(rng.integers(len(PRETRAIN_PATTERNS)))]
     frame = (size, size)
 
     image = _background(rng, frame)
@@ -220,9 +227,18 @@ def make_pretrain_scene(seed: int, index: int, *, size: int = DEFAULT_SIZE) -> P
     for mask in distractors:
         kind = PRETRAIN_TEXTURES[int(rng.integers(len(PRETRAIN_TEXTURES)))]
         image[mask] = _textured(rng, frame, _contrasting_colour(rng, background_mean), kind)[mask]
-    rgb = np.array(colorsys.hsv_to_rgb((hue + rng.uniform(-0.02, 0.02)) % 1, rng.uniform(0.75, 0.95),
-                                       rng.uniform(0.75, 0.95)), np.float32) * 255  # fmt: skip
-    part_texture = two_tone(rng, rgb, part_pattern(rng, pattern, frame, part_centre))
+    hue = (hue + rng.uniform(-0.02, 0.02)) % 1
+    saturation, value = rng.uniform(0.75, 0.95), rng.uniform(0.75, 0.95)
+    rgb = np.array(colorsys.hsv_to_rgb(hue, saturation, value), np.float32) * 255
+    second = {
+        "plain": None,
+        "white": (240, 240, 232),
+        "black": (22, 22, 28),
+        "dark": rgb * 0.4,
+        "light": np.array(colorsys.hsv_to_rgb(hue, 0.3, 1.0), np.float32) * 255,
+        "complement": np.array(colorsys.hsv_to_rgb((hue + 0.5) % 1, saturation, value), np.float32) * 255,
+    }[accent]
+    part_texture = two_tone(rng, rgb, part_pattern(rng, pattern, frame, part_centre), second)
     part_texture = part_texture + (_smooth_noise(rng, frame, 4)[..., None] - 0.5) * 30
     image[part] = part_texture[part]
 

@@ -2,9 +2,9 @@
 
     python scripts/pretrain_backbone.py --output /work/quality_runs/backbone --num-images 40000
 
-What ImageNet is for DeiT, :mod:`pro2sam.synthetic_pretrain` is here (METHOD.md §5): 168 classes
-(part pattern x part hue x texture of the body the part belongs to) that are not the target
-world's. The model is a plain timm ``VisionTransformer`` of a GTFormer preset's sizes
+What ImageNet is for DeiT, :mod:`pro2sam.synthetic_pretrain` is here (METHOD.md §5): 144 classes
+(part hue x accent colour of its pattern x texture of the body the part belongs to), none of them
+the target world's. The model is a plain timm ``VisionTransformer`` of a GTFormer preset's sizes
 (:func:`pro2sam.gtformer.create_deit_backbone`) with ``dynamic_img_size``, so it trains on
 ``--size`` px scenes (fewer tokens, more images per minute) while its position embedding stays
 the 224 px one. GTFormer is then fine-tuned from the export through the same path that loads
@@ -14,9 +14,10 @@ real DeiT weights::
 
 Besides the class-token head (exported as ``head.*``), training-only heads (not exported) read
 the class from the average of the patch tokens (``--avg-head-weight``: trains the patch tokens
-to carry the class, as GTFormer's classifier reads them) and each class factor (pattern, hue,
-texture) from either (``--factor-weight``: an easier signal early on, while a ViT trained from
-scratch would otherwise sit at chance).
+to carry the class, as GTFormer's classifier reads them) and each class factor (hue, accent,
+texture) from the class token, the patch average and the patch maximum (``--factor-weight``,
+``--max-head-weight``: easier signals early on, while a ViT trained from scratch would otherwise
+sit at chance for hundreds of steps).
 
 Writes into ``--output``:
 
@@ -53,7 +54,7 @@ from pro2sam.gtformer import GTFORMER_PRESETS, create_deit_backbone
 from pro2sam.synthetic_pretrain import (
     PRETRAIN_CLASSES,
     PRETRAIN_HUES,
-    PRETRAIN_PATTERNS,
+    PRETRAIN_ACCENTS,
     PRETRAIN_TEXTURES,
     PRETRAIN_GENERATOR_VERSION,
     make_pretrain_arrays,
@@ -106,11 +107,11 @@ class Normalise:
 
 class AuxHeads(torch.nn.Module):
     """Training-only heads (not exported): the class from the patch-token average, and each class
-    factor (pattern, hue, texture) from the class token, the patch-token average and maximum."""
+    factor (hue, accent, texture) from the class token, the patch-token average and maximum."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        sizes = (len(PRETRAIN_PATTERNS), len(PRETRAIN_HUES), len(PRETRAIN_TEXTURES))
+        sizes = (len(PRETRAIN_HUES), len(PRETRAIN_ACCENTS), len(PRETRAIN_TEXTURES))
         self.avg = torch.nn.Linear(dim, len(PRETRAIN_CLASSES))
         self.factors_cls = torch.nn.Linear(dim, sum(sizes))
         self.factors_avg = torch.nn.Linear(dim, sum(sizes))
@@ -141,7 +142,7 @@ def factor_loss(logits: torch.Tensor, factors: torch.Tensor, sizes, smoothing: f
 @torch.no_grad()
 def evaluate(model, aux, images, labels, normalise, batch_size: int = 128) -> dict:
     model.eval()
-    correct = {"cls": 0, "avg": 0, "pattern": 0, "hue": 0, "texture": 0}
+    correct = {"cls": 0, "avg": 0, "hue": 0, "accent": 0, "texture": 0}
     loss_sum = 0.0
     factors = np.array([pretrain_class_factors(int(c)) for c in range(len(PRETRAIN_CLASSES))])
     for a in range(0, len(labels), batch_size):
@@ -152,7 +153,7 @@ def evaluate(model, aux, images, labels, normalise, batch_size: int = 128) -> di
         pred = cls_logits.argmax(1).numpy()
         correct["cls"] += int((pred == y.numpy()).sum())
         correct["avg"] += int((avg_logits.argmax(1) == y).sum())
-        for j, key in enumerate(("pattern", "hue", "texture")):
+        for j, key in enumerate(("hue", "accent", "texture")):
             correct[key] += int((factors[pred, j] == factors[y.numpy(), j]).sum())
     n = max(len(labels), 1)
     model.train()
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drop-path", type=float, default=0.05, help="stochastic depth rate (default %(default)s)")
     p.add_argument("--avg-head-weight", type=float, default=1.0, help="weight of the patch-average head's loss")
     p.add_argument("--factor-weight", type=float, default=1.0,
-                   help="weight of the per-factor (pattern, hue, texture) losses")  # fmt: skip
+                   help="weight of the per-factor (hue, accent, texture) losses")  # fmt: skip
     p.add_argument("--max-head-weight", type=float, default=0.0,
                    help="weight of the factor head on the patch-token maximum (a part is a few tokens)")  # fmt: skip
     p.add_argument("--clip-grad", type=float, default=1.0, help="gradient norm clip (0: none)")
