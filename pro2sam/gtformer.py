@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -758,6 +759,36 @@ def _write_atomic(path: Path, write) -> None:
         raise
 
 
+def _check_config(config: dict[str, Any], config_path: Path) -> None:
+    """Raise CheckpointError for a config whose values would break or silently spoil labeling."""
+
+    def bad(message: str) -> None:
+        raise CheckpointError(f"GTFormer config {config_path}: {message}")
+
+    num_classes = config.get("num_classes")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        bad(f"num_classes must be a positive integer, not {num_classes!r}")
+    names = config.get("class_names")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            bad("class_names must be a list of strings")
+        if len(names) != num_classes:
+            bad(f"class_names has {len(names)} names for {num_classes} classes")
+    img_size = config.get("img_size", 224)
+    patch = GTFORMER_PRESETS[config["preset"]].get("patch_size", 16)
+    if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < patch or img_size % patch:
+        bad(f"img_size must be a positive multiple of the patch size {patch}, not {img_size!r}")
+    for key, default in (("mean", (0.485, 0.456, 0.406)), ("std", (0.229, 0.224, 0.225))):
+        values = config.get(key, default)
+        if (
+            not isinstance(values, (list, tuple)) or len(values) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        ):  # fmt: skip
+            bad(f"{key} must be three finite numbers, not {values!r}")
+        if key == "std" and min(values) <= 0:
+            bad(f"std must be positive, not {values!r} (the normalised image would be infinite)")
+
+
 def load_gtformer(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[GTFormer, dict[str, Any]]:
     """Load a GTFormer export written by :func:`save_gtformer`, in eval mode.
 
@@ -789,9 +820,15 @@ def load_gtformer(path: str | os.PathLike, *, device: str | torch.device = "cpu"
         raise CheckpointError(f"{config_path} is not a GTFormer config (format != {CONFIG_FORMAT!r})")
     if config.get("preset") not in GTFORMER_PRESETS:
         raise CheckpointError(f"{config_path} names unknown GTFormer preset {config.get('preset')!r}")
+    _check_config(config, config_path)
 
     state = load_state_dict(weights_path, what="GTFormer checkpoint")
     model = create_gtformer(config["preset"], num_classes=int(config["num_classes"]), **config.get("overrides") or {})
+    if int(config.get("img_size", 224)) != int(model.patch_embed.img_size[0]):
+        raise CheckpointError(
+            f"GTFormer config {config_path}: img_size {config.get('img_size')} differs from the model's "
+            f"{model.patch_embed.img_size[0]}"
+        )
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -20,9 +20,13 @@ from .images import to_rgb_array
 from .matching import MatchConfig, coarse_fallback, mask_box, match_masks
 from .sam_candidates import CandidateConfig, GridCandidateGenerator, build_sam
 
-__all__ = ["Pro2SAM", "Pro2SAMResult", "BOX_SOURCES"]
+__all__ = ["Pro2SAM", "Pro2SAMResult", "ImageShapeError", "BOX_SOURCES"]
 
 BOX_SOURCES = ("sam", "coarse_fallback")
+
+
+class ImageShapeError(ValueError):
+    """An image SAM cannot take: resized to SAM's input, its short side is under one pixel."""
 
 
 @dataclass
@@ -231,6 +235,13 @@ class Pro2SAM:
             probs: (C,) class probabilities from :meth:`classify`.
             coarse_map: (h, w) coarse map from :meth:`classify`.
         """
+        h, w = image.shape[:2]
+        side = self.sam.image_encoder.img_size
+        if min(h, w) * side / max(h, w) < 0.5:
+            raise ImageShapeError(
+                f"image is {w}x{h}: too elongated for SAM, whose {side}-pixel input would leave its short side "
+                "under one pixel"
+            )
         k = min(self.top_k, len(probs))
         top = np.argsort(-probs, kind="stable")[:k]
         names = [self.class_names[i] for i in top] if self.class_names else None

@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-from pro2sam.pipeline.label_job import LabelJobConfig, read_output_columns, run_label_job
+from pro2sam.output import LabelsOutput
+from pro2sam.pipeline.label_job import LabelJobConfig, run_label_job
 from pro2sam.storage import image_id_for
 
 # One grid and filter setting for every run here, in-process and on the command line.
@@ -110,7 +111,7 @@ OUTPUT_COLUMNS = ["image_id", "uri", "label", "status", "error", "width", "heigh
 
 
 def output_rows(output: Path) -> list[dict]:
-    return read_output_columns(str(output), OUTPUT_COLUMNS).to_pylist()
+    return LabelsOutput(str(output)).read_table(OUTPUT_COLUMNS).to_pylist()
 
 
 def parquet_files(output: Path) -> list[Path]:
@@ -383,8 +384,8 @@ def test_overwrite_starts_afresh(manifest_run, tiny_checkpoints, tmp_path):
 
 # ---------------------------------------------------------------- interruptions and faults
 
-# Enough images for two 32-row blocks, so that the first block's file is written while the
-# second is still being labeled.
+# Enough images for several 4-row files and two 32-row blocks, so that the first files are
+# committed while the rest is still being labeled.
 LONG_RUN_IMAGES = 64
 
 
@@ -392,7 +393,8 @@ LONG_RUN_IMAGES = 64
 def test_an_interrupted_run_run_again_finishes_the_rest(ray_local, tiny_checkpoints, tmp_path):
     images = write_scenes(tmp_path / "images", LONG_RUN_IMAGES)
     output = tmp_path / "out"
-    args = cli_label_args(tiny_checkpoints, tmp_path / "images", output, "--batch-size", "2")
+    # Small files, so that some are committed while the rest is still being labeled.
+    args = cli_label_args(tiny_checkpoints, tmp_path / "images", output, "--batch-size", "2", "--rows-per-file", "4")
 
     with private_ray_tmpdir() as (env, _):
         log = open(tmp_path / "first_run.log", "w")
@@ -435,7 +437,7 @@ def _labeling_actors() -> dict[str, dict]:
 def test_a_killed_actor_loses_and_duplicates_no_image(ray_local, tiny_checkpoints, tmp_path):
     images = write_scenes(tmp_path / "images", LONG_RUN_IMAGES)
     output = tmp_path / "out"
-    cfg = job_config(tiny_checkpoints, tmp_path / "images", output, batch_size=2, actors=1)
+    cfg = job_config(tiny_checkpoints, tmp_path / "images", output, batch_size=2, actors=1, rows_per_file=4)
     earlier = set(_labeling_actors())
     outcome: dict = {}
 

@@ -41,13 +41,13 @@ from ..evaluation import (
     select_overlay_cases,
 )
 from ..labels import LABEL_SCHEMA
+from ..output import LabelsOutput
 from ..storage import StorageError, filesystem, join_uri
 from .label_job import (
     LabelingSettings,
     LabelJobConfig,
     add_labeling_arguments,
     labeling_settings_from_args,
-    read_output_columns,
     run_label_job,
 )
 
@@ -115,7 +115,7 @@ def _label_splits(cfg: EvaluateJobConfig, datasets: dict[str, WSOLDataset]) -> l
     label_cfg = cfg.label_config()
     summary = run_label_job(label_cfg)
     log.info("%s", summary)
-    return read_output_columns(label_cfg.output, LABEL_SCHEMA.names).to_pylist()
+    return LabelsOutput(label_cfg.output).read_table(LABEL_SCHEMA.names).to_pylist()
 
 
 def run_evaluate_job(cfg: EvaluateJobConfig) -> dict:
