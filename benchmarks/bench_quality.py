@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = runner.localize(image, probs, coarse, label=str(s.label))
                 rows.append(ok_row(s.image_id, s.uri, str(s.label), result, model_ids=model.model_ids, run_id="bench"))
             except Exception as e:  # an image that fails is scored wrong, as the job does
-                rows.append(error_row(s.image_id, s.uri, str(s.label), f"{type(e).__name__}: {e}", run_id="bench"))
+                rows.append(error_row(s.image_id, s.uri, str(s.label), f"{type(e).__name__}: {e}", kind="model", run_id="bench"))
         return rows, (time.perf_counter() - t0) / max(1, len(samples))
 
     if args.choose_sam_thresholds:

@@ -21,19 +21,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import posixpath
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
-from .labels import LABEL_SCHEMA, STATUS_OK
+from .labels import LABEL_SCHEMA, STATUS_ERROR, STATUS_OK
+from .output import LabelsOutput
 from .rle import decode_mask
-from .storage import filesystem, is_remote, join_uri, read_bytes
+from .storage import StorageError, filesystem, is_remote, join_uri, read_bytes
 
 __all__ = [
     "EXPORT_COLUMNS",
@@ -63,35 +67,42 @@ YOLO_TASKS = ("detect", "segment")
 
 
 def parquet_files(input: str) -> list[str]:
-    """The Parquet files of a labels table: ``input`` itself if it is a file, else every
-    ``*.parquet`` under the folder (recursively, sorted), as URIs of the same kind as ``input``.
+    """The Parquet files of a labels table: ``input`` itself if it is a file, else the label
+    files directly under the folder (:class:`pro2sam.output.LabelsOutput`), sorted, as URIs of the
+    same kind as ``input``.
 
     Raises:
-        FileNotFoundError: ``input`` does not exist or holds no Parquet file.
+        FileNotFoundError: ``input`` does not exist or holds no label file.
     """
     fs, path = filesystem(input)
     if fs.isfile(path):
         return [input]
     if not fs.isdir(path):
         raise FileNotFoundError(f"labels input {input} does not exist")
-    found = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not posixpath.basename(p).startswith("."))
+    output = LabelsOutput(input)
+    found = output.label_files()
     if not found:
-        raise FileNotFoundError(f"no .parquet files under {input}")
+        raise FileNotFoundError(f"no label files (.parquet with the labels table's columns) under {input}")
     return [fs.unstrip_protocol(p) if is_remote(input) else p for p in found]
 
 
 def iter_label_rows(
     input: str, *, columns: Sequence[str] = EXPORT_COLUMNS, batch_size: int = DEFAULT_BATCH_SIZE
 ) -> Iterator[dict]:
-    """Rows of the labels table as dicts, read one record batch (<= ``batch_size`` rows) at a time.
+    """Rows of the labels table as dicts, read one record batch (<= ``batch_size`` rows) at a time,
+    one row per image (:meth:`pro2sam.output.LabelsOutput.iter_batches`).
 
     Only ``columns`` are read; at most one batch of rows is held in memory.
     """
-    for uri in parquet_files(input):
-        fs, path = filesystem(uri)
+    fs, path = filesystem(input)
+    if fs.isfile(path):
         with fs.open(path, "rb") as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=list(columns)):
                 yield from batch.to_pylist()
+        return
+    parquet_files(input)  # a clear error for a missing or empty folder
+    for batch in LabelsOutput(input).iter_batches(columns, batch_size=batch_size):
+        yield from batch.to_pylist()
 
 
 @dataclass(frozen=True)
@@ -229,11 +240,8 @@ def export_coco(
     """
     categories = _Categories(category, class_names)
     summary = ExportSummary(output)
-    fs, path = filesystem(output)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w") as out, tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+    with _staged_file(output) as staged, open(staged, "w", encoding="utf-8") as out, \
+            tempfile.TemporaryFile("w+", encoding="utf-8") as spool:  # fmt: skip
         out.write('{"info": {"description": "pro2sam labels", "source": %s},\n"images": [' % json.dumps(input))
         for row in iter_label_rows(input, batch_size=batch_size):
             if not filters.keeps(row):
@@ -340,17 +348,24 @@ def export_yolo(
     ``train``/``val`` (``images.txt``), ``nc`` and ``names``. Images are not copied: trainers
     that pair ``images/`` with ``labels/`` need the images placed beside ``labels/``.
     """
-    import yaml
-
     if task not in YOLO_TASKS:
         raise ValueError(f"YOLO task must be one of {YOLO_TASKS}, not {task!r}")
     categories = _Categories(category, class_names)
     summary = ExportSummary(output)
-    fs, root = filesystem(output)
-    labels_dir = posixpath.join(root, "labels")
-    fs.makedirs(labels_dir, exist_ok=True)
+    with _staged_folder(output) as root:
+        _write_yolo(input, root, summary, categories, task=task, filters=filters, batch_size=batch_size)
+    return summary
+
+
+def _write_yolo(
+    input: str, root: str, summary: ExportSummary, categories: _Categories, *, task: str, filters: LabelFilter, batch_size: int
+) -> None:
+    import yaml
+
+    labels_dir = os.path.join(root, "labels")
+    os.makedirs(labels_dir, exist_ok=True)
     used: set[str] = set()
-    with fs.open(posixpath.join(root, "images.txt"), "w") as images_txt:
+    with open(os.path.join(root, "images.txt"), "w") as images_txt:
         for row in iter_label_rows(input, batch_size=batch_size):
             if not filters.keeps(row) or row["status"] != STATUS_OK or row["box_xyxy"] is None:
                 summary.filtered += 1
@@ -369,23 +384,88 @@ def export_yolo(
                     continue
                 values = polygon.ravel()
             line = f"{class_id} " + " ".join(f"{v:.6f}" for v in values) + "\n"
-            with fs.open(posixpath.join(labels_dir, _label_file_name(row["uri"], row["image_id"], used)), "w") as f:
+            with open(os.path.join(labels_dir, _label_file_name(row["uri"], row["image_id"], used)), "w") as f:
                 f.write(line)
             images_txt.write(row["uri"] + "\n")
             summary.images += 1
             summary.annotations += 1
     summary.categories = categories.contiguous()
     data = {
-        "path": output,
+        "path": summary.output,
         "train": "images.txt",
         "val": "images.txt",
         "nc": len(summary.categories),
         "names": summary.categories,
         "task": task,
     }
-    with fs.open(posixpath.join(root, "data.yaml"), "w") as f:
+    with open(os.path.join(root, "data.yaml"), "w") as f:
         yaml.safe_dump(data, f, sort_keys=False)
-    return summary
+
+
+# ---------------------------------------------------------------- publishing an export whole
+
+
+@contextmanager
+def _staged_file(output: str) -> Iterator[str]:
+    """A local path to write an export file to; it becomes ``output`` only when the block ends
+    without an error, replacing an earlier export whole (a failed export leaves it as it was)."""
+    fs, path = filesystem(output)
+    if is_remote(output):
+        with tempfile.TemporaryDirectory(prefix="pro2sam-export-") as folder:
+            staged = os.path.join(folder, posixpath.basename(path) or "export")
+            yield staged
+            fs.put_file(staged, path)  # one object, visible when complete
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, staged = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        yield staged
+        os.replace(staged, path)
+    finally:
+        if os.path.exists(staged):
+            os.unlink(staged)
+
+
+def _is_yolo_export(path: str) -> bool:
+    return all(os.path.exists(os.path.join(path, n)) for n in ("data.yaml", "images.txt", "labels"))
+
+
+@contextmanager
+def _staged_folder(output: str) -> Iterator[str]:
+    """A local folder to write an export folder to; it becomes ``output`` only when the block ends
+    without an error. An existing ``output`` must be empty or an earlier YOLO export (replaced
+    whole); anything else is refused before any work."""
+    fs, path = filesystem(output)
+    if is_remote(output):
+        if fs.exists(path) and fs.ls(path):
+            raise FileExistsError(f"--output {output} exists and is not empty; choose a new prefix")
+        with tempfile.TemporaryDirectory(prefix="pro2sam-export-") as folder:
+            yield folder
+            fs.put(folder.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+        return
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not (os.path.isdir(path) and (not os.listdir(path) or _is_yolo_export(path))):
+        raise FileExistsError(
+            f"--output {output} exists and is not an earlier YOLO export (data.yaml, images.txt, labels/); "
+            "choose a new folder"
+        )
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    try:
+        yield staged
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
+            os.rename(path, os.path.join(old, "export"))
+            os.rename(staged, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(staged, path)
+    finally:
+        if os.path.exists(staged):
+            shutil.rmtree(staged)
 
 
 # ---------------------------------------------------------------- command line
@@ -409,13 +489,17 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
         "--category", choices=CATEGORY_SOURCES, default="top1", help="top1: GTFormer's class; label: the manifest label"
     )
     p.add_argument("--min-match-score", type=float, help="keep rows with match_score >= this (drops the fallback)")
-    p.add_argument("--status", default=STATUS_OK, help="keep rows with this status, or 'all' (default %(default)s)")
+    p.add_argument(
+        "--status", type=str.lower, choices=(STATUS_OK, STATUS_ERROR, "all"), default=STATUS_OK,
+        help="keep rows with this status, or all of them (default %(default)s)",
+    )  # fmt: skip
     p.add_argument("--classes", help="keep these top-1 classes: comma-separated indices or names")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per record batch read")
 
 
 def run_export(args: argparse.Namespace) -> int:
-    """``pro2sam export``: prints a summary line; exit status 0."""
+    """``pro2sam export``: prints a summary line; exit status 0, or 2 with one line on an error
+    (the previous export at ``--output``, if any, is left as it was)."""
     class_names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     if class_names is None and args.gtformer:
         class_names = class_names_from_gtformer(args.gtformer)
@@ -425,9 +509,13 @@ def run_export(args: argparse.Namespace) -> int:
         classes=_parse_classes(args.classes),
     )
     common = dict(filters=filters, class_names=class_names, category=args.category, batch_size=args.batch_size)
-    if args.format == "coco":
-        summary = export_coco(args.input, args.output, **common)
-    else:
-        summary = export_yolo(args.input, args.output, task=args.yolo_task, **common)
+    try:
+        if args.format == "coco":
+            summary = export_coco(args.input, args.output, **common)
+        else:
+            summary = export_yolo(args.input, args.output, task=args.yolo_task, **common)
+    except (OSError, ValueError, StorageError) as e:
+        print(f"pro2sam export: error: {e}", file=sys.stderr)
+        return 2
     print(f"pro2sam export ({args.format}): {summary}", file=sys.stderr)
     return 0

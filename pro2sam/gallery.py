@@ -91,7 +91,12 @@ def select_rows(
             fs, _ = filesystem(input)
             con.register_filesystem(fs)
         columns = "*" if coarse_map else "* EXCLUDE (coarse_map)"
-        filtered = f"SELECT {columns} FROM read_parquet($files)" + (f" WHERE ({where})" if where else "")
+        # One row per image, should a table hold two (its ok row first), as LabelsOutput reads it.
+        one_per_image = "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY status = 'ok' DESC) = 1"
+        filtered = (
+            f"SELECT * FROM (SELECT {columns} FROM read_parquet($files, union_by_name = true) {one_per_image})"
+            + (f" WHERE ({where})" if where else "")
+        )
         if sample:
             sample_clause = f"USING SAMPLE reservoir({int(limit)} ROWS) REPEATABLE ({int(seed)})"
             sql = f"SELECT * FROM ({filtered}) {sample_clause} ORDER BY image_id"

@@ -48,13 +48,14 @@ __all__ = [
     "sha256_file",
     "write_bytes_atomic",
     "fetch_to_local",
+    "MANIFEST_SUFFIXES",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_READ_TIMEOUT_S",
 ]
 
 # Short timeouts and bounded retries: a dead endpoint must end the job, not stall it.
 _S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
-_MANIFEST_SUFFIXES = (".csv", ".parquet")
+MANIFEST_SUFFIXES = (".csv", ".parquet")
 _PROTOCOL_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "local": "file"}
 
 # Per-image read limits: larger files and slower reads become error rows, never a stalled job.
@@ -181,7 +182,7 @@ def list_inputs(source: str, *, exclude_prefix: str | None = None) -> pa.Table:
     """
     try:
         fs, path = filesystem(source)
-        if fs.isfile(path) and path.endswith(_MANIFEST_SUFFIXES):
+        if fs.isfile(path) and path.endswith(MANIFEST_SUFFIXES):
             entries = _read_manifest(fs, path, source)
         elif not fs.isdir(path):
             raise StorageError(f"input {source} does not exist (neither a folder nor a manifest .csv/.parquet)")
@@ -298,7 +299,9 @@ def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, source: str) -> Ite
         table = pa_csv.read_csv(
             io.BytesIO(data),
             # Every column as text: labels like 001 or 1e3 stay what the user wrote.
-            convert_options=pa_csv.ConvertOptions(column_types={c: pa.string() for c in header}, strings_can_be_null=True),
+            convert_options=pa_csv.ConvertOptions(
+                column_types={c: pa.string() for c in header}, strings_can_be_null=True, null_values=[""]
+            ),
         )
         where = lambda i: f"manifest {source} line {i + 2}"  # noqa: E731 (line 1 is the header)
     else:

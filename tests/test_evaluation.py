@@ -60,7 +60,7 @@ def _row(i: int, topk, box=GT_B, mask=B, coarse=MAP_AB) -> dict:
 
 
 def _error(i: int) -> dict:
-    return error_row(f"id{i}", f"/toy/img{i}.png", None, "decode failed", run_id="r")
+    return error_row(f"id{i}", f"/toy/img{i}.png", None, "decode failed", kind="image", run_id="r")
 
 
 def _box_case():

@@ -60,7 +60,7 @@ def labels_dir(tmp_path):
         labeled("s3://b/c.jpg", disc(50, 50, 20, 25, 12) | rect(50, 50, 30, 30, 45, 45), 1, match=0.3),
         labeled("s3://b/d.jpg", rect(20, 20, 0, 0, 19, 19), 0, match=None, source="coarse_fallback", label="bird"),
         labeled("s3://b/e.jpg", disc(64, 48, 24, 40, 10), 1, match=0.75),
-        error_row("f.jpg", "s3://b/f.jpg", None, "not an image file", run_id="r"),
+        error_row("f.jpg", "s3://b/f.jpg", None, "not an image file", kind="image", run_id="r"),
     ]
     folder = tmp_path / "labels"
     folder.mkdir()
@@ -192,8 +192,16 @@ def test_export_reads_record_batches_of_bounded_size_never_whole_tables(labels_d
     def whole_table(*args, **kwargs):
         raise AssertionError("the exporter read a whole table")
 
+    read = pq.ParquetFile.read
+
+    def keys_only(self, columns=None, **kwargs):
+        # One row per image is decided on the key columns alone; the rows come in batches.
+        if columns is None or not set(columns) <= {"image_id", "status"}:
+            raise AssertionError(f"the exporter read whole columns {columns}")
+        return read(self, columns=columns, **kwargs)
+
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
-    monkeypatch.setattr(pq.ParquetFile, "read", whole_table)
+    monkeypatch.setattr(pq.ParquetFile, "read", keys_only)
     monkeypatch.setattr(pq, "read_table", whole_table)
     monkeypatch.setattr(pq, "ParquetDataset", whole_table)
     summary = export_coco(str(labels_dir), str(tmp_path / "coco.json"), batch_size=2, filters=LabelFilter(status=None))

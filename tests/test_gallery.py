@@ -40,7 +40,7 @@ def labeled(path: Path, match: float | None, cls: int) -> dict:
 def labels_file(tmp_path):
     """5 rows: 4 ok with match scores 0.9, 0.2, 0.7, none (fallback), 1 error (missing image)."""
     rows = [labeled(tmp_path / f"img{i}.png", m, i % 3) for i, m in enumerate([0.9, 0.2, 0.7, None])]
-    rows.append(error_row("bad", str(tmp_path / "missing.png"), None, "not found", run_id="r"))
+    rows.append(error_row("bad", str(tmp_path / "missing.png"), None, "not found", kind="read", run_id="r"))
     path = tmp_path / "labels.parquet"
     pq.write_table(rows_to_table(rows), path, row_group_size=2)
     return path

@@ -33,6 +33,7 @@ from ..output import LabelsOutput, LabelWriter, WriterLease, plan_rerun
 from ..storage import (
     DEFAULT_MAX_BYTES,
     DEFAULT_READ_TIMEOUT_S,
+    MANIFEST_SUFFIXES,
     InputError,
     StorageError,
     list_inputs,
@@ -175,7 +176,8 @@ class LabelJobConfig(LabelingSettings):
                 raise ValueError(f"--{name.replace('_s', '').replace('_', '-')} {getattr(self, name)}: must be > 0")
         if self.wait_for_resources_s < 0:
             raise ValueError(f"--wait-for-resources {self.wait_for_resources_s}: must be >= 0")
-        if location_contains(self.output, self.input):
+        # A manifest may sit in the output folder (it is read, never written); a folder may not.
+        if not self.input.endswith(MANIFEST_SUFFIXES) and location_contains(self.output, self.input):
             raise ValueError(
                 f"--output {self.output} is or contains --input {self.input}: the labels would mix with the "
                 "images; choose an output outside the input"
