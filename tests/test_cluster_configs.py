@@ -88,6 +88,23 @@ def test_rayjob_entrypoint_runs_the_label_job_of_this_repository():
     assert args.input and args.output and args.gtformer
 
 
+def test_rayjob_asks_for_the_gpu_workers_it_autoscales_to():
+    """The GPU workers start at zero: the job must ask for GPUs, or it labels on the head's CPU."""
+    from pro2sam.pipeline.label_job import add_label_arguments
+
+    job = load(RAYJOB)
+    parser = argparse.ArgumentParser()
+    add_label_arguments(parser)
+    args = parser.parse_args(shlex.split(job["spec"]["entrypoint"])[2:])
+    groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    max_gpus = sum(
+        g["maxReplicas"] * sum(c["resources"]["limits"].get("nvidia.com/gpu", 0) for c in g["template"]["spec"]["containers"])
+        for g in groups
+    )
+    assert args.gpus_per_actor == 1
+    assert 1 <= args.actors <= max_gpus
+
+
 def test_launcher_header_submits_an_entry_point_of_this_repository():
     submits = [line for line in LAUNCHER.read_text().splitlines() if "ray job submit" in line]
     assert submits

@@ -398,8 +398,10 @@ def _resources(cfg: LabelJobConfig, ray, *, local: bool) -> tuple[int, float, fl
     gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if cluster_gpus else 0)
     actors = cfg.actors or (max(1, int(cluster_gpus // gpus)) if gpus and cluster_gpus else 1)
     cpus = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else (1 if gpus else 2)
-    # The actors' CPUs plus one for reading and decoding, or the pipeline starves.
-    need = {"CPU": actors * cpus + 1, "GPU": actors * gpus}
+    # The actors' CPUs plus one for reading and decoding, or the pipeline starves. A local Ray
+    # must fit every actor; a cluster must fit one to start, and the actor pool grows with it.
+    starting = actors if local else 1
+    need = {"CPU": starting * cpus + 1, "GPU": starting * gpus}
     if not gpus and not cluster_gpus and cfg.gpus_per_actor is None and not local:
         log.warning(
             "the cluster has no GPU now: labeling with %d CPU actor(s). On an autoscaling GPU cluster pass "
@@ -414,8 +416,8 @@ def _resources(cfg: LabelJobConfig, ray, *, local: bool) -> tuple[int, float, fl
         have = ray.cluster_resources()
         parts = [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in lack]
         return (
-            f"--actors {actors} x (--cpus-per-actor {cpus:g}, --gpus-per-actor {gpus:g}) plus 1 CPU for decoding "
-            f"needs {' and '.join(parts)}"
+            f"{'--actors ' + str(actors) if local else 'one actor'} x (--cpus-per-actor {cpus:g}, --gpus-per-actor "
+            f"{gpus:g}) plus 1 CPU for decoding needs {' and '.join(parts)}"
         )
 
     lack = missing()
@@ -537,7 +539,7 @@ def _label_stream(ray, cfg: LabelJobConfig, todo: pa.Table, actors: int, gpus: f
         fn_constructor_kwargs={"config": asdict(cfg), "threads": cpus},
         batch_format="numpy",
         batch_size=cfg.batch_size,
-        concurrency=actors,
+        concurrency=actors if actors == 1 else (1, actors),  # the pool grows as an autoscaler adds nodes
         num_gpus=gpus,
         num_cpus=cpus,
     )
