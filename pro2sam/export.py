@@ -19,12 +19,10 @@ Conventions:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import posixpath
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -34,10 +32,10 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 
-from .labels import LABEL_SCHEMA, STATUS_ERROR, STATUS_OK
+from .labels import LABEL_SCHEMA, STATUS_OK
 from .output import LabelsOutput
 from .rle import decode_mask
-from .storage import StorageError, filesystem, is_remote, join_uri, read_bytes
+from .storage import filesystem, is_remote
 
 __all__ = [
     "EXPORT_COLUMNS",
@@ -46,13 +44,10 @@ __all__ = [
     "ExportSummary",
     "parquet_files",
     "iter_label_rows",
-    "class_names_from_gtformer",
     "export_coco",
     "export_yolo",
     "yolo_box",
     "yolo_polygon",
-    "add_export_arguments",
-    "run_export",
 ]
 
 # Everything an export needs; coarse_map (196+ floats a row) is never read.
@@ -158,18 +153,6 @@ def _top1(row: dict) -> tuple[int, str | None] | None:
     return int(classes[0]), names[0]
 
 
-def class_names_from_gtformer(gtformer: str) -> list[str] | None:
-    """``class_names`` from a GTFormer export's ``config.json`` (folder, config or weights URI),
-    without loading the model; None if the export has none."""
-    uri = gtformer
-    if not uri.rstrip("/").endswith(".json"):
-        if uri.endswith(".safetensors"):
-            uri = uri.rsplit("/", 1)[0] if "/" in uri else "."
-        uri = join_uri(uri, "config.json")
-    names = json.loads(read_bytes(uri)).get("class_names")
-    return list(names) if names else None
-
-
 class _Categories:
     """Category ids and names, fixed by ``class_names`` where given, otherwise learnt from rows."""
 
@@ -233,7 +216,7 @@ def export_coco(
 
     Args:
         filters: which rows to keep.
-        class_names: names of the class indices (e.g. :func:`class_names_from_gtformer`); without
+        class_names: names of the class indices (e.g. :func:`pro2sam.gtformer.gtformer_class_names`); without
             them, names come from the table's ``topk_names``.
         category: ``"top1"`` (GTFormer's top-1 class) or ``"label"`` (the manifest's label).
         batch_size: rows per Parquet record batch read.
@@ -466,56 +449,3 @@ def _staged_folder(output: str) -> Iterator[str]:
     finally:
         if os.path.exists(staged):
             shutil.rmtree(staged)
-
-
-# ---------------------------------------------------------------- command line
-
-
-def _parse_classes(text: str | None) -> list[int | str] | None:
-    if not text:
-        return None
-    return [int(c) if c.strip().lstrip("-").isdigit() else c.strip() for c in text.split(",") if c.strip()]
-
-
-def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``pro2sam export`` options."""
-    p.add_argument("--input", required=True, help="labels table: a Parquet file or folder (local or URI)")
-    p.add_argument("--format", choices=("coco", "yolo"), required=True, help="coco: one JSON; yolo: a folder")
-    p.add_argument("--output", required=True, help="COCO: the .json file; YOLO: the output folder")
-    p.add_argument("--yolo-task", choices=YOLO_TASKS, default="detect", help="YOLO boxes or polygons (default %(default)s)")
-    p.add_argument("--gtformer", help="GTFormer export whose config.json names the classes")
-    p.add_argument("--class-names", help="comma-separated class names, index-aligned (overrides --gtformer)")
-    p.add_argument(
-        "--category", choices=CATEGORY_SOURCES, default="top1", help="top1: GTFormer's class; label: the manifest label"
-    )
-    p.add_argument("--min-match-score", type=float, help="keep rows with match_score >= this (drops the fallback)")
-    p.add_argument(
-        "--status", type=str.lower, choices=(STATUS_OK, STATUS_ERROR, "all"), default=STATUS_OK,
-        help="keep rows with this status, or all of them (default %(default)s)",
-    )  # fmt: skip
-    p.add_argument("--classes", help="keep these top-1 classes: comma-separated indices or names")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per record batch read")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """``pro2sam export``: prints a summary line; exit status 0, or 2 with one line on an error
-    (the previous export at ``--output``, if any, is left as it was)."""
-    class_names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
-    if class_names is None and args.gtformer:
-        class_names = class_names_from_gtformer(args.gtformer)
-    filters = LabelFilter(
-        status=None if args.status == "all" else args.status,
-        min_match_score=args.min_match_score,
-        classes=_parse_classes(args.classes),
-    )
-    common = dict(filters=filters, class_names=class_names, category=args.category, batch_size=args.batch_size)
-    try:
-        if args.format == "coco":
-            summary = export_coco(args.input, args.output, **common)
-        else:
-            summary = export_yolo(args.input, args.output, task=args.yolo_task, **common)
-    except (OSError, ValueError, StorageError) as e:
-        print(f"pro2sam export: error: {e}", file=sys.stderr)
-        return 2
-    print(f"pro2sam export ({args.format}): {summary}", file=sys.stderr)
-    return 0

@@ -16,12 +16,10 @@ whole image and blended over a dimmed grey copy of it.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import math
 import posixpath
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
@@ -39,8 +37,6 @@ __all__ = [
     "render_overlay",
     "render_coarse_map",
     "build_gallery",
-    "add_show_arguments",
-    "run_show",
 ]
 
 DEFAULT_LIMIT = 100
@@ -304,32 +300,3 @@ def build_gallery(
     with fs.open(path, "w", encoding="utf-8") as f:
         f.write(page)
     return len(rows)
-
-
-def add_show_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``pro2sam show`` options."""
-    p.add_argument("--input", required=True, help="labels table: a Parquet file or folder (local or URI)")
-    p.add_argument("--output", default="gallery.html", help="the HTML file to write (default %(default)s)")
-    p.add_argument("--where", help="DuckDB SQL condition, e.g. \"match_score > 0.5 AND status='ok'\"")
-    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="at most this many images (default %(default)s)")
-    p.add_argument("--sample", action="store_true", help="a random sample instead of the best match_score first")
-    p.add_argument("--seed", type=int, default=0, help="seed of --sample")
-    p.add_argument("--thumb-size", type=int, default=DEFAULT_THUMB_SIZE, help="thumbnail's longer side in pixels")
-    p.add_argument("--coarse-map", action="store_true", help="show each row's GTFormer coarse map beside its overlay")
-
-
-def run_show(args: argparse.Namespace) -> int:
-    """``pro2sam show``: writes the page, prints how many overlays it holds; exit status 0."""
-    count = build_gallery(
-        args.input,
-        args.output,
-        where=args.where,
-        limit=args.limit,
-        sample=args.sample,
-        seed=args.seed,
-        thumb_size=args.thumb_size,
-        coarse_map=args.coarse_map,
-    )
-    print(f"pro2sam show: {count} images -> {args.output}", file=sys.stderr)
-    return 0
-

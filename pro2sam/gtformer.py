@@ -58,6 +58,7 @@ __all__ = [
     "deit_to_gtformer_state_dict",
     "save_gtformer",
     "load_gtformer",
+    "gtformer_class_names",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -757,6 +758,20 @@ def _write_atomic(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def gtformer_class_names(gtformer: str | os.PathLike) -> list[str] | None:
+    """``class_names`` of a GTFormer export (folder, ``config.json`` or weights file; local or
+    URI), read from its ``config.json`` without loading the model; None if it has none."""
+    from .storage import join_uri, read_bytes
+
+    uri = os.fspath(gtformer)
+    if not uri.rstrip("/").endswith(".json"):
+        if uri.endswith(".safetensors"):
+            uri = uri.rsplit("/", 1)[0] if "/" in uri else "."
+        uri = join_uri(uri, CONFIG_FILE)
+    names = json.loads(read_bytes(uri)).get("class_names")
+    return list(names) if names else None
 
 
 def _check_config(config: dict[str, Any], config_path: Path) -> None:

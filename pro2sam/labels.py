@@ -19,7 +19,9 @@ __all__ = [
     "STATUS_ERROR",
     "ERROR_KINDS",
     "RETRIED_ERROR_KINDS",
+    "result_columns",
     "ok_row",
+    "json_record",
     "error_row",
     "rows_to_table",
     "describe_schema",
@@ -85,25 +87,14 @@ def _nan_to_none(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def ok_row(
-    image_id: str,
-    uri: str,
-    label: str | None,
-    result,
-    *,
-    model_ids: dict[str, str],
-    run_id: str,
-    source_fingerprint: str | None = None,
-) -> dict:
-    """A row for an image labeled by :meth:`pro2sam.Pro2SAM.localize`."""
+def result_columns(result) -> dict:
+    """The columns a :class:`pro2sam.model.Pro2SAMResult` fills (one serialiser for the labels
+    table and the JSON records of ``pro2sam predict``): sizes, classes, box, mask as COCO RLE,
+    scores, coarse map."""
     h, w = result.mask.shape
     return {
-        "image_id": image_id,
-        "uri": uri,
-        "source_fingerprint": source_fingerprint,
         "width": w,
         "height": h,
-        "label": label,
         "topk_classes": result.topk_classes,
         "topk_names": result.topk_names,
         "topk_scores": result.topk_scores,
@@ -116,6 +107,26 @@ def ok_row(
         "stability_score": _nan_to_none(result.stability_score),
         "num_candidates": result.num_candidates,
         "coarse_map": result.coarse_map.astype("float32").ravel().tolist(),
+    }
+
+
+def ok_row(
+    image_id: str,
+    uri: str,
+    label: str | None,
+    result,
+    *,
+    model_ids: dict[str, str],
+    run_id: str,
+    source_fingerprint: str | None = None,
+) -> dict:
+    """A row for an image labeled by :meth:`pro2sam.Pro2SAM.localize`."""
+    return {
+        "image_id": image_id,
+        "uri": uri,
+        "source_fingerprint": source_fingerprint,
+        "label": label,
+        **result_columns(result),
         "status": STATUS_OK,
         "error": None,
         "error_kind": None,
@@ -123,6 +134,14 @@ def ok_row(
         "sam_model": model_ids.get("sam"),
         "run_id": run_id,
     }
+
+
+def json_record(path: str, result) -> dict:
+    """One image's result as a JSON-serialisable dict (``pro2sam predict``): the table's result
+    columns without the coarse map."""
+    columns = result_columns(result)
+    del columns["coarse_map"]
+    return {"path": path, "status": STATUS_OK, "error": None, **columns}
 
 
 def error_row(

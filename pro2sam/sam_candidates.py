@@ -102,7 +102,7 @@ class SamVariant:
 # Every SAM we build. The official three match segment_anything/build_sam.py; "tiny" is a
 # random-weight stand-in for tests and CPU benchmarks of the pipeline (no pretrained weights);
 # "synthetic" is the small SAM trained on pro2sam.synthetic scenes and shipped with the package
-# (pro2sam.shipped, jobs/train_sam_tiny.py).
+# (pro2sam.shipped, scripts/train_sam_synthetic.py).
 SAM_VARIANTS: dict[str, SamVariant] = {
     "vit_h": SamVariant(1280, 32, 16, (7, 15, 23, 31)),
     "vit_l": SamVariant(1024, 24, 16, (5, 11, 17, 23)),
@@ -136,6 +136,10 @@ SAM_VARIANTS: dict[str, SamVariant] = {
         filter_thresholds=(("pred_iou_thresh", 0.7), ("stability_score_thresh", 0.8)),
     ),
 }
+
+
+# The variant the method is specified with (METHOD.md §2).
+DEFAULT_SAM_VARIANT = "vit_h"
 
 
 def _sam_from_variant(v: SamVariant) -> Sam:
@@ -320,8 +324,13 @@ class CandidateConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("fast", "exact"):
             raise ValueError(f"mode must be 'fast' or 'exact', not {self.mode!r}")
-        if self.points_per_side < 1 or self.points_per_batch < 1:
-            raise ValueError("points_per_side and points_per_batch must be positive")
+        if not 1 <= self.points_per_side <= 256:
+            raise ValueError(f"points_per_side must be 1..256, not {self.points_per_side}")
+        if self.points_per_batch < 1:
+            raise ValueError(f"points_per_batch must be positive, not {self.points_per_batch}")
+        for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
         if self.prune_dilation < 0:
             raise ValueError("prune_dilation must be >= 0")
 
@@ -330,6 +339,8 @@ class CandidateConfig:
         """The settings for a SAM variant: ``settings`` (None values are left out), with the
         variant's own filter thresholds (:attr:`SamVariant.filter_thresholds`) where not given,
         and the defaults above for the rest."""
+        if variant not in SAM_VARIANTS:
+            raise ValueError(f"unknown SAM variant {variant!r}; choose from {', '.join(sorted(SAM_VARIANTS))}")
         given = {k: v for k, v in settings.items() if v is not None}
         return cls(**{**dict(SAM_VARIANTS[variant].filter_thresholds), **given})
 

@@ -15,7 +15,7 @@ while bodies, distractors and background clutter are drawn with low saturation
 Every scene is determined by ``(seed, stream, index)`` (:func:`make_scene`); labels cycle through
 the classes in shuffled blocks, so any prefix of a split is close to balanced. The streams
 ``train``/``val``/``test`` make the data set written by :func:`write_wsol_dataset`; ``sam`` is
-the disjoint stream SAM-tiny is trained on (:mod:`pro2sam.sam_training`), so that, as SAM never
+the disjoint stream SAM-tiny is trained on (:mod:`pro2sam.train.sam`), so that, as SAM never
 saw CUB, SAM-tiny never sees an image of the data set.
 
 Frames and conventions: images are (H, W, 3) uint8 RGB; masks are (H, W) bool in the same frame;
@@ -25,7 +25,6 @@ column), the tight box of ``object_mask``.
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import json
 import shlex
@@ -50,8 +49,6 @@ __all__ = [
     "make_scene",
     "scene_label",
     "write_wsol_dataset",
-    "add_synthetic_arguments",
-    "run_synthetic",
 ]
 
 GENERATOR_VERSION = 1
@@ -531,31 +528,3 @@ def _write_split(
 
 
 # ---------------------------------------------------------------- command line
-
-
-def add_synthetic_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``pro2sam synthetic``."""
-    p.add_argument("--output", required=True, help="root folder of the data set (metadata and images)")
-    p.add_argument("--num-train", type=int, default=2000, help="training images (default %(default)s)")
-    p.add_argument("--num-val", type=int, default=500, help="held-out images with boxes and masks (default %(default)s)")
-    p.add_argument("--num-test", type=int, default=1000, help="test images with boxes and masks (default %(default)s)")
-    p.add_argument("--min-size", type=int, default=DEFAULT_SIZE_RANGE[0], help="smallest image side, px (default %(default)s)")
-    p.add_argument("--max-size", type=int, default=DEFAULT_SIZE_RANGE[1], help="largest image side, px (default %(default)s)")
-    p.add_argument("--num-classes", type=int, default=len(SYNTHETIC_CLASSES), help="classes in play (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def run_synthetic(args: argparse.Namespace) -> int:
-    """``pro2sam synthetic``: write the data set and print the specs of its splits."""
-    out = write_wsol_dataset(
-        args.output,
-        num_train=args.num_train,
-        num_val=args.num_val,
-        num_test=args.num_test,
-        image_size=(args.min_size, args.max_size),
-        seed=args.seed,
-        num_classes=args.num_classes,
-    )
-    for split, count in out.counts.items():
-        print(f"{split}: {count} images  {out.spec(split)}")
-    return 0

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pro2sam import shipped
-from pro2sam.cli import main
-from pro2sam.demo import SUMMARY_METRICS, run_demo
+from pro2sam.apps.cli import main
+from pro2sam.apps.demo import SUMMARY_METRICS, run_demo
 
 NUM_TEST, NUM_VAL, POINTS_PER_SIDE = 6, 4, 4
 

@@ -11,10 +11,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from pro2sam.gtformer import gtformer_class_names
 from pro2sam.export import (
     EXPORT_COLUMNS,
     LabelFilter,
-    class_names_from_gtformer,
     export_coco,
     export_yolo,
     iter_label_rows,
@@ -112,7 +112,7 @@ def test_coco_categories_come_from_the_gtformer_config(labels_dir, tmp_path):
     gtformer = tmp_path / "gtformer"
     gtformer.mkdir()
     (gtformer / "config.json").write_text(json.dumps({"class_names": ["bird", "cat", "dog", "fish"]}))
-    names = class_names_from_gtformer(str(gtformer))
+    names = gtformer_class_names(str(gtformer))
     out = tmp_path / "coco.json"
     export_coco(str(labels_dir), str(out), class_names=names, filters=LabelFilter(classes=["bird"]))
     data = json.loads(out.read_text())
@@ -212,22 +212,13 @@ def test_export_reads_record_batches_of_bounded_size_never_whole_tables(labels_d
 
 
 def test_cli_functions_export_coco(labels_dir, tmp_path):
-    import argparse
+    from pro2sam.apps.cli import main
 
-    from pro2sam.export import add_export_arguments, run_export
-
-    parser = argparse.ArgumentParser()
-    add_export_arguments(parser)
     out = tmp_path / "cli.json"
-    args = parser.parse_args(
-        ["--input", str(labels_dir / "part-0.parquet"), "--format", "coco", "--output", str(out), "--classes", "0"]
-    )
-    assert run_export(args) == 0
+    argv = ["export", "--input", str(labels_dir / "part-0.parquet"), "--format", "coco", "--output", str(out), "--classes", "0"]
+    assert main(argv) == 0
     assert len(COCO(str(out)).getImgIds()) == 2
     out_dir = tmp_path / "cli-yolo"
-    args = parser.parse_args(
-        ["--input", str(labels_dir), "--format", "yolo", "--yolo-task", "segment", "--output", str(out_dir)]
-        + ["--min-match-score", "0.7"]
-    )
-    assert run_export(args) == 0
+    argv = ["export", "--input", str(labels_dir), "--format", "yolo", "--yolo-task", "segment", "--output", str(out_dir)]
+    assert main([*argv, "--min-match-score", "0.7"]) == 0
     assert sorted(p.name for p in (out_dir / "labels").iterdir()) == ["a.txt", "e.txt"]

@@ -1,6 +1,5 @@
 """The HTML gallery: one overlay per chosen row, as a real headless Chromium renders the page."""
 
-import argparse
 import base64
 import io
 import re
@@ -12,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pro2sam.gallery import add_show_arguments, build_gallery, render_coarse_map, render_overlay, run_show
+from pro2sam.apps.cli import main
+from pro2sam.gallery import build_gallery, render_coarse_map, render_overlay
 from pro2sam.labels import error_row, ok_row, rows_to_table
 from pro2sam.model import Pro2SAMResult
 from pro2sam.rle import encode_mask
@@ -100,12 +100,10 @@ def test_browser_shows_one_overlay_per_row_with_embedded_jpegs(labels_file, tmp_
 
 @needs_chromium
 def test_where_and_limit_change_the_overlay_count(labels_file, tmp_path):
-    parser = argparse.ArgumentParser()
-    add_show_arguments(parser)
     filtered, limited = tmp_path / "where.html", tmp_path / "limit.html"
     where = "match_score > 0.5 AND status='ok'"
-    run_show(parser.parse_args(["--input", str(labels_file), "--output", str(filtered), "--where", where]))
-    run_show(parser.parse_args(["--input", str(labels_file), "--output", str(limited), "--limit", "2"]))
+    assert main(["show", "--input", str(labels_file), "--output", str(filtered), "--where", where]) == 0
+    assert main(["show", "--input", str(labels_file), "--output", str(limited), "--limit", "2"]) == 0
     shown = overlays(dump_dom(filtered, tmp_path))
     assert len(shown) == 2 and all('data-status="ok"' in o for o in shown)
     assert len(overlays(dump_dom(limited, tmp_path))) == 2
@@ -139,10 +137,8 @@ def test_render_coarse_map_refuses_a_map_that_is_not_square():
 
 @needs_chromium
 def test_coarse_map_flag_puts_a_heat_map_beside_each_shown_overlay(labels_file, tmp_path):
-    parser = argparse.ArgumentParser()
-    add_show_arguments(parser)
     page = tmp_path / "coarse.html"
-    run_show(parser.parse_args(["--input", str(labels_file), "--output", str(page), "--coarse-map"]))
+    assert main(["show", "--input", str(labels_file), "--output", str(page), "--coarse-map"]) == 0
     shown = figures(dump_dom(page, tmp_path))
     assert len(shown) == 5
     for figure in shown:

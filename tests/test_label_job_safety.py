@@ -17,8 +17,9 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from test_label_job import (
+from helpers import (
     cli_label_args,
     job_config,
     output_rows,
@@ -28,6 +29,8 @@ from test_label_job import (
     scene,
     write_scenes,
 )
+
+from PIL import Image
 
 from pro2sam.output import LEASE_NAME, LabelsOutput
 from pro2sam.pipeline.label_job import run_label_job
@@ -83,8 +86,7 @@ def test_overwrite_refuses_a_bucket_root_above_the_input(ray_local, tiny_checkpo
     s3 = boto3.client("s3")
     for i in range(2):
         s3.put_object(Bucket=s3_bucket, Key=f"images/{i}.png", Body=b"png")
-    config = job_config(tiny_checkpoints, "x", "y", overwrite=True)
-    config.input, config.output = f"s3://{s3_bucket}/images/", f"s3://{s3_bucket}/"
+    config = job_config(tiny_checkpoints, f"s3://{s3_bucket}/images/", f"s3://{s3_bucket}/", overwrite=True)
     with pytest.raises(ValueError, match="contains --input"):
         run_label_job(config)
     keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"])
@@ -223,7 +225,7 @@ def test_a_hostile_folder_gives_one_row_per_entry_and_finishes(ray_local, tiny_c
     with open(os.fsencode(str(folder)) + b"/caf\xe9.png", "wb") as f:
         scene(64, 48, seed=3).save(f, format="PNG")
     (folder / "big.png").write_bytes(b"\x89PNG" + bytes(300_000))
-    scene(2000, 1, seed=4).save(folder / "thin.png")
+    Image.fromarray(np.full((1, 2000, 3), 128, np.uint8)).save(folder / "thin.png")
     output = tmp_path / "labels"
     summary = run_label_job(job_config(tiny_checkpoints, folder, output, max_bytes=200_000))
     rows = {Path(r["uri"]).name: r for r in _rows(output)}
@@ -250,10 +252,10 @@ def test_a_hostile_folder_gives_one_row_per_entry_and_finishes(ray_local, tiny_c
 @pytest.mark.parametrize(
     "option, words",
     [
-        (["--points-per-side", "0"], "--points-per-side 0: must be 1..256"),
-        (["--pred-iou-thresh", "7"], "--pred-iou-thresh 7.0: must be in [0, 1]"),
+        (["--points-per-side", "0"], "points_per_side must be 1..256, not 0"),
+        (["--pred-iou-thresh", "7"], "pred_iou_thresh must be in [0, 1], not 7.0"),
         (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
-        (["--sam", "vit_q"], "--sam 'vit_q'"),
+        (["--sam", "vit_q"], "unknown SAM variant 'vit_q'"),
     ],
 )
 def test_a_bad_option_fails_in_one_line_before_ray(tiny_checkpoints, images, tmp_path, option, words):
@@ -286,7 +288,7 @@ def test_a_bad_gtformer_config_fails_before_any_image_is_labeled(ray_local, tiny
     from pro2sam.checkpoints import CheckpointError
 
     broken = _broken_gtformer(tiny_checkpoints, tmp_path, **changes)
-    config = job_config(tiny_checkpoints, images, tmp_path / "out", gtformer=str(broken))
+    config = job_config(tiny_checkpoints, images, tmp_path / "out", gtformer=broken)
     with pytest.raises(CheckpointError, match=words):
         run_label_job(config)
     assert LabelsOutput(str(tmp_path / "out")).parquet_paths() == []
@@ -404,7 +406,7 @@ def test_a_failed_export_leaves_the_previous_export_as_it_was(ray_local, tiny_ch
     output = tmp_path / "labels"
     run_label_job(job_config(tiny_checkpoints, images, output))
     coco = tmp_path / "coco.json"
-    cmd = [sys.executable, "-m", "pro2sam.cli", "export", "--format", "coco", "--output", str(coco)]
+    cmd = [sys.executable, "-m", "pro2sam", "export", "--format", "coco", "--output", str(coco)]
     ok = subprocess.run([*cmd, "--input", str(output), "--status", "OK"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     good = coco.read_bytes()

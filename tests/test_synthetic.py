@@ -1,6 +1,5 @@
 """The synthetic WSOL world: scenes, their ground truth, and the data set on disk."""
 
-import argparse
 
 import cv2
 import numpy as np
@@ -11,9 +10,7 @@ from pro2sam.datasets import open_dataset, read_wsol_metadata
 from pro2sam.evaluation import load_gt_mask
 from pro2sam.synthetic import (
     SYNTHETIC_CLASSES,
-    add_synthetic_arguments,
     make_scene,
-    run_synthetic,
     scene_label,
     write_wsol_dataset,
 )
@@ -133,12 +130,10 @@ def test_fewer_classes_write_fewer_class_names(tmp_path):
 
 
 def test_cli_writes_the_dataset(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_synthetic_arguments(parser)
-    args = parser.parse_args(
-        ["--output", str(tmp_path / "d"), "--num-train", "2", "--num-val", "1", "--num-test", "1",
-         "--min-size", "96", "--max-size", "112", "--seed", "4"]
-    )
-    assert run_synthetic(args) == 0
+    from pro2sam.apps.cli import main
+
+    argv = ["synthetic", "--output", str(tmp_path / "d"), "--num-train", "2", "--num-val", "1", "--num-test", "1",
+            "--min-size", "96", "--max-size", "112", "--seed", "4"]  # fmt: skip
+    assert main(argv) == 0
     assert f"wsol:{tmp_path / 'd'}:{tmp_path / 'd'}:test" in capsys.readouterr().out
     assert len(open_dataset(f"wsol:{tmp_path / 'd'}:{tmp_path / 'd'}:val")) == 1

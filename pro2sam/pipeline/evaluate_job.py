@@ -18,9 +18,7 @@ job plus a driver-side pass over its Parquet output.
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 import logging
 import sys
 from dataclasses import asdict, dataclass
@@ -28,7 +26,7 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..datasets import DatasetError, WSOLDataset, open_dataset
+from ..datasets import WSOLDataset, open_dataset
 from ..evaluation import (
     DEFAULT_CAM_CURVE_INTERVAL,
     evaluate_with_heldout,
@@ -40,18 +38,13 @@ from ..evaluation import (
     report_markdown,
     select_overlay_cases,
 )
+from ..gtformer import gtformer_class_names
 from ..labels import LABEL_SCHEMA
 from ..output import LabelsOutput
-from ..storage import StorageError, filesystem, join_uri
-from .label_job import (
-    LabelingSettings,
-    LabelJobConfig,
-    add_labeling_arguments,
-    labeling_settings_from_args,
-    run_label_job,
-)
+from ..storage import join_uri, write_bytes_atomic
+from .label_job import LabelingSettings, LabelJobConfig, run_label_job
 
-__all__ = ["EvaluateJobConfig", "run_evaluate_job", "add_evaluate_arguments", "run_from_args", "main"]
+__all__ = ["EvaluateJobConfig", "run_evaluate_job"]
 
 log = logging.getLogger("pro2sam.evaluate")
 
@@ -59,21 +52,24 @@ ROLES = ("heldout", "test")
 
 
 @dataclass(kw_only=True)
-class EvaluateJobConfig(LabelingSettings):
+class EvaluateJobConfig:
     """Settings of one evaluation run.
 
     Attributes:
         test: data-set spec of the split reported (:func:`pro2sam.datasets.open_dataset`).
         heldout: data-set spec of the split thresholds are chosen on (never the test split).
         output: output folder, local or fsspec URI; a rerun resumes the labeling.
+        labeling: how the images are labeled (:class:`~pro2sam.pipeline.label_job.LabelingSettings`).
+        overwrite: label again from scratch instead of resuming.
         cam_curve_interval: step of the tau grid.
         overlays: how many overlay PNGs (half best, half worst).
-        The rest: the labeling job's :class:`~pro2sam.pipeline.label_job.LabelingSettings`.
     """
 
     test: str
     heldout: str
     output: str
+    labeling: LabelingSettings
+    overwrite: bool = False
     cam_curve_interval: float = DEFAULT_CAM_CURVE_INTERVAL
     overlays: int = 6
 
@@ -81,28 +77,17 @@ class EvaluateJobConfig(LabelingSettings):
         return LabelJobConfig(
             input=join_uri(self.output, "manifests/inputs.parquet"),
             output=join_uri(self.output, "labels"),
-            **self.labeling_settings(),
+            labeling=self.labeling,
+            overwrite=self.overwrite,
         )
 
 
-def _write(uri: str, data: bytes) -> None:
-    fs, path = filesystem(uri)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
-
-
-def _gtformer_class_names(gtformer: str) -> list[str] | None:
-    from ..storage import fetch_to_local
-
-    path = fetch_to_local(gtformer)
-    config = path / "config.json" if path.is_dir() else path.parent / "config.json"
-    try:
-        return json.loads(config.read_text()).get("class_names")
-    except (OSError, ValueError):
-        return None
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
 
 
 def _label_splits(cfg: EvaluateJobConfig, datasets: dict[str, WSOLDataset]) -> list[dict]:
@@ -111,7 +96,7 @@ def _label_splits(cfg: EvaluateJobConfig, datasets: dict[str, WSOLDataset]) -> l
     manifest = pa.concat_tables([m.replace_schema_metadata(None) for m in manifests])
     buffer = io.BytesIO()
     pq.write_table(manifest, buffer)
-    _write(join_uri(cfg.output, "manifests/inputs.parquet"), buffer.getvalue())
+    write_bytes_atomic(join_uri(cfg.output, "manifests/inputs.parquet"), buffer.getvalue())
     label_cfg = cfg.label_config()
     summary = run_label_job(label_cfg)
     log.info("%s", summary)
@@ -133,7 +118,7 @@ def run_evaluate_job(cfg: EvaluateJobConfig) -> dict:
     report = evaluate_with_heldout(
         datasets["heldout"], rows, datasets["test"], rows, cam_curve_interval=cfg.cam_curve_interval
     )
-    model_classes = _gtformer_class_names(cfg.gtformer)
+    model_classes = gtformer_class_names(cfg.labeling.gtformer)
     report["settings"]["class_names_match"] = model_classes == datasets["test"].class_names
     if model_classes is not None and len(model_classes) != len(datasets["test"].class_names):
         log.warning(
@@ -141,15 +126,15 @@ def run_evaluate_job(cfg: EvaluateJobConfig) -> dict:
             len(model_classes), len(datasets["test"].class_names),
         )  # fmt: skip
     report["settings"]["specs"] = {"heldout": cfg.heldout, "test": cfg.test}
-    report["settings"]["label_job"] = {k: v for k, v in asdict(cfg).items() if k not in ("test", "heldout", "output")}
+    report["settings"]["label_job"] = _jsonable(asdict(cfg.labeling))
     test_uris = set(datasets["test"].by_uri())
     test_rows = [r for r in rows if r["uri"] in test_uris]
     model_ids = {r.get("gtformer_sha256") for r in test_rows} | {r.get("sam_model") for r in test_rows}
     report["settings"]["model_ids"] = sorted(m for m in model_ids if m)
 
-    _write(join_uri(cfg.output, "report.json"), report_json(report).encode())
-    _write(join_uri(cfg.output, "report.md"), report_markdown(report).encode())
-    _write(join_uri(cfg.output, "per_image.jsonl"), image_records_jsonl(report).encode())
+    write_bytes_atomic(join_uri(cfg.output, "report.json"), report_json(report).encode())
+    write_bytes_atomic(join_uri(cfg.output, "report.md"), report_markdown(report).encode())
+    write_bytes_atomic(join_uri(cfg.output, "per_image.jsonl"), image_records_jsonl(report).encode())
     samples = datasets["test"].by_uri()
     by_uri = index_rows(test_rows)
     written = []
@@ -159,59 +144,9 @@ def run_evaluate_job(cfg: EvaluateJobConfig) -> dict:
         counters[kind] += 1
         try:
             png = overlay_png(record, samples[record["uri"]], by_uri[record["uri"]])
-            _write(join_uri(cfg.output, f"overlays/{name}"), png)
+            write_bytes_atomic(join_uri(cfg.output, f"overlays/{name}"), png)
             written.append(name)
         except Exception as e:  # an overlay is a courtesy, never a reason to lose the report
             log.warning("overlay of %s failed: %s", record["uri"], e)
     report["overlays"] = written
     return report
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``pro2sam evaluate`` / ``jobs/evaluate.py`` options."""
-    p.add_argument(
-        "--test", required=True, help="split to report: cub:ROOT:test, ilsvrc:ROOT:val, wsol:META:DATA:test, or a manifest"
-    )
-    p.add_argument(
-        "--heldout", required=True, help="split the thresholds are chosen on, e.g. wsol:META:DATA:val (never test)"
-    )
-    p.add_argument("--output", required=True, help="output folder (local or URI); a rerun resumes the labeling")
-    add_labeling_arguments(p)
-    p.add_argument(
-        "--cam-curve-interval", type=float, default=DEFAULT_CAM_CURVE_INTERVAL, help="tau grid step (default 0.01)"
-    )
-    p.add_argument("--overlays", type=int, default=6, help="overlay PNGs of best and worst cases (default 6)")
-
-
-def config_from_args(args: argparse.Namespace) -> EvaluateJobConfig:
-    return EvaluateJobConfig(
-        test=args.test,
-        heldout=args.heldout,
-        output=args.output,
-        cam_curve_interval=args.cam_curve_interval,
-        overlays=args.overlays,
-        **labeling_settings_from_args(args),
-    )
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        report = run_evaluate_job(config_from_args(args))
-    except (DatasetError, StorageError, ValueError) as e:
-        print(f"pro2sam evaluate: error: {e}", file=sys.stderr)
-        return 2
-    print(report_markdown(report), flush=True)
-    print(f"report: {join_uri(args.output, 'report.json')}", flush=True)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="evaluate", description="Pro2SAM evaluation job: label with Ray Data, then score against the GT."
-    )
-    add_evaluate_arguments(parser)
-    return run_from_args(parser.parse_args(argv))

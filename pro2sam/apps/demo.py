@@ -22,12 +22,14 @@ import posixpath
 import time
 from pathlib import Path
 
-from . import shipped
-from .evaluation import METHODS
-from .gallery import build_gallery
-from .pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
-from .storage import join_uri
-from .synthetic import write_wsol_dataset
+from .. import shipped
+from ..evaluation import METHODS
+from ..gallery import build_gallery
+from ..pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
+from ..pipeline.label_job import LabelingSettings, Resources
+from ..sam_candidates import CandidateConfig
+from ..storage import join_uri
+from ..synthetic import write_wsol_dataset
 
 __all__ = [
     "DEFAULT_NUM_TEST",
@@ -111,12 +113,14 @@ def run_demo(
         test=data.spec("test"),
         heldout=data.spec("val"),
         output=str(evaluation),
-        gtformer=str(gtformer),
-        sam=sam,
-        sam_checkpoint=None if sam_checkpoint is None else str(sam_checkpoint),
-        points_per_side=points_per_side,
+        labeling=LabelingSettings(
+            gtformer=str(gtformer),
+            sam=sam,
+            sam_checkpoint=None if sam_checkpoint is None else str(sam_checkpoint),
+            candidates=CandidateConfig.for_variant(sam, points_per_side=points_per_side),
+            resources=Resources(ray_address=ray_address),
+        ),
         overwrite=True,
-        ray_address=ray_address,
     )
     step = time.perf_counter()
     report = run_evaluate_job(cfg)
@@ -133,7 +137,7 @@ def run_demo(
 
     results = report["results"]
     summary = {
-        "models": {"gtformer": str(gtformer), "sam": sam, "sam_checkpoint": cfg.sam_checkpoint},
+        "models": {"gtformer": str(gtformer), "sam": sam, "sam_checkpoint": cfg.labeling.sam_checkpoint},
         "num_test": num_test,
         "num_val": num_val,
         "points_per_side": points_per_side,
