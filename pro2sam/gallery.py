@@ -1,5 +1,7 @@
 """A self-contained HTML gallery of labeled images: mask tinted, box drawn, class and scores.
 
+The pictures are drawn by :mod:`pro2sam.visualize`; this module chooses the rows and builds the page.
+
 Rows are chosen with DuckDB over ``read_parquet`` of the labels table (an optional SQL ``WHERE``
 condition over its columns, best ``match_score`` first or a repeatable random sample, at most
 ``limit`` rows); each image is read through :func:`pro2sam.storage.read_bytes`, decoded with EXIF
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import base64
 import html
-import math
 import posixpath
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -29,22 +30,19 @@ import numpy as np
 
 from .export import parquet_files
 from .images import ImageDecodeError, decode_image
-from .rle import decode_mask
 from .storage import StorageError, filesystem, is_remote, read_bytes
+from .visualize import DEFAULT_THUMB_SIZE, encode_image, render_coarse_map, render_overlay
 
 __all__ = [
     "DEFAULT_LIMIT",
     "DEFAULT_THUMB_SIZE",
     "select_rows",
-    "render_overlay",
-    "render_coarse_map",
     "build_gallery",
     "add_show_arguments",
     "run_show",
 ]
 
 DEFAULT_LIMIT = 100
-DEFAULT_THUMB_SIZE = 256
 # The scores a page sorts by: data attribute (and sort key) -> button text.
 SORT_KEYS = {
     "match_score": "match score",
@@ -53,10 +51,6 @@ SORT_KEYS = {
     "stability_score": "stability",
     "mask_area": "mask area",
 }
-_MASK_TINT = np.array([255, 64, 160], dtype=np.float32)  # RGB, magenta: visible on most photographs
-_MASK_ALPHA = 0.45
-_BOX_RGB = (255, 230, 0)
-_COARSE_ALPHA = 0.6  # weight of the heat map over the dimmed image
 _COARSE_TITLE = "GTFormer coarse map (0 blue, 1 red)"
 
 
@@ -112,55 +106,8 @@ def select_rows(
     return rows
 
 
-def render_overlay(image: np.ndarray, row: dict, *, thumb_size: int = DEFAULT_THUMB_SIZE) -> np.ndarray:
-    """(H, W, 3) uint8 RGB image -> thumbnail (longer side ``thumb_size``) with the row's mask
-    tinted and its box drawn; the box and mask are in the image's pixel frame."""
-    h, w = image.shape[:2]
-    scale = min(1.0, thumb_size / max(h, w))
-    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
-    thumb = cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA).astype(np.float32)
-    if row.get("mask_rle"):
-        mask = cv2.resize(decode_mask(row["mask_rle"]).astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST) > 0
-        thumb[mask] = (1 - _MASK_ALPHA) * thumb[mask] + _MASK_ALPHA * _MASK_TINT
-    thumb = np.ascontiguousarray(thumb.round().clip(0, 255).astype(np.uint8))
-    if row.get("box_xyxy"):
-        x0, y0, x1, y1 = row["box_xyxy"]
-        sx, sy = tw / w, th / h  # inclusive indices: the box covers [x0, x1 + 1) pixels
-        top_left = (int(x0 * sx), int(y0 * sy))
-        bottom_right = (max(int(x0 * sx), math.ceil((x1 + 1) * sx) - 1), max(int(y0 * sy), math.ceil((y1 + 1) * sy) - 1))
-        cv2.rectangle(thumb, top_left, bottom_right, _BOX_RGB, thickness=2)
-    return thumb
-
-
-def render_coarse_map(image: np.ndarray, coarse_map, size: tuple[int, int]) -> np.ndarray:
-    """The coarse map as a heat map over the image, both resized to ``size`` = (width, height).
-
-    Args:
-        image: (H, W, 3) uint8 RGB, the image the map covers.
-        coarse_map: the labels table's ``coarse_map``: S*S floats in [0, 1], row-major.
-        size: (width, height) of the result, e.g. the overlay thumbnail's.
-
-    Returns:
-        (height, width, 3) uint8 RGB: JET colours of the bilinearly upsampled map, blended over a
-        dimmed grey copy of the image.
-    """
-    values = np.asarray(coarse_map, dtype=np.float32)
-    side = math.isqrt(values.size)
-    if side == 0 or side * side != values.size:
-        raise ValueError(f"coarse_map has {values.size} values, not a square number")
-    heat = cv2.resize(values.reshape(side, side), size, interpolation=cv2.INTER_LINEAR)
-    colours = cv2.applyColorMap((heat.clip(0, 1) * 255).round().astype(np.uint8), cv2.COLORMAP_JET)
-    colours = cv2.cvtColor(colours, cv2.COLOR_BGR2RGB).astype(np.float32)
-    grey = cv2.cvtColor(cv2.resize(image, size, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
-    dimmed = np.repeat(grey[..., None].astype(np.float32) * 0.5, 3, axis=2)
-    return ((1 - _COARSE_ALPHA) * dimmed + _COARSE_ALPHA * colours).round().clip(0, 255).astype(np.uint8)
-
-
 def _jpeg_data_uri(rgb: np.ndarray) -> str:
-    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return "data:image/jpeg;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(encode_image(rgb, "jpeg")).decode("ascii")
 
 
 def _thumbnails(row: dict, thumb_size: int, coarse_map: bool) -> tuple[str | None, str | None, str | None]:

@@ -26,10 +26,10 @@ from pro2sam.evaluation import (
     choose_thresholds,
     evaluate_predictions,
     evaluate_with_heldout,
-    report_markdown,
 )
 from pro2sam.labels import error_row
 from pro2sam.metrics import mask_iou
+from pro2sam.report import report_markdown
 from pro2sam.rle import encode_mask
 
 GT_A = [20, 20, 119, 119]
