@@ -170,12 +170,17 @@ def dataset_root(uri: str) -> str:
     return uri.rstrip("/") if is_remote(uri) else os.path.abspath(uri)
 
 
+def read_data(uri: str, *, missing: str = "file not found") -> bytes:
+    """A metadata file's bytes; a missing file is a :class:`DatasetError` saying ``missing``."""
+    try:
+        return read_bytes(uri)
+    except FileNotFoundError:
+        raise DatasetError(missing, file=uri) from None
+
+
 def read_text(uri: str) -> str:
     """A metadata file as text (UTF-8, BOM dropped)."""
-    try:
-        data = read_bytes(uri)
-    except FileNotFoundError:
-        raise DatasetError("file not found", file=uri) from None
+    data = read_data(uri)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from ..storage import is_remote, join_uri, read_bytes
+from ..storage import is_remote, join_uri
 from .common import (
     MANIFEST_META_KEY,
     DatasetError,
@@ -23,6 +23,7 @@ from .common import (
     check_box,
     parse_float,
     parse_int,
+    read_data,
 )
 
 __all__ = ["read_manifest"]
@@ -68,10 +69,7 @@ def _read_rows(source: str) -> tuple[list[dict], dict]:
     """The manifest's rows as dicts, and the metadata :meth:`WSOLDataset.to_manifest` stored (or {})."""
     import pyarrow.parquet as pq
 
-    try:
-        data = read_bytes(source)
-    except FileNotFoundError:
-        raise DatasetError("manifest not found", file=source) from None
+    data = read_data(source, missing="manifest not found")
     try:
         if source.endswith(".parquet"):
             table = pq.read_table(io.BytesIO(data))
