@@ -24,15 +24,13 @@ Thresholds (GTFormer's ``cam_threshold``, the MaxBoxAcc tau of each IoU delta) a
 held-out split by :func:`choose_thresholds` and applied to the test split
 (:func:`evaluate_with_heldout`); numbers with thresholds tuned on test itself are reported only
 beside them, under ``test_tuned``. Rows with ``status == 'error'`` and images without a row count
-as wrong for every metric. Accuracies, PxAP and mIoU are percentages.
+as wrong for every metric. Accuracies, PxAP and mIoU are percentages. :mod:`pro2sam.report` writes
+the result as Markdown, JSON and overlay PNGs.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -58,6 +56,7 @@ from .metrics import (
     scale_boxes_to_frame,
 )
 from .rle import decode_mask
+from .storage import read_bytes
 
 __all__ = [
     "METHODS",
@@ -69,20 +68,12 @@ __all__ = [
     "evaluate_predictions",
     "choose_thresholds",
     "evaluate_with_heldout",
-    "report_markdown",
-    "select_overlay_cases",
-    "render_overlay",
-    "overlay_png",
-    "overlay_name",
-    "report_json",
-    "image_records_jsonl",
 ]
 
 METHODS = ("GTFormer", "Pro2SAM")
 # The tau grid most WSOL papers use (wsolevaluation's training-time default).
 DEFAULT_CAM_CURVE_INTERVAL = 0.01
 _FRAME_W, _FRAME_H = EVAL_FRAME
-_MIN_OVERLAY_SIDE = 256
 
 
 @dataclass(frozen=True)
@@ -124,14 +115,8 @@ def index_rows(rows: pa.Table | Iterable[Mapping]) -> dict[str, dict]:
     return out
 
 
-def _read_bytes(uri: str) -> bytes:
-    from .storage import read_bytes
-
-    return read_bytes(uri)
-
-
 def _load_png_in_frame(uri: str) -> np.ndarray:
-    image = cv2.imdecode(np.frombuffer(_read_bytes(uri), np.uint8), cv2.IMREAD_GRAYSCALE)
+    image = cv2.imdecode(np.frombuffer(read_bytes(uri), np.uint8), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise ValueError(f"cannot decode mask {uri}")
     return cv2.resize(image.astype(np.float32), EVAL_FRAME, interpolation=cv2.INTER_NEAREST)
@@ -510,169 +495,3 @@ def evaluate_with_heldout(
         },
         "images": test_result["images"],
     }
-
-
-# ---------------------------------------------------------------- report
-
-
-def _fmt(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
-
-
-def report_markdown(report: Mapping) -> str:
-    """The report as a Markdown table in the layout of the paper's Table 1."""
-    results = report["results"]
-    with_masks = any("PxAP" in results[m] for m in METHODS)
-    header = ["Method", "Top-1 Loc", "Top-5 Loc", "GT-known Loc", "MaxBoxAccV2"] + (["PxAP", "mIoU"] if with_masks else [])
-    keys = ["top1_loc", "top5_loc", "gt_known_loc", "MaxBoxAccV2"] + (["PxAP", "mIoU"] if with_masks else [])
-    lines = [
-        f"**{report['dataset']}**, split `{report['test_split']}`: "
-        f"{report['test']['num_images']} images ({report['test']['num_error_rows']} error rows, "
-        f"{report['test']['num_missing_rows']} without a row, counted wrong).",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    names = {"GTFormer": "GTFormer (coarse map)", "Pro2SAM": "Pro2SAM"}
-    for m in METHODS:
-        lines.append("| " + " | ".join([names[m]] + [_fmt(results[m].get(k)) for k in keys]) + " |")
-    tuned = report.get("test_tuned")
-    if tuned:
-        row = [f"{names['GTFormer']}, test-tuned †"] + [_fmt(tuned["GTFormer"].get(k)) for k in keys]
-        lines.append("| " + " | ".join(row) + " |")
-    t = report["thresholds"]
-    taus = ", ".join(f"{v:.2f} at IoU {k}%" for k, v in t["maxboxacc_taus"].items()) or "none"
-    lines += [
-        "",
-        f"Thresholds chosen on the held-out split `{t['chosen_on']}` (by {t['selected_by']}) and applied to "
-        f"`{report['test_split']}`: GTFormer cam threshold {t['cam_threshold']:.2f}; MaxBoxAcc taus {taus}. "
-        "Pro2SAM's box and mask need no threshold.",
-        f"Top-1 / Top-5 classification: {_fmt(results['Pro2SAM'].get('top1_cls'))} / "
-        f"{_fmt(results['Pro2SAM'].get('top5_cls'))}.",
-    ]
-    if tuned:
-        tt = tuned["thresholds"]
-        lines.append(
-            f"† test-tuned: thresholds chosen on `{report['test_split']}` itself (cam threshold "
-            f"{tt['cam_threshold']:.2f}), shown only for comparison; not a valid result."
-        )
-    return "\n".join(lines) + "\n"
-
-
-def select_overlay_cases(report: Mapping, count: int) -> list[tuple[str, dict]]:
-    """The best and worst test images by Pro2SAM's IoU (box IoU, else mask IoU), ok rows only.
-
-    Returns:
-        up to ``count`` pairs ``("best" | "worst", image record)``, best first.
-    """
-    def score(r: dict) -> float | None:
-        v = r.get("pro2sam_iou", r.get("pro2sam_mask_iou"))
-        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-
-    scored = sorted((r for r in report["images"] if score(r) is not None), key=lambda r: -score(r))
-    n_best = min((count + 1) // 2, len(scored))
-    best = scored[:n_best]
-    worst = [r for r in scored[::-1] if r not in best][: count - n_best]
-    return [("best", r) for r in best] + [("worst", r) for r in worst]
-
-
-def render_overlay(
-    image: np.ndarray,
-    *,
-    gt_boxes: np.ndarray | None,
-    pred_box: Sequence[int] | None,
-    mask: np.ndarray | None,
-    gtformer_box: Sequence[int] | None = None,
-    caption: str = "",
-) -> "Image.Image":
-    """An overlay in original pixels: mask tinted red, GT boxes green, Pro2SAM box red, GTFormer box yellow.
-
-    Args:
-        image: (H, W, 3) uint8 RGB.
-        gt_boxes: (K, 4) ``(x0, y0, x1, y1)`` original pixels, or None.
-        pred_box: Pro2SAM's inclusive box in original pixels, or None.
-        mask: (H, W) bool, or None.
-        gtformer_box: GTFormer's box in original pixels, or None.
-        caption: text drawn at the top left.
-
-    Images smaller than 256 px on their long side are enlarged by an integer factor.
-    """
-    from PIL import Image, ImageDraw
-
-    out = image.astype(np.float32)
-    if mask is not None and mask.shape == image.shape[:2]:
-        out[mask] = 0.55 * out[mask] + 0.45 * np.array([255, 0, 0], dtype=np.float32)
-    canvas = Image.fromarray(out.clip(0, 255).astype(np.uint8))
-    h, w = image.shape[:2]
-    scale = max(1, math.ceil(_MIN_OVERLAY_SIDE / max(h, w)))  # small images: enlarge so the boxes stay legible
-    if scale > 1:
-        canvas = canvas.resize((w * scale, h * scale), Image.NEAREST)
-    draw = ImageDraw.Draw(canvas)
-    width = max(1, round(max(canvas.size) / 150))
-
-    def rect(box, colour):
-        draw.rectangle([float(v) * scale for v in box], outline=colour, width=width)
-
-    for box in [] if gt_boxes is None else gt_boxes:
-        rect(box, (0, 255, 0))
-    if gtformer_box is not None:
-        rect(gtformer_box, (255, 255, 0))
-    if pred_box is not None:
-        rect(pred_box, (255, 0, 0))
-    if caption:
-        draw.rectangle([0, 0, 7 * len(caption) + 4, 14], fill=(0, 0, 0))
-        draw.text((2, 2), caption, fill=(255, 255, 255))
-    return canvas
-
-
-def overlay_png(record: Mapping, sample: Sample, row: Mapping) -> bytes:
-    """PNG bytes of :func:`render_overlay` for one test image and its labels-table row."""
-    from .images import decode_image
-
-    image = decode_image(_read_bytes(sample.uri))
-    h, w = image.shape[:2]
-    gtformer_box = None
-    if record.get("gtformer_box_224"):
-        x0, y0, x1, y1 = record["gtformer_box_224"]
-        gtformer_box = [x0 * w / _FRAME_W, y0 * h / _FRAME_H, x1 * w / _FRAME_W, y1 * h / _FRAME_H]
-    iou = record.get("pro2sam_iou", record.get("pro2sam_mask_iou"))
-    caption = f"{sample.image_id}  IoU {iou:.2f}" if iou is not None else sample.image_id
-    canvas = render_overlay(
-        image,
-        gt_boxes=sample.boxes,
-        pred_box=row.get("box_xyxy"),
-        mask=decode_mask(row["mask_rle"]) if row.get("mask_rle") else None,
-        gtformer_box=gtformer_box,
-        caption=caption,
-    )
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def overlay_name(kind: str, rank: int, image_id: str) -> str:
-    """A file name for an overlay: ``best_00_<image id with / replaced>.png``."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in posixpath.splitext(image_id)[0])
-    return f"{kind}_{rank:02d}_{safe[-80:]}.png"
-
-
-def report_json(report: Mapping) -> str:
-    """The report as JSON (NaN written as null), per-image records left out."""
-    return json.dumps(_clean({k: v for k, v in report.items() if k != "images"}), indent=2)
-
-
-def image_records_jsonl(report: Mapping) -> str:
-    """The per-image records of the test split, one JSON line each (NaN written as null)."""
-    return "".join(json.dumps(_clean(r)) + "\n" for r in report["images"])
-
-
-def _clean(value):
-    if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else value
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.generic):
-        return _clean(value.item())
-    return value

@@ -1,10 +1,10 @@
 """A self-contained HTML gallery of labeled images: mask tinted, box drawn, class and scores.
 
-Rows are chosen with DuckDB over ``read_parquet`` of the labels table (an optional SQL ``WHERE``
-condition over its columns, best ``match_score`` first or a repeatable random sample, at most
-``limit`` rows); each image is read through :func:`pro2sam.storage.read_bytes`, decoded with EXIF
-orientation applied (the frame ``box_xyxy`` and the mask are in) and embedded as a base64 JPEG
-thumbnail. The page needs no network and no files besides itself.
+The pictures are drawn by :mod:`pro2sam.visualize`; this module builds the page from rows chosen
+by the caller (``pro2sam show`` chooses them with DuckDB: :mod:`pro2sam.apps.query`). Each image
+is read through :func:`pro2sam.storage.read_bytes`, decoded with EXIF orientation applied (the
+frame ``box_xyxy`` and the mask are in) and embedded as a base64 JPEG thumbnail. The page needs
+no network and no files besides itself.
 
 Each row is one ``<figure class="overlay">`` with ``data-*`` attributes for its scores; buttons
 sort the figures by a score (a small inline script), and ``gallery.html#sort=pred_iou`` (or
@@ -18,29 +18,22 @@ from __future__ import annotations
 
 import base64
 import html
-import math
-import posixpath
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
 
-from .export import parquet_files
 from .images import ImageDecodeError, decode_image
-from .rle import decode_mask
-from .storage import StorageError, filesystem, is_remote, read_bytes
+from .storage import StorageError, read_bytes, write_bytes_atomic
+from .visualize import DEFAULT_THUMB_SIZE, encode_image, render_coarse_map, render_overlay
 
 __all__ = [
     "DEFAULT_LIMIT",
     "DEFAULT_THUMB_SIZE",
-    "select_rows",
-    "render_overlay",
-    "render_coarse_map",
-    "build_gallery",
+    "write_gallery",
 ]
 
 DEFAULT_LIMIT = 100
-DEFAULT_THUMB_SIZE = 256
 # The scores a page sorts by: data attribute (and sort key) -> button text.
 SORT_KEYS = {
     "match_score": "match score",
@@ -49,114 +42,11 @@ SORT_KEYS = {
     "stability_score": "stability",
     "mask_area": "mask area",
 }
-_MASK_TINT = np.array([255, 64, 160], dtype=np.float32)  # RGB, magenta: visible on most photographs
-_MASK_ALPHA = 0.45
-_BOX_RGB = (255, 230, 0)
-_COARSE_ALPHA = 0.6  # weight of the heat map over the dimmed image
 _COARSE_TITLE = "GTFormer coarse map (0 blue, 1 red)"
 
 
-def select_rows(
-    input: str,
-    *,
-    where: str | None = None,
-    limit: int = DEFAULT_LIMIT,
-    sample: bool = False,
-    seed: int = 0,
-    coarse_map: bool = False,
-) -> list[dict]:
-    """Rows of the labels table at ``input`` (file or folder, local or URI).
-
-    Args:
-        where: a DuckDB SQL condition over the table's columns, e.g.
-            ``"match_score > 0.5 AND status = 'ok'"``.
-        limit: at most this many rows.
-        sample: a random sample (reservoir, repeatable with ``seed``) of the rows that pass
-            ``where``, instead of the best ``match_score`` first.
-        coarse_map: also read the ``coarse_map`` column (left out by default for its size).
-
-    Returns:
-        Dicts keyed by the labels table's column names, plus ``class_score`` (top-1 probability).
-    """
-    import duckdb
-
-    files = parquet_files(input)
-    con = duckdb.connect()
-    try:
-        if is_remote(input):
-            fs, _ = filesystem(input)
-            con.register_filesystem(fs)
-        columns = "*" if coarse_map else "* EXCLUDE (coarse_map)"
-        # One row per image, should a table hold two (its ok row first), as LabelsOutput reads it.
-        one_per_image = "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY status = 'ok' DESC) = 1"
-        filtered = (
-            f"SELECT * FROM (SELECT {columns} FROM read_parquet($files, union_by_name = true) {one_per_image})"
-            + (f" WHERE ({where})" if where else "")
-        )
-        if sample:
-            sample_clause = f"USING SAMPLE reservoir({int(limit)} ROWS) REPEATABLE ({int(seed)})"
-            sql = f"SELECT * FROM ({filtered}) {sample_clause} ORDER BY image_id"
-        else:
-            sql = f"{filtered} ORDER BY match_score DESC NULLS LAST, image_id LIMIT {int(limit)}"
-        result = con.execute(sql, {"files": files})
-        names = [d[0] for d in result.description]
-        rows = [dict(zip(names, values)) for values in result.fetchall()]
-    finally:
-        con.close()
-    for row in rows:
-        row["class_score"] = row["topk_scores"][0] if row.get("topk_scores") else None
-    return rows
-
-
-def render_overlay(image: np.ndarray, row: dict, *, thumb_size: int = DEFAULT_THUMB_SIZE) -> np.ndarray:
-    """(H, W, 3) uint8 RGB image -> thumbnail (longer side ``thumb_size``) with the row's mask
-    tinted and its box drawn; the box and mask are in the image's pixel frame."""
-    h, w = image.shape[:2]
-    scale = min(1.0, thumb_size / max(h, w))
-    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
-    thumb = cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA).astype(np.float32)
-    if row.get("mask_rle"):
-        mask = cv2.resize(decode_mask(row["mask_rle"]).astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST) > 0
-        thumb[mask] = (1 - _MASK_ALPHA) * thumb[mask] + _MASK_ALPHA * _MASK_TINT
-    thumb = np.ascontiguousarray(thumb.round().clip(0, 255).astype(np.uint8))
-    if row.get("box_xyxy"):
-        x0, y0, x1, y1 = row["box_xyxy"]
-        sx, sy = tw / w, th / h  # inclusive indices: the box covers [x0, x1 + 1) pixels
-        top_left = (int(x0 * sx), int(y0 * sy))
-        bottom_right = (max(int(x0 * sx), math.ceil((x1 + 1) * sx) - 1), max(int(y0 * sy), math.ceil((y1 + 1) * sy) - 1))
-        cv2.rectangle(thumb, top_left, bottom_right, _BOX_RGB, thickness=2)
-    return thumb
-
-
-def render_coarse_map(image: np.ndarray, coarse_map, size: tuple[int, int]) -> np.ndarray:
-    """The coarse map as a heat map over the image, both resized to ``size`` = (width, height).
-
-    Args:
-        image: (H, W, 3) uint8 RGB, the image the map covers.
-        coarse_map: the labels table's ``coarse_map``: S*S floats in [0, 1], row-major.
-        size: (width, height) of the result, e.g. the overlay thumbnail's.
-
-    Returns:
-        (height, width, 3) uint8 RGB: JET colours of the bilinearly upsampled map, blended over a
-        dimmed grey copy of the image.
-    """
-    values = np.asarray(coarse_map, dtype=np.float32)
-    side = math.isqrt(values.size)
-    if side == 0 or side * side != values.size:
-        raise ValueError(f"coarse_map has {values.size} values, not a square number")
-    heat = cv2.resize(values.reshape(side, side), size, interpolation=cv2.INTER_LINEAR)
-    colours = cv2.applyColorMap((heat.clip(0, 1) * 255).round().astype(np.uint8), cv2.COLORMAP_JET)
-    colours = cv2.cvtColor(colours, cv2.COLOR_BGR2RGB).astype(np.float32)
-    grey = cv2.cvtColor(cv2.resize(image, size, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
-    dimmed = np.repeat(grey[..., None].astype(np.float32) * 0.5, 3, axis=2)
-    return ((1 - _COARSE_ALPHA) * dimmed + _COARSE_ALPHA * colours).round().clip(0, 255).astype(np.uint8)
-
-
 def _jpeg_data_uri(rgb: np.ndarray) -> str:
-    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return "data:image/jpeg;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(encode_image(rgb, "jpeg")).decode("ascii")
 
 
 def _thumbnails(row: dict, thumb_size: int, coarse_map: bool) -> tuple[str | None, str | None, str | None]:
@@ -255,36 +145,41 @@ _SCRIPT = """
 """
 
 
-def build_gallery(
-    input: str,
+def write_gallery(
+    rows: list[dict],
     output: str,
     *,
-    where: str | None = None,
-    limit: int = DEFAULT_LIMIT,
-    sample: bool = False,
-    seed: int = 0,
+    source: str,
+    selection: str = "all rows",
+    limit: int | None = None,
     thumb_size: int = DEFAULT_THUMB_SIZE,
     threads: int = 8,
     coarse_map: bool = False,
 ) -> int:
-    """Write the gallery of the rows chosen by :func:`select_rows` to ``output`` (local or URI);
-    return the number of overlays. Images that cannot be read still get a figure, saying why.
-    With ``coarse_map``, each row's GTFormer coarse map is shown beside its overlay."""
-    rows = select_rows(input, where=where, limit=limit, sample=sample, seed=seed, coarse_map=coarse_map)
+    """Write the gallery of ``rows`` (labels-table rows as dicts, in page order) to ``output``
+    (local or URI, written whole); return the number of overlays. Images that cannot be read still
+    get a figure, saying why. With ``coarse_map``, each row's GTFormer coarse map (its
+    ``coarse_map`` column) is shown beside its overlay.
+
+    Args:
+        source: the labels table the rows came from, named in the page's title.
+        selection: how the rows were chosen, for the page's header.
+        limit: the most rows that could have been chosen, for the header.
+    """
+    for row in rows:
+        row.setdefault("class_score", row["topk_scores"][0] if row.get("topk_scores") else None)
     with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
         thumbs = list(pool.map(lambda r: _thumbnails(r, thumb_size, coarse_map), rows))
     e = html.escape
     buttons = "".join(f'<button type="button" data-key="{k}">{e(v)}</button>' for k, v in SORT_KEYS.items())
-    chosen = f"where {e(where)}" if where else "all rows"
-    order = f"random sample (seed {seed})" if sample else "best match_score first"
     page = "\n".join(
         [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
-            f"<title>pro2sam gallery: {e(input)}</title>",
+            f"<title>pro2sam gallery: {e(source)}</title>",
             f"<style>{_STYLE}</style></head><body>",
-            f"<header><h1>pro2sam labels</h1><p>{e(input)}: {chosen}; {order}; "
-            f'<span class="count">{len(rows)}</span> of at most {int(limit)} rows</p>',
+            f"<header><h1>pro2sam labels</h1><p>{e(source)}: {e(selection)}; "
+            f'<span class="count">{len(rows)}</span>' + (f" of at most {int(limit)}" if limit else "") + " rows</p>",
             f'<p class="sort">Sort by: {buttons}</p></header>',
             '<main id="gallery" class="with-coarse-map">' if coarse_map else '<main id="gallery">',
             *(_figure(row, thumb, heat, problem) for row, (thumb, heat, problem) in zip(rows, thumbs)),
@@ -293,10 +188,5 @@ def build_gallery(
             "</body></html>",
         ]
     )
-    fs, path = filesystem(output)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    write_bytes_atomic(output, page.encode("utf-8"))
     return len(rows)

@@ -38,6 +38,8 @@ __all__ = [
     "filesystem",
     "is_remote",
     "join_uri",
+    "exists",
+    "list_files",
     "canonical_uri",
     "location_contains",
     "image_id_for",
@@ -100,11 +102,13 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
-def join_uri(base: str, name: str) -> str:
-    """``base`` joined with a relative ``name`` (keeps the scheme of remote URIs)."""
+def join_uri(base: str, *names: str) -> str:
+    """``base`` joined with relative ``names``, in order (keeps the scheme of remote URIs)."""
     if is_remote(base):
-        return base.rstrip("/") + "/" + name.lstrip("/")
-    return str(Path(base) / name)
+        for name in names:
+            base = base.rstrip("/") + "/" + name.lstrip("/")
+        return base
+    return str(Path(base).joinpath(*names))
 
 
 def canonical_uri(uri: str) -> str:
@@ -335,6 +339,25 @@ def _manifest_labels(table: pa.Table, source: str) -> list[str | None]:
 
 
 # ---------------------------------------------------------------- reading and writing objects
+
+
+def exists(uri: str) -> bool:
+    """True if a file, object or folder is at ``uri``."""
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def list_files(uri: str) -> list[str]:
+    """Every file below the folder ``uri``, recursively, as sorted ``/``-separated names relative
+    to it (``join_uri(uri, name)`` is the file's URI); hidden files included. Empty when nothing
+    is there."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return []
+    root = path.rstrip("/")
+    # slicing where it can, not relpath: ILSVRC's train folder holds 1.2M files
+    names = (p[len(root) + 1 :] if p.startswith(root + "/") else posixpath.relpath(p, root) for p in fs.find(path))
+    return sorted(name for name in names if name != ".")
 
 
 def read_bytes(uri: str, **limits) -> bytes:

@@ -21,15 +21,17 @@ import pytest
 from PIL import Image
 
 from pro2sam.datasets import Sample, WSOLDataset
+from helpers import tiny_labeling
+
 from pro2sam.evaluation import (
     _iou_by_cut,
     choose_thresholds,
     evaluate_predictions,
     evaluate_with_heldout,
-    report_markdown,
 )
 from pro2sam.labels import error_row
 from pro2sam.metrics import mask_iou
+from pro2sam.report import report_markdown
 from pro2sam.rle import encode_mask
 
 GT_A = [20, 20, 119, 119]
@@ -188,12 +190,10 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_checkpoints, ray_local):
     from pro2sam.pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
 
     meta, data = _wsol_tree(tmp_path)
-    gtformer, sam = tiny_checkpoints
     out = tmp_path / "eval"
     cfg = EvaluateJobConfig(
         test=f"wsol:{meta}:{data}:test", heldout=f"wsol:{meta}:{data}:val", output=str(out),
-        gtformer=str(gtformer), sam="tiny", sam_checkpoint=str(sam), points_per_side=4,
-        pred_iou_thresh=0.0, stability_score_thresh=0.0, batch_size=4, overlays=2,
+        labeling=tiny_labeling(tiny_checkpoints, batch_size=4), overlays=2,
     )  # fmt: skip
     report = run_evaluate_job(cfg)
     saved = json.loads((out / "report.json").read_text())

@@ -12,10 +12,9 @@ import pytest
 from PIL import Image
 
 from pro2sam.apps.cli import main
-from pro2sam.gallery import build_gallery, render_coarse_map, render_overlay
+from pro2sam.apps.query import build_gallery
 from pro2sam.labels import error_row, ok_row, rows_to_table
 from pro2sam.model import Pro2SAMResult
-from pro2sam.rle import encode_mask
 
 CHROMIUM = Path("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(
@@ -74,18 +73,6 @@ def jpeg_size(data_uri_body: str) -> tuple[int, int]:
     return Image.open(io.BytesIO(base64.b64decode(data_uri_body))).size
 
 
-def test_render_overlay_tints_the_mask_and_draws_the_box():
-    mask = np.zeros((48, 64), bool)
-    mask[10:30, 20:50] = True
-    image = np.full((48, 64, 3), 90, np.uint8)
-    row = {"mask_rle": encode_mask(mask), "box_xyxy": [20, 10, 49, 29]}
-    thumb = render_overlay(image, row, thumb_size=64)
-    assert thumb.shape == (48, 64, 3)
-    assert tuple(thumb[20, 35]) != (90, 90, 90)  # inside the mask: tinted
-    assert tuple(thumb[40, 5]) == (90, 90, 90)  # background untouched
-    assert tuple(thumb[10, 35]) == (255, 230, 0)  # the box's top edge
-
-
 @needs_chromium
 def test_browser_shows_one_overlay_per_row_with_embedded_jpegs(labels_file, tmp_path):
     page = tmp_path / "gallery.html"
@@ -116,23 +103,6 @@ def test_page_script_sorts_overlays_by_score(labels_file, tmp_path):
     scores = lambda dom: [re.search(r'data-match-score="([^"]*)"', o).group(1) for o in overlays(dom)]  # noqa: E731
     assert scores(page.read_text()) == ["0.9", "0.7", "0.2", "", ""]  # as written: best first
     assert scores(dump_dom(page, tmp_path, "#sort=match_score:asc")) == ["0.2", "0.7", "0.9", "", ""]
-
-
-def test_render_coarse_map_is_hot_where_the_map_is_high():
-    coarse = np.zeros((14, 14), np.float32)
-    coarse[:7, :7] = 1.0  # top-left quadrant of the image
-    image = np.full((48, 64, 3), 90, np.uint8)
-    heat = render_coarse_map(image, coarse.ravel().tolist(), (64, 48))
-    assert heat.shape == (48, 64, 3) and heat.dtype == np.uint8
-    red, green, blue = (int(v) for v in heat[5, 5])
-    assert red > 2 * blue  # JET at 1: red
-    red, green, blue = (int(v) for v in heat[42, 58])
-    assert blue > 2 * red  # JET at 0: blue
-
-
-def test_render_coarse_map_refuses_a_map_that_is_not_square():
-    with pytest.raises(ValueError, match="square"):
-        render_coarse_map(np.zeros((8, 8, 3), np.uint8), [0.5] * 15, (8, 8))
 
 
 @needs_chromium

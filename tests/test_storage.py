@@ -14,7 +14,10 @@ import pytest
 from pro2sam.storage import (
     InputError,
     canonical_uri,
+    exists,
     image_id_for,
+    join_uri,
+    list_files,
     list_inputs,
     location_contains,
     read_bytes,
@@ -112,6 +115,25 @@ def test_an_excluded_output_folder_is_not_listed(folder):
 
 
 # ---------------------------------------------------------------- manifests
+
+
+def test_join_uri_joins_several_names_and_keeps_the_scheme(tmp_path):
+    assert join_uri(str(tmp_path), "a", "b.txt") == str(tmp_path / "a" / "b.txt")
+    assert join_uri("s3a://bucket/root/", "a/", "/b.txt") == "s3a://bucket/root/a/b.txt"
+
+
+def test_list_files_names_every_file_below_a_folder_relative_to_it(folder, tmp_path):
+    (folder / ".hidden").write_bytes(b"")
+    assert list_files(str(folder)) == [".hidden", "a.png", "sub/b.png"]
+    assert list_files(str(tmp_path / "nowhere")) == [] and not exists(str(tmp_path / "nowhere"))
+
+
+def test_list_files_on_s3_gives_the_same_names(s3_bucket):
+    root = f"s3://{s3_bucket}/images"
+    for name in ("a.png", "sub/b.png"):
+        write_bytes_atomic(join_uri(root, name), b"x")
+    assert list_files(root) == ["a.png", "sub/b.png"] and exists(join_uri(root, "sub"))
+    assert list_files(f"s3://{s3_bucket}/nowhere") == []
 
 
 def test_manifest_labels_stay_the_strings_the_user_wrote(tmp_path):

@@ -267,7 +267,7 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
-    from ..evaluation import report_markdown
+    from ..report import report_markdown
     from ..storage import join_uri
 
     def work() -> int:
@@ -334,7 +334,7 @@ def _parse_classes(text: str | None) -> list[int | str] | None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from ..gallery import build_gallery
+    from .query import build_gallery
 
     def work() -> int:
         count = build_gallery(

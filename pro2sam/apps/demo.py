@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .. import shipped
 from ..evaluation import METHODS
-from ..gallery import build_gallery
+from .query import build_gallery
 from ..pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
 from ..pipeline.label_job import LabelingSettings, Resources
 from ..sam_candidates import CandidateConfig

@@ -1,7 +1,7 @@
 """The evaluation job: label a held-out and a test split with the labeling job, then score them.
 
     dataset spec -> manifest (Parquet) -> run_label_job (Ray Data, resumable) -> labels Parquet
-        -> join with GT on uri -> pro2sam.evaluation (thresholds from held-out) -> report
+        -> join with GT on uri -> pro2sam.evaluation (thresholds from held-out) -> pro2sam.report
 
 Output folder (local or any fsspec URI)::
 
@@ -27,20 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..datasets import WSOLDataset, open_dataset
-from ..evaluation import (
-    DEFAULT_CAM_CURVE_INTERVAL,
-    evaluate_with_heldout,
-    image_records_jsonl,
-    index_rows,
-    overlay_name,
-    overlay_png,
-    report_json,
-    report_markdown,
-    select_overlay_cases,
-)
+from ..evaluation import DEFAULT_CAM_CURVE_INTERVAL, evaluate_with_heldout, index_rows
 from ..gtformer import gtformer_class_names
 from ..labels import LABEL_SCHEMA
 from ..output import LabelsOutput
+from ..report import image_records_jsonl, overlay_name, overlay_png, report_json, report_markdown, select_overlay_cases
 from ..storage import join_uri, write_bytes_atomic
 from .label_job import LabelingSettings, LabelJobConfig, run_label_job
 
