@@ -20,7 +20,6 @@ from .storage import sha256_file
 __all__ = [
     "CheckpointError",
     "OFFICIAL_SAM_CHECKPOINTS",
-    "sha256_file",
     "verify_sha256",
     "load_state_dict",
 ]

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from .labels import LABEL_SCHEMA, STATUS_OK
 from .output import LabelsOutput
 from .rle import decode_mask
-from .storage import filesystem, is_remote
+from .storage import filesystem, is_remote, staged_file
 
 __all__ = [
     "EXPORT_COLUMNS",
@@ -223,7 +223,7 @@ def export_coco(
     """
     categories = _Categories(category, class_names)
     summary = ExportSummary(output)
-    with _staged_file(output) as staged, open(staged, "w", encoding="utf-8") as out, \
+    with staged_file(output) as staged, open(staged, "w", encoding="utf-8") as out, \
             tempfile.TemporaryFile("w+", encoding="utf-8") as spool:  # fmt: skip
         out.write('{"info": {"description": "pro2sam labels", "source": %s},\n"images": [' % json.dumps(input))
         for row in iter_label_rows(input, batch_size=batch_size):
@@ -386,29 +386,6 @@ def _write_yolo(
 
 
 # ---------------------------------------------------------------- publishing an export whole
-
-
-@contextmanager
-def _staged_file(output: str) -> Iterator[str]:
-    """A local path to write an export file to; it becomes ``output`` only when the block ends
-    without an error, replacing an earlier export whole (a failed export leaves it as it was)."""
-    fs, path = filesystem(output)
-    if is_remote(output):
-        with tempfile.TemporaryDirectory(prefix="pro2sam-export-") as folder:
-            staged = os.path.join(folder, posixpath.basename(path) or "export")
-            yield staged
-            fs.put_file(staged, path)  # one object, visible when complete
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, staged = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        yield staged
-        os.replace(staged, path)
-    finally:
-        if os.path.exists(staged):
-            os.unlink(staged)
 
 
 def _is_yolo_export(path: str) -> bool:

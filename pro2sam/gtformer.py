@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -37,7 +36,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrai
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from .checkpoints import CheckpointError, load_state_dict, sha256_file
+from .checkpoints import CheckpointError, load_state_dict
+from .storage import sha256_file, write_bytes_atomic
 
 __all__ = [
     "GTFORMER_PRESETS",
@@ -717,7 +717,7 @@ def save_gtformer(
     Returns:
         The directory.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     preset = getattr(model, "preset", None)
     if preset not in GTFORMER_PRESETS:
@@ -744,20 +744,9 @@ def save_gtformer(
     path_dir = Path(path_dir)
     path_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(path_dir / WEIGHTS_FILE, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _write_atomic(path_dir / CONFIG_FILE, lambda p: Path(p).write_text(config_text + "\n"))
+    write_bytes_atomic(str(path_dir / WEIGHTS_FILE), save(state, metadata={"format": "pt"}))
+    write_bytes_atomic(str(path_dir / CONFIG_FILE), (config_text + "\n").encode())
     return path_dir
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def gtformer_class_names(gtformer: str | os.PathLike) -> list[str] | None:

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoints import OFFICIAL_SAM_CHECKPOINTS, sha256_file
+from .checkpoints import OFFICIAL_SAM_CHECKPOINTS
+from .storage import sha256_file
 from .gtformer import load_gtformer
 from .images import to_rgb_array
 from .matching import MatchConfig, coarse_fallback, mask_box, match_masks

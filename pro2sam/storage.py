@@ -23,6 +23,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,7 @@ __all__ = [
     "read_bytes",
     "read_file",
     "sha256_file",
+    "staged_file",
     "write_bytes_atomic",
     "fetch_to_local",
     "MANIFEST_SUFFIXES",
@@ -445,44 +447,70 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def write_bytes_atomic(uri: str, data: bytes, *, exclusive: bool = False) -> None:
-    """Write ``data`` to ``uri`` whole: readers see the old content or the new one, never a part.
+@contextmanager
+def staged_file(uri: str) -> Iterator[str]:
+    """A local path to write ``uri``'s new content to; when the block ends without an error the
+    content replaces ``uri`` whole, and when it fails ``uri`` is left as it was.
 
-    Local files are written under a hidden temporary name in the same folder and renamed; an
-    object is one PUT. With ``exclusive``, fail with :class:`FileExistsError` if ``uri`` exists
-    (atomically where the store supports it: local files, S3 ``If-None-Match``).
+    Local files are staged under a hidden temporary name in the same folder and renamed; an
+    object is staged in a local temporary folder and uploaded in one request (a multipart upload
+    too is visible only once complete).
     """
     fs, path = filesystem(uri)
+    if is_remote(uri):
+        with tempfile.TemporaryDirectory(prefix="pro2sam-") as folder:
+            staged = os.path.join(folder, posixpath.basename(path.rstrip("/")) or "file")
+            yield staged
+            fs.put_file(staged, path)
+        return
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, staged = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        yield staged
+        os.replace(staged, path)
+    finally:
+        if os.path.exists(staged):
+            os.unlink(staged)
+
+
+def write_bytes_atomic(uri: str, data: bytes, *, exclusive: bool = False) -> None:
+    """Write ``data`` to ``uri`` whole: readers see the old content or the new one, never a part
+    (:func:`staged_file`). With ``exclusive``, fail with :class:`FileExistsError` if ``uri``
+    exists, atomically where the store supports it (local files, S3 ``If-None-Match``).
+    """
+    fs, path = filesystem(uri)
+    if not exclusive:
+        if is_remote(uri):
+            fs.pipe_file(path, data)
+            return
+        with staged_file(uri) as staged, open(staged, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return
     if not is_remote(uri):
-        folder, name = os.path.split(path)
-        os.makedirs(folder or ".", exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder or ".")
+        folder, name = os.path.split(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            if exclusive:
-                os.link(tmp, path)  # fails if path exists: an atomic create
-            else:
-                os.replace(tmp, path)
+            os.link(tmp, path)  # fails if path exists: an atomic create
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            os.unlink(tmp)
         return
-    if exclusive:
-        try:
-            fs.pipe_file(path, data, mode="create")
-        except TypeError:  # a store without exclusive writes: check, then write
-            if fs.exists(path):
-                raise FileExistsError(uri) from None
-            fs.pipe_file(path, data)
-        except OSError as e:
-            if "PreconditionFailed" in str(e) or "412" in str(e) or isinstance(e, FileExistsError):
-                raise FileExistsError(uri) from None
-            raise
-    else:
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except TypeError:  # a store without exclusive writes: check, then write
+        if fs.exists(path):
+            raise FileExistsError(uri) from None
         fs.pipe_file(path, data)
+    except OSError as e:
+        if "PreconditionFailed" in str(e) or "412" in str(e) or isinstance(e, FileExistsError):
+            raise FileExistsError(uri) from None
+        raise
 
 
 def fetch_to_local(uri: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -20,7 +20,7 @@ import pytest
 
 from pro2sam.labels import LABEL_SCHEMA, error_row, rows_to_table
 from pro2sam.output import LEASE_NAME, LabelsOutput, LabelWriter, LeaseLost, OutputBusy, WriterLease, plan_rerun
-from pro2sam.storage import INPUT_SCHEMA
+from pro2sam.storage import INPUT_SCHEMA, write_bytes_atomic
 
 
 def rows(*specs) -> pa.Table:
@@ -190,13 +190,16 @@ def test_a_lease_renewed_on_another_host_is_refused(tmp_path):
     path = Path(out.path) / LEASE_NAME
     stop = threading.Event()
 
-    def holder_heartbeat():  # a live run on another machine
+    def holder_heartbeat():  # a live run on another machine, renewing its lease as runs do: whole
         while not stop.is_set():
-            path.write_text(json.dumps({"run_id": "alive", "host": "another-pod", "pid": 1, "expires": time.time() + 1.0}))
+            lease = {"run_id": "alive", "host": "another-pod", "pid": 1, "expires": time.time() + 1.0}
+            write_bytes_atomic(str(path), json.dumps(lease).encode())
             stop.wait(0.25)
 
     beat = threading.Thread(target=holder_heartbeat, daemon=True)
     beat.start()
+    while not path.exists():  # the holder has its lease before the second run starts
+        time.sleep(0.01)
     try:
         with pytest.raises(OutputBusy, match="being written by run alive"):
             WriterLease(out, "second", ttl_s=1.0).acquire()
