@@ -17,6 +17,14 @@ from pro2sam.sam_candidates import CandidateConfig, GridCandidateGenerator, buil
 # an offset of 0.1 because its logits are of order 1.
 FILTERS = dict(points_per_side=8, pred_iou_thresh=0.5, stability_score_thresh=0.3, stability_score_offset=0.1)
 
+# Our decoder reorders SAM's float32 sums (pro2sam/sam_decoder.py). The tiny SAM's IoU head sums
+# at most 256 terms of order 1, so predicted IoUs (order 1) move by ~1e-6 between CPUs: 100x margin.
+PRED_IOU_ATOL = 1e-4
+# Rounding can put a pixel whose upscaled logit ties a threshold (0 or +-offset; here some lie
+# 3e-7 from one) on either side. Each such pixel moves a stability score by at most 1/area of the
+# mask; allow two per mask.
+TIED_PIXELS = 2
+
 
 def synthetic_image(h, w, seed):
     """Colour gradients with a few flat discs: regions a SAM can split."""
@@ -54,8 +62,8 @@ def test_exact_path_equals_the_official_generator(tiny_sam, h, w, seed):
     # Both come out in NMS order (decreasing predicted IoU).
     for i, ann in enumerate(expected):
         assert np.allclose(ours.point_coords[i], ann["point_coords"][0])
-        assert ours.pred_ious[i] == pytest.approx(ann["predicted_iou"], abs=1e-4)
-        assert ours.stability_scores[i] == pytest.approx(ann["stability_score"], abs=1e-4)
+        assert ours.pred_ious[i] == pytest.approx(ann["predicted_iou"], abs=PRED_IOU_ATOL)
+        assert ours.stability_scores[i] == pytest.approx(ann["stability_score"], abs=TIED_PIXELS / ann["area"])
         assert ours.masks[i].shape == (h, w)
         assert mask_iou(ours.masks[i], ann["segmentation"]) >= 0.99
         x, y, bw, bh = ann["bbox"]
@@ -70,7 +78,7 @@ def test_exact_path_equals_the_official_generator_with_filters_off(tiny_sam):
     ours = GridCandidateGenerator(tiny_sam, CandidateConfig(mode="exact", **off)).generate(image)
     assert len(ours) == len(expected) > 20
     assert all(mask_iou(m, a["segmentation"]) >= 0.99 for m, a in zip(ours.masks, expected))
-    np.testing.assert_allclose(ours.pred_ious, [a["predicted_iou"] for a in expected], atol=1e-4)
+    np.testing.assert_allclose(ours.pred_ious, [a["predicted_iou"] for a in expected], atol=PRED_IOU_ATOL)
 
 
 @pytest.mark.parametrize("h,w,seed", IMAGES)
@@ -130,8 +138,12 @@ def test_full_resolution_mask_is_sams_postprocessed_mask(tiny_sam):
     predictor.set_image(image)
     assert len(fast) > 0
     for i in range(len(fast)):
-        masks, _, _ = predictor.predict(fast.point_coords[i : i + 1], np.array([1]), multimask_output=True)
-        assert np.array_equal(fast.full_resolution_mask(i), masks[fast.multimask_index[i]])
+        logits, _, _ = predictor.predict(fast.point_coords[i : i + 1], np.array([1]), multimask_output=True, return_logits=True)
+        sams = logits[fast.multimask_index[i]] - tiny_sam.mask_threshold
+        # The same pixels, except where SAM's logit ties the threshold within float32 rounding of
+        # our reordered decoder (~1e-6 of the logits' scale on any CPU; 1e-4 leaves 100x).
+        tied = np.abs(sams) <= 1e-4 * np.abs(sams).max()
+        assert np.array_equal(fast.full_resolution_mask(i)[~tied], (sams > 0)[~tied])
 
 
 def test_pruning_keeps_only_points_inside_the_dilated_coarse_foreground(tiny_sam):
