@@ -67,7 +67,7 @@ from pro2sam.sam_candidates import (
     _make_random_masks_coherent,
     build_sam,
 )
-from pro2sam.sam_decoder import GridDecoder
+from pro2sam.grid_decoder import GridDecoder
 
 FLOWS = {
     "a": "reference (SamAutomaticMaskGenerator + matching)",

@@ -41,7 +41,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops.boxes import batched_nms
 
 from .checkpoints import OFFICIAL_SAM_CHECKPOINTS, CheckpointError, load_state_dict
-from .sam_decoder import GridDecoder
+from .grid_decoder import GridDecoder
 
 __all__ = [
     "SAM_VARIANTS",

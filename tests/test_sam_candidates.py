@@ -17,7 +17,7 @@ from pro2sam.sam_candidates import CandidateConfig, GridCandidateGenerator, buil
 # an offset of 0.1 because its logits are of order 1.
 FILTERS = dict(points_per_side=8, pred_iou_thresh=0.5, stability_score_thresh=0.3, stability_score_offset=0.1)
 
-# Our decoder reorders SAM's float32 sums (pro2sam/sam_decoder.py). The tiny SAM's IoU head sums
+# Our decoder reorders SAM's float32 sums (pro2sam/grid_decoder.py). The tiny SAM's IoU head sums
 # at most 256 terms of order 1, so predicted IoUs (order 1) move by ~1e-6 between CPUs: 100x margin.
 PRED_IOU_ATOL = 1e-4
 # Rounding can put a pixel whose upscaled logit ties a threshold (0 or +-offset; here some lie

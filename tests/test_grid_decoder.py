@@ -7,7 +7,7 @@ import pytest
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from pro2sam.sam_decoder import GridDecoder
+from pro2sam.grid_decoder import GridDecoder
 
 
 def build_sam(*, dim=256, heads=8, depth=2, mlp_dim=2048, embedding_hw=(16, 16), seed=0) -> Sam:
