@@ -45,7 +45,7 @@ def make_images(folder: Path, count: int, seed: int = 0) -> None:
 
 
 def candidate_config(points_per_side: int):
-    from pro2sam.sam_candidates import CandidateConfig
+    from pro2sam.candidates import CandidateConfig
 
     return CandidateConfig(points_per_side=points_per_side, pred_iou_thresh=0.0, stability_score_thresh=0.0)
 

@@ -13,7 +13,7 @@ __all__ = ["main"]
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    from .sam_candidates import CandidateConfig
+    from .candidates import CandidateConfig
 
     defaults = CandidateConfig()
     p.add_argument("--gtformer", required=True, help="GTFormer export: directory with model.safetensors + config.json; "
@@ -29,8 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(args: argparse.Namespace):
+    from .candidates import CandidateConfig
     from .model import Pro2SAM
-    from .sam_candidates import CandidateConfig
     from .shipped import resolve_model_options
 
     gtformer, sam, sam_checkpoint = resolve_model_options(args.gtformer, args.sam, args.sam_checkpoint)

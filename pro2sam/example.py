@@ -47,7 +47,7 @@ def make_example_images(folder: Path, count: int = 4, seed: int = 0) -> list[Pat
 def make_tiny_checkpoints(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """Save a random tiny GTFormer export and a random tiny SAM state dict; return their paths."""
     from .gtformer import create_gtformer, save_gtformer
-    from .sam_candidates import build_sam
+    from .sam import build_sam
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .candidates import CandidateConfig, GridCandidateGenerator
 from .checkpoints import OFFICIAL_SAM_CHECKPOINTS, sha256_file
 from .gtformer import load_gtformer
 from .images import to_rgb_array
 from .matching import MatchConfig, coarse_fallback, mask_box, match_masks
-from .sam_candidates import CandidateConfig, GridCandidateGenerator, build_sam
+from .sam import build_sam
 
 __all__ = ["Pro2SAM", "Pro2SAMResult", "ImageShapeError", "BOX_SOURCES"]
 

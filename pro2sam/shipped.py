@@ -8,7 +8,7 @@ beside each model holds its command, settings, loss history, wall time and SHA-2
 - GTFormer (preset ``gtformer_synthetic_patch16_224``) was trained by the project's own training
   job (:mod:`pro2sam.pipeline.train_job`) with image-level labels only, on the ``train`` split of
   ``pro2sam synthetic --seed 0``.
-- SAM (variant ``"synthetic"`` of :data:`pro2sam.sam_candidates.SAM_VARIANTS`, Segment
+- SAM (variant ``"synthetic"`` of :data:`pro2sam.sam.SAM_VARIANTS`, Segment
   Anything's own modules at a small size) was trained class-agnostically by
   ``jobs/train_sam_tiny.py`` on the ``sam`` stream, which no written data set contains.
 
@@ -25,7 +25,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .sam_candidates import SAM_VARIANTS
+from .sam import SAM_VARIANTS
 
 __all__ = [
     "MODELS_DIR",
@@ -125,6 +125,6 @@ def resolve_model_options(gtformer: str | None, sam: str, checkpoint: str | None
 
 def candidate_defaults(sam: str) -> dict[str, float]:
     """SAM filter thresholds that differ from ``CandidateConfig``'s defaults for this SAM variant
-    (:attr:`pro2sam.sam_candidates.SamVariant.filter_thresholds`): :data:`CANDIDATE_THRESHOLDS`
+    (:attr:`pro2sam.sam.SamVariant.filter_thresholds`): :data:`CANDIDATE_THRESHOLDS`
     for the shipped ``"synthetic"`` SAM, none for the others."""
     return dict(SAM_VARIANTS[sam].filter_thresholds)

@@ -80,7 +80,7 @@ class LabelingSettings:
         mode, points_per_side, prune: candidate path, grid size, grid pruning by the coarse map.
         pred_iou_thresh, stability_score_thresh: SAM's filtering (None: the variant's defaults,
             ``SamAutomaticMaskGenerator``'s or, for the shipped "synthetic" SAM,
-            :meth:`pro2sam.sam_candidates.CandidateConfig.for_variant`).
+            :meth:`pro2sam.candidates.CandidateConfig.for_variant`).
         actors: labeling actors (default: one per GPU of the cluster, else 1).
         gpus_per_actor: GPUs pinned by each actor (default 1 when the cluster has GPUs, else 0).
         cpus_per_actor: CPUs (and torch threads) per actor (default 1 with a GPU, else 2).
@@ -113,7 +113,7 @@ class LabelingSettings:
 
     def validate(self) -> None:
         """Raise ValueError, naming the option, for a setting no run could use."""
-        from ..sam_candidates import SAM_VARIANTS
+        from ..sam import SAM_VARIANTS
 
         def need(ok: bool, message: str) -> None:
             if not ok:
@@ -294,7 +294,7 @@ def load_models(cfg: LabelingSettings, *, device=None):
     """
     from ..matching import MatchConfig
     from ..model import Pro2SAM
-    from ..sam_candidates import CandidateConfig
+    from ..candidates import CandidateConfig
     from ..storage import fetch_to_local
 
     candidates = CandidateConfig.for_variant(

@@ -10,8 +10,9 @@ import torch
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.build_sam import build_sam_vit_b
 
+from pro2sam.candidates import CandidateConfig, GridCandidateGenerator
 from pro2sam.checkpoints import CheckpointError
-from pro2sam.sam_candidates import CandidateConfig, GridCandidateGenerator, build_sam
+from pro2sam.sam import build_sam
 
 # Thresholds low enough that the random tiny SAM keeps candidates, high enough to filter some;
 # an offset of 0.1 because its logits are of order 1.
