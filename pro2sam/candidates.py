@@ -373,7 +373,7 @@ class GridCandidateGenerator:
         chunk = max(1, (1 << 24) // max(1, size[0] * size[1]))
         masks, stability = [], []
         for logits in torch.split(data["logits"], chunk):
-            full = self._upscale_logits(logits, size)
+            full = self._upscale_to(logits, size)
             stability.append(calculate_stability_score(full, cfg.mask_threshold, cfg.stability_score_offset))
             masks.append(full > cfg.mask_threshold)
         if masks:
@@ -419,13 +419,13 @@ class GridCandidateGenerator:
         Fast masks stay on the low-res grid of the SAM image."""
         f = self._frames
         if self.config.mode == "exact":
-            data["masks"] = self._upscale_logits(data["logits"], f.original) > self.config.mask_threshold
+            data["masks"] = self._upscale_to(data["logits"], f.original) > self.config.mask_threshold
             data["boxes"] = batched_mask_to_box(data["masks"])
         else:
             cell = (f.original[0] / f.sam_image[0], f.original[1] / f.sam_image[1])
             data["boxes"] = _scale_boxes(data["boxes"], data["masks"], cell, f.original)
 
-    def _upscale_logits(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    def _upscale_to(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(N, kh, kw) low-res logits -> (N, *size) as ``Sam.postprocess_masks`` upscales them."""
         return _upscale_logits(logits[:, None], self._frames.upscale, self._frames.sam_input, size)[:, 0]
 
