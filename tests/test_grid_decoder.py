@@ -79,15 +79,6 @@ def random_prompts(sam, batch, points, *, seed=1, padding=False):
     return coords, labels
 
 
-def decode_both(sam, embedding, coords, labels, multimask_output, **fast_options):
-    outputs = []
-    for fast in (True, False):
-        decoder = GridDecoder(sam, fast=fast, **(fast_options if fast else {}))
-        decoder.set_image_embedding(embedding)
-        outputs.append(decoder.decode(coords, labels, multimask_output=multimask_output))
-    return outputs
-
-
 def reference_decode(sam, embedding, coords, labels, multimask_output):
     """SamPredictor.predict_torch's decoding, verbatim."""
     with torch.no_grad():
@@ -125,14 +116,20 @@ def assert_same_outputs(sam, got, reference):
         torch.testing.assert_close(x, ref, rtol=0, atol=rounding_atol(sam, ref), msg=lambda m: f"{name}: {m}")
 
 
+def assert_fast_path_matches_sams_decoder(sam, embedding, coords, labels, multimask_output):
+    """Decode with GridDecoder's fast path, check against SAM's own decoder; return the outputs."""
+    fast = GridDecoder(sam)
+    fast.set_image_embedding(embedding)
+    outputs = fast.decode(coords, labels, multimask_output=multimask_output)
+    assert_same_outputs(sam, outputs, reference_decode(sam, embedding, coords, labels, multimask_output))
+    return outputs
+
+
 @pytest.mark.parametrize("batch", [1, 7, 64])
 @pytest.mark.parametrize("multimask_output", [True, False])
 def test_single_point_prompts_match_sams_decoder(sam, image_embedding, batch, multimask_output):
     coords, labels = random_prompts(sam, batch, 1)
-    fast = GridDecoder(sam)
-    fast.set_image_embedding(image_embedding)
-    outputs = fast.decode(coords, labels, multimask_output=multimask_output)
-    assert_same_outputs(sam, outputs, reference_decode(sam, image_embedding, coords, labels, multimask_output))
+    outputs = assert_fast_path_matches_sams_decoder(sam, image_embedding, coords, labels, multimask_output)
     assert outputs[0].shape == (batch, 3 if multimask_output else 1, 64, 64)
 
 
@@ -140,10 +137,7 @@ def test_single_point_prompts_match_sams_decoder(sam, image_embedding, batch, mu
 def test_multi_point_prompts_with_padding_match_sams_decoder(sam, image_embedding, multimask_output):
     coords, labels = random_prompts(sam, 7, 3, padding=True)
     assert (labels == -1).any() and (labels == 0).any()
-    fast = GridDecoder(sam)
-    fast.set_image_embedding(image_embedding)
-    outputs = fast.decode(coords, labels, multimask_output=multimask_output)
-    assert_same_outputs(sam, outputs, reference_decode(sam, image_embedding, coords, labels, multimask_output))
+    assert_fast_path_matches_sams_decoder(sam, image_embedding, coords, labels, multimask_output)
 
 
 def test_official_mode_is_sams_decoder(sam, image_embedding):
@@ -179,10 +173,7 @@ def test_other_decoder_shapes_match_sams_decoder(multimask_output):
     sam = build_sam(dim=64, heads=4, depth=3, mlp_dim=128, embedding_hw=(6, 10), seed=3)
     embedding = torch.randn(1, 64, 6, 10)
     coords, labels = random_prompts(sam, 9, 2, padding=True)
-    fast = GridDecoder(sam)
-    fast.set_image_embedding(embedding)
-    outputs = fast.decode(coords, labels, multimask_output=multimask_output)
-    assert_same_outputs(sam, outputs, reference_decode(sam, embedding, coords, labels, multimask_output))
+    assert_fast_path_matches_sams_decoder(sam, embedding, coords, labels, multimask_output)
 
 
 def test_random_weights_are_a_discriminating_check(sam, image_embedding):
