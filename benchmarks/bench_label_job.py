@@ -43,7 +43,7 @@ def make_images(folder: Path, count: int, seed: int = 0) -> None:
 def labeling(points_per_side: int, threads: int | None = None):
     from pro2sam import shipped
     from pro2sam.pipeline.label_job import LabelingSettings, Resources
-    from pro2sam.sam_candidates import CandidateConfig
+    from pro2sam.candidates import CandidateConfig
 
     return LabelingSettings(
         gtformer=str(shipped.gtformer_dir()),

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from pro2sam.images import decode_image
     from pro2sam.labels import error_row, ok_row
     from pro2sam.model import Pro2SAM
-    from pro2sam.sam_candidates import CandidateConfig
+    from pro2sam.candidates import CandidateConfig
     from pro2sam.storage import read_bytes
     from pro2sam.synthetic import write_wsol_dataset
 
@@ -187,7 +187,7 @@ def choose_sam_thresholds(args, heldout, label) -> int:
     """Pro2SAM on the held-out split for each (pred_iou_thresh, stability_score_thresh) pair;
     prints GT-known Loc and mIoU and the best pair (by GT-known Loc, then mIoU)."""
     from pro2sam.evaluation import evaluate_predictions
-    from pro2sam.sam_candidates import CandidateConfig
+    from pro2sam.candidates import CandidateConfig
 
     scores = []
     for pred_iou, stability in SAM_THRESHOLD_PAIRS:

@@ -14,16 +14,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .candidates import CandidateConfig, GridCandidateGenerator
 from .checkpoints import OFFICIAL_SAM_CHECKPOINTS
-from .storage import sha256_file
 from .gtformer import load_gtformer
 from .images import to_rgb_array
 from .matching import MatchConfig, coarse_fallback, mask_box, match_masks
-from .sam_candidates import CandidateConfig, GridCandidateGenerator, build_sam
+from .sam import DEFAULT_SAM_VARIANT, build_sam
+from .storage import sha256_file
 
-__all__ = ["Pro2SAM", "Pro2SAMResult", "ImageShapeError", "BOX_SOURCES"]
-
-BOX_SOURCES = ("sam", "coarse_fallback")
+__all__ = ["Pro2SAM", "Pro2SAMResult", "ImageShapeError"]
 
 
 class ImageShapeError(ValueError):
@@ -133,7 +132,7 @@ class Pro2SAM:
     def from_checkpoints(
         cls,
         gtformer: str | os.PathLike,
-        sam: str = "vit_h",
+        sam: str = DEFAULT_SAM_VARIANT,
         sam_checkpoint: str | os.PathLike | None = None,
         *,
         verify: bool = True,

@@ -17,7 +17,7 @@ import argparse
 import shlex
 import sys
 
-from pro2sam.sam_candidates import SAM_VARIANTS
+from pro2sam.sam import SAM_VARIANTS
 from pro2sam.train.sam import SamTrainConfig, train_sam
 
 

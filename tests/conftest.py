@@ -9,7 +9,7 @@ def tiny_sam():
 
     Shared by the whole session: treat it as read-only.
     """
-    from pro2sam.sam_candidates import build_sam
+    from pro2sam.sam import build_sam
 
     return build_sam("tiny", seed=0)
 

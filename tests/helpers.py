@@ -22,7 +22,7 @@ from PIL import Image
 from pro2sam.matching import MatchConfig
 from pro2sam.output import LabelsOutput
 from pro2sam.pipeline.label_job import LabelingSettings, LabelJobConfig, ReadLimits, Resources
-from pro2sam.sam_candidates import CandidateConfig
+from pro2sam.candidates import CandidateConfig
 from pro2sam.storage import image_id_for
 from pro2sam.synthetic import generate_scene
 
@@ -78,7 +78,7 @@ def make_tiny_checkpoints(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     import torch
 
     from pro2sam.gtformer import create_gtformer, save_gtformer
-    from pro2sam.sam_candidates import build_sam
+    from pro2sam.sam import build_sam
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)

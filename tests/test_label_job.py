@@ -48,7 +48,7 @@ MAX_PIXELS = 20_000
 def reference_model(tiny_checkpoints):
     """The same models and settings as the job, in this process."""
     from pro2sam.model import Pro2SAM
-    from pro2sam.sam_candidates import CandidateConfig
+    from pro2sam.candidates import CandidateConfig
 
     gt_dir, sam_path = tiny_checkpoints
     candidates = CandidateConfig(points_per_side=POINTS_PER_SIDE, pred_iou_thresh=0.0, stability_score_thresh=0.0)

@@ -7,7 +7,7 @@ import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import default_collate
 
-from pro2sam.sam_candidates import SAM_VARIANTS, _sam_from_variant, build_sam
+from pro2sam.sam import SAM_VARIANTS, build_sam, sam_from_variant
 from pro2sam.train.sam import (
     PromptedScenes,
     SamTrainConfig,
@@ -111,7 +111,7 @@ def test_a_few_steps_on_a_fixed_batch_lower_its_loss():
     data = PromptedScenes(seed=0, length=1, image_size=S, prompts_per_image=2, size_range=SMALL)
     batch = default_collate([data[0]])
     torch.manual_seed(0)
-    sam = _sam_from_variant(SAM_VARIANTS["tiny"])
+    sam = sam_from_variant(SAM_VARIANTS["tiny"])
     optimizer = make_optimizer(sam, lr=2e-3, weight_decay=SamTrainConfig().weight_decay)
 
     def loss() -> float:

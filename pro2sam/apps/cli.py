@@ -1,7 +1,7 @@
 """The ``pro2sam`` command: every subcommand and every option, a thin layer over the library and
 the jobs.
 
-Option defaults are read from the settings they fill (:class:`~pro2sam.sam_candidates.CandidateConfig`,
+Option defaults are read from the settings they fill (:class:`~pro2sam.candidates.CandidateConfig`,
 :class:`~pro2sam.matching.MatchConfig`, the jobs' configs), so a default is declared once and the
 help shows the true one. Every subcommand ends with one line on failure (``pro2sam CMD: error:
 ...``, exit status 2 for a bad option, input or checkpoint), never a traceback.
@@ -31,7 +31,7 @@ def _defaults(cls) -> dict:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    from ..sam_candidates import DEFAULT_SAM_VARIANT, SAM_VARIANTS
+    from ..sam import DEFAULT_SAM_VARIANT, SAM_VARIANTS
 
     g = p.add_argument_group("models")
     g.add_argument("--gtformer", required=True, help="GTFormer export folder (model.safetensors + config.json; local "
@@ -44,7 +44,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def _variant_default(name: str) -> str:
     """``CandidateConfig``'s default of a filter threshold, per SAM variant where they differ."""
-    from ..sam_candidates import SAM_VARIANTS, CandidateConfig
+    from ..candidates import CandidateConfig
+    from ..sam import SAM_VARIANTS
 
     by_value: dict[float, list[str]] = {}
     for variant in SAM_VARIANTS:
@@ -53,7 +54,7 @@ def _variant_default(name: str) -> str:
 
 
 def _add_candidate_options(p: argparse.ArgumentParser) -> None:
-    from ..sam_candidates import CandidateConfig
+    from ..candidates import CandidateConfig
 
     d = _defaults(CandidateConfig)
     g = p.add_argument_group("SAM candidates (stage 2)")
@@ -67,7 +68,7 @@ def _add_candidate_options(p: argparse.ArgumentParser) -> None:
 
 
 def _candidates(args: argparse.Namespace, sam: str):
-    from ..sam_candidates import CandidateConfig
+    from ..candidates import CandidateConfig
 
     return CandidateConfig.for_variant(
         sam,

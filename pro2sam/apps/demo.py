@@ -27,7 +27,7 @@ from ..evaluation import METHODS
 from .query import build_gallery
 from ..pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
 from ..pipeline.label_job import LabelingSettings, Resources
-from ..sam_candidates import CandidateConfig
+from ..candidates import CandidateConfig
 from ..storage import join_uri
 from ..synthetic import write_wsol_dataset
 

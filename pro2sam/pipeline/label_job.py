@@ -28,7 +28,8 @@ from ..images import DEFAULT_MAX_PIXELS
 from ..labels import error_row, ok_row, rows_to_table
 from ..matching import MatchConfig
 from ..output import LabelsOutput, LabelWriter, WriterLease, plan_rerun
-from ..sam_candidates import DEFAULT_SAM_VARIANT, SAM_VARIANTS, CandidateConfig
+from ..candidates import CandidateConfig
+from ..sam import DEFAULT_SAM_VARIANT, SAM_VARIANTS
 from ..storage import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S, MANIFEST_SUFFIXES, list_inputs, location_contains
 from .ray_env import ensure_ray
 from .stages import decode_images, read_images, text_or_none
@@ -119,7 +120,7 @@ class LabelingSettings:
         gtformer: GTFormer export folder (model.safetensors + config.json), local or URI.
         sam, sam_checkpoint, verify: SAM variant, its weights file (local or URI), SHA-256 check
             of official files.
-        candidates: stage 2 (:class:`~pro2sam.sam_candidates.CandidateConfig`); None: the
+        candidates: stage 2 (:class:`~pro2sam.candidates.CandidateConfig`); None: the
             defaults with the SAM variant's own filter thresholds (``CandidateConfig.for_variant``).
         matching: stage 3 (:class:`~pro2sam.matching.MatchConfig`).
         resources: :class:`Resources`; limits: :class:`ReadLimits`.

@@ -8,7 +8,7 @@ beside each model holds its command, settings, loss history, wall time and SHA-2
 - GTFormer (preset ``gtformer_synthetic_patch16_224``) was trained by the project's own training
   job (:mod:`pro2sam.pipeline.train_job`) with image-level labels only, on the ``train`` split of
   ``pro2sam synthetic --seed 0``.
-- SAM (variant ``"synthetic"`` of :data:`pro2sam.sam_candidates.SAM_VARIANTS`, Segment
+- SAM (variant ``"synthetic"`` of :data:`pro2sam.sam.SAM_VARIANTS`, Segment
   Anything's own modules at a small size) was trained class-agnostically by
   ``scripts/train_sam_synthetic.py`` on the ``sam`` stream, which no written data set contains.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..sam_candidates import SAM_VARIANTS
+from ..sam import SAM_VARIANTS
 from ..storage import sha256_file
 
 __all__ = [

@@ -20,7 +20,7 @@ the errors of earlier rounds), box prompts and the single-output path, none of w
 
 Frames: "input" is SAM's padded square input (256 x 256 for tiny) after the image is resized so
 that its longest side is 256 (:class:`segment_anything.utils.transforms.ResizeLongestSide`),
-exactly as :class:`pro2sam.sam_candidates.GridCandidateGenerator` feeds SAM at inference.
+exactly as :class:`pro2sam.candidates.GridCandidateGenerator` feeds SAM at inference.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import sigmoid_focal_loss
 
-from ..sam_candidates import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SAM_VARIANTS, _sam_from_variant
+from ..sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SAM_VARIANTS, sam_from_variant
 from ..storage import sha256_file, write_bytes_atomic
 from ..synthetic import DEFAULT_SIZE_RANGE, GENERATOR_VERSION, SyntheticScene, make_scene
 from .schedule import lr_at_step, make_optimizer
@@ -86,7 +86,7 @@ class SamTrainConfig:
             image of every step). Prompts are drawn anew on every visit; each DataLoader process
             keeps the scenes it generated in memory (about 0.5 MB each).
         seed: model initialisation, scenes and prompts.
-        variant: the SAM architecture (a key of :data:`pro2sam.sam_candidates.SAM_VARIANTS`).
+        variant: the SAM architecture (a key of :data:`pro2sam.sam.SAM_VARIANTS`).
         num_workers: DataLoader processes generating scenes (0: in this process).
         eval_scenes: held-out scenes scored after training (0: none).
         log_every: steps between loss records.
@@ -389,7 +389,7 @@ def train_sam(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        sam = _sam_from_variant(variant).to(device)
+        sam = sam_from_variant(variant).to(device)
     optimizer = make_optimizer(sam, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
 
     def lr_at(step: int) -> float:
