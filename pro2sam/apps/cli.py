@@ -96,6 +96,15 @@ def _add_matching_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-full-frame", action="store_true", help="do not reject candidates spanning the whole image")
     g.add_argument("--fallback-threshold", type=float, default=d["fallback_threshold"],
                    help="threshold of the coarse-map box used when no candidate survives (default %(default)s)")  # fmt: skip
+    g.add_argument("--part-to-object", action=argparse.BooleanOptionalAction, default=d["part_to_object"],
+                   help="when the best match lies inside a larger candidate that still agrees with the map, take "
+                   "that object (default %(default)s)")  # fmt: skip
+    g.add_argument("--containment", type=float, default=d["containment"],
+                   help="share of the best match inside the object (default %(default)s)")  # fmt: skip
+    g.add_argument("--min-growth", type=float, default=d["min_growth"],
+                   help="the object is at least this many times the best match's area (default %(default)s)")  # fmt: skip
+    g.add_argument("--agreement", type=float, default=d["agreement"],
+                   help="the object's similarity to the map, at least this share of the best match's (default %(default)s)")  # fmt: skip
 
 
 def _matching(args: argparse.Namespace):
@@ -108,6 +117,10 @@ def _matching(args: argparse.Namespace):
         min_component_area=args.min_component_area,
         reject_full_frame=not args.keep_full_frame,
         fallback_threshold=args.fallback_threshold,
+        part_to_object=args.part_to_object,
+        containment=args.containment,
+        min_growth=args.min_growth,
+        agreement=args.agreement,
     )
 
 
