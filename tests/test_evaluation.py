@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from pro2sam.datasets import Sample, WSOLDataset
-from helpers import tiny_labeling
+from helpers import tiny_labeling, wsol_tree
 
 from pro2sam.evaluation import (
     _iou_by_cut,
@@ -231,33 +231,10 @@ def test_heldout_without_ground_truth_is_refused():
 # ---------------------------------------------------------------- end to end
 
 
-def _wsol_tree(root):
-    """Six 64x48 images with one box each, three in val and three in test."""
-    rng = np.random.default_rng(0)
-    data, meta = root / "data", root / "meta"
-    for split, names in (("val", ["v0", "v1", "v2"]), ("test", ["t0", "t1", "t2"])):
-        lines = {"image_ids.txt": [], "class_labels.txt": [], "image_sizes.txt": [], "localization.txt": []}
-        for k, name in enumerate(names):
-            image = np.full((48, 64, 3), 200, np.uint8)
-            x0, y0 = int(rng.integers(2, 20)), int(rng.integers(2, 14))
-            image[y0 : y0 + 24, x0 : x0 + 30] = (30, 60, 160)
-            (data / split).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(data / split / f"{name}.png")
-            path = f"{split}/{name}.png"
-            lines["image_ids.txt"].append(path)
-            lines["class_labels.txt"].append(f"{path},{k}")
-            lines["image_sizes.txt"].append(f"{path},64,48")
-            lines["localization.txt"].append(f"{path},{x0},{y0},{x0 + 30},{y0 + 24}")  # one past the end
-        (meta / split).mkdir(parents=True, exist_ok=True)
-        for file, content in lines.items():
-            (meta / split / file).write_text("\n".join(content) + "\n")
-    return meta, data
-
-
 def test_evaluate_job_end_to_end(tmp_path, tiny_checkpoints, ray_local):
     from pro2sam.pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
 
-    meta, data = _wsol_tree(tmp_path)
+    meta, data = wsol_tree(tmp_path)
     out = tmp_path / "eval"
     cfg = EvaluateJobConfig(
         test=f"wsol:{meta}:{data}:test", heldout=f"wsol:{meta}:{data}:val", output=str(out),
