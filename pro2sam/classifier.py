@@ -57,7 +57,9 @@ class ClassifierConfig:
         if not self.model:
             raise ValueError("--classifier: give a timm model name or 'gtformer'")
         if not self.checkpoint:
-            raise ValueError(f"--classifier {self.model}: --classifier-checkpoint is required (no weights are downloaded)")
+            raise ValueError(
+                f"--classifier {self.model}: --classifier-checkpoint is required (no weights are downloaded)"
+            )
         if self.top_k < 1:
             raise ValueError(f"classifier top_k {self.top_k}: must be >= 1")
         if self.batch_size < 1:
@@ -109,7 +111,9 @@ class Classifier:
             model, transform, description = _gtformer(config.checkpoint)
         else:
             model, transform, description = _timm(config.model, config.checkpoint)
-        return cls(model, transform, description=description, top_k=config.top_k, batch_size=config.batch_size, device=device)
+        return cls(
+            model, transform, description=description, top_k=config.top_k, batch_size=config.batch_size, device=device
+        )
 
     def __str__(self) -> str:
         d = self.description

@@ -280,7 +280,8 @@ class _Split:
         peak = float(quantized.max())
         p2s_mask = _pro2sam_mask(row)
         p2s_score = p2s_mask.astype(np.float64)
-        p2s_box = scale_boxes_to_frame(inclusive_to_eval_boxes(np.asarray(row["box_xyxy"])), (row["width"], row["height"]))[0]
+        p2s_box = inclusive_to_eval_boxes(np.asarray(row["box_xyxy"]))  # in original pixels, then scaled
+        p2s_box = scale_boxes_to_frame(p2s_box, (row["width"], row["height"]))[0]
         record["pro2sam_box_224"] = p2s_box.tolist()
         record["pro2sam_box_xyxy"] = [int(v) for v in row["box_xyxy"]]
 

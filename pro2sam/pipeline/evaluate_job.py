@@ -90,8 +90,9 @@ class EvaluateJobConfig:
 def _check_classes(num_classes: int, class_names: list[str], what: str) -> None:
     if num_classes != len(class_names):
         log.warning(
-            "%s has %d classes, the data set %d: class indices are compared as they are", what, num_classes, len(class_names)
-        )
+            "%s has %d classes, the data set %d: class indices are compared as they are",
+            what, num_classes, len(class_names),
+        )  # fmt: skip
 
 
 def _jsonable(value):
@@ -128,8 +129,7 @@ class ClassScorer:
 
         if threads:
             torch.set_num_threads(max(1, int(threads)))
-        local = replace(config, checkpoint=str(fetch_to_local(config.checkpoint)))
-        self.classifier = Classifier.load(local)
+        self.classifier = _load_classifier(config)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         errors = [str(e) if e else None for e in batch["error"]]
@@ -154,6 +154,11 @@ class ClassScorer:
         })  # fmt: skip
 
 
+def _load_classifier(config: ClassifierConfig, *, device=None) -> Classifier:
+    """The classifier of ``config``, its weights fetched first when they are remote."""
+    return Classifier.load(replace(config, checkpoint=str(fetch_to_local(config.checkpoint))), device=device)
+
+
 def _classify(cfg: EvaluateJobConfig, dataset: WSOLDataset) -> dict[str, list[int]]:
     """The classifier's top-k classes of every image of ``dataset`` (uri -> classes, best first),
     through the labeling job's read and decode stages and one :class:`ClassScorer` actor.
@@ -171,7 +176,9 @@ def _classify(cfg: EvaluateJobConfig, dataset: WSOLDataset) -> dict[str, list[in
         read_images, batch_format="numpy", batch_size=batch_size, num_cpus=0.25,
         fn_kwargs={"max_bytes": limits.max_bytes, "timeout_s": limits.read_timeout_s},
     )  # fmt: skip
-    ds = ds.map_batches(decode_images, batch_format="numpy", batch_size=batch_size, fn_kwargs={"max_pixels": limits.max_pixels})
+    ds = ds.map_batches(
+        decode_images, batch_format="numpy", batch_size=batch_size, fn_kwargs={"max_pixels": limits.max_pixels}
+    )
     ds = ds.map_batches(
         ClassScorer, fn_constructor_kwargs={"config": cfg.classifier, "threads": cpus}, batch_format="numpy",
         batch_size=batch_size, concurrency=1, num_gpus=gpus, num_cpus=cpus,
@@ -200,7 +207,7 @@ def run_evaluate_job(cfg: EvaluateJobConfig) -> dict:
         raise ValueError("the held-out split must differ from the test split (thresholds are never tuned on test)")
     classifier = None
     if cfg.classifier is not None:  # a bad name or checkpoint ends the run here, before any labeling
-        classifier = Classifier.load(replace(cfg.classifier, checkpoint=str(fetch_to_local(cfg.classifier.checkpoint))), device="cpu")
+        classifier = _load_classifier(cfg.classifier, device="cpu")
     datasets = {"heldout": open_dataset(cfg.heldout), "test": open_dataset(cfg.test)}
     rows = _label_splits(cfg, datasets)
     classes = None
