@@ -35,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from pro2sam.report import BOX_ACCURACY, SUMMARY_METRICS
+
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.1f}"
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                 gtformer_reports.setdefault(name, report)
                 print(
                     f"{name}: grid {grid:2d} prune {'on ' if prune else 'off'}: GT-known {_fmt(pro.get('gt_known_loc'))} "
-                    f"top-1 {_fmt(pro.get('top1_loc'))} BoxAccV2 (single box) {_fmt(pro.get('BoxAccV2_single_box'))} "
+                    f"top-1 {_fmt(pro.get('top1_loc'))} BoxAccV2 (single box) {_fmt(pro.get(BOX_ACCURACY['Pro2SAM']))} "
                     f"mIoU {_fmt(pro.get('mIoU'))} fallback {_fmt(pro.get('fallback_rate'))}% {seconds:.2f} s/image",
                     flush=True,
                 )
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, report in gtformer_reports.items():
         gt = report["results"]["GTFormer"]
         record[name] = {
-            "GTFormer": {k: gt.get(k) for k in (*GTFORMER_KEYS, "BoxAccV2@heldout_tau", "PxAP")},
+            "GTFormer": {k: gt.get(k) for k in (*GTFORMER_KEYS, BOX_ACCURACY["GTFormer"], "PxAP")},
             "GTFormer_test_tuned": (report.get("test_tuned") or {}).get("GTFormer", {}),
             "runs": runs[name],
         }
@@ -188,18 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# The columns of the tables: report key -> title. A method without the number shows "-".
-COLUMNS = {
-    "top1_cls": "Top-1 Cls",
-    "top1_loc": "Top-1 Loc",
-    "top5_loc": "Top-5 Loc",
-    "gt_known_loc": "GT-known Loc",
-    "MaxBoxAccV2": "MaxBoxAccV2",
-    "mIoU": "mIoU",
-    "fallback_rate": "fallback",
-}
-GTFORMER_KEYS = tuple(k for k in COLUMNS if k != "fallback_rate")
-PRO2SAM_KEYS = (*(k for k in COLUMNS if k != "MaxBoxAccV2"), "BoxAccV2_single_box")
+GTFORMER_KEYS = tuple(k for k in SUMMARY_METRICS if k != "fallback_rate")
+PRO2SAM_KEYS = (*(k for k in SUMMARY_METRICS if k != "MaxBoxAccV2"), BOX_ACCURACY["Pro2SAM"])
 # Issue 12's targets on the 500-image test split (GT-known and its gain, Top-1 Cls, Top-1 Loc).
 TARGETS = {"gt_known_loc": 85.0, "gain": 10.0, "top1_cls": 80.0, "top1_loc": 70.0}
 
@@ -211,13 +203,13 @@ def quality_table(title: str, report: dict, runs: list[dict], gtformer_seconds: 
     tuned = (report.get("test_tuned") or {}).get("GTFormer", {})
 
     def cells(metrics: dict) -> str:
-        return " | ".join(_fmt(metrics.get(k)) for k in COLUMNS)
+        return " | ".join(_fmt(metrics.get(k)) for k in SUMMARY_METRICS)
 
     lines = [
         f"{title}.",
         "",
-        "| Method | grid | pruning | " + " | ".join(COLUMNS.values()) + " | s/image |",
-        "|---|---|---|" + "---|" * len(COLUMNS) + "---|",
+        "| Method | grid | pruning | " + " | ".join(SUMMARY_METRICS.values()) + " | s/image |",
+        "|---|---|---|" + "---|" * len(SUMMARY_METRICS) + "---|",
         f"| GTFormer-only (coarse map) | - | - | {cells(gt)} | {gtformer_seconds:.3f} |",
         f"| GTFormer-only, test-tuned (for comparison only) | - | - | {cells(tuned)} | - |",
     ]

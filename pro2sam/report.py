@@ -21,6 +21,8 @@ from .storage import read_bytes
 from .visualize import encode_image, render_overlay
 
 __all__ = [
+    "SUMMARY_METRICS",
+    "BOX_ACCURACY",
     "report_markdown",
     "report_json",
     "image_records_jsonl",
@@ -28,6 +30,21 @@ __all__ = [
     "overlay_png",
     "overlay_name",
 ]
+
+# The numbers a user sees first for both methods (``pro2sam demo``, ``bench_quality.py``), in
+# table order: report key -> column title, percent. A method without the number shows "-":
+# Pro2SAM has no score map for MaxBoxAccV2, GTFormer-only no fallback.
+SUMMARY_METRICS = {
+    "top1_cls": "Top-1 Cls",
+    "top1_loc": "Top-1 Loc",
+    "top5_loc": "Top-5 Loc",
+    "gt_known_loc": "GT-known Loc",
+    "MaxBoxAccV2": "MaxBoxAccV2",
+    "mIoU": "mIoU",
+    "fallback_rate": "fallback",
+}
+# Each method's box accuracy with no threshold taken from the split scored (the BoxAccV2 column).
+BOX_ACCURACY = {"GTFormer": "BoxAccV2@heldout_tau", "Pro2SAM": "BoxAccV2_single_box"}
 
 _FRAME_W, _FRAME_H = EVAL_FRAME
 _MIN_OVERLAY_SIDE = 256  # small images are enlarged so that their boxes stay legible
@@ -46,8 +63,6 @@ def report_markdown(report: Mapping) -> str:
                "MaxBoxAccV2": "MaxBoxAccV2", "BoxAccV2": "BoxAccV2 ‡"}  # fmt: skip
     if with_masks:
         columns.update(PxAP="PxAP", mIoU="mIoU")
-    # The one BoxAccV2 column: GTFormer's map at the held-out taus, Pro2SAM's single box.
-    box_acc = {"GTFormer": "BoxAccV2@heldout_tau", "Pro2SAM": "BoxAccV2_single_box"}
     test_split, t = report["test_split"], report["thresholds"]
     lines = [
         f"**{report['dataset']}**, split `{test_split}`: "
@@ -59,7 +74,7 @@ def report_markdown(report: Mapping) -> str:
     ]
     names = {"GTFormer": "GTFormer (coarse map)", "Pro2SAM": "Pro2SAM"}
     for m in METHODS:
-        values = {**results[m], "BoxAccV2": results[m].get(box_acc[m])}
+        values = {**results[m], "BoxAccV2": results[m].get(BOX_ACCURACY[m])}
         lines.append("| " + " | ".join([names[m]] + [_fmt(values.get(k)) for k in columns]) + " |")
     tuned = report.get("test_tuned")
     if tuned:

@@ -17,7 +17,8 @@ import pytest
 
 from pro2sam import shipped
 from pro2sam.apps.cli import main
-from pro2sam.apps.demo import BOX_ACCURACY, SUMMARY_METRICS, run_demo
+from pro2sam.apps.demo import run_demo
+from pro2sam.report import BOX_ACCURACY, SUMMARY_METRICS
 
 NUM_TEST, NUM_VAL, POINTS_PER_SIDE = 6, 4, 4
 

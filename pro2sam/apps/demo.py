@@ -27,6 +27,7 @@ from ..evaluation import METHODS
 from .query import build_gallery
 from ..pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
 from ..pipeline.label_job import LabelingSettings, Resources
+from ..report import BOX_ACCURACY, SUMMARY_METRICS
 from ..candidates import CandidateConfig
 from ..storage import join_uri
 from ..synthetic import write_wsol_dataset
@@ -36,8 +37,6 @@ __all__ = [
     "DEFAULT_NUM_VAL",
     "DEFAULT_POINTS_PER_SIDE",
     "DEFAULT_GALLERY_LIMIT",
-    "SUMMARY_METRICS",
-    "BOX_ACCURACY",
     "run_demo",
     "format_summary",
 ]
@@ -46,19 +45,6 @@ DEFAULT_NUM_TEST = 100
 DEFAULT_NUM_VAL = 50
 DEFAULT_POINTS_PER_SIDE = 16
 DEFAULT_GALLERY_LIMIT = 48
-# The report's keys shown in the summary (percent), in table order: key -> column title. A method
-# without the number shows "-" (Pro2SAM has no score map for MaxBoxAccV2, GTFormer no fallback).
-SUMMARY_METRICS = {
-    "top1_cls": "Top-1 Cls",
-    "top1_loc": "Top-1 Loc",
-    "top5_loc": "Top-5 Loc",
-    "gt_known_loc": "GT-known Loc",
-    "MaxBoxAccV2": "MaxBoxAccV2",
-    "mIoU": "mIoU",
-    "fallback_rate": "fallback",
-}
-# The box accuracy of each method with no threshold taken from test, printed under the table.
-BOX_ACCURACY = {"GTFormer": "BoxAccV2@heldout_tau", "Pro2SAM": "BoxAccV2_single_box"}
 _METHOD_NAMES = {"GTFormer": "GTFormer only (coarse map)", "Pro2SAM": "Pro2SAM"}
 
 
@@ -95,8 +81,8 @@ def run_demo(
 
     Returns:
         ``models``, ``num_test``, ``num_val``, ``points_per_side``, ``seed``, ``seconds`` (per
-        step and ``total``), ``results`` (method -> :data:`SUMMARY_METRICS` key and the
-        method's :data:`BOX_ACCURACY` key -> percent or None), ``error_rows``, ``thresholds``,
+        step and ``total``), ``results`` (method -> :data:`pro2sam.report.SUMMARY_METRICS` key
+        and the method's :data:`pro2sam.report.BOX_ACCURACY` key -> percent or None), ``error_rows``, ``thresholds``,
         ``gallery_images`` and the paths ``data``,
         ``labels``, ``report_json``, ``report_md``, ``gallery``.
 
