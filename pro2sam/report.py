@@ -21,6 +21,8 @@ from .storage import read_bytes
 from .visualize import encode_image, render_overlay
 
 __all__ = [
+    "SUMMARY_METRICS",
+    "BOX_ACCURACY",
     "report_markdown",
     "report_json",
     "image_records_jsonl",
@@ -28,6 +30,21 @@ __all__ = [
     "overlay_png",
     "overlay_name",
 ]
+
+# The numbers a user sees first for both methods (``pro2sam demo``, ``bench_quality.py``), in
+# table order: report key -> column title, percent. A method without the number shows "-":
+# Pro2SAM has no score map for MaxBoxAccV2, GTFormer-only no fallback.
+SUMMARY_METRICS = {
+    "top1_cls": "Top-1 Cls",
+    "top1_loc": "Top-1 Loc",
+    "top5_loc": "Top-5 Loc",
+    "gt_known_loc": "GT-known Loc",
+    "MaxBoxAccV2": "MaxBoxAccV2",
+    "mIoU": "mIoU",
+    "fallback_rate": "fallback",
+}
+# Each method's box accuracy with no threshold taken from the split scored (the BoxAccV2 column).
+BOX_ACCURACY = {"GTFormer": "BoxAccV2@heldout_tau", "Pro2SAM": "BoxAccV2_single_box"}
 
 _FRAME_W, _FRAME_H = EVAL_FRAME
 _MIN_OVERLAY_SIDE = 256  # small images are enlarged so that their boxes stay legible
@@ -38,43 +55,68 @@ def _fmt(value) -> str:
 
 
 def report_markdown(report: Mapping) -> str:
-    """The report as a Markdown table in the layout of the paper's Table 1."""
+    """The report as a Markdown table in the layout of the paper's Table 1, with a note on where
+    each number's threshold and classes came from."""
     results = report["results"]
     with_masks = any("PxAP" in results[m] for m in METHODS)
-    header = ["Method", "Top-1 Loc", "Top-5 Loc", "GT-known Loc", "MaxBoxAccV2"] + (["PxAP", "mIoU"] if with_masks else [])
-    keys = ["top1_loc", "top5_loc", "gt_known_loc", "MaxBoxAccV2"] + (["PxAP", "mIoU"] if with_masks else [])
+    columns = {"top1_loc": "Top-1 Loc", "top5_loc": "Top-5 Loc", "gt_known_loc": "GT-known Loc",
+               "MaxBoxAccV2": "MaxBoxAccV2", "BoxAccV2": "BoxAccV2 ‡"}  # fmt: skip
+    if with_masks:
+        columns.update(PxAP="PxAP", mIoU="mIoU")
+    test_split, t = report["test_split"], report["thresholds"]
     lines = [
-        f"**{report['dataset']}**, split `{report['test_split']}`: "
+        f"**{report['dataset']}**, split `{test_split}`: "
         f"{report['test']['num_images']} images ({report['test']['num_error_rows']} error rows, "
         f"{report['test']['num_missing_rows']} without a row, counted wrong).",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        "| Method | " + " | ".join(columns.values()) + " |",
+        "|" + "---|" * (len(columns) + 1),
     ]
     names = {"GTFormer": "GTFormer (coarse map)", "Pro2SAM": "Pro2SAM"}
     for m in METHODS:
-        lines.append("| " + " | ".join([names[m]] + [_fmt(results[m].get(k)) for k in keys]) + " |")
+        values = {**results[m], "BoxAccV2": results[m].get(BOX_ACCURACY[m])}
+        lines.append("| " + " | ".join([names[m]] + [_fmt(values.get(k)) for k in columns]) + " |")
     tuned = report.get("test_tuned")
     if tuned:
-        row = [f"{names['GTFormer']}, test-tuned †"] + [_fmt(tuned["GTFormer"].get(k)) for k in keys]
+        row = [f"{names['GTFormer']}, test-tuned †"] + [_fmt(tuned["GTFormer"].get(k)) for k in columns]
         lines.append("| " + " | ".join(row) + " |")
-    t = report["thresholds"]
-    taus = ", ".join(f"{v:.2f} at IoU {k}%" for k, v in t["maxboxacc_taus"].items()) or "none"
-    lines += [
-        "",
+    best = results["GTFormer"].get("best_tau") or {}
+    best_taus = ", ".join(f"{v:.2f} at IoU {k}%" for k, v in best.items())
+    taus = ", ".join(f"{v:.2f} at IoU {k}%" for k, v in t["boxacc_taus"].items())
+    notes = [
         f"Thresholds chosen on the held-out split `{t['chosen_on']}` (by {t['selected_by']}) and applied to "
-        f"`{report['test_split']}`: GTFormer cam threshold {t['cam_threshold']:.2f}; MaxBoxAcc taus {taus}. "
+        f"`{test_split}`: GTFormer's cam threshold {t['cam_threshold']:.2f} (its box and mask: Loc, mIoU). "
         "Pro2SAM's box and mask need no threshold.",
-        f"Top-1 / Top-5 classification: {_fmt(results['Pro2SAM'].get('top1_cls'))} / "
-        f"{_fmt(results['Pro2SAM'].get('top5_cls'))}.",
-    ]
+        f"MaxBoxAccV2 (wsolevaluation's): per IoU 30/50/70 the best box accuracy over tau on `{test_split}` itself, "
+        f"one tau for the whole split (the metric is threshold-free by design; taus {best_taus or 'none'}), "
+        "mean over IoU; Pro2SAM has no score map to sweep (-).",
+        "‡ BoxAccV2: mean over IoU 30/50/70 of box accuracy with no threshold taken from the test split: "
+        + (f"GTFormer's map at the taus chosen on `{t['chosen_on']}` ({taus}); " if taus
+           else f"GTFormer: none (`{t['chosen_on']}` has no boxes to choose taus on); ")
+        + "Pro2SAM's one box per image.",
+        f"Classes (Top-1 / Top-5 Loc and Cls) from {report.get('classes_from', 'GTFormer')}: Top-1 / Top-5 Cls "
+        f"{_fmt(results['Pro2SAM'].get('top1_cls'))} / {_fmt(results['Pro2SAM'].get('top5_cls'))}.",
+    ]  # fmt: skip
+    own = report.get("results_with_gtformer_classes") or {}
+    if own:
+        locs = [f"{names[m]} Top-1 / Top-5 Loc {_fmt(own[m].get('top1_loc'))} / {_fmt(own[m].get('top5_loc'))}"
+                for m in METHODS if m in own]  # fmt: skip
+        cls = next(iter(own.values()))
+        notes.append(
+            f"With GTFormer's own classes instead: {'; '.join(locs)} (Top-1 / Top-5 Cls "
+            f"{_fmt(cls.get('top1_cls'))} / {_fmt(cls.get('top5_cls'))})."
+        )
+    notes.append(
+        f"Pro2SAM's box came from the coarse-map fallback (no SAM candidate survived) for "
+        f"{_fmt(results['Pro2SAM'].get('fallback_rate'))}% of the images."
+    )
     if tuned:
         tt = tuned["thresholds"]
-        lines.append(
-            f"† test-tuned: thresholds chosen on `{report['test_split']}` itself (cam threshold "
+        notes.append(
+            f"† test-tuned: thresholds chosen on `{test_split}` itself (cam threshold "
             f"{tt['cam_threshold']:.2f}), shown only for comparison; not a valid result."
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", *(f"- {n}" for n in notes)]) + "\n"
 
 
 def select_overlay_cases(report: Mapping, count: int) -> list[tuple[str, dict]]:

@@ -51,7 +51,7 @@ __all__ = [
     "write_wsol_dataset",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 # Class = (part colour, part shape); the class index is colour-major over these two tuples.
 PART_SHAPES = ("disc", "triangle", "square", "star", "cross")
@@ -455,9 +455,10 @@ def write_wsol_dataset(
         <split>/image_ids.txt             images/<split>/000000.jpg ...
         <split>/class_labels.txt          path,label (0-based)
         <split>/image_sizes.txt           path,width,height
-        <split>/localization.txt          val/test only: path,x0,y0,x1,y1 (inclusive pixel
-                                          indices) and path,masks/<split>/000000.png, (the
-                                          OpenImages form, no ignore mask)
+        <split>/localization.txt          val/test only: path,x0,y0,x1,y1 (x1, y1 one past the
+                                          last object pixel, as CUB's x + w and wsolevaluation)
+                                          and path,masks/<split>/000000.png, (the OpenImages
+                                          form, no ignore mask)
         images/<split>/NNNNNN.jpg         RGB, JPEG
         masks/<split>/NNNNNN.png          val/test: 8-bit grey, 255 = object, 0 = rest
 
@@ -488,7 +489,7 @@ def write_wsol_dataset(
         "counts": counts,
         "image_size": [lo, hi],
         "class_names": list(SYNTHETIC_CLASSES[:num_classes]),
-        "box_convention": "x0,y0,x1,y1 inclusive pixel indices",
+        "box_convention": "x0,y0,x1,y1 with x1,y1 one past the last object pixel (wsolevaluation's)",
         "command": command if command is not None else shlex.join(sys.argv),
     }
     (root / "synthetic.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -515,7 +516,8 @@ def _write_split(
         if with_localization:
             mask_path = f"masks/{split}/{i:06d}.png"
             Image.fromarray(scene.object_mask.astype(np.uint8) * 255).save(root / mask_path)
-            localization.append(f"{path},{','.join(str(v) for v in scene.box_xyxy)}\n")
+            x0, y0, x1, y1 = scene.box_xyxy  # inclusive; written in the evaluation's convention
+            localization.append(f"{path},{x0},{y0},{x1 + 1},{y1 + 1}\n")
             localization.append(f"{path},{mask_path},\n")
     folder = root / split
     (folder / "image_ids.txt").write_text("".join(ids))

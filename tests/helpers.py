@@ -73,6 +73,30 @@ def write_scenes(folder: Path, count: int) -> list[Path]:
     return paths
 
 
+def wsol_tree(root: Path) -> tuple[Path, Path]:
+    """A wsolevaluation tree: six 64x48 images with one box each (x1, y1 one past the end), three
+    in val and three in test, labels 0, 1, 2 in each; returns (metadata root, data root)."""
+    rng = np.random.default_rng(0)
+    data, meta = root / "data", root / "meta"
+    for split, names in (("val", ["v0", "v1", "v2"]), ("test", ["t0", "t1", "t2"])):
+        lines = {"image_ids.txt": [], "class_labels.txt": [], "image_sizes.txt": [], "localization.txt": []}
+        for k, name in enumerate(names):
+            image = np.full((48, 64, 3), 200, np.uint8)
+            x0, y0 = int(rng.integers(2, 20)), int(rng.integers(2, 14))
+            image[y0 : y0 + 24, x0 : x0 + 30] = (30, 60, 160)
+            (data / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(data / split / f"{name}.png")
+            path = f"{split}/{name}.png"
+            lines["image_ids.txt"].append(path)
+            lines["class_labels.txt"].append(f"{path},{k}")
+            lines["image_sizes.txt"].append(f"{path},64,48")
+            lines["localization.txt"].append(f"{path},{x0},{y0},{x0 + 30},{y0 + 24}")  # one past the end
+        (meta / split).mkdir(parents=True, exist_ok=True)
+        for file, content in lines.items():
+            (meta / split / file).write_text("\n".join(content) + "\n")
+    return meta, data
+
+
 def make_tiny_checkpoints(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     """A random tiny GTFormer export (3 classes) and a random tiny SAM state dict, on disk."""
     import torch

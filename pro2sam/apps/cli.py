@@ -287,7 +287,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     def work() -> int:
         cfg = EvaluateJobConfig(
             test=args.test, heldout=args.heldout, output=args.output, labeling=_labeling(args),
-            overwrite=args.overwrite, cam_curve_interval=args.cam_curve_interval, overlays=args.overlays,
+            classifier=_classifier(args), overwrite=args.overwrite, cam_curve_interval=args.cam_curve_interval,
+            overlays=args.overlays,
         )  # fmt: skip
         _stop_on_signals()
         report = run_evaluate_job(cfg)
@@ -296,6 +297,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 0
 
     return _run("pro2sam evaluate", work, resume_hint="run the same command again to resume the labeling")
+
+
+def _add_classifier_options(p: argparse.ArgumentParser) -> None:
+    from ..classifier import GTFORMER_CLASSIFIER, ClassifierConfig
+
+    d = _defaults(ClassifierConfig)
+    g = p.add_argument_group("class scores (Top-1 / Top-5 Cls and Loc; GTFormer + SAM still give every box)")
+    g.add_argument("--classifier", help="take the classes from this classifier instead of GTFormer, as the paper's "
+                   "Table 1 does (EfficientNet-B7): a timm model name (e.g. tf_efficientnet_b7; name.tag picks the "
+                   f"preprocessing of that tag) or '{GTFORMER_CLASSIFIER}' for a GTFormer export")  # fmt: skip
+    g.add_argument("--classifier-checkpoint", help="its weights, local or URI: a state-dict file (.safetensors, or a "
+                   f".pth/.bin of tensors only) for a timm model, the export folder for '{GTFORMER_CLASSIFIER}'")  # fmt: skip
+    g.add_argument("--classifier-batch-size", type=int, default=d["batch_size"], help="(default %(default)s)")
+
+
+def _classifier(args: argparse.Namespace):
+    from ..classifier import ClassifierConfig
+
+    if not args.classifier:
+        if args.classifier_checkpoint:
+            raise ValueError("--classifier-checkpoint needs --classifier (a timm model name or 'gtformer')")
+        return None
+    config = ClassifierConfig(model=args.classifier, checkpoint=args.classifier_checkpoint or "",
+                              batch_size=args.classifier_batch_size)  # fmt: skip
+    config.validate()
+    return config
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -429,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", required=True, help="split the thresholds are chosen on, e.g. wsol:META:DATA:val (never test)")
     p.add_argument("--output", required=True, help="output folder (local or URI); a rerun resumes the labeling")
     _add_labeling_options(p)
+    _add_classifier_options(p)
     p.add_argument("--overwrite", action="store_true", help="label again from scratch (replaces only the label files)")
     p.add_argument("--cam-curve-interval", type=float, default=d["cam_curve_interval"], help="tau grid step (default %(default)s)")
     p.add_argument("--overlays", type=int, default=d["overlays"], help="overlay PNGs of best and worst cases (default %(default)s)")

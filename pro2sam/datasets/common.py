@@ -6,8 +6,11 @@ Conventions, the same for every layout:
 - ``label`` is a 0-based class index into ``class_names`` (CUB's 1-based ids are shifted).
 - ``boxes`` are ``(K, 4)`` float64 ``(x0, y0, x1, y1)`` in ORIGINAL image pixels, as annotated
   (CUB's ``x, y, w, h`` becomes ``x, y, x + w, y + h``; ILSVRC's XML/CSV corners are kept as they
-  are); several boxes per image are allowed and an image counts as localised if any of them is
-  matched. :func:`pro2sam.metrics.scale_boxes_to_frame` brings them to the 224 evaluation frame.
+  are), i.e. the evaluation's convention, ``x1``/``y1`` one past the last object pixel (as
+  wsolevaluation; :func:`pro2sam.metrics.inclusive_to_eval_boxes` brings predicted inclusive
+  boxes to it); several boxes per image are allowed and an image counts as localised if any of
+  them is matched. :func:`pro2sam.metrics.scale_boxes_to_frame` brings them to the 224
+  evaluation frame.
   ``None`` means the layout has no boxes for that image (e.g. ILSVRC train, OpenImages).
 - ``width``/``height`` are the stored image size in pixels (no EXIF rotation applied), when the
   layout gives them or ``check_files`` read them from the image headers.

@@ -1,7 +1,13 @@
 """The evaluation job: label a held-out and a test split with the labeling job, then score them.
 
     dataset spec -> manifest (Parquet) -> run_label_job (Ray Data, resumable) -> labels Parquet
+        [-> a separate classifier's top-k classes of the test images (Ray Data, one actor)]
         -> join with GT on uri -> pro2sam.evaluation (thresholds from held-out) -> pro2sam.report
+
+With ``classifier`` set (``pro2sam evaluate --classifier``), Top-1 / Top-5 Cls and Loc take their
+classes from that classifier, as the paper's Table 1 takes EfficientNet-B7's, while GTFormer + SAM
+still give every box; the report names the classifier and keeps GTFormer's own classes beside.
+Only the test images are classified: no held-out choice depends on classes.
 
 Output folder (local or any fsspec URI)::
 
@@ -21,19 +27,23 @@ from __future__ import annotations
 import io
 import logging
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..classifier import Classifier, ClassifierConfig
 from ..datasets import WSOLDataset, open_dataset
 from ..evaluation import DEFAULT_CAM_CURVE_INTERVAL, evaluate_with_heldout, index_rows
 from ..gtformer import gtformer_class_names
 from ..labels import LABEL_SCHEMA
 from ..output import LabelsOutput
 from ..report import image_records_jsonl, overlay_name, overlay_png, report_json, report_markdown, select_overlay_cases
-from ..storage import join_uri, write_bytes_atomic
+from ..storage import fetch_to_local, join_uri, write_bytes_atomic
 from .label_job import LabelingSettings, LabelJobConfig, run_label_job
+from .ray_env import ensure_ray
+from .stages import decode_images, read_images
 
 __all__ = ["EvaluateJobConfig", "run_evaluate_job"]
 
@@ -50,7 +60,10 @@ class EvaluateJobConfig:
         test: data-set spec of the split reported (:func:`pro2sam.datasets.open_dataset`).
         heldout: data-set spec of the split thresholds are chosen on (never the test split).
         output: output folder, local or fsspec URI; a rerun resumes the labeling.
-        labeling: how the images are labeled (:class:`~pro2sam.pipeline.label_job.LabelingSettings`).
+        labeling: how the images are labeled (:class:`~pro2sam.pipeline.label_job.LabelingSettings`);
+            its resources and read limits serve the classifier too.
+        classifier: a separate classifier for the class scores
+            (:class:`~pro2sam.classifier.ClassifierConfig`); None: GTFormer's.
         overwrite: label again from scratch instead of resuming.
         cam_curve_interval: step of the tau grid.
         overlays: how many overlay PNGs (half best, half worst).
@@ -60,6 +73,7 @@ class EvaluateJobConfig:
     heldout: str
     output: str
     labeling: LabelingSettings
+    classifier: ClassifierConfig | None = None
     overwrite: bool = False
     cam_curve_interval: float = DEFAULT_CAM_CURVE_INTERVAL
     overlays: int = 6
@@ -71,6 +85,14 @@ class EvaluateJobConfig:
             labeling=self.labeling,
             overwrite=self.overwrite,
         )
+
+
+def _check_classes(num_classes: int, class_names: list[str], what: str) -> None:
+    if num_classes != len(class_names):
+        log.warning(
+            "%s has %d classes, the data set %d: class indices are compared as they are",
+            what, num_classes, len(class_names),
+        )  # fmt: skip
 
 
 def _jsonable(value):
@@ -94,6 +116,85 @@ def _label_splits(cfg: EvaluateJobConfig, datasets: dict[str, WSOLDataset]) -> l
     return LabelsOutput(label_cfg.output).read_table(LABEL_SCHEMA.names).to_pylist()
 
 
+class ClassScorer:
+    """Ray Data actor: loads the classifier once, gives each decoded image its top-k classes.
+
+    Maps a batch of :func:`~pro2sam.pipeline.stages.decode_images` to a table of ``uri``,
+    ``topk_classes``, ``topk_scores`` (null for an image that could not be read, decoded or
+    classified) and ``error``.
+    """
+
+    def __init__(self, config: ClassifierConfig, threads: float | None = None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        self.classifier = _load_classifier(config)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        errors = [str(e) if e else None for e in batch["error"]]
+        good = [i for i, e in enumerate(errors) if not e]
+        results: dict[int, tuple[list[int], list[float]]] = {}
+        try:
+            top, prob = self.classifier.topk([batch["image"][i] for i in good])
+            results = {i: (top[j].tolist(), prob[j].tolist()) for j, i in enumerate(good)}
+        except Exception:  # isolate the image that breaks the batch
+            for i in good:
+                try:
+                    top, prob = self.classifier.topk([batch["image"][i]])
+                    results[i] = (top[0].tolist(), prob[0].tolist())
+                except Exception as e:
+                    errors[i] = f"classifier failed: {type(e).__name__}: {e}"
+        none = (None, None)
+        return pa.table({
+            "uri": [str(u) for u in batch["uri"]],
+            "topk_classes": pa.array([results.get(i, none)[0] for i in range(len(errors))], pa.list_(pa.int32())),
+            "topk_scores": pa.array([results.get(i, none)[1] for i in range(len(errors))], pa.list_(pa.float32())),
+            "error": pa.array(errors, pa.string()),
+        })  # fmt: skip
+
+
+def _load_classifier(config: ClassifierConfig, *, device=None) -> Classifier:
+    """The classifier of ``config``, its weights fetched first when they are remote."""
+    return Classifier.load(replace(config, checkpoint=str(fetch_to_local(config.checkpoint))), device=device)
+
+
+def _classify(cfg: EvaluateJobConfig, dataset: WSOLDataset) -> dict[str, list[int]]:
+    """The classifier's top-k classes of every image of ``dataset`` (uri -> classes, best first),
+    through the labeling job's read and decode stages and one :class:`ClassScorer` actor.
+    Images it could not classify are left out (no class right) and logged."""
+    resources, limits, batch_size = cfg.labeling.resources, cfg.labeling.limits, cfg.classifier.batch_size
+    ray = ensure_ray(resources.ray_address, cpus_needed=(resources.cpus_per_actor or 2) + 1)
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    gpus = resources.gpus_per_actor if resources.gpus_per_actor is not None else (1 if has_gpu else 0)
+    cpus = resources.cpus_per_actor or (1 if gpus else 2)
+    uris = list(dict.fromkeys(s.uri for s in dataset.samples))
+    todo = pa.table({"uri": uris, "input_error": pa.nulls(len(uris), pa.string()),
+                     "source_fingerprint": pa.nulls(len(uris), pa.string())})  # fmt: skip
+    ds = ray.data.from_arrow([todo.slice(i, 4 * batch_size) for i in range(0, len(todo), 4 * batch_size)])
+    ds = ds.map_batches(
+        read_images, batch_format="numpy", batch_size=batch_size, num_cpus=0.25,
+        fn_kwargs={"max_bytes": limits.max_bytes, "timeout_s": limits.read_timeout_s},
+    )  # fmt: skip
+    ds = ds.map_batches(
+        decode_images, batch_format="numpy", batch_size=batch_size, fn_kwargs={"max_pixels": limits.max_pixels}
+    )
+    ds = ds.map_batches(
+        ClassScorer, fn_constructor_kwargs={"config": cfg.classifier, "threads": cpus}, batch_format="numpy",
+        batch_size=batch_size, concurrency=1, num_gpus=gpus, num_cpus=cpus,
+    )  # fmt: skip
+    classes, failed = {}, []
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in table.to_pylist():
+            if row["topk_classes"] is None:
+                failed.append(f"{row['uri']}: {row['error']}")
+            else:
+                classes[row["uri"]] = row["topk_classes"]
+    if failed:
+        log.warning("the classifier gave no classes for %d images (counted wrong), e.g. %s", len(failed), failed[0])
+    return classes
+
+
 def run_evaluate_job(cfg: EvaluateJobConfig) -> dict:
     """Label both splits (resuming), evaluate, write the report files; return the report.
 
@@ -104,18 +205,24 @@ def run_evaluate_job(cfg: EvaluateJobConfig) -> dict:
     """
     if cfg.heldout == cfg.test:
         raise ValueError("the held-out split must differ from the test split (thresholds are never tuned on test)")
+    classifier = None
+    if cfg.classifier is not None:  # a bad name or checkpoint ends the run here, before any labeling
+        classifier = _load_classifier(cfg.classifier, device="cpu")
     datasets = {"heldout": open_dataset(cfg.heldout), "test": open_dataset(cfg.test)}
     rows = _label_splits(cfg, datasets)
+    classes = None
+    if classifier is not None:
+        classes = _classify(cfg, datasets["test"])
+        _check_classes(classifier.description["num_classes"], datasets["test"].class_names, "the classifier")
     report = evaluate_with_heldout(
-        datasets["heldout"], rows, datasets["test"], rows, cam_curve_interval=cfg.cam_curve_interval
-    )
+        datasets["heldout"], rows, datasets["test"], rows, cam_curve_interval=cfg.cam_curve_interval,
+        test_classes=classes, classes_from=None if classifier is None else str(classifier),
+    )  # fmt: skip
     model_classes = gtformer_class_names(cfg.labeling.gtformer)
     report["settings"]["class_names_match"] = model_classes == datasets["test"].class_names
-    if model_classes is not None and len(model_classes) != len(datasets["test"].class_names):
-        log.warning(
-            "GTFormer has %d classes, the data set %d: class indices are compared as they are",
-            len(model_classes), len(datasets["test"].class_names),
-        )  # fmt: skip
+    if model_classes is not None:
+        _check_classes(len(model_classes), datasets["test"].class_names, "GTFormer")
+    report["settings"]["classifier"] = None if classifier is None else classifier.description
     report["settings"]["specs"] = {"heldout": cfg.heldout, "test": cfg.test}
     report["settings"]["label_job"] = _jsonable(asdict(cfg.labeling))
     test_uris = set(datasets["test"].by_uri())
