@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .candidates import CandidateConfig, GridCandidateGenerator
+from .candidates import CandidateConfig, Candidates, GridCandidateGenerator
 from .checkpoints import OFFICIAL_SAM_CHECKPOINTS
 from .gtformer import load_gtformer
 from .images import to_rgb_array
@@ -242,10 +242,18 @@ class Pro2SAM:
                 f"image is {w}x{h}: too elongated for SAM, whose {side}-pixel input would leave its short side "
                 "under one pixel"
             )
+        candidates = self.generator.generate(image, coarse_map=coarse_map)
+        return self.choose(image, probs, coarse_map, candidates, label=label)
+
+    def choose(
+        self, image: np.ndarray, probs: np.ndarray, coarse_map: np.ndarray, candidates: Candidates, *, label: Any = None
+    ) -> Pro2SAMResult:
+        """Stage 3 for one image whose candidates are known (:meth:`localize` without stage 2):
+        matching with this model's :class:`MatchConfig`, the fallback, the result. Lets one set of
+        candidates be matched under several settings."""
         k = min(self.top_k, len(probs))
         top = np.argsort(-probs, kind="stable")[:k]
         names = [self.class_names[i] for i in top] if self.class_names else None
-        candidates = self.generator.generate(image, coarse_map=coarse_map)
         match = match_masks(coarse_map, candidates.masks, candidates.pred_ious, self.match_config)
         mask = box = None
         if match.index is not None:
