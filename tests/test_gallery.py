@@ -126,3 +126,23 @@ def test_without_the_flag_no_coarse_map_is_shown(labels_file, tmp_path):
     build_gallery(str(labels_file), str(page))
     assert len(figures(page.read_text())) == 5
     assert 'class="coarse-map"' not in page.read_text()
+
+
+@needs_chromium
+def test_show_orders_by_a_score_ascending_and_limits(labels_file, tmp_path):
+    page = tmp_path / "worst.html"
+    argv = ["show", "--input", str(labels_file), "--output", str(page), "--order-by", "match_score", "--ascending"]
+    assert main([*argv, "--limit", "2"]) == 0
+    scores = [re.search(r'data-match-score="([^"]*)"', o).group(1) for o in overlays(dump_dom(page, tmp_path))]
+    assert scores == ["0.2", "0.7"]
+    assert main([*argv, "--offset", "2", "--limit", "5"]) == 0  # the rest of the same order; no score last
+    scores = [re.search(r'data-match-score="([^"]*)"', o).group(1) for o in overlays(dump_dom(page, tmp_path))]
+    assert scores == ["0.9", "", ""]
+
+
+def test_captions_call_sams_estimate_predicted_iou(labels_file, tmp_path):
+    page = tmp_path / "gallery.html"
+    build_gallery(str(labels_file), str(page))
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", page.read_text())
+    assert sum("predicted IoU 0.900" in c for c in captions) == 4  # the ok rows; the error row has none
+    assert not any(re.search(r"(?<!predicted )IoU \d", c) for c in captions)
