@@ -410,6 +410,25 @@ def cmd_show(args: argparse.Namespace) -> int:
     return _run("pro2sam show", work)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..qa import write_qa_report
+
+    def work() -> int:
+        data = write_qa_report(
+            args.input, args.output, json_output=args.json, doubtful=args.doubtful, thumb_size=args.thumb_size,
+            batch_size=args.batch_size,
+        )  # fmt: skip
+        c = data["counts"]
+        print(
+            f"pro2sam report: {c['images']} images: {c['ok']} ok, {c['error']} error, {c['coarse_fallback']} coarse-map "
+            f"fallback, {c['with_confidence']} with a confidence -> {args.output}",
+            file=sys.stderr,
+        )
+        return 0
+
+    return _run("pro2sam report", work)
+
+
 def cmd_synthetic(args: argparse.Namespace) -> int:
     from ..synthetic import write_wsol_dataset
 
@@ -454,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..gallery import DEFAULT_LIMIT, DEFAULT_THUMB_SIZE
     from ..labels import STATUS_ERROR, STATUS_OK
     from ..pipeline.evaluate_job import EvaluateJobConfig
+    from ..qa import DEFAULT_DOUBTFUL
     from ..pipeline.label_job import LabelJobConfig
 
     parser = argparse.ArgumentParser(prog="pro2sam", description="Pro2SAM: image-level labels to boxes and masks.")
@@ -524,6 +544,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thumb-size", type=int, default=DEFAULT_THUMB_SIZE, help="thumbnail's longer side in pixels (default %(default)s)")
     p.add_argument("--coarse-map", action="store_true", help="show each row's GTFormer coarse map beside its overlay")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("report", help="labels table -> QA report: one HTML page with plots, and its numbers as JSON")
+    p.add_argument("input", help="labels table: a Parquet file or output folder (local or URI)")
+    p.add_argument("--output", default="qa_report.html", help="the HTML page (local or URI; default %(default)s)")
+    p.add_argument("--json", help="the numbers as JSON (default: --output with .json)")
+    p.add_argument("--doubtful", type=int, default=DEFAULT_DOUBTFUL,
+                   help="the most doubtful rows shown with overlays (default %(default)s)")  # fmt: skip
+    p.add_argument("--thumb-size", type=int, default=DEFAULT_THUMB_SIZE, help="thumbnail's longer side in pixels (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per record batch read (default %(default)s)")
+    p.set_defaults(func=cmd_report)
 
     _add_synthetic_parser(sub)
 
