@@ -15,7 +15,7 @@ Conventions:
 - A category is the top-1 GTFormer class (``category_id`` = class index, as in the checkpoint) or,
   with ``category="label"``, the image-level label of the manifest.
 - A COCO annotation's ``score`` is the row's ``confidence`` where the table has one, else its
-  ``match_score`` (0.0 for the coarse-map fallback, which has none); ``confidence``,
+  ``match_score`` (0.0 for the coarse-map fallback, which has none), ``score_is`` says which;
   ``match_score``, ``class_score``, ``pred_iou``, ``stability_score`` and ``box_source`` are kept
   beside it.
 """
@@ -249,7 +249,9 @@ def export_coco(
                 "area": int(row["mask_area"]),
                 "iscrowd": 0,
                 "score": row_score(row),
-                "confidence": row.get("confidence"),
+                # no "confidence" key: FiftyOne's importer makes score the confidence and would
+                # take a second one as a clash
+                "score_is": "confidence" if row.get("confidence") is not None else "match_score",
                 "class_score": row["topk_scores"][0] if row["topk_scores"] else None,
                 "top1_class": top1[0] if top1 else None,
                 "match_score": row["match_score"],

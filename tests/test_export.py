@@ -311,3 +311,32 @@ def test_a_typo_in_where_ends_in_one_line(labels_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("pro2sam export: error: the selection's SQL failed:") and "no_such_column" in err
     assert "\n" not in err and not (tmp_path / "x.json").exists()
+
+
+def test_fiftyone_coco_importer_reads_our_boxes_and_masks(labels_dir, tmp_path):
+    """FiftyOne's own COCO parser (what ``COCODetectionDataset`` uses), without its database: a
+    Dataset needs MongoDB, which does not run on our machines (README, "FiftyOne")."""
+    fouc = pytest.importorskip("fiftyone.utils.coco")
+    out = tmp_path / "coco.json"
+    export_coco(str(labels_dir), str(out))
+    _, classes, supercategories, images, annotations = fouc.load_coco_detection_annotations(str(out))
+    rows = {r["uri"]: r for r in iter_label_rows(str(labels_dir)) if r["status"] == "ok"}
+    for image_id, image in images.items():
+        row = rows[image["file_name"]]
+        (obj,) = annotations[image_id]
+        w, h = image["width"], image["height"]
+        detection = obj.to_detection((w, h), classes_map=classes, supercategory_map=supercategories, load_segmentation=True)
+        x0, y0, x1, y1 = row["box_xyxy"]
+        assert detection.label == row["topk_names"][0]
+        assert detection.bounding_box == pytest.approx([x0 / w, y0 / h, (x1 - x0 + 1) / w, (y1 - y0 + 1) / h])
+        assert (detection.mask == decode_mask(row["mask_rle"])[y0 : y1 + 1, x0 : x1 + 1]).all()
+
+
+def test_coco_score_is_the_confidence_where_the_table_has_one(tmp_path):
+    rows = [labeled("s3://b/a.jpg", rect(30, 40, 10, 5, 29, 19), 2, match=0.9), labeled("s3://b/b.jpg", disc(60, 80, 40, 30, 20), 0, match=0.6)]
+    rows[0]["confidence"] = 0.25
+    pq.write_table(rows_to_table(rows), tmp_path / "labels.parquet")
+    export_coco(str(tmp_path / "labels.parquet"), str(tmp_path / "coco.json"))
+    anns = json.loads((tmp_path / "coco.json").read_text())["annotations"]
+    assert [(a["score"], a["score_is"]) for a in anns] == [(0.25, "confidence"), (pytest.approx(0.6), "match_score")]
+    assert all("confidence" not in a for a in anns)  # FiftyOne reads score as the confidence; two would clash
