@@ -43,9 +43,13 @@ def risk_coverage_png(
     """
     fig, axes = _figure(6.0, 4.0)
     ax = axes[0][0]
-    ax.plot(100 * np.asarray(coverage), accuracy, color=_BLUE, label="most confident first")
+    coverage = np.asarray(coverage, dtype=np.float64)
+    ax.plot(100 * coverage, accuracy, color=_BLUE, label="most confident first")
     if len(accuracy):
         ax.axhline(accuracy[-1], color=_GREY, linestyle="--", label=f"all images: {accuracy[-1]:.1f}")
+        # a perfect ranking puts every right box first: the ceiling of any confidence
+        ceiling = np.minimum(100.0, accuracy[-1] / np.maximum(coverage, 1e-9))
+        ax.plot(100 * coverage, ceiling, color=_GREY, linestyle=":", label="ceiling (a perfect ranking)")
     for percent, value in marks.items():
         if value is not None:
             ax.plot([float(percent)], [value], "o", color="#cc3311")

@@ -139,3 +139,11 @@ def test_label_job_refuses_a_calibration_that_is_not_one_before_labeling(tmp_pat
     with pytest.raises(ValueError, match="not a pro2sam confidence calibration"):
         run_label_job(cfg)
     assert not list((tmp_path / "labels").glob("*.parquet"))
+
+
+def test_label_and_evaluate_take_the_calibration_option():
+    from pro2sam.apps.cli import _labeling, build_parser
+
+    for command in (["label", "--input", "in", "--output", "out"], ["evaluate", "--test", "t", "--heldout", "h", "--output", "o"]):
+        args = build_parser().parse_args([*command, "--gtformer", "g", "--sam", "tiny", "--confidence-calibration", "s3://b/c.json"])
+        assert _labeling(args).confidence_calibration == "s3://b/c.json"

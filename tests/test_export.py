@@ -340,3 +340,22 @@ def test_coco_score_is_the_confidence_where_the_table_has_one(tmp_path):
     anns = json.loads((tmp_path / "coco.json").read_text())["annotations"]
     assert [(a["score"], a["score_is"]) for a in anns] == [(0.25, "confidence"), (pytest.approx(0.6), "match_score")]
     assert all("confidence" not in a for a in anns)  # FiftyOne reads score as the confidence; two would clash
+
+
+def test_review_commands_run_on_an_s3_output_with_error_rows(labels_dir, tmp_path, s3_bucket):
+    import s3fs
+
+    from pro2sam.apps.cli import main
+
+    s3fs.S3FileSystem().put(str(labels_dir) + "/", f"{s3_bucket}/run1/", recursive=True)
+    labels = f"s3://{s3_bucket}/run1/"
+    tasks = f"s3://{s3_bucket}/exports/tasks.json"
+    argv = ["export", "--input", labels, "--format", "label-studio", "--output", tasks, "--status", "all"]
+    assert main([*argv, "--order-by", "match_score", "--ascending", "--offset", "1", "--map-uri", "s3://b/=https://img/"]) == 0
+    exported = json.loads(s3fs.S3FileSystem().cat(tasks))
+    # match scores c 0.3 (skipped by the offset), b, e, a; then d (fallback) and f (error), no score
+    assert sorted(t["data"]["image_id"] for t in exported) == ["a.jpg", "b.jpg", "d.jpg", "e.jpg", "f.jpg"]
+    assert {t["data"]["image"] for t in exported} >= {"https://img/a.jpg"} and sum("predictions" in t for t in exported) == 4
+    page = tmp_path / "errors.html"
+    assert main(["show", "--input", labels, "--output", str(page), "--where", "status = 'error'", "--order-by", "confidence"]) == 0
+    assert re.findall(r'data-image-id="([^"]+)"', page.read_text()) == ["f.jpg"]
