@@ -3,21 +3,19 @@ doubtful rows, bounded memory on a large table, S3, and the page as headless Chr
 
 import json
 import re
-import subprocess
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from helpers import CHROMIUM, run_chromium
 from pro2sam.apps.cli import main
 from pro2sam.labels import error_row, ok_row, rows_to_table
 from pro2sam.model import Pro2SAMResult
 from pro2sam.qa import Histogram, summarise_labels
 
-CHROMIUM = Path("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs a headless browser at /usr/bin/chromium (apt-get install chromium)"
 )
@@ -160,24 +158,11 @@ def test_report_reads_an_s3_output_and_shows_its_images(s3_bucket, tmp_path):
     assert len(re.findall(r'<figure class="overlay".*?<img src="data:image/jpeg', page, flags=re.S)) == 2
 
 
-def chromium(page: Path, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={tmp_path / f'chromium-profile-{len(args)}'}",
-    ]  # fmt: skip
-    done = subprocess.run(
-        [str(CHROMIUM), *flags, *args, page.resolve().as_uri()], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done
-
-
 @needs_chromium
 def test_browser_shows_the_report_with_its_plots_tables_and_doubtful_overlays(labels_dir, tmp_path):
     page = tmp_path / "qa.html"
     assert main(["report", str(labels_dir), "--output", str(page), "--doubtful", "4"]) == 0
-    dom = chromium(page, tmp_path, "--dump-dom").stdout
+    dom = run_chromium(page, tmp_path, "--dump-dom")
     plots = re.findall(r'<img class="plot" alt="([^"]+)" src="data:image/png;base64,', dom)
     assert plots == ["histograms of the scores", "images per top-1 class"]
     counts = re.search(r'<table class="counts">.*?<tbody><tr>(.*?)</tr>', dom, flags=re.S).group(1)
@@ -186,7 +171,7 @@ def test_browser_shows_the_report_with_its_plots_tables_and_doubtful_overlays(la
     assert "&lt;image&gt;: truncated at # bytes" in dom
     assert json.loads(page.with_suffix(".json").read_text())["counts"]["ok"] == 6
     shot = tmp_path / "qa.png"
-    chromium(page, tmp_path, "--window-size=1200,2000", f"--screenshot={shot}")
+    run_chromium(page, tmp_path, "--window-size=1200,2000", f"--screenshot={shot}")
     picture = np.asarray(Image.open(shot).convert("RGB"))
     assert picture.shape == (2000, 1200, 3)
     assert (picture[..., 2] > picture[..., 0] + 60).any()  # the blue bars of the plots are drawn
