@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "LabelFilter",
     "ExportSummary",
+    "Categories",
     "kept_rows",
     "row_score",
     "export_coco",
@@ -140,7 +141,7 @@ def _top1(row: dict) -> tuple[int, str | None] | None:
     return int(classes[0]), names[0]
 
 
-class _Categories:
+class Categories:
     """Category ids and names, fixed by ``class_names`` where given, otherwise learnt from rows."""
 
     def __init__(self, source: str, class_names: Sequence[str] | None):
@@ -216,7 +217,7 @@ def export_coco(
         category: ``"top1"`` (GTFormer's top-1 class) or ``"label"`` (the manifest's label).
         batch_size: rows per Parquet record batch read.
     """
-    categories = _Categories(category, class_names)
+    categories = Categories(category, class_names)
     summary = ExportSummary(output)
     with staged_file(output) as staged, open(staged, "w", encoding="utf-8") as out, \
             tempfile.TemporaryFile("w+", encoding="utf-8") as spool:  # fmt: skip
@@ -328,7 +329,7 @@ def export_yolo(
     """
     if task not in YOLO_TASKS:
         raise ValueError(f"YOLO task must be one of {YOLO_TASKS}, not {task!r}")
-    categories = _Categories(category, class_names)
+    categories = Categories(category, class_names)
     summary = ExportSummary(output)
     with _staged_folder(output) as root:
         _write_yolo(input, root, summary, categories, task=task, filters=filters, batch_size=batch_size)
@@ -336,7 +337,7 @@ def export_yolo(
 
 
 def _write_yolo(
-    input: str, root: str, summary: ExportSummary, categories: _Categories, *, task: str, filters: LabelFilter, batch_size: int
+    input: str, root: str, summary: ExportSummary, categories: Categories, *, task: str, filters: LabelFilter, batch_size: int
 ) -> None:
     import yaml
 

@@ -27,7 +27,7 @@ from html import escape
 
 import numpy as np
 
-from .export import DEFAULT_BATCH_SIZE, ExportSummary, LabelFilter, _Categories, kept_rows, row_score
+from .export import DEFAULT_BATCH_SIZE, ExportSummary, LabelFilter, Categories, kept_rows, row_score
 from .labels import STATUS_OK
 from .rle import decode_mask
 from .storage import is_remote, staged_file
@@ -117,7 +117,7 @@ def _percent_box(box_xyxy: Sequence[int], width: int, height: int) -> dict:
     }
 
 
-def _task(row: dict, categories: _Categories, image_url: ImageLocations, model_version: str) -> dict | None:
+def _task(row: dict, categories: Categories, image_url: ImageLocations, model_version: str) -> dict | None:
     """The task of one row, or None when the row has no category (no class, no manifest label)."""
     class_score = row["topk_scores"][0] if row.get("topk_scores") else None
     data = {
@@ -203,7 +203,7 @@ def export_label_studio(
         model_version: the predictions' ``model_version`` (default: ``pro2sam`` and the first 12
             hex digits of each row's GTFormer and SAM checkpoints).
     """
-    categories = _Categories(category, class_names)
+    categories = Categories(category, class_names)
     summary = ExportSummary(output)
     with staged_file(output) as staged, open(staged, "w", encoding="utf-8") as out:
         out.write("[")
