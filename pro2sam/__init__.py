@@ -19,6 +19,8 @@ _EXPORTS = {
     "build_sam": "sam",
     "create_gtformer": "gtformer",
     "load_gtformer": "gtformer",
+    "read_labels": "reading",
+    "row_mask": "reading",
     "save_gtformer": "gtformer",
 }
 

@@ -51,6 +51,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
+from .confidence import calibrate, score_confidence
 from .datasets import Sample, WSOLDataset
 from .labels import STATUS_OK
 from .matching import upsample_coarse_map
@@ -523,15 +524,24 @@ def evaluate_with_heldout(
             :func:`evaluate_predictions`); held-out choices never depend on classes.
         classes_from: what gave ``test_classes``, for the report (None: GTFormer).
 
+    The rows' confidence (:mod:`pro2sam.confidence`) is calibrated on ``heldout`` too, where both
+    splits have boxes, and scored on ``test``.
+
     Returns:
         A JSON-ready dict: ``thresholds`` (:meth:`Thresholds.to_dict`, with ``chosen_on``),
         ``results`` (test at the held-out thresholds: ``GTFormer``, ``Pro2SAM``; GTFormer's
         ``MaxBoxAccV2`` is the max over tau on test itself, as wsolevaluation defines it),
         ``results_with_gtformer_classes`` (with ``test_classes``, else None), ``classes_from``,
         ``test_tuned`` (GTFormer with thresholds chosen on test itself, for comparison only),
-        ``heldout`` and ``test`` (split counts and curves), ``settings``, and ``images`` (test
-        per-image records).
+        ``heldout`` and ``test`` (split counts and curves), ``settings``, ``confidence`` (None
+        without boxes: ``calibration``, the :class:`~pro2sam.confidence.ConfidenceModel` fitted on
+        held-out; ``heldout`` its in-sample AUROC and risk-coverage; ``test`` the same on test,
+        with the whole ``curve``), and ``images`` (test per-image records, with ``confidence``).
     """
+    if not isinstance(heldout_rows, pa.Table):
+        heldout_rows = list(heldout_rows)
+    if not isinstance(test_rows, pa.Table):
+        test_rows = list(test_rows)
     held = evaluate_predictions(heldout, heldout_rows, cam_curve_interval=cam_curve_interval)
     thresholds = choose_thresholds(held)
     test_result = evaluate_predictions(
@@ -544,6 +554,15 @@ def evaluate_with_heldout(
         tuned = {"thresholds": tuned_thresholds.to_dict(), "GTFormer": _at_tau(test_result, tuned_thresholds.cam_threshold)}
     if test_classes is not None:
         classes_from = classes_from or "a separate classifier"
+    confidence = None
+    if held["num_with_boxes"] and test_result["num_with_boxes"]:
+        model = calibrate(held["images"], index_rows(heldout_rows), fitted_on=f"{heldout.name}:{heldout.split}")
+        in_sample = score_confidence(model, held["images"], index_rows(heldout_rows))
+        confidence = {
+            "calibration": model.to_dict(),
+            "heldout": {k: v for k, v in in_sample.items() if k != "curve"},
+            "test": score_confidence(model, test_result["images"], index_rows(test_rows)),
+        }
     return {
         "dataset": test.name,
         "test_split": test.split,
@@ -570,6 +589,9 @@ def evaluate_with_heldout(
             "pro2sam_pxap": "the binary mask as score map (one operating point)",
             "classes": "Top-1/Top-5 Cls and Loc use the class scores of classes_from; the box is the method's own",
             "errors": "error rows and images without a row count as wrong",
+            "confidence": "P(box IoU >= 0.5) from match score, predicted IoU, stability, class score, fallback and "
+            "mask area, logistic regression fitted on the held-out split; images without one rank last",
         },
+        "confidence": confidence,
         "images": test_result["images"],
     }

@@ -1,8 +1,9 @@
-"""Export the labels table to COCO (one JSON) or YOLO (one .txt per image + ``data.yaml``).
+"""Export the labels table to COCO (one JSON), YOLO (one .txt per image + ``data.yaml``) or
+Label Studio (one JSON of tasks with pre-annotations, :mod:`pro2sam.label_studio`).
 
 The labels table may be far larger than memory: it is read one Parquet record batch at a time
-(:func:`iter_label_rows`, without the ``coarse_map`` column), and every output is written as rows
-arrive. The COCO JSON is streamed: ``images`` go straight to the file, ``annotations`` to a local
+(:func:`pro2sam.reading.iter_label_batches`, without the ``coarse_map`` column), and every output
+is written as rows arrive. The COCO JSON is streamed: ``images`` go straight to the file, ``annotations`` to a local
 spool file appended after them, ``categories`` (known only at the end) last; JSON objects are
 unordered, so ``pycocotools.coco.COCO`` loads it as usual.
 
@@ -13,8 +14,10 @@ Conventions:
   ``[x0, x1 + 1)`` in continuous pixel coordinates.
 - A category is the top-1 GTFormer class (``category_id`` = class index, as in the checkpoint) or,
   with ``category="label"``, the image-level label of the manifest.
-- A COCO annotation's ``score`` is ``match_score`` (0.0 for the coarse-map fallback, which has none);
-  ``class_score``, ``pred_iou``, ``stability_score`` and ``box_source`` are kept beside it.
+- A COCO annotation's ``score`` is the row's ``confidence`` where the table has one, else its
+  ``match_score`` (0.0 for the coarse-map fallback, which has none), ``score_is`` says which;
+  ``match_score``, ``class_score``, ``pred_iou``, ``stability_score`` and ``box_source`` are kept
+  beside it.
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from .labels import LABEL_SCHEMA, STATUS_OK
-from .output import LabelsOutput
+from .reading import DEFAULT_BATCH_SIZE, iter_label_batches
 from .rle import decode_mask
 from .storage import filesystem, is_remote, staged_file
 
@@ -42,8 +46,9 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "LabelFilter",
     "ExportSummary",
-    "parquet_files",
-    "iter_label_rows",
+    "Categories",
+    "kept_rows",
+    "row_score",
     "export_coco",
     "export_yolo",
     "yolo_box",
@@ -52,52 +57,8 @@ __all__ = [
 
 # Everything an export needs; coarse_map (196+ floats a row) is never read.
 EXPORT_COLUMNS = [name for name in LABEL_SCHEMA.names if name not in ("coarse_map",)]
-# Rows per Parquet record batch: bounds the memory of an export, whatever the table's size.
-DEFAULT_BATCH_SIZE = 1024
 CATEGORY_SOURCES = ("top1", "label")
 YOLO_TASKS = ("detect", "segment")
-
-
-# ---------------------------------------------------------------- reading
-
-
-def parquet_files(input: str) -> list[str]:
-    """The Parquet files of a labels table: ``input`` itself if it is a file, else the label
-    files directly under the folder (:class:`pro2sam.output.LabelsOutput`), sorted, as URIs of the
-    same kind as ``input``.
-
-    Raises:
-        FileNotFoundError: ``input`` does not exist or holds no label file.
-    """
-    fs, path = filesystem(input)
-    if fs.isfile(path):
-        return [input]
-    if not fs.isdir(path):
-        raise FileNotFoundError(f"labels input {input} does not exist")
-    output = LabelsOutput(input)
-    found = output.label_files()
-    if not found:
-        raise FileNotFoundError(f"no label files (.parquet with the labels table's columns) under {input}")
-    return [fs.unstrip_protocol(p) if is_remote(input) else p for p in found]
-
-
-def iter_label_rows(
-    input: str, *, columns: Sequence[str] = EXPORT_COLUMNS, batch_size: int = DEFAULT_BATCH_SIZE
-) -> Iterator[dict]:
-    """Rows of the labels table as dicts, read one record batch (<= ``batch_size`` rows) at a time,
-    one row per image (:meth:`pro2sam.output.LabelsOutput.iter_batches`).
-
-    Only ``columns`` are read; at most one batch of rows is held in memory.
-    """
-    fs, path = filesystem(input)
-    if fs.isfile(path):
-        with fs.open(path, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=list(columns)):
-                yield from batch.to_pylist()
-        return
-    parquet_files(input)  # a clear error for a missing or empty folder
-    for batch in LabelsOutput(input).iter_batches(columns, batch_size=batch_size):
-        yield from batch.to_pylist()
 
 
 @dataclass(frozen=True)
@@ -109,18 +70,27 @@ class LabelFilter:
             annotations). Default ``"ok"``.
         min_match_score: keep rows with ``match_score >= min_match_score``; rows without a match
             score (the coarse-map fallback) are dropped when it is set.
+        min_confidence: keep rows with ``confidence >= min_confidence``; rows without one
+            (error rows, tables labeled without a calibration) are dropped when it is set.
         classes: keep rows whose top-1 class is one of these, given as class indices or names.
+        image_ids: keep only these images (``image_id`` values), a selection made elsewhere
+            (``pro2sam export --where`` selects them with SQL); None keeps all.
     """
 
     status: str | None = STATUS_OK
     min_match_score: float | None = None
+    min_confidence: float | None = None
     classes: Sequence[int | str] | None = None
+    image_ids: Sequence[str] | pa.Array | None = None
 
     def keeps(self, row: dict) -> bool:
+        """Whether a row passes every condition but ``image_ids`` (which :func:`kept_rows` applies
+        to whole batches)."""
         if self.status is not None and row["status"] != self.status:
             return False
-        if self.min_match_score is not None and (row["match_score"] is None or row["match_score"] < self.min_match_score):
-            return False
+        for key, least in (("match_score", self.min_match_score), ("confidence", self.min_confidence)):
+            if least is not None and (row.get(key) is None or row[key] < least):
+                return False
         if self.classes is not None:
             top1 = _top1(row)
             if top1 is None or (top1[0] not in self.classes and top1[1] not in self.classes):
@@ -145,6 +115,24 @@ class ExportSummary:
         )
 
 
+def kept_rows(
+    input: str, filters: LabelFilter, summary: ExportSummary, *, batch_size: int = DEFAULT_BATCH_SIZE
+) -> Iterator[dict]:
+    """The rows of the labels table at ``input`` that ``filters`` keeps, as dicts, read one record
+    batch at a time without ``coarse_map``; every row left out is counted in ``summary.filtered``."""
+    ids = None if filters.image_ids is None else pa.array(filters.image_ids, pa.string())
+    for batch in iter_label_batches(input, EXPORT_COLUMNS, batch_size=batch_size):
+        if ids is not None:
+            chosen = batch.filter(pc.is_in(batch.column("image_id"), value_set=ids))
+            summary.filtered += batch.num_rows - chosen.num_rows
+            batch = chosen
+        for row in batch.to_pylist():
+            if filters.keeps(row):
+                yield row
+            else:
+                summary.filtered += 1
+
+
 def _top1(row: dict) -> tuple[int, str | None] | None:
     classes = row.get("topk_classes")
     if not classes:
@@ -153,7 +141,7 @@ def _top1(row: dict) -> tuple[int, str | None] | None:
     return int(classes[0]), names[0]
 
 
-class _Categories:
+class Categories:
     """Category ids and names, fixed by ``class_names`` where given, otherwise learnt from rows."""
 
     def __init__(self, source: str, class_names: Sequence[str] | None):
@@ -189,6 +177,14 @@ class _Categories:
         return {i: self.names.get(i, str(i)) for i in range(max(self.names) + 1)}
 
 
+def row_score(row: dict) -> float:
+    """One score per row for tools that take one: ``confidence``, else ``match_score``, else 0."""
+    for key in ("confidence", "match_score"):
+        if row.get(key) is not None:
+            return float(row[key])
+    return 0.0
+
+
 def _coco_box(box_xyxy: Sequence[int]) -> list[int]:
     x0, y0, x1, y1 = (int(v) for v in box_xyxy)
     return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
@@ -221,15 +217,12 @@ def export_coco(
         category: ``"top1"`` (GTFormer's top-1 class) or ``"label"`` (the manifest's label).
         batch_size: rows per Parquet record batch read.
     """
-    categories = _Categories(category, class_names)
+    categories = Categories(category, class_names)
     summary = ExportSummary(output)
     with staged_file(output) as staged, open(staged, "w", encoding="utf-8") as out, \
             tempfile.TemporaryFile("w+", encoding="utf-8") as spool:  # fmt: skip
         out.write('{"info": {"description": "pro2sam labels", "source": %s},\n"images": [' % json.dumps(input))
-        for row in iter_label_rows(input, batch_size=batch_size):
-            if not filters.keeps(row):
-                summary.filtered += 1
-                continue
+        for row in kept_rows(input, filters, summary, batch_size=batch_size):
             category_id = categories.of(row) if row["status"] == STATUS_OK else None
             if row["status"] == STATUS_OK and category_id is None:
                 summary.filtered += 1  # an ok row without the chosen category (no manifest label)
@@ -256,7 +249,10 @@ def export_coco(
                 "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"]},
                 "area": int(row["mask_area"]),
                 "iscrowd": 0,
-                "score": row["match_score"] if row["match_score"] is not None else 0.0,
+                "score": row_score(row),
+                # no "confidence" key: FiftyOne's importer makes score the confidence and would
+                # take a second one as a clash
+                "score_is": "confidence" if row.get("confidence") is not None else "match_score",
                 "class_score": row["topk_scores"][0] if row["topk_scores"] else None,
                 "top1_class": top1[0] if top1 else None,
                 "match_score": row["match_score"],
@@ -333,7 +329,7 @@ def export_yolo(
     """
     if task not in YOLO_TASKS:
         raise ValueError(f"YOLO task must be one of {YOLO_TASKS}, not {task!r}")
-    categories = _Categories(category, class_names)
+    categories = Categories(category, class_names)
     summary = ExportSummary(output)
     with _staged_folder(output) as root:
         _write_yolo(input, root, summary, categories, task=task, filters=filters, batch_size=batch_size)
@@ -341,7 +337,7 @@ def export_yolo(
 
 
 def _write_yolo(
-    input: str, root: str, summary: ExportSummary, categories: _Categories, *, task: str, filters: LabelFilter, batch_size: int
+    input: str, root: str, summary: ExportSummary, categories: Categories, *, task: str, filters: LabelFilter, batch_size: int
 ) -> None:
     import yaml
 
@@ -349,8 +345,8 @@ def _write_yolo(
     os.makedirs(labels_dir, exist_ok=True)
     used: set[str] = set()
     with open(os.path.join(root, "images.txt"), "w") as images_txt:
-        for row in iter_label_rows(input, batch_size=batch_size):
-            if not filters.keeps(row) or row["status"] != STATUS_OK or row["box_xyxy"] is None:
+        for row in kept_rows(input, filters, summary, batch_size=batch_size):
+            if row["status"] != STATUS_OK or row["box_xyxy"] is None:
                 summary.filtered += 1
                 continue
             class_id = categories.of(row)

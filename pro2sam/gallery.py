@@ -30,12 +30,15 @@ from .visualize import DEFAULT_THUMB_SIZE, encode_image, render_coarse_map, rend
 __all__ = [
     "DEFAULT_LIMIT",
     "DEFAULT_THUMB_SIZE",
+    "FIGURE_STYLE",
+    "figures_html",
     "write_gallery",
 ]
 
 DEFAULT_LIMIT = 100
 # The scores a page sorts by: data attribute (and sort key) -> button text.
 SORT_KEYS = {
+    "confidence": "confidence",
     "match_score": "match score",
     "class_score": "class score",
     "pred_iou": "predicted IoU",
@@ -82,9 +85,11 @@ def _figure(row: dict, thumb: str | None, heat: str | None, problem: str | None)
         f'<b class="class-name">{e(class_name)}</b>'
         + (f' <span class="class-id">#{classes[0]}</span>' if classes else "")
         + f' <span class="class-score">p={_fmt(row.get("class_score"))}</span>',
-        f'match {_fmt(row.get("match_score"))} · IoU {_fmt(row.get("pred_iou"))} · '
+        f'match {_fmt(row.get("match_score"))} · predicted IoU {_fmt(row.get("pred_iou"))} · '
         f'stability {_fmt(row.get("stability_score"))} · {e(str(row.get("box_source") or row["status"]))}',
     ]
+    if row.get("confidence") is not None:
+        lines.insert(1, f'<span class="confidence">confidence {_fmt(row["confidence"])}</span>')
     if row.get("label") is not None:
         lines.append(f'label: {e(row["label"])}')
     if row.get("error"):
@@ -101,12 +106,9 @@ def _figure(row: dict, thumb: str | None, heat: str | None, problem: str | None)
     return f'<figure class="overlay" {attr_text}>{body}<figcaption>{"<br>".join(lines)}</figcaption></figure>'
 
 
-_STYLE = """
+# The figures' look, shared with the QA report's doubtful rows (pro2sam.qa).
+FIGURE_STYLE = """
 body{font-family:system-ui,sans-serif;margin:1em;background:#fafafa;color:#222}
-header p{color:#555;margin:.3em 0}
-.sort button{margin-right:.3em}
-.sort button.active{font-weight:bold}
-#gallery{display:flex;flex-wrap:wrap;gap:12px}
 figure.overlay{margin:0;padding:6px;background:#fff;border:1px solid #ddd;border-radius:4px;width:260px}
 figure.overlay[data-status=error]{border-color:#d33}
 figure.overlay img{display:block;max-width:256px;max-height:256px}
@@ -115,6 +117,12 @@ figure.overlay img{display:block;max-width:256px;max-height:256px}
 figcaption{font-size:12px;line-height:1.4;margin-top:4px;word-break:break-all}
 .error{color:#c00}.uri{color:#777}
 .missing{width:256px;height:96px;background:#eee;display:flex;align-items:center;justify-content:center;color:#999}
+"""
+_STYLE = FIGURE_STYLE + """
+header p{color:#555;margin:.3em 0}
+.sort button{margin-right:.3em}
+.sort button.active{font-weight:bold}
+#gallery{display:flex;flex-wrap:wrap;gap:12px}
 """
 
 # Sorts the figures by a data attribute; rows without the score go last whatever the direction.
@@ -145,6 +153,20 @@ _SCRIPT = """
 """
 
 
+def figures_html(
+    rows: list[dict], *, thumb_size: int = DEFAULT_THUMB_SIZE, threads: int = 8, coarse_map: bool = False
+) -> list[str]:
+    """One ``<figure class="overlay">`` per row (a labels-table row as a dict), in order: the
+    overlay thumbnail (:func:`pro2sam.visualize.render_overlay`, images read in ``threads``
+    threads), the class and scores, and with ``coarse_map`` the coarse map beside. Sets each
+    row's ``class_score`` where it lacks one."""
+    for row in rows:
+        row.setdefault("class_score", row["topk_scores"][0] if row.get("topk_scores") else None)
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
+        thumbs = list(pool.map(lambda r: _thumbnails(r, thumb_size, coarse_map), rows))
+    return [_figure(row, thumb, heat, problem) for row, (thumb, heat, problem) in zip(rows, thumbs)]
+
+
 def write_gallery(
     rows: list[dict],
     output: str,
@@ -166,10 +188,6 @@ def write_gallery(
         selection: how the rows were chosen, for the page's header.
         limit: the most rows that could have been chosen, for the header.
     """
-    for row in rows:
-        row.setdefault("class_score", row["topk_scores"][0] if row.get("topk_scores") else None)
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
-        thumbs = list(pool.map(lambda r: _thumbnails(r, thumb_size, coarse_map), rows))
     e = html.escape
     buttons = "".join(f'<button type="button" data-key="{k}">{e(v)}</button>' for k, v in SORT_KEYS.items())
     page = "\n".join(
@@ -182,7 +200,7 @@ def write_gallery(
             f'<span class="count">{len(rows)}</span>' + (f" of at most {int(limit)}" if limit else "") + " rows</p>",
             f'<p class="sort">Sort by: {buttons}</p></header>',
             '<main id="gallery" class="with-coarse-map">' if coarse_map else '<main id="gallery">',
-            *(_figure(row, thumb, heat, problem) for row, (thumb, heat, problem) in zip(rows, thumbs)),
+            *figures_html(rows, thumb_size=thumb_size, threads=threads, coarse_map=coarse_map),
             "</main>",
             f"<script>{_SCRIPT}</script>",
             "</body></html>",

@@ -69,6 +69,12 @@ LABEL_SCHEMA = pa.schema(
         _field("stability_score", pa.float32(), "SAM's stability score of the mask (null for the fallback)"),
         _field("num_candidates", pa.int32(), "SAM candidates left after filtering"),
         _field(
+            "confidence",
+            pa.float32(),
+            "probability in [0, 1] that the box is right (IoU >= 0.5), from the calibration of pro2sam evaluate "
+            "(null when labeled without one, and for error rows)",
+        ),
+        _field(
             "coarse_map",
             pa.list_(pa.float32()),
             "GTFormer coarse foreground map M_b, row-major, side sqrt(len) (14x14 for 224 input), whole image",
@@ -127,6 +133,7 @@ def ok_row(
         "source_fingerprint": source_fingerprint,
         "label": label,
         **result_columns(result),
+        "confidence": None,  # set by a calibration (pro2sam.confidence), not by the model
         "status": STATUS_OK,
         "error": None,
         "error_kind": None,

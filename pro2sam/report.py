@@ -110,6 +110,16 @@ def report_markdown(report: Mapping) -> str:
         f"Pro2SAM's box came from the coarse-map fallback (no SAM candidate survived) for "
         f"{_fmt(results['Pro2SAM'].get('fallback_rate'))}% of the images."
     )
+    confidence = report.get("confidence")
+    if confidence:
+        test, fitted_on = confidence["test"], confidence["calibration"]["fitted_on"]
+        shares = " / ".join(test["risk_coverage"])
+        auroc = "-" if test["auroc"] is None else f"{test['auroc']:.3f}"
+        notes.append(
+            f"Confidence (P(box IoU >= 0.5), fitted on `{fitted_on}`, `confidence.json`): AUROC {auroc} on "
+            f"`{test_split}`; GT-known Loc of the most confident {shares} % of the images: "
+            + " / ".join(_fmt(v) for v in test["risk_coverage"].values()) + " (`risk_coverage.png`)."
+        )
     if tuned:
         tt = tuned["thresholds"]
         notes.append(

@@ -221,3 +221,26 @@ def _pids_mentioning(text: str) -> list[int]:
         except OSError:
             pass
     return pids
+
+
+# ---------------------------------------------------------------- a headless browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def run_chromium(page: Path, tmp_path: Path, *args: str, fragment: str = "") -> str:
+    """Run headless Chromium on ``page`` (``--dump-dom``, ``--screenshot=...``) with a fresh
+    profile under ``tmp_path`` and the flags that keep it off the network; returns its stdout."""
+    import subprocess
+
+    profile = tmp_path / f"chromium-profile-{len(list(tmp_path.iterdir()))}"
+    flags = [
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={profile}",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [str(CHROMIUM), *flags, *args, page.resolve().as_uri() + fragment], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout

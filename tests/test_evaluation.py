@@ -31,7 +31,9 @@ from pro2sam.evaluation import (
     evaluate_predictions,
     evaluate_with_heldout,
 )
+from pro2sam.confidence import ConfidenceModel
 from pro2sam.labels import error_row
+from pro2sam.output import LabelsOutput
 from pro2sam.metrics import mask_iou
 from pro2sam.report import report_markdown
 from pro2sam.rle import encode_mask
@@ -254,6 +256,14 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_checkpoints, ray_local):
     overlays = sorted(p.name for p in (out / "overlays").iterdir())
     assert len(overlays) == 2 and overlays == sorted(report["overlays"])
     assert Image.open(out / "overlays" / overlays[0]).size == (256, 192)  # 64x48 enlarged x4
+    # the confidence: fitted on val, scored on test, plotted, and in the labels table
+    calibration = ConfidenceModel.load(str(out / "confidence.json"))
+    assert calibration.fitted_on == "meta:val" and calibration.num_images == 3
+    assert set(saved["confidence"]["test"]["risk_coverage"]) == {"50", "80", "90", "100"}
+    assert Image.open(out / "risk_coverage.png").format == "PNG"
+    labels = LabelsOutput(str(out / "labels")).read_table(["uri", "status", "confidence"]).to_pylist()
+    assert len(labels) == 6 and all(0.0 <= r["confidence"] <= 1.0 for r in labels)
+    assert "Confidence (P(box IoU >= 0.5), fitted on `meta:val`" in md
     # a second run resumes: nothing is labeled again, the numbers are the same
     again = run_evaluate_job(cfg)
     assert again["results"] == report["results"]

@@ -3,7 +3,6 @@
 import base64
 import io
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from helpers import CHROMIUM, run_chromium
 from pro2sam.apps.cli import main
 from pro2sam.apps.query import build_gallery
 from pro2sam.labels import error_row, ok_row, rows_to_table
 from pro2sam.model import Pro2SAMResult
 
-CHROMIUM = Path("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs a headless browser at /usr/bin/chromium (apt-get install chromium)"
 )
@@ -47,17 +46,7 @@ def labels_file(tmp_path):
 
 def dump_dom(page: Path, tmp_path: Path, fragment: str = "") -> str:
     """The DOM of ``page`` after Chromium has loaded it and run its script."""
-    profile = tmp_path / f"chromium-profile-{len(list(tmp_path.iterdir()))}"
-    flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}",
-    ]  # fmt: skip
-    done = subprocess.run(
-        [str(CHROMIUM), *flags, "--dump-dom", page.resolve().as_uri() + fragment], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+    return run_chromium(page, tmp_path, "--dump-dom", fragment=fragment)
 
 
 def overlays(dom: str) -> list[str]:
@@ -126,3 +115,23 @@ def test_without_the_flag_no_coarse_map_is_shown(labels_file, tmp_path):
     build_gallery(str(labels_file), str(page))
     assert len(figures(page.read_text())) == 5
     assert 'class="coarse-map"' not in page.read_text()
+
+
+@needs_chromium
+def test_show_orders_by_a_score_ascending_and_limits(labels_file, tmp_path):
+    page = tmp_path / "worst.html"
+    argv = ["show", "--input", str(labels_file), "--output", str(page), "--order-by", "match_score", "--ascending"]
+    assert main([*argv, "--limit", "2"]) == 0
+    scores = [re.search(r'data-match-score="([^"]*)"', o).group(1) for o in overlays(dump_dom(page, tmp_path))]
+    assert scores == ["0.2", "0.7"]
+    assert main([*argv, "--offset", "2", "--limit", "5"]) == 0  # the rest of the same order; no score last
+    scores = [re.search(r'data-match-score="([^"]*)"', o).group(1) for o in overlays(dump_dom(page, tmp_path))]
+    assert scores == ["0.9", "", ""]
+
+
+def test_captions_call_sams_estimate_predicted_iou(labels_file, tmp_path):
+    page = tmp_path / "gallery.html"
+    build_gallery(str(labels_file), str(page))
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", page.read_text())
+    assert sum("predicted IoU 0.900" in c for c in captions) == 4  # the ok rows; the error row has none
+    assert not any(re.search(r"(?<!predicted )IoU \d", c) for c in captions)

@@ -146,6 +146,8 @@ def _add_labeling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-bytes", type=int, default=lim["max_bytes"], help="bytes per file (default %(default)s)")
     g.add_argument("--read-timeout", type=float, default=lim["read_timeout_s"], dest="read_timeout_s",
                    help="seconds one file's read may take (default %(default)s)")  # fmt: skip
+    p.add_argument("--confidence-calibration", metavar="FILE",
+                   help="confidence.json of pro2sam evaluate (local or URI): every row gets a confidence")  # fmt: skip
 
 
 def _labeling(args: argparse.Namespace):
@@ -169,6 +171,7 @@ def _labeling(args: argparse.Namespace):
             wait_for_resources_s=args.wait_for_resources_s,
         ),
         limits=ReadLimits(max_pixels=args.max_pixels, max_bytes=args.max_bytes, read_timeout_s=args.read_timeout_s),
+        confidence_calibration=args.confidence_calibration,
     )
 
 
@@ -347,6 +350,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from ..export import LabelFilter, export_coco, export_yolo
     from ..gtformer import gtformer_class_names
+    from ..label_studio import ImageLocations, export_label_studio
 
     def work() -> int:
         class_names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
@@ -355,17 +359,34 @@ def cmd_export(args: argparse.Namespace) -> int:
         filters = LabelFilter(
             status=None if args.status == "all" else args.status,
             min_match_score=args.min_match_score,
+            min_confidence=args.min_confidence,
             classes=_parse_classes(args.classes),
+            image_ids=_selected_ids(args),
         )
         common = dict(filters=filters, class_names=class_names, category=args.category, batch_size=args.batch_size)
         if args.format == "coco":
             summary = export_coco(args.input, args.output, **common)
-        else:
+        elif args.format == "yolo":
             summary = export_yolo(args.input, args.output, task=args.yolo_task, **common)
+        else:
+            locations = ImageLocations.parse(args.map_uri or (), args.local_files_root)
+            summary = export_label_studio(args.input, args.output, image_url=locations, **common)
         print(f"pro2sam export ({args.format}): {summary}", file=sys.stderr)
         return 0
 
     return _run("pro2sam export", work)
+
+
+def _selected_ids(args: argparse.Namespace):
+    """The image ids of ``--where`` / ``--order-by`` / ``--limit`` / ``--offset`` (DuckDB), or None."""
+    if not (args.where or args.order_by or args.limit is not None or args.offset):
+        return None
+    from .query import select_image_ids
+
+    return select_image_ids(
+        args.input, where=args.where, order_by=args.order_by, ascending=args.ascending, limit=args.limit,
+        offset=args.offset,
+    )  # fmt: skip
 
 
 def _parse_classes(text: str | None) -> list[int | str] | None:
@@ -380,12 +401,32 @@ def cmd_show(args: argparse.Namespace) -> int:
     def work() -> int:
         count = build_gallery(
             args.input, args.output, where=args.where, limit=args.limit, sample=args.sample, seed=args.seed,
-            thumb_size=args.thumb_size, coarse_map=args.coarse_map,
+            thumb_size=args.thumb_size, coarse_map=args.coarse_map, order_by=args.order_by,
+            ascending=args.ascending, offset=args.offset,
         )  # fmt: skip
         print(f"pro2sam show: {count} images -> {args.output}", file=sys.stderr)
         return 0
 
     return _run("pro2sam show", work)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..qa import write_qa_report
+
+    def work() -> int:
+        data = write_qa_report(
+            args.input, args.output, json_output=args.json, doubtful=args.doubtful, thumb_size=args.thumb_size,
+            batch_size=args.batch_size,
+        )  # fmt: skip
+        c = data["counts"]
+        print(
+            f"pro2sam report: {c['images']} images: {c['ok']} ok, {c['error']} error, {c['coarse_fallback']} coarse-map "
+            f"fallback, {c['with_confidence']} with a confidence -> {args.output}",
+            file=sys.stderr,
+        )
+        return 0
+
+    return _run("pro2sam report", work)
 
 
 def cmd_synthetic(args: argparse.Namespace) -> int:
@@ -432,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ..gallery import DEFAULT_LIMIT, DEFAULT_THUMB_SIZE
     from ..labels import STATUS_ERROR, STATUS_OK
     from ..pipeline.evaluate_job import EvaluateJobConfig
+    from ..qa import DEFAULT_DOUBTFUL
     from ..pipeline.label_job import LabelJobConfig
 
     parser = argparse.ArgumentParser(prog="pro2sam", description="Pro2SAM: image-level labels to boxes and masks.")
@@ -466,10 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_options(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="labels table -> COCO JSON or YOLO labels")
+    p = sub.add_parser("export", help="labels table -> COCO JSON, YOLO labels or Label Studio tasks")
     p.add_argument("--input", required=True, help="labels table: a Parquet file or folder (local or URI)")
-    p.add_argument("--format", choices=("coco", "yolo"), required=True, help="coco: one JSON; yolo: a folder")
-    p.add_argument("--output", required=True, help="COCO: the .json file; YOLO: the output folder (written whole)")
+    p.add_argument("--format", choices=("coco", "yolo", "label-studio"), required=True,
+                   help="coco: one JSON; yolo: a folder; label-studio: one JSON of tasks with predictions")  # fmt: skip
+    p.add_argument("--output", required=True, help="COCO / Label Studio: the .json file; YOLO: the output folder (written whole)")
     p.add_argument("--yolo-task", choices=YOLO_TASKS, default=YOLO_TASKS[0], help="YOLO boxes or polygons (default %(default)s)")
     p.add_argument("--gtformer", help="GTFormer export whose config.json names the classes")
     p.add_argument("--class-names", help="comma-separated class names, index-aligned (overrides --gtformer)")
@@ -478,20 +521,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-match-score", type=float, help="keep rows with match_score >= this (drops the fallback)")
     p.add_argument("--status", type=str.lower, choices=(STATUS_OK, STATUS_ERROR, "all"), default=STATUS_OK,
                    help="keep rows with this status, or all of them (default %(default)s)")  # fmt: skip
+    p.add_argument("--min-confidence", type=float, help="keep rows with confidence >= this")
     p.add_argument("--classes", help="keep these top-1 classes: comma-separated indices or names")
+    _add_selection_options(p, limit=None)
+    g = p.add_argument_group("Label Studio")
+    g.add_argument("--map-uri", action="append", metavar="FROM=TO",
+                   help="image URIs starting with FROM get TO instead (repeatable), e.g. "
+                   "s3://bucket/=https://bucket.s3.amazonaws.com/; s3:// URIs are kept by default (Label Studio "
+                   "opens them through a cloud source storage)")  # fmt: skip
+    g.add_argument("--local-files-root", metavar="DIR",
+                   help="local images under DIR become /data/local-files/?d=<path under DIR> URLs "
+                   "(Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per record batch read (default %(default)s)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("show", help="labels table -> self-contained HTML gallery of overlays")
     p.add_argument("--input", required=True, help="labels table: a Parquet file or folder (local or URI)")
     p.add_argument("--output", default="gallery.html", help="the HTML file to write (default %(default)s)")
-    p.add_argument("--where", help="DuckDB SQL condition, e.g. \"match_score > 0.5 AND status='ok'\"")
-    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="at most this many images (default %(default)s)")
-    p.add_argument("--sample", action="store_true", help="a random sample instead of the best match_score first")
+    _add_selection_options(p, limit=DEFAULT_LIMIT)
+    p.add_argument("--sample", action="store_true", help="a random sample instead of the first rows of the order")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample")
     p.add_argument("--thumb-size", type=int, default=DEFAULT_THUMB_SIZE, help="thumbnail's longer side in pixels (default %(default)s)")
     p.add_argument("--coarse-map", action="store_true", help="show each row's GTFormer coarse map beside its overlay")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("report", help="labels table -> QA report: one HTML page with plots, and its numbers as JSON")
+    p.add_argument("input", help="labels table: a Parquet file or output folder (local or URI)")
+    p.add_argument("--output", default="qa_report.html", help="the HTML page (local or URI; default %(default)s)")
+    p.add_argument("--json", help="the numbers as JSON (default: --output with .json)")
+    p.add_argument("--doubtful", type=int, default=DEFAULT_DOUBTFUL,
+                   help="the most doubtful rows shown with overlays (default %(default)s)")  # fmt: skip
+    p.add_argument("--thumb-size", type=int, default=DEFAULT_THUMB_SIZE, help="thumbnail's longer side in pixels (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per record batch read (default %(default)s)")
+    p.set_defaults(func=cmd_report)
 
     _add_synthetic_parser(sub)
 
@@ -500,6 +562,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_demo_parser(sub)
     return parser
+
+
+def _add_selection_options(p: argparse.ArgumentParser, *, limit: int | None) -> None:
+    """``--where``, ``--order-by``, ``--ascending``, ``--limit``, ``--offset`` (DuckDB, apps/query.py)."""
+    from .query import DEFAULT_ORDER, ORDER_COLUMNS
+
+    g = p.add_argument_group("selection (DuckDB SQL over the table's columns and class_score)")
+    g.add_argument("--where", help="SQL condition, e.g. \"confidence < 0.5 AND status='ok'\"")
+    g.add_argument("--order-by", choices=ORDER_COLUMNS, metavar="COLUMN",
+                   help=f"order of the rows, highest first (default {DEFAULT_ORDER}); rows without a value last")  # fmt: skip
+    g.add_argument("--ascending", action="store_true", help="lowest first: the most doubtful rows of a score")
+    g.add_argument("--limit", type=int, default=limit,
+                   help="at most this many rows of the order" + (" (default %(default)s)" if limit else " (default: all)"))  # fmt: skip
+    g.add_argument("--offset", type=int, default=0, help="skip this many rows of the order first (default 0)")
 
 
 def _add_label_options(p: argparse.ArgumentParser, d: dict) -> None:

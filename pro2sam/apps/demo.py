@@ -139,15 +139,25 @@ def run_demo(
         "results": {m: {k: results[m].get(k) for k in (*SUMMARY_METRICS, BOX_ACCURACY[m])} for m in METHODS},
         "error_rows": {"test": report["test"]["num_error_rows"], "val": report["heldout"]["num_error_rows"]},
         "thresholds": report["thresholds"],
+        "confidence": _confidence_summary(report.get("confidence")),
         "gallery_images": gallery_images,
         "data": str(data.root),
         "labels": labels,
         "report_json": join_uri(str(evaluation), "report.json"),
         "report_md": join_uri(str(evaluation), "report.md"),
+        "calibration": join_uri(str(evaluation), "confidence.json"),
         "gallery": str(gallery),
     }
     print(format_summary(summary), flush=True)
     return summary
+
+
+def _confidence_summary(confidence: dict | None) -> dict | None:
+    """The test split's AUROC and risk-coverage of the confidence calibrated on val (no curve)."""
+    if not confidence:
+        return None
+    test = confidence["test"]
+    return {"fitted_on": confidence["calibration"]["fitted_on"], "auroc": test["auroc"], "risk_coverage": test["risk_coverage"]}
 
 
 def _uri_in(uris) -> str:
@@ -167,6 +177,19 @@ def _sql_string(text: str) -> str:
 
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+def _confidence_lines(confidence: dict | None) -> list[str]:
+    if not confidence:
+        return []
+    shares = " / ".join(confidence["risk_coverage"])
+    values = " / ".join(_pct(v) for v in confidence["risk_coverage"].values())
+    auroc = "-" if confidence["auroc"] is None else f"{confidence['auroc']:.3f}"
+    return [
+        "",
+        f"Confidence (P(box right), calibrated on {confidence['fitted_on']}): AUROC {auroc} on test; GT-known Loc of the",
+        f"  most confident {shares} % of the test images: {values}",
+    ]
 
 
 def format_summary(summary: dict) -> str:
@@ -203,9 +226,11 @@ def format_summary(summary: dict) -> str:
             f"    BoxAccV2 (single box) is {_pct(results['Pro2SAM'][BOX_ACCURACY['Pro2SAM']])}; GTFormer's at the "
             f"thresholds chosen on val, {_pct(results['GTFormer'][BOX_ACCURACY['GTFormer']])}.",
             "  fallback: share of images whose box came from the coarse map (no SAM candidate survived).",
+            *_confidence_lines(summary.get("confidence")),
             "",
             f"labels:    {summary['labels']}",
             f"report:    {summary['report_md']}  ({summary['report_json']})",
+            f"confidence calibration: {summary['calibration']}",
             f"gallery:   {summary['gallery']}  ({summary['gallery_images']} test images, coarse maps beside)",
         ]
     )

@@ -17,6 +17,12 @@ Output folder (local or any fsspec URI)::
     report.md                          the Table-1 layout
     per_image.jsonl                    one record per test image
     overlays/*.png                     best and worst test cases
+    confidence.json                    the confidence calibration, fitted on the held-out split
+    risk_coverage.png                  GT-known Loc of the most confident share of the test images
+
+Once calibrated, the confidence column of ``labels/`` is filled (each label file rewritten whole,
+under the output's lease), so the QA report and the review queue can use it; give
+``confidence.json`` to ``pro2sam label --confidence-calibration`` for new tables.
 
 Predictions go through the same Ray Data path as labeling, so cluster evaluation is the labeling
 job plus a driver-side pass over its Parquet output.
@@ -26,7 +32,9 @@ from __future__ import annotations
 
 import io
 import logging
+import posixpath
 import sys
+import uuid
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
@@ -34,11 +42,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..classifier import Classifier, ClassifierConfig
+from ..confidence import ConfidenceModel
 from ..datasets import WSOLDataset, open_dataset
 from ..evaluation import DEFAULT_CAM_CURVE_INTERVAL, evaluate_with_heldout, index_rows
 from ..gtformer import gtformer_class_names
 from ..labels import LABEL_SCHEMA
-from ..output import LabelsOutput
+from ..output import LabelsOutput, WriterLease
+from ..plots import risk_coverage_png
 from ..report import image_records_jsonl, overlay_name, overlay_png, report_json, report_markdown, select_overlay_cases
 from ..storage import fetch_to_local, join_uri, write_bytes_atomic
 from .label_job import LabelingSettings, LabelJobConfig, run_label_job
@@ -195,6 +205,25 @@ def _classify(cfg: EvaluateJobConfig, dataset: WSOLDataset) -> dict[str, list[in
     return classes
 
 
+def _write_confidence(cfg: EvaluateJobConfig, confidence: dict) -> None:
+    """The calibration file, the risk-coverage plot, and the confidence column of the labels."""
+    model = ConfidenceModel.from_dict(confidence["calibration"])
+    model.save(join_uri(cfg.output, "confidence.json"))
+    test = confidence["test"]
+    auroc = "-" if test["auroc"] is None else f"{test['auroc']:.3f}"
+    title = f"confidence fitted on {model.fitted_on}; test: {test['num_images']} images, AUROC {auroc}"
+    png = risk_coverage_png(test["curve"]["coverage"], test["curve"]["gt_known_loc"], marks=test["risk_coverage"], title=title)
+    write_bytes_atomic(join_uri(cfg.output, "risk_coverage.png"), png)
+    output = LabelsOutput(cfg.label_config().output)
+    with WriterLease(output, f"evaluate-confidence-{uuid.uuid4().hex[:8]}"):
+        for path in output.label_files():
+            with output.fs.open(path, "rb") as f:
+                table = model.fill(pq.read_table(f))
+            if table.column_names == LABEL_SCHEMA.names:
+                table = table.cast(LABEL_SCHEMA)
+            output.commit(table, posixpath.basename(path))
+
+
 def run_evaluate_job(cfg: EvaluateJobConfig) -> dict:
     """Label both splits (resuming), evaluate, write the report files; return the report.
 
@@ -233,6 +262,8 @@ def run_evaluate_job(cfg: EvaluateJobConfig) -> dict:
     write_bytes_atomic(join_uri(cfg.output, "report.json"), report_json(report).encode())
     write_bytes_atomic(join_uri(cfg.output, "report.md"), report_markdown(report).encode())
     write_bytes_atomic(join_uri(cfg.output, "per_image.jsonl"), image_records_jsonl(report).encode())
+    if report.get("confidence"):
+        _write_confidence(cfg, report["confidence"])
     samples = datasets["test"].by_uri()
     by_uri = index_rows(test_rows)
     written = []

@@ -124,6 +124,8 @@ class LabelingSettings:
             defaults with the SAM variant's own filter thresholds (``CandidateConfig.for_variant``).
         matching: stage 3 (:class:`~pro2sam.matching.MatchConfig`).
         resources: :class:`Resources`; limits: :class:`ReadLimits`.
+        confidence_calibration: a calibration file of ``pro2sam evaluate`` (``confidence.json``,
+            local or URI): rows get a ``confidence`` (:mod:`pro2sam.confidence`); None: null.
     """
 
     gtformer: str
@@ -134,6 +136,7 @@ class LabelingSettings:
     matching: MatchConfig = field(default_factory=MatchConfig)
     resources: Resources = field(default_factory=Resources)
     limits: ReadLimits = field(default_factory=ReadLimits)
+    confidence_calibration: str | None = None
 
     def candidate_config(self) -> CandidateConfig:
         return self.candidates if self.candidates is not None else CandidateConfig.for_variant(self.sam)
@@ -261,6 +264,7 @@ class Pro2SAMLabeler:
             torch.set_num_threads(max(1, int(threads)))
         self.model = load_models(settings)
         self.run_id = run_id
+        self.confidence = _load_confidence(settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["image_id"])
@@ -296,7 +300,8 @@ class Pro2SAMLabeler:
                     )  # fmt: skip
                 except Exception as e:
                     rows[i] = self._failed(batch, i, e)
-        return rows_to_table(rows)
+        table = rows_to_table(rows)
+        return self.confidence.fill(table) if self.confidence is not None else table
 
     def _error_row(self, batch: dict[str, np.ndarray], i: int, error: str, kind: str, **size) -> dict:
         return error_row(
@@ -311,6 +316,22 @@ class Pro2SAMLabeler:
         h, w = batch["image"][i].shape[:2]
         kind = "image" if isinstance(e, ImageShapeError) else "model"
         return self._error_row(batch, i, f"labeling failed: {type(e).__name__}: {e}", kind, width=w, height=h)
+
+
+def _load_confidence(settings: LabelingSettings, model_ids: dict[str, str] | None = None):
+    """The run's :class:`~pro2sam.confidence.ConfidenceModel`, or None; with ``model_ids``, warn
+    when it was fitted on other models' scores."""
+    if not settings.confidence_calibration:
+        return None
+    from ..confidence import ConfidenceModel
+
+    calibration = ConfidenceModel.load(settings.confidence_calibration)
+    if model_ids and calibration.model_ids and set(calibration.model_ids) != set(model_ids.values()):
+        log.warning(
+            "the confidence calibration %s was fitted on the scores of other models (%s): its confidences "
+            "may not hold for these", settings.confidence_calibration, ", ".join(calibration.model_ids),
+        )  # fmt: skip
+    return calibration
 
 
 # ---------------------------------------------------------------- the job
@@ -410,8 +431,8 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
             summary.seconds = time.perf_counter() - start
             return summary
         resources = cfg.labeling.resources
-        if len(plan.todo):
-            load_models(cfg.labeling, device="cpu")  # a bad checkpoint ends the run here, before Ray
+        if len(plan.todo):  # a bad checkpoint or calibration ends the run here, before Ray
+            _load_confidence(cfg.labeling, load_models(cfg.labeling, device="cpu").model_ids)
         local = not (resources.ray_address or os.environ.get("RAY_ADDRESS"))
         ray = None
         if len(plan.todo):
