@@ -17,7 +17,7 @@ import torch
 from segment_anything.modeling import MaskDecoder, PromptEncoder, TwoWayTransformer
 from torch.utils.flop_counter import FlopCounterMode
 
-from pro2sam.sam_decoder import GridDecoder
+from pro2sam.grid_decoder import GridDecoder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

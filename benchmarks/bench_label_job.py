@@ -5,15 +5,16 @@
 For each size N it generates N small images (deterministic), then measures, side by side:
 
 - **loop**: read bytes + decode + ``Pro2SAM.predict`` in a plain Python loop (the core library,
-  no Ray), same tiny models, same settings, same torch threads as the actor;
+  no Ray), same models, same settings, same torch threads as the actor;
 - **job**: ``run_label_job`` with one actor on a local Ray started before the clock (its start-up
   is reported apart), timed from submission to the last Parquet file, in a fresh subprocess so
   that the driver's peak RSS (``ru_maxrss``) is the job's alone.
 
 It prints images/s of both, the job's overhead (job time / loop time - 1; target < 15% with one
 actor) and the driver's peak memory per size (streaming: it should stay flat as N grows).
-Models are the tiny random-weight ones (``pro2sam.example``): the numbers measure the plumbing,
-not SAM; with real models the per-image model time grows and the relative overhead shrinks.
+Models are the shipped small ones (``pro2sam.shipped``) on synthetic scenes (``pro2sam.synthetic``)
+of 64..128 px: the numbers measure the plumbing more than SAM; with official models the per-image
+model time grows and the relative overhead shrinks.
 """
 
 from __future__ import annotations
@@ -28,40 +29,40 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def make_images(folder: Path, count: int, seed: int = 0) -> None:
     from PIL import Image
 
+    from pro2sam.synthetic import make_scene
+
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
     for i in range(count):
-        w, h = int(rng.integers(64, 128)), int(rng.integers(64, 128))
-        img = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
-        x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
-        img[y0 : y0 + h // 3, x0 : x0 + w // 3] = rng.integers(150, 255, size=3, dtype=np.uint8)
-        Image.fromarray(img).save(folder / f"img_{i:06d}.png")
+        Image.fromarray(make_scene(seed, "test", i, size_range=(64, 128)).image).save(folder / f"img_{i:06d}.png")
 
 
-def candidate_config(points_per_side: int):
-    from pro2sam.sam_candidates import CandidateConfig
+def labeling(points_per_side: int, threads: int | None = None):
+    from pro2sam import shipped
+    from pro2sam.pipeline.label_job import LabelingSettings, Resources
+    from pro2sam.candidates import CandidateConfig
 
-    return CandidateConfig(points_per_side=points_per_side, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    return LabelingSettings(
+        gtformer=str(shipped.gtformer_dir()),
+        sam=shipped.SAM_VARIANT,
+        sam_checkpoint=str(shipped.sam_checkpoint()),
+        candidates=CandidateConfig.for_variant(shipped.SAM_VARIANT, points_per_side=points_per_side),
+        resources=Resources(actors=1, cpus_per_actor=threads),
+    )
 
 
-def run_loop(images: Path, models: Path, points_per_side: int, threads: int) -> dict:
+def run_loop(images: Path, points_per_side: int, threads: int) -> dict:
     import torch
 
     from pro2sam.images import decode_image
-    from pro2sam.model import Pro2SAM
+    from pro2sam.pipeline.label_job import load_models
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = Pro2SAM.from_checkpoints(
-        models / "gtformer_test_tiny", sam="tiny", sam_checkpoint=models / "sam_tiny.pth",
-        device="cpu", candidates=candidate_config(points_per_side),
-    )  # fmt: skip
+    model = load_models(labeling(points_per_side), device="cpu")
     loaded = time.perf_counter()
     paths = sorted(images.iterdir())
     for p in paths:
@@ -70,7 +71,7 @@ def run_loop(images: Path, models: Path, points_per_side: int, threads: int) -> 
     return {"images": len(paths), "load_s": loaded - start, "label_s": end - loaded}
 
 
-def run_job(images: Path, models: Path, output: Path, points_per_side: int, threads: int) -> dict:
+def run_job(images: Path, output: Path, points_per_side: int, threads: int) -> dict:
     import ray
 
     from pro2sam.pipeline.label_job import LabelJobConfig, run_label_job
@@ -78,11 +79,7 @@ def run_job(images: Path, models: Path, output: Path, points_per_side: int, thre
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
     ray_start = time.perf_counter() - t0
-    cfg = LabelJobConfig(
-        input=str(images), output=str(output), gtformer=str(models / "gtformer_test_tiny"), sam="tiny",
-        sam_checkpoint=str(models / "sam_tiny.pth"), points_per_side=points_per_side, pred_iou_thresh=0.0,
-        stability_score_thresh=0.0, actors=1, cpus_per_actor=threads, overwrite=True,
-    )  # fmt: skip
+    cfg = LabelJobConfig(input=str(images), output=str(output), labeling=labeling(points_per_side, threads), overwrite=True)
     start = time.perf_counter()
     summary = run_label_job(cfg)
     seconds = time.perf_counter() - start
@@ -100,28 +97,24 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the loop and the actor")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json", default=None)
-    parser.add_argument("--_job", nargs=3, metavar=("IMAGES", "MODELS", "OUTPUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--_job", nargs=2, metavar=("IMAGES", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args._job:  # child process: the job alone, so ru_maxrss is the job driver's
-        images, models, output = map(Path, args._job)
-        print(json.dumps(run_job(images, models, output, args.points_per_side, args.threads)))
+        images, output = map(Path, args._job)
+        print(json.dumps(run_job(images, output, args.points_per_side, args.threads)))
         return
 
-    from pro2sam.example import make_tiny_checkpoints
-
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_label_job_"))
-    models = work / "models"
-    make_tiny_checkpoints(models)
     results = []
     for n in args.sizes:
         images = work / f"images_{n}"
         if not images.exists():
             make_images(images, n)
-        loop = run_loop(images, models, args.points_per_side, args.threads)
+        loop = run_loop(images, args.points_per_side, args.threads)
         child = subprocess.run(
             [sys.executable, __file__, "--points-per-side", str(args.points_per_side), "--threads", str(args.threads),
-             "--_job", str(images), str(models), str(work / f"out_{n}")],
+             "--_job", str(images), str(work / f"out_{n}")],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         job = json.loads(child.stdout.strip().splitlines()[-1])
@@ -136,7 +129,7 @@ def main() -> None:
             f"overhead {100 * row['overhead']:+.1f}%  driver peak RSS {job['driver_peak_rss_mb']:.0f} MB",
             flush=True,
         )
-    print(f"models: tiny random-weight GTFormer + SAM, grid {args.points_per_side}x{args.points_per_side}, "
+    print(f"models: the shipped GTFormer + SAM, grid {args.points_per_side}x{args.points_per_side}, "
           f"{args.threads} torch threads, one actor; machine: {os.cpu_count()} CPUs")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

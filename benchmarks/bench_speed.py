@@ -58,16 +58,10 @@ from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from pro2sam.candidates import CandidateConfig, GridCandidateGenerator
+from pro2sam.grid_decoder import GridDecoder
 from pro2sam.matching import MatchConfig, coarse_fallback, mask_box, match_masks
-from pro2sam.sam_candidates import (
-    SAM_PIXEL_MEAN,
-    SAM_PIXEL_STD,
-    CandidateConfig,
-    GridCandidateGenerator,
-    _make_random_masks_coherent,
-    build_sam,
-)
-from pro2sam.sam_decoder import GridDecoder
+from pro2sam.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, _make_random_masks_coherent, build_sam
 
 FLOWS = {
     "a": "reference (SamAutomaticMaskGenerator + matching)",

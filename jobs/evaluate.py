@@ -1,11 +1,11 @@
 """Entry point for `ray job submit -- python jobs/evaluate.py --test ... --heldout ... --output ...`.
 
-Same options as `pro2sam evaluate`; on a cluster it joins the cluster Ray job submission set up.
+The same options as `pro2sam evaluate`; on a cluster it joins the Ray that job submission set up.
 """
 
 import sys
 
-from pro2sam.pipeline.evaluate_job import main
+from pro2sam.apps.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

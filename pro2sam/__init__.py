@@ -10,15 +10,17 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CandidateConfig": "sam_candidates",
+    "CandidateConfig": "candidates",
     "CheckpointError": "checkpoints",
-    "GridCandidateGenerator": "sam_candidates",
+    "GridCandidateGenerator": "candidates",
     "MatchConfig": "matching",
     "Pro2SAM": "model",
     "Pro2SAMResult": "model",
-    "build_sam": "sam_candidates",
+    "build_sam": "sam",
     "create_gtformer": "gtformer",
     "load_gtformer": "gtformer",
+    "read_labels": "reading",
+    "row_mask": "reading",
     "save_gtformer": "gtformer",
 }
 

@@ -8,7 +8,6 @@ goes through :func:`load_state_dict`, which never executes pickled code (``torch
 
 from __future__ import annotations
 
-import hashlib
 import os
 import zipfile
 from collections.abc import Mapping
@@ -16,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from .storage import sha256_file
+
 __all__ = [
     "CheckpointError",
     "OFFICIAL_SAM_CHECKPOINTS",
-    "sha256_file",
     "verify_sha256",
     "load_state_dict",
 ]
@@ -34,15 +34,6 @@ OFFICIAL_SAM_CHECKPOINTS: dict[str, tuple[str, str]] = {
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, truncated or not the file it claims to be."""
-
-
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks (official SAM files are up to 2.4 GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_sha256(path: str | os.PathLike, expected: str, what: str) -> str:

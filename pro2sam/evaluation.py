@@ -9,30 +9,41 @@ decoded image) are scaled there with :func:`~pro2sam.metrics.scale_boxes_to_fram
 int); masks are resized with nearest neighbour; GT masks are ``> 0.5`` of the PNG's grey level and
 the ignore region excludes GT foreground, as in ``clovaai/wsolevaluation``.
 
+Box convention: one for every box scored, the GT's and wsolevaluation's (``x1``, ``y1`` one past
+the last pixel). The labels table's ``box_xyxy`` holds inclusive pixel indices, so it is converted
+(:func:`~pro2sam.metrics.inclusive_to_eval_boxes`) in original pixels, before the scaling; boxes
+drawn from GTFormer's map are in that convention already. IoU is wsolevaluation's (+1 on sides).
+
 The two methods:
 
 - **GTFormer** (coarse map only): the row's ``coarse_map`` is min-max normalised and upsampled
   bilinearly to 224x224 (:func:`~pro2sam.matching.upsample_coarse_map`). Its one box per image
   (Top-1 / Top-5 / GT-known Loc) is that of the largest contour of the map cut at
   ``cam_threshold`` (wsolevaluation's quantisation and box convention); its mask is the same cut.
-  MaxBoxAccV2 and PxAP use the map itself.
-- **Pro2SAM**: the row's ``box_xyxy`` and ``mask_rle``; no threshold. Its MaxBoxAccV2 is the mean
-  over delta in {30, 50, 70} of the accuracy of its one box (there is no tau to maximise over);
-  its PxAP scores the binary mask as the score map, i.e. one operating point.
+  ``MaxBoxAccV2`` is wsolevaluation's: per IoU delta in {30, 50, 70} the best box accuracy over
+  tau *on the split scored* (one tau for the whole split), averaged over delta; the metric is
+  threshold-free by design. ``BoxAccV2@heldout_tau`` is the same mean at the taus chosen on the
+  held-out split instead. PxAP uses the map itself.
+- **Pro2SAM**: the row's ``box_xyxy`` and ``mask_rle``; no threshold. It gives one box per image,
+  so it has no MaxBoxAccV2; ``BoxAccV2_single_box`` is the mean over delta in {30, 50, 70} of the
+  accuracy of that box. Its PxAP scores the binary mask as the score map, i.e. one operating point.
+  ``fallback_rate`` is the share of images whose box came from the coarse-map fallback.
 
-Thresholds (GTFormer's ``cam_threshold``, the MaxBoxAcc tau of each IoU delta) are chosen on a
+Classes: Top-1 / Top-5 Cls and Loc use the rows' ``topk_classes`` (GTFormer's), or, where given,
+the top-k classes of a separate classifier (the paper's Table 1 takes EfficientNet-B7's); the box
+is GTFormer's or Pro2SAM's either way, so GT-known Loc does not depend on it.
+
+Thresholds (GTFormer's ``cam_threshold``, the box-accuracy tau of each IoU delta) are chosen on a
 held-out split by :func:`choose_thresholds` and applied to the test split
 (:func:`evaluate_with_heldout`); numbers with thresholds tuned on test itself are reported only
 beside them, under ``test_tuned``. Rows with ``status == 'error'`` and images without a row count
-as wrong for every metric. Accuracies, PxAP and mIoU are percentages.
+as wrong for every metric. Accuracies, PxAP, mIoU and rates are percentages.
+:mod:`pro2sam.report` writes the result as Markdown, JSON and overlay PNGs.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -40,6 +51,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
+from .confidence import calibrate, score_confidence
 from .datasets import Sample, WSOLDataset
 from .labels import STATUS_OK
 from .matching import upsample_coarse_map
@@ -53,14 +65,18 @@ from .metrics import (
     box_iou_inclusive,
     boxes_from_score_map,
     cam_thresholds,
+    inclusive_to_eval_boxes,
     mask_iou,
     quantize_score_map,
     scale_boxes_to_frame,
 )
 from .rle import decode_mask
+from .storage import read_bytes
 
 __all__ = [
     "METHODS",
+    "FALLBACK_SOURCE",
+    "GTFORMER_CLASSES",
     "DEFAULT_CAM_CURVE_INTERVAL",
     "Thresholds",
     "index_rows",
@@ -69,20 +85,16 @@ __all__ = [
     "evaluate_predictions",
     "choose_thresholds",
     "evaluate_with_heldout",
-    "report_markdown",
-    "select_overlay_cases",
-    "render_overlay",
-    "overlay_png",
-    "overlay_name",
-    "report_json",
-    "image_records_jsonl",
 ]
 
 METHODS = ("GTFormer", "Pro2SAM")
+# The row's box_source of an image whose box came from GTFormer's map (no SAM candidate survived).
+FALLBACK_SOURCE = "coarse_fallback"
+# Where the class scores come from when no separate classifier is given.
+GTFORMER_CLASSES = "GTFormer (the labels' topk_classes)"
 # The tau grid most WSOL papers use (wsolevaluation's training-time default).
 DEFAULT_CAM_CURVE_INTERVAL = 0.01
 _FRAME_W, _FRAME_H = EVAL_FRAME
-_MIN_OVERLAY_SIDE = 256
 
 
 @dataclass(frozen=True)
@@ -91,21 +103,21 @@ class Thresholds:
 
     Attributes:
         cam_threshold: tau of GTFormer's box and mask (fraction of the map's peak).
-        maxboxacc_taus: IoU delta (percent) -> tau of GTFormer's MaxBoxAcc at that delta
-            (empty when the split has no boxes).
+        boxacc_taus: IoU delta (percent) -> tau of GTFormer's ``BoxAcc@{delta}@heldout_tau``: the
+            tau of best box accuracy at that delta on this split (empty when it has no boxes).
         chosen_on: ``"<dataset>:<split>"`` the thresholds were chosen on.
         selected_by: ``"gt_known_loc"`` (largest-contour box accuracy at IoU 0.5) or ``"mIoU"``
             (splits with masks but no boxes).
     """
 
     cam_threshold: float
-    maxboxacc_taus: dict[int, float]
+    boxacc_taus: dict[int, float]
     chosen_on: str
     selected_by: str
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["maxboxacc_taus"] = {str(k): v for k, v in self.maxboxacc_taus.items()}
+        d["boxacc_taus"] = {str(k): v for k, v in self.boxacc_taus.items()}
         return d
 
 
@@ -124,14 +136,8 @@ def index_rows(rows: pa.Table | Iterable[Mapping]) -> dict[str, dict]:
     return out
 
 
-def _read_bytes(uri: str) -> bytes:
-    from .storage import read_bytes
-
-    return read_bytes(uri)
-
-
 def _load_png_in_frame(uri: str) -> np.ndarray:
-    image = cv2.imdecode(np.frombuffer(_read_bytes(uri), np.uint8), cv2.IMREAD_GRAYSCALE)
+    image = cv2.imdecode(np.frombuffer(read_bytes(uri), np.uint8), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise ValueError(f"cannot decode mask {uri}")
     return cv2.resize(image.astype(np.float32), EVAL_FRAME, interpolation=cv2.INTER_NEAREST)
@@ -208,14 +214,21 @@ def _tau_index(taus: np.ndarray, tau: float, what: str) -> int:
 
 
 class _Split:
-    """Counts of one split; one pass over the images fills every curve."""
+    """Counts of one split; one pass over the images fills every curve.
 
-    def __init__(self, taus: np.ndarray, cam_threshold: float | None, interval: float) -> None:
+    ``classes`` (uri -> top-k classes of a separate classifier) replaces the rows' GTFormer
+    classes in every class-dependent count; GTFormer's own are then counted too (``own_loc``).
+    """
+
+    def __init__(
+        self, taus: np.ndarray, cam_threshold: float | None, interval: float, classes: Mapping[str, Sequence[int]] | None
+    ) -> None:
         self.taus = taus
         self.cam_threshold = cam_threshold
+        self.classes = classes
         t = len(taus)
         self.num_images = self.num_box = self.num_mask = 0
-        self.num_error = self.num_missing = 0
+        self.num_error = self.num_missing = self.num_fallback = 0
         self.top1_cls = self.top5_cls = 0
         # GTFormer, largest-contour box at every tau: counts of GT-known / Top-1 / Top-5 Loc
         self.v1 = {k: np.zeros(t, dtype=np.int64) for k in ("gt_known_loc", "top1_loc", "top5_loc")}
@@ -229,6 +242,8 @@ class _Split:
         self.p2s_box_correct = np.zeros(len(IOU_THRESHOLDS), dtype=np.int64)  # its one box, per delta
         self.p2s_pxap = PxAPEvaluator(cam_curve_interval=interval)
         self.p2s_iou: list[float] = []
+        # with a separate classifier: the same boxes scored with GTFormer's own classes
+        self.own_loc = {m: LocalizationAccumulator() for m in METHODS} if classes is not None else {}
         self.images: list[dict] = []
 
     def add(self, sample: Sample, row: Mapping | None) -> None:
@@ -252,17 +267,22 @@ class _Split:
             self._add_wrong(has_boxes, gt_mask)
             return
 
-        topk = np.asarray(row["topk_classes"] or [-1]).reshape(-1)[:5]
+        own_topk = _topk(row["topk_classes"])
+        topk = own_topk if self.classes is None else _topk(self.classes.get(sample.uri))
         top1, top5 = bool(topk[0] == sample.label), bool((topk == sample.label).any())
         self.top1_cls += top1
         self.top5_cls += top5
         record.update(top1=top1, top5=top5, topk_classes=[int(c) for c in topk])
+        if self.classes is not None:
+            record["gtformer_topk_classes"] = [int(c) for c in own_topk]
+        self.num_fallback += row.get("box_source") == FALLBACK_SOURCE
         score = gtformer_score_map(row)
         quantized = quantize_score_map(score)
         peak = float(quantized.max())
         p2s_mask = _pro2sam_mask(row)
         p2s_score = p2s_mask.astype(np.float64)
-        p2s_box = scale_boxes_to_frame(np.asarray(row["box_xyxy"], dtype=np.float64), (row["width"], row["height"]))[0]
+        p2s_box = inclusive_to_eval_boxes(np.asarray(row["box_xyxy"]))  # in original pixels, then scaled
+        p2s_box = scale_boxes_to_frame(p2s_box, (row["width"], row["height"]))[0]
         record["pro2sam_box_224"] = p2s_box.tolist()
         record["pro2sam_box_xyxy"] = [int(v) for v in row["box_xyxy"]]
 
@@ -277,10 +297,14 @@ class _Split:
             self.v1["top5_loc"] += correct & top5
             if self.cam_threshold is not None:
                 self.v1_at.accumulate(topk, sample.label, boxes[-1][0], gt_boxes)
+                if self.own_loc:
+                    self.own_loc["GTFormer"].accumulate(own_topk, sample.label, boxes[-1][0], gt_boxes)
                 record["gtformer_box_224"] = boxes[-1][0].tolist()
                 record["gtformer_iou"] = float(iou[-1])
             self.gtf_v2.accumulate(score, gt_boxes)
             record["pro2sam_iou"] = self.p2s_loc.accumulate(topk, sample.label, p2s_box, gt_boxes)
+            if self.own_loc:
+                self.own_loc["Pro2SAM"].accumulate(own_topk, sample.label, p2s_box, gt_boxes)
             self.p2s_box_correct += [record["pro2sam_iou"] >= d / 100 for d in IOU_THRESHOLDS]
         if gt_mask is not None:
             mask, ignore = gt_mask
@@ -299,7 +323,7 @@ class _Split:
     def _add_wrong(self, has_boxes: bool, gt_mask) -> None:
         """An image without a prediction: in every denominator, in no numerator."""
         if has_boxes:
-            for acc in (self.v1_at, self.p2s_loc):
+            for acc in (self.v1_at, self.p2s_loc, *self.own_loc.values()):
                 acc.num_images += 1
             self.gtf_v2.num_images += 1
         if gt_mask is not None:
@@ -315,26 +339,30 @@ class _Split:
 
     # ---------------------------------------------------------------- results
 
-    def result(self, dataset: WSOLDataset, maxboxacc_taus: Mapping[int, float] | None) -> dict:
+    def result(self, dataset: WSOLDataset, boxacc_taus: Mapping[int, float] | None) -> dict:
         n = self.num_images
         pct = (lambda c, d: 100.0 * c / d if d else None)
         cls = {"top1_cls": pct(self.top1_cls, n), "top5_cls": pct(self.top5_cls, n)}
         gtf: dict = dict(cls)
-        p2s: dict = dict(cls)
+        p2s: dict = dict(cls, fallback_rate=pct(self.num_fallback, n))
         curves: dict = {"taus": [float(t) for t in self.taus]}
+        own: dict = {m: {} for m in self.own_loc}
         if self.num_box:
             for key in ("top1_loc", "top5_loc", "gt_known_loc"):
                 curves[f"GTFormer_{key}"] = (100.0 * self.v1[key] / self.num_box).tolist()
             if self.cam_threshold is not None:
                 gtf.update({k: v for k, v in self.v1_at.compute().items() if k.endswith("_loc")})
-            gtf.update(_maxboxacc(self.gtf_v2, maxboxacc_taus, self.taus))
+            gtf.update(_box_accuracy(self.gtf_v2, boxacc_taus, self.taus))
             curves["GTFormer_box_acc"] = {
                 str(d): row.tolist() for d, row in zip(self.gtf_v2.iou_thresholds, self.gtf_v2.accuracy_per_threshold())
             }
             p2s.update({k: v for k, v in self.p2s_loc.compute().items() if k.endswith("_loc")})
             for d, correct in zip(IOU_THRESHOLDS, self.p2s_box_correct):
-                p2s[f"MaxBoxAcc@{d}"] = 100.0 * float(correct) / self.num_box
-            p2s["MaxBoxAccV2"] = float(np.mean([p2s[f"MaxBoxAcc@{d}"] for d in IOU_THRESHOLDS]))
+                p2s[f"BoxAcc@{d}_single_box"] = 100.0 * float(correct) / self.num_box
+            p2s["BoxAccV2_single_box"] = float(np.mean([p2s[f"BoxAcc@{d}_single_box"] for d in IOU_THRESHOLDS]))
+            for m, acc in self.own_loc.items():
+                if acc.num_images and (m == "Pro2SAM" or self.cam_threshold is not None):
+                    own[m] = {k: v for k, v in acc.compute().items() if k in _CLASS_KEYS}
         if self.num_mask:
             gtf["PxAP"] = self.gtf_pxap.compute()["PxAP"]
             p2s["PxAP"] = self.p2s_pxap.compute()["PxAP"]
@@ -354,12 +382,23 @@ class _Split:
             "num_error_rows": self.num_error,
             "num_missing_rows": self.num_missing,
             "cam_threshold": self.cam_threshold,
-            "maxboxacc_taus": {str(k): float(v) for k, v in (maxboxacc_taus or {}).items()} or None,
+            "boxacc_taus": {str(k): float(v) for k, v in (boxacc_taus or {}).items()} or None,
             "GTFormer": gtf,
             "Pro2SAM": p2s,
+            "with_gtformer_classes": own or None,
             "curves": curves,
             "images": self.images,
         }
+
+
+# The numbers that depend on the class scores (the box alone decides the rest).
+_CLASS_KEYS = ("top1_cls", "top5_cls", "top1_loc", "top5_loc")
+
+
+def _topk(classes) -> np.ndarray:
+    """The first five of a top-k list, best first; [-1] (no class right) when there is none."""
+    topk = np.asarray(classes if classes is not None and len(classes) else [-1]).reshape(-1)
+    return topk[:5]
 
 
 def _nanmean_pct(values: Sequence[float]) -> float | None:
@@ -367,19 +406,19 @@ def _nanmean_pct(values: Sequence[float]) -> float | None:
     return 100.0 * float(np.mean(values)) if values else None
 
 
-def _maxboxacc(evaluator: MaxBoxAccEvaluator, taus: Mapping[int, float] | None, grid: np.ndarray) -> dict:
-    """MaxBoxAcc at the given taus per delta (None: at the split's own best tau, i.e. tuned)."""
-    tuned = evaluator.compute()
-    accuracy = evaluator.accuracy_per_threshold()
-    out = {}
-    for i, delta in enumerate(evaluator.iou_thresholds):
-        if taus is None:
-            out[f"MaxBoxAcc@{delta}"] = tuned[f"MaxBoxAcc@{delta}"]
-        else:
-            out[f"MaxBoxAcc@{delta}"] = float(accuracy[i, _tau_index(grid, taus[delta], f"tau@{delta}")])
-    out["MaxBoxAccV2"] = float(np.mean([out[f"MaxBoxAcc@{d}"] for d in IOU_THRESHOLDS]))
-    out["MaxBoxAccV2_self_tuned"] = tuned["MaxBoxAccV2"]
-    out["best_tau"] = {str(d): tuned[f"best_tau@{d}"] for d in evaluator.iou_thresholds}
+def _box_accuracy(evaluator: MaxBoxAccEvaluator, taus: Mapping[int, float] | None, grid: np.ndarray) -> dict:
+    """GTFormer's box accuracy over the split: wsolevaluation's MaxBoxAcc (best tau of this split,
+    per delta) and, with ``taus`` (chosen on another split), the accuracy at those taus."""
+    best = evaluator.compute()
+    out = {f"MaxBoxAcc@{d}": best[f"MaxBoxAcc@{d}"] for d in evaluator.iou_thresholds}
+    out["MaxBoxAccV2"] = best["MaxBoxAccV2"]
+    out["best_tau"] = {str(d): best[f"best_tau@{d}"] for d in evaluator.iou_thresholds}
+    if taus is not None:
+        accuracy = evaluator.accuracy_per_threshold()
+        for i, delta in enumerate(evaluator.iou_thresholds):
+            at = _tau_index(grid, taus[delta], f"tau@{delta}")
+            out[f"BoxAcc@{delta}@heldout_tau"] = float(accuracy[i, at])
+        out["BoxAccV2@heldout_tau"] = float(np.mean([out[f"BoxAcc@{d}@heldout_tau"] for d in IOU_THRESHOLDS]))
     return out
 
 
@@ -388,8 +427,9 @@ def evaluate_predictions(
     rows: pa.Table | Iterable[Mapping],
     *,
     cam_threshold: float | None = None,
-    maxboxacc_taus: Mapping[int, float] | None = None,
+    boxacc_taus: Mapping[int, float] | None = None,
     cam_curve_interval: float = DEFAULT_CAM_CURVE_INTERVAL,
+    classes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict:
     """Score the labels-table rows of one split against its ground truth.
 
@@ -399,32 +439,40 @@ def evaluate_predictions(
             ignored.
         cam_threshold: GTFormer's box/mask threshold (None: only the per-tau curves, e.g. on the
             held-out split before choosing it).
-        maxboxacc_taus: IoU delta -> tau for GTFormer's MaxBoxAcc; taus on the grid of
-            ``cam_curve_interval``. None: each delta at this split's own best tau (self-tuned).
+        boxacc_taus: IoU delta -> tau chosen on another split, for GTFormer's
+            ``BoxAcc@{delta}@heldout_tau``; taus on the grid of ``cam_curve_interval``. None: no
+            such numbers.
         cam_curve_interval: step of the tau grid.
+        classes: uri -> top-k class indices (best first) of a separate classifier, used instead
+            of the rows' ``topk_classes`` for every class-dependent number; an image it lacks
+            has no class right. None: the rows' (GTFormer's).
 
     Returns:
         A JSON-ready dict: counts; ``GTFormer`` and ``Pro2SAM`` metrics (percent): ``top1_cls``,
-        ``top5_cls``, ``top1_loc``, ``top5_loc``, ``gt_known_loc``, ``MaxBoxAcc@30/50/70``,
-        ``MaxBoxAccV2`` (at ``maxboxacc_taus``), ``MaxBoxAccV2_self_tuned``, ``best_tau``, and
-        with GT masks ``PxAP`` and ``mIoU``; box metrics need boxes, Loc metrics of GTFormer a
-        ``cam_threshold``. ``curves``: GTFormer's Loc, box accuracy and mIoU at every tau.
-        ``images``: one record per sample (status, IoUs, boxes in the 224 frame).
+        ``top5_cls``, ``top1_loc``, ``top5_loc``, ``gt_known_loc``; GTFormer's ``MaxBoxAcc@30/50/70``,
+        ``MaxBoxAccV2`` and ``best_tau`` (max over tau on this split), with ``boxacc_taus`` also
+        ``BoxAcc@30/50/70@heldout_tau`` and ``BoxAccV2@heldout_tau``; Pro2SAM's
+        ``BoxAcc@30/50/70_single_box``, ``BoxAccV2_single_box`` and ``fallback_rate``; with GT masks
+        ``PxAP`` and ``mIoU``. Box metrics need boxes, Loc metrics of GTFormer a
+        ``cam_threshold``. ``with_gtformer_classes``: with ``classes``, method -> the
+        class-dependent numbers with GTFormer's own classes (else None). ``curves``: GTFormer's
+        Loc, box accuracy and mIoU at every tau. ``images``: one record per sample (status,
+        classes, IoUs, boxes in the 224 frame and the evaluation's box convention).
     """
     taus = cam_thresholds(cam_curve_interval)
     by_uri = index_rows(rows)
-    split = _Split(taus, cam_threshold, cam_curve_interval)
+    split = _Split(taus, cam_threshold, cam_curve_interval, classes)
     for sample in dataset.samples:
         split.add(sample, by_uri.get(sample.uri))
-    return split.result(dataset, maxboxacc_taus)
+    return split.result(dataset, boxacc_taus)
 
 
 def choose_thresholds(heldout: Mapping) -> Thresholds:
     """GTFormer's thresholds from a held-out result of :func:`evaluate_predictions`.
 
     ``cam_threshold`` is the first tau of best GT-known Loc (largest-contour box, IoU 0.5); the
-    MaxBoxAcc tau of each delta is the first tau of best box accuracy there. A split with masks and
-    no boxes picks ``cam_threshold`` by mIoU.
+    box-accuracy tau of each delta is the first tau of best box accuracy there. A split with masks
+    and no boxes picks ``cam_threshold`` by mIoU.
 
     Raises:
         ValueError: the held-out split has neither boxes nor masks.
@@ -447,15 +495,15 @@ def _strip(result: dict) -> dict:
 
 
 def _at_tau(result: Mapping, tau: float) -> dict:
-    """GTFormer's numbers at grid threshold ``tau``, read off the curves (no second pass)."""
+    """GTFormer's numbers at grid threshold ``tau``, read off the curves (no second pass).
+
+    MaxBoxAccV2 is left out: it takes no threshold from anywhere and is in the main results."""
     curves = result["curves"]
     i = _tau_index(np.asarray(curves["taus"]), tau, "cam_threshold")
     out = {k: result["GTFormer"].get(k) for k in ("top1_cls", "top5_cls", "PxAP")}
     for key in ("top1_loc", "top5_loc", "gt_known_loc", "mIoU"):
         if f"GTFormer_{key}" in curves:
             out[key] = curves[f"GTFormer_{key}"][i]
-    if "MaxBoxAccV2_self_tuned" in result["GTFormer"]:
-        out["MaxBoxAccV2"] = result["GTFormer"]["MaxBoxAccV2_self_tuned"]
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -466,213 +514,84 @@ def evaluate_with_heldout(
     test_rows: pa.Table | Iterable[Mapping],
     *,
     cam_curve_interval: float = DEFAULT_CAM_CURVE_INTERVAL,
+    test_classes: Mapping[str, Sequence[int]] | None = None,
+    classes_from: str | None = None,
 ) -> dict:
     """The report: thresholds chosen on ``heldout``, applied to ``test``; test-tuned numbers beside.
 
+    Args:
+        test_classes: uri -> top-k classes of a separate classifier on the test images (see
+            :func:`evaluate_predictions`); held-out choices never depend on classes.
+        classes_from: what gave ``test_classes``, for the report (None: GTFormer).
+
+    The rows' confidence (:mod:`pro2sam.confidence`) is calibrated on ``heldout`` too, where both
+    splits have boxes, and scored on ``test``.
+
     Returns:
         A JSON-ready dict: ``thresholds`` (:meth:`Thresholds.to_dict`, with ``chosen_on``),
-        ``results`` (test at the held-out thresholds: ``GTFormer``, ``Pro2SAM``), ``test_tuned``
-        (GTFormer with thresholds chosen on test itself, for comparison only), ``heldout`` and
-        ``test`` (split counts and curves), ``settings``, and ``images`` (test per-image records).
+        ``results`` (test at the held-out thresholds: ``GTFormer``, ``Pro2SAM``; GTFormer's
+        ``MaxBoxAccV2`` is the max over tau on test itself, as wsolevaluation defines it),
+        ``results_with_gtformer_classes`` (with ``test_classes``, else None), ``classes_from``,
+        ``test_tuned`` (GTFormer with thresholds chosen on test itself, for comparison only),
+        ``heldout`` and ``test`` (split counts and curves), ``settings``, ``confidence`` (None
+        without boxes: ``calibration``, the :class:`~pro2sam.confidence.ConfidenceModel` fitted on
+        held-out; ``heldout`` its in-sample AUROC and risk-coverage; ``test`` the same on test,
+        with the whole ``curve``), and ``images`` (test per-image records, with ``confidence``).
     """
+    if not isinstance(heldout_rows, pa.Table):
+        heldout_rows = list(heldout_rows)
+    if not isinstance(test_rows, pa.Table):
+        test_rows = list(test_rows)
     held = evaluate_predictions(heldout, heldout_rows, cam_curve_interval=cam_curve_interval)
     thresholds = choose_thresholds(held)
-    taus = thresholds.maxboxacc_taus or None
     test_result = evaluate_predictions(
-        test, test_rows, cam_threshold=thresholds.cam_threshold, maxboxacc_taus=taus, cam_curve_interval=cam_curve_interval
-    )
-    if taus is None and "MaxBoxAccV2" in test_result["GTFormer"]:
-        # held-out had no boxes to choose taus on: a MaxBoxAcc here would be tuned on test
-        for key in ["MaxBoxAccV2"] + [f"MaxBoxAcc@{d}" for d in IOU_THRESHOLDS]:
-            test_result["GTFormer"][key] = None
+        test, test_rows, cam_threshold=thresholds.cam_threshold, boxacc_taus=thresholds.boxacc_taus or None,
+        cam_curve_interval=cam_curve_interval, classes=test_classes,
+    )  # fmt: skip
     tuned = None
     if test_result["num_with_boxes"] or test_result["num_with_masks"]:
         tuned_thresholds = choose_thresholds(test_result)
         tuned = {"thresholds": tuned_thresholds.to_dict(), "GTFormer": _at_tau(test_result, tuned_thresholds.cam_threshold)}
+    if test_classes is not None:
+        classes_from = classes_from or "a separate classifier"
+    confidence = None
+    if held["num_with_boxes"] and test_result["num_with_boxes"]:
+        model = calibrate(held["images"], index_rows(heldout_rows), fitted_on=f"{heldout.name}:{heldout.split}")
+        in_sample = score_confidence(model, held["images"], index_rows(heldout_rows))
+        confidence = {
+            "calibration": model.to_dict(),
+            "heldout": {k: v for k, v in in_sample.items() if k != "curve"},
+            "test": score_confidence(model, test_result["images"], index_rows(test_rows)),
+        }
     return {
         "dataset": test.name,
         "test_split": test.split,
         "heldout_split": heldout.split,
         "thresholds": thresholds.to_dict(),
         "results": {m: test_result[m] for m in METHODS},
+        "results_with_gtformer_classes": test_result["with_gtformer_classes"],
+        "classes_from": classes_from or GTFORMER_CLASSES,
         "test_tuned": tuned,
         "heldout": _strip(held),
-        "test": {k: v for k, v in _strip(test_result).items() if k not in METHODS},
+        "test": {k: v for k, v in _strip(test_result).items() if k not in (*METHODS, "with_gtformer_classes")},
         "settings": {
             "frame": list(EVAL_FRAME),
             "cam_curve_interval": cam_curve_interval,
             "loc_iou_threshold": LOC_IOU_THRESHOLD,
-            "maxboxacc_iou_thresholds": list(IOU_THRESHOLDS),
+            "boxacc_iou_thresholds": list(IOU_THRESHOLDS),
+            "box_convention": "x0, y0, x1, y1 with x1, y1 one past the last pixel (wsolevaluation's, the GT's); "
+            "labels' inclusive box_xyxy converted before IoU",
             "gtformer_box": "largest contour of the upsampled coarse map cut at cam_threshold",
-            "pro2sam_maxboxacc": "mean over IoU 30/50/70 of the accuracy of its one box (box_xyxy)",
+            "gtformer_MaxBoxAccV2": "wsolevaluation's: per IoU 30/50/70 the best box accuracy over tau on the test "
+            "split itself (one tau for the split), mean over IoU",
+            "gtformer_BoxAccV2@heldout_tau": "mean over IoU 30/50/70 of box accuracy at the taus chosen on the held-out split",
+            "pro2sam_BoxAccV2_single_box": "mean over IoU 30/50/70 of the accuracy of its one box (box_xyxy)",
             "pro2sam_pxap": "the binary mask as score map (one operating point)",
+            "classes": "Top-1/Top-5 Cls and Loc use the class scores of classes_from; the box is the method's own",
             "errors": "error rows and images without a row count as wrong",
+            "confidence": "P(box IoU >= 0.5) from match score, predicted IoU, stability, class score, fallback and "
+            "mask area, logistic regression fitted on the held-out split; images without one rank last",
         },
+        "confidence": confidence,
         "images": test_result["images"],
     }
-
-
-# ---------------------------------------------------------------- report
-
-
-def _fmt(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
-
-
-def report_markdown(report: Mapping) -> str:
-    """The report as a Markdown table in the layout of the paper's Table 1."""
-    results = report["results"]
-    with_masks = any("PxAP" in results[m] for m in METHODS)
-    header = ["Method", "Top-1 Loc", "Top-5 Loc", "GT-known Loc", "MaxBoxAccV2"] + (["PxAP", "mIoU"] if with_masks else [])
-    keys = ["top1_loc", "top5_loc", "gt_known_loc", "MaxBoxAccV2"] + (["PxAP", "mIoU"] if with_masks else [])
-    lines = [
-        f"**{report['dataset']}**, split `{report['test_split']}`: "
-        f"{report['test']['num_images']} images ({report['test']['num_error_rows']} error rows, "
-        f"{report['test']['num_missing_rows']} without a row, counted wrong).",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    names = {"GTFormer": "GTFormer (coarse map)", "Pro2SAM": "Pro2SAM"}
-    for m in METHODS:
-        lines.append("| " + " | ".join([names[m]] + [_fmt(results[m].get(k)) for k in keys]) + " |")
-    tuned = report.get("test_tuned")
-    if tuned:
-        row = [f"{names['GTFormer']}, test-tuned †"] + [_fmt(tuned["GTFormer"].get(k)) for k in keys]
-        lines.append("| " + " | ".join(row) + " |")
-    t = report["thresholds"]
-    taus = ", ".join(f"{v:.2f} at IoU {k}%" for k, v in t["maxboxacc_taus"].items()) or "none"
-    lines += [
-        "",
-        f"Thresholds chosen on the held-out split `{t['chosen_on']}` (by {t['selected_by']}) and applied to "
-        f"`{report['test_split']}`: GTFormer cam threshold {t['cam_threshold']:.2f}; MaxBoxAcc taus {taus}. "
-        "Pro2SAM's box and mask need no threshold.",
-        f"Top-1 / Top-5 classification: {_fmt(results['Pro2SAM'].get('top1_cls'))} / "
-        f"{_fmt(results['Pro2SAM'].get('top5_cls'))}.",
-    ]
-    if tuned:
-        tt = tuned["thresholds"]
-        lines.append(
-            f"† test-tuned: thresholds chosen on `{report['test_split']}` itself (cam threshold "
-            f"{tt['cam_threshold']:.2f}), shown only for comparison; not a valid result."
-        )
-    return "\n".join(lines) + "\n"
-
-
-def select_overlay_cases(report: Mapping, count: int) -> list[tuple[str, dict]]:
-    """The best and worst test images by Pro2SAM's IoU (box IoU, else mask IoU), ok rows only.
-
-    Returns:
-        up to ``count`` pairs ``("best" | "worst", image record)``, best first.
-    """
-    def score(r: dict) -> float | None:
-        v = r.get("pro2sam_iou", r.get("pro2sam_mask_iou"))
-        return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
-
-    scored = sorted((r for r in report["images"] if score(r) is not None), key=lambda r: -score(r))
-    n_best = min((count + 1) // 2, len(scored))
-    best = scored[:n_best]
-    worst = [r for r in scored[::-1] if r not in best][: count - n_best]
-    return [("best", r) for r in best] + [("worst", r) for r in worst]
-
-
-def render_overlay(
-    image: np.ndarray,
-    *,
-    gt_boxes: np.ndarray | None,
-    pred_box: Sequence[int] | None,
-    mask: np.ndarray | None,
-    gtformer_box: Sequence[int] | None = None,
-    caption: str = "",
-) -> "Image.Image":
-    """An overlay in original pixels: mask tinted red, GT boxes green, Pro2SAM box red, GTFormer box yellow.
-
-    Args:
-        image: (H, W, 3) uint8 RGB.
-        gt_boxes: (K, 4) ``(x0, y0, x1, y1)`` original pixels, or None.
-        pred_box: Pro2SAM's inclusive box in original pixels, or None.
-        mask: (H, W) bool, or None.
-        gtformer_box: GTFormer's box in original pixels, or None.
-        caption: text drawn at the top left.
-
-    Images smaller than 256 px on their long side are enlarged by an integer factor.
-    """
-    from PIL import Image, ImageDraw
-
-    out = image.astype(np.float32)
-    if mask is not None and mask.shape == image.shape[:2]:
-        out[mask] = 0.55 * out[mask] + 0.45 * np.array([255, 0, 0], dtype=np.float32)
-    canvas = Image.fromarray(out.clip(0, 255).astype(np.uint8))
-    h, w = image.shape[:2]
-    scale = max(1, math.ceil(_MIN_OVERLAY_SIDE / max(h, w)))  # small images: enlarge so the boxes stay legible
-    if scale > 1:
-        canvas = canvas.resize((w * scale, h * scale), Image.NEAREST)
-    draw = ImageDraw.Draw(canvas)
-    width = max(1, round(max(canvas.size) / 150))
-
-    def rect(box, colour):
-        draw.rectangle([float(v) * scale for v in box], outline=colour, width=width)
-
-    for box in [] if gt_boxes is None else gt_boxes:
-        rect(box, (0, 255, 0))
-    if gtformer_box is not None:
-        rect(gtformer_box, (255, 255, 0))
-    if pred_box is not None:
-        rect(pred_box, (255, 0, 0))
-    if caption:
-        draw.rectangle([0, 0, 7 * len(caption) + 4, 14], fill=(0, 0, 0))
-        draw.text((2, 2), caption, fill=(255, 255, 255))
-    return canvas
-
-
-def overlay_png(record: Mapping, sample: Sample, row: Mapping) -> bytes:
-    """PNG bytes of :func:`render_overlay` for one test image and its labels-table row."""
-    from .images import decode_image
-
-    image = decode_image(_read_bytes(sample.uri))
-    h, w = image.shape[:2]
-    gtformer_box = None
-    if record.get("gtformer_box_224"):
-        x0, y0, x1, y1 = record["gtformer_box_224"]
-        gtformer_box = [x0 * w / _FRAME_W, y0 * h / _FRAME_H, x1 * w / _FRAME_W, y1 * h / _FRAME_H]
-    iou = record.get("pro2sam_iou", record.get("pro2sam_mask_iou"))
-    caption = f"{sample.image_id}  IoU {iou:.2f}" if iou is not None else sample.image_id
-    canvas = render_overlay(
-        image,
-        gt_boxes=sample.boxes,
-        pred_box=row.get("box_xyxy"),
-        mask=decode_mask(row["mask_rle"]) if row.get("mask_rle") else None,
-        gtformer_box=gtformer_box,
-        caption=caption,
-    )
-    buffer = io.BytesIO()
-    canvas.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def overlay_name(kind: str, rank: int, image_id: str) -> str:
-    """A file name for an overlay: ``best_00_<image id with / replaced>.png``."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in posixpath.splitext(image_id)[0])
-    return f"{kind}_{rank:02d}_{safe[-80:]}.png"
-
-
-def report_json(report: Mapping) -> str:
-    """The report as JSON (NaN written as null), per-image records left out."""
-    return json.dumps(_clean({k: v for k, v in report.items() if k != "images"}), indent=2)
-
-
-def image_records_jsonl(report: Mapping) -> str:
-    """The per-image records of the test split, one JSON line each (NaN written as null)."""
-    return "".join(json.dumps(_clean(r)) + "\n" for r in report["images"])
-
-
-def _clean(value):
-    if isinstance(value, float):
-        return None if math.isnan(value) or math.isinf(value) else value
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.generic):
-        return _clean(value.item())
-    return value

@@ -1,8 +1,9 @@
-"""Export the labels table to COCO (one JSON) or YOLO (one .txt per image + ``data.yaml``).
+"""Export the labels table to COCO (one JSON), YOLO (one .txt per image + ``data.yaml``) or
+Label Studio (one JSON of tasks with pre-annotations, :mod:`pro2sam.label_studio`).
 
 The labels table may be far larger than memory: it is read one Parquet record batch at a time
-(:func:`iter_label_rows`, without the ``coarse_map`` column), and every output is written as rows
-arrive. The COCO JSON is streamed: ``images`` go straight to the file, ``annotations`` to a local
+(:func:`pro2sam.reading.iter_label_batches`, without the ``coarse_map`` column), and every output
+is written as rows arrive. The COCO JSON is streamed: ``images`` go straight to the file, ``annotations`` to a local
 spool file appended after them, ``categories`` (known only at the end) last; JSON objects are
 unordered, so ``pycocotools.coco.COCO`` loads it as usual.
 
@@ -13,85 +14,51 @@ Conventions:
   ``[x0, x1 + 1)`` in continuous pixel coordinates.
 - A category is the top-1 GTFormer class (``category_id`` = class index, as in the checkpoint) or,
   with ``category="label"``, the image-level label of the manifest.
-- A COCO annotation's ``score`` is ``match_score`` (0.0 for the coarse-map fallback, which has none);
-  ``class_score``, ``pred_iou``, ``stability_score`` and ``box_source`` are kept beside it.
+- A COCO annotation's ``score`` is the row's ``confidence`` where the table has one, else its
+  ``match_score`` (0.0 for the coarse-map fallback, which has none), ``score_is`` says which;
+  ``match_score``, ``class_score``, ``pred_iou``, ``stability_score`` and ``box_source`` are kept
+  beside it.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import posixpath
-import sys
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from .labels import LABEL_SCHEMA, STATUS_OK
+from .reading import DEFAULT_BATCH_SIZE, iter_label_batches
 from .rle import decode_mask
-from .storage import filesystem, is_remote, join_uri, read_bytes
+from .storage import filesystem, is_remote, staged_file
 
 __all__ = [
     "EXPORT_COLUMNS",
     "DEFAULT_BATCH_SIZE",
     "LabelFilter",
     "ExportSummary",
-    "parquet_files",
-    "iter_label_rows",
-    "class_names_from_gtformer",
+    "Categories",
+    "kept_rows",
+    "row_score",
     "export_coco",
     "export_yolo",
     "yolo_box",
     "yolo_polygon",
-    "add_export_arguments",
-    "run_export",
 ]
 
 # Everything an export needs; coarse_map (196+ floats a row) is never read.
 EXPORT_COLUMNS = [name for name in LABEL_SCHEMA.names if name not in ("coarse_map",)]
-# Rows per Parquet record batch: bounds the memory of an export, whatever the table's size.
-DEFAULT_BATCH_SIZE = 1024
 CATEGORY_SOURCES = ("top1", "label")
 YOLO_TASKS = ("detect", "segment")
-
-
-# ---------------------------------------------------------------- reading
-
-
-def parquet_files(input: str) -> list[str]:
-    """The Parquet files of a labels table: ``input`` itself if it is a file, else every
-    ``*.parquet`` under the folder (recursively, sorted), as URIs of the same kind as ``input``.
-
-    Raises:
-        FileNotFoundError: ``input`` does not exist or holds no Parquet file.
-    """
-    fs, path = filesystem(input)
-    if fs.isfile(path):
-        return [input]
-    if not fs.isdir(path):
-        raise FileNotFoundError(f"labels input {input} does not exist")
-    found = sorted(p for p in fs.find(path) if p.endswith(".parquet") and not posixpath.basename(p).startswith("."))
-    if not found:
-        raise FileNotFoundError(f"no .parquet files under {input}")
-    return [fs.unstrip_protocol(p) if is_remote(input) else p for p in found]
-
-
-def iter_label_rows(
-    input: str, *, columns: Sequence[str] = EXPORT_COLUMNS, batch_size: int = DEFAULT_BATCH_SIZE
-) -> Iterator[dict]:
-    """Rows of the labels table as dicts, read one record batch (<= ``batch_size`` rows) at a time.
-
-    Only ``columns`` are read; at most one batch of rows is held in memory.
-    """
-    for uri in parquet_files(input):
-        fs, path = filesystem(uri)
-        with fs.open(path, "rb") as f:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=list(columns)):
-                yield from batch.to_pylist()
 
 
 @dataclass(frozen=True)
@@ -103,18 +70,27 @@ class LabelFilter:
             annotations). Default ``"ok"``.
         min_match_score: keep rows with ``match_score >= min_match_score``; rows without a match
             score (the coarse-map fallback) are dropped when it is set.
+        min_confidence: keep rows with ``confidence >= min_confidence``; rows without one
+            (error rows, tables labeled without a calibration) are dropped when it is set.
         classes: keep rows whose top-1 class is one of these, given as class indices or names.
+        image_ids: keep only these images (``image_id`` values), a selection made elsewhere
+            (``pro2sam export --where`` selects them with SQL); None keeps all.
     """
 
     status: str | None = STATUS_OK
     min_match_score: float | None = None
+    min_confidence: float | None = None
     classes: Sequence[int | str] | None = None
+    image_ids: Sequence[str] | pa.Array | None = None
 
     def keeps(self, row: dict) -> bool:
+        """Whether a row passes every condition but ``image_ids`` (which :func:`kept_rows` applies
+        to whole batches)."""
         if self.status is not None and row["status"] != self.status:
             return False
-        if self.min_match_score is not None and (row["match_score"] is None or row["match_score"] < self.min_match_score):
-            return False
+        for key, least in (("match_score", self.min_match_score), ("confidence", self.min_confidence)):
+            if least is not None and (row.get(key) is None or row[key] < least):
+                return False
         if self.classes is not None:
             top1 = _top1(row)
             if top1 is None or (top1[0] not in self.classes and top1[1] not in self.classes):
@@ -139,6 +115,24 @@ class ExportSummary:
         )
 
 
+def kept_rows(
+    input: str, filters: LabelFilter, summary: ExportSummary, *, batch_size: int = DEFAULT_BATCH_SIZE
+) -> Iterator[dict]:
+    """The rows of the labels table at ``input`` that ``filters`` keeps, as dicts, read one record
+    batch at a time without ``coarse_map``; every row left out is counted in ``summary.filtered``."""
+    ids = None if filters.image_ids is None else pa.array(filters.image_ids, pa.string())
+    for batch in iter_label_batches(input, EXPORT_COLUMNS, batch_size=batch_size):
+        if ids is not None:
+            chosen = batch.filter(pc.is_in(batch.column("image_id"), value_set=ids))
+            summary.filtered += batch.num_rows - chosen.num_rows
+            batch = chosen
+        for row in batch.to_pylist():
+            if filters.keeps(row):
+                yield row
+            else:
+                summary.filtered += 1
+
+
 def _top1(row: dict) -> tuple[int, str | None] | None:
     classes = row.get("topk_classes")
     if not classes:
@@ -147,19 +141,7 @@ def _top1(row: dict) -> tuple[int, str | None] | None:
     return int(classes[0]), names[0]
 
 
-def class_names_from_gtformer(gtformer: str) -> list[str] | None:
-    """``class_names`` from a GTFormer export's ``config.json`` (folder, config or weights URI),
-    without loading the model; None if the export has none."""
-    uri = gtformer
-    if not uri.rstrip("/").endswith(".json"):
-        if uri.endswith(".safetensors"):
-            uri = uri.rsplit("/", 1)[0] if "/" in uri else "."
-        uri = join_uri(uri, "config.json")
-    names = json.loads(read_bytes(uri)).get("class_names")
-    return list(names) if names else None
-
-
-class _Categories:
+class Categories:
     """Category ids and names, fixed by ``class_names`` where given, otherwise learnt from rows."""
 
     def __init__(self, source: str, class_names: Sequence[str] | None):
@@ -195,6 +177,14 @@ class _Categories:
         return {i: self.names.get(i, str(i)) for i in range(max(self.names) + 1)}
 
 
+def row_score(row: dict) -> float:
+    """One score per row for tools that take one: ``confidence``, else ``match_score``, else 0."""
+    for key in ("confidence", "match_score"):
+        if row.get(key) is not None:
+            return float(row[key])
+    return 0.0
+
+
 def _coco_box(box_xyxy: Sequence[int]) -> list[int]:
     x0, y0, x1, y1 = (int(v) for v in box_xyxy)
     return [x0, y0, x1 - x0 + 1, y1 - y0 + 1]
@@ -222,23 +212,17 @@ def export_coco(
 
     Args:
         filters: which rows to keep.
-        class_names: names of the class indices (e.g. :func:`class_names_from_gtformer`); without
+        class_names: names of the class indices (e.g. :func:`pro2sam.gtformer.gtformer_class_names`); without
             them, names come from the table's ``topk_names``.
         category: ``"top1"`` (GTFormer's top-1 class) or ``"label"`` (the manifest's label).
         batch_size: rows per Parquet record batch read.
     """
-    categories = _Categories(category, class_names)
+    categories = Categories(category, class_names)
     summary = ExportSummary(output)
-    fs, path = filesystem(output)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w") as out, tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+    with staged_file(output) as staged, open(staged, "w", encoding="utf-8") as out, \
+            tempfile.TemporaryFile("w+", encoding="utf-8") as spool:  # fmt: skip
         out.write('{"info": {"description": "pro2sam labels", "source": %s},\n"images": [' % json.dumps(input))
-        for row in iter_label_rows(input, batch_size=batch_size):
-            if not filters.keeps(row):
-                summary.filtered += 1
-                continue
+        for row in kept_rows(input, filters, summary, batch_size=batch_size):
             category_id = categories.of(row) if row["status"] == STATUS_OK else None
             if row["status"] == STATUS_OK and category_id is None:
                 summary.filtered += 1  # an ok row without the chosen category (no manifest label)
@@ -265,7 +249,10 @@ def export_coco(
                 "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"]},
                 "area": int(row["mask_area"]),
                 "iscrowd": 0,
-                "score": row["match_score"] if row["match_score"] is not None else 0.0,
+                "score": row_score(row),
+                # no "confidence" key: FiftyOne's importer makes score the confidence and would
+                # take a second one as a clash
+                "score_is": "confidence" if row.get("confidence") is not None else "match_score",
                 "class_score": row["topk_scores"][0] if row["topk_scores"] else None,
                 "top1_class": top1[0] if top1 else None,
                 "match_score": row["match_score"],
@@ -340,19 +327,26 @@ def export_yolo(
     ``train``/``val`` (``images.txt``), ``nc`` and ``names``. Images are not copied: trainers
     that pair ``images/`` with ``labels/`` need the images placed beside ``labels/``.
     """
-    import yaml
-
     if task not in YOLO_TASKS:
         raise ValueError(f"YOLO task must be one of {YOLO_TASKS}, not {task!r}")
-    categories = _Categories(category, class_names)
+    categories = Categories(category, class_names)
     summary = ExportSummary(output)
-    fs, root = filesystem(output)
-    labels_dir = posixpath.join(root, "labels")
-    fs.makedirs(labels_dir, exist_ok=True)
+    with _staged_folder(output) as root:
+        _write_yolo(input, root, summary, categories, task=task, filters=filters, batch_size=batch_size)
+    return summary
+
+
+def _write_yolo(
+    input: str, root: str, summary: ExportSummary, categories: Categories, *, task: str, filters: LabelFilter, batch_size: int
+) -> None:
+    import yaml
+
+    labels_dir = os.path.join(root, "labels")
+    os.makedirs(labels_dir, exist_ok=True)
     used: set[str] = set()
-    with fs.open(posixpath.join(root, "images.txt"), "w") as images_txt:
-        for row in iter_label_rows(input, batch_size=batch_size):
-            if not filters.keeps(row) or row["status"] != STATUS_OK or row["box_xyxy"] is None:
+    with open(os.path.join(root, "images.txt"), "w") as images_txt:
+        for row in kept_rows(input, filters, summary, batch_size=batch_size):
+            if row["status"] != STATUS_OK or row["box_xyxy"] is None:
                 summary.filtered += 1
                 continue
             class_id = categories.of(row)
@@ -369,65 +363,62 @@ def export_yolo(
                     continue
                 values = polygon.ravel()
             line = f"{class_id} " + " ".join(f"{v:.6f}" for v in values) + "\n"
-            with fs.open(posixpath.join(labels_dir, _label_file_name(row["uri"], row["image_id"], used)), "w") as f:
+            with open(os.path.join(labels_dir, _label_file_name(row["uri"], row["image_id"], used)), "w") as f:
                 f.write(line)
             images_txt.write(row["uri"] + "\n")
             summary.images += 1
             summary.annotations += 1
     summary.categories = categories.contiguous()
     data = {
-        "path": output,
+        "path": summary.output,
         "train": "images.txt",
         "val": "images.txt",
         "nc": len(summary.categories),
         "names": summary.categories,
         "task": task,
     }
-    with fs.open(posixpath.join(root, "data.yaml"), "w") as f:
+    with open(os.path.join(root, "data.yaml"), "w") as f:
         yaml.safe_dump(data, f, sort_keys=False)
-    return summary
 
 
-# ---------------------------------------------------------------- command line
+# ---------------------------------------------------------------- publishing an export whole
 
 
-def _parse_classes(text: str | None) -> list[int | str] | None:
-    if not text:
-        return None
-    return [int(c) if c.strip().lstrip("-").isdigit() else c.strip() for c in text.split(",") if c.strip()]
+def _is_yolo_export(path: str) -> bool:
+    return all(os.path.exists(os.path.join(path, n)) for n in ("data.yaml", "images.txt", "labels"))
 
 
-def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``pro2sam export`` options."""
-    p.add_argument("--input", required=True, help="labels table: a Parquet file or folder (local or URI)")
-    p.add_argument("--format", choices=("coco", "yolo"), required=True, help="coco: one JSON; yolo: a folder")
-    p.add_argument("--output", required=True, help="COCO: the .json file; YOLO: the output folder")
-    p.add_argument("--yolo-task", choices=YOLO_TASKS, default="detect", help="YOLO boxes or polygons (default %(default)s)")
-    p.add_argument("--gtformer", help="GTFormer export whose config.json names the classes")
-    p.add_argument("--class-names", help="comma-separated class names, index-aligned (overrides --gtformer)")
-    p.add_argument(
-        "--category", choices=CATEGORY_SOURCES, default="top1", help="top1: GTFormer's class; label: the manifest label"
-    )
-    p.add_argument("--min-match-score", type=float, help="keep rows with match_score >= this (drops the fallback)")
-    p.add_argument("--status", default=STATUS_OK, help="keep rows with this status, or 'all' (default %(default)s)")
-    p.add_argument("--classes", help="keep these top-1 classes: comma-separated indices or names")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per record batch read")
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """``pro2sam export``: prints a summary line; exit status 0."""
-    class_names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
-    if class_names is None and args.gtformer:
-        class_names = class_names_from_gtformer(args.gtformer)
-    filters = LabelFilter(
-        status=None if args.status == "all" else args.status,
-        min_match_score=args.min_match_score,
-        classes=_parse_classes(args.classes),
-    )
-    common = dict(filters=filters, class_names=class_names, category=args.category, batch_size=args.batch_size)
-    if args.format == "coco":
-        summary = export_coco(args.input, args.output, **common)
-    else:
-        summary = export_yolo(args.input, args.output, task=args.yolo_task, **common)
-    print(f"pro2sam export ({args.format}): {summary}", file=sys.stderr)
-    return 0
+@contextmanager
+def _staged_folder(output: str) -> Iterator[str]:
+    """A local folder to write an export folder to; it becomes ``output`` only when the block ends
+    without an error. An existing ``output`` must be empty or an earlier YOLO export (replaced
+    whole); anything else is refused before any work."""
+    fs, path = filesystem(output)
+    if is_remote(output):
+        if fs.exists(path) and fs.ls(path):
+            raise FileExistsError(f"--output {output} exists and is not empty; choose a new prefix")
+        with tempfile.TemporaryDirectory(prefix="pro2sam-export-") as folder:
+            yield folder
+            fs.put(folder.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+        return
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not (os.path.isdir(path) and (not os.listdir(path) or _is_yolo_export(path))):
+        raise FileExistsError(
+            f"--output {output} exists and is not an earlier YOLO export (data.yaml, images.txt, labels/); "
+            "choose a new folder"
+        )
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    try:
+        yield staged
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
+            os.rename(path, os.path.join(old, "export"))
+            os.rename(staged, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(staged, path)
+    finally:
+        if os.path.exists(staged):
+            shutil.rmtree(staged)

@@ -1,10 +1,10 @@
 """A self-contained HTML gallery of labeled images: mask tinted, box drawn, class and scores.
 
-Rows are chosen with DuckDB over ``read_parquet`` of the labels table (an optional SQL ``WHERE``
-condition over its columns, best ``match_score`` first or a repeatable random sample, at most
-``limit`` rows); each image is read through :func:`pro2sam.storage.read_bytes`, decoded with EXIF
-orientation applied (the frame ``box_xyxy`` and the mask are in) and embedded as a base64 JPEG
-thumbnail. The page needs no network and no files besides itself.
+The pictures are drawn by :mod:`pro2sam.visualize`; this module builds the page from rows chosen
+by the caller (``pro2sam show`` chooses them with DuckDB: :mod:`pro2sam.apps.query`). Each image
+is read through :func:`pro2sam.storage.read_bytes`, decoded with EXIF orientation applied (the
+frame ``box_xyxy`` and the mask are in) and embedded as a base64 JPEG thumbnail. The page needs
+no network and no files besides itself.
 
 Each row is one ``<figure class="overlay">`` with ``data-*`` attributes for its scores; buttons
 sort the figures by a score (a small inline script), and ``gallery.html#sort=pred_iou`` (or
@@ -16,146 +16,40 @@ whole image and blended over a dimmed grey copy of it.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
-import math
-import posixpath
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
 
-from .export import parquet_files
 from .images import ImageDecodeError, decode_image
-from .rle import decode_mask
-from .storage import StorageError, filesystem, is_remote, read_bytes
+from .storage import StorageError, read_bytes, write_bytes_atomic
+from .visualize import DEFAULT_THUMB_SIZE, encode_image, render_coarse_map, render_overlay
 
 __all__ = [
     "DEFAULT_LIMIT",
     "DEFAULT_THUMB_SIZE",
-    "select_rows",
-    "render_overlay",
-    "render_coarse_map",
-    "build_gallery",
-    "add_show_arguments",
-    "run_show",
+    "FIGURE_STYLE",
+    "figures_html",
+    "write_gallery",
 ]
 
 DEFAULT_LIMIT = 100
-DEFAULT_THUMB_SIZE = 256
 # The scores a page sorts by: data attribute (and sort key) -> button text.
 SORT_KEYS = {
+    "confidence": "confidence",
     "match_score": "match score",
     "class_score": "class score",
     "pred_iou": "predicted IoU",
     "stability_score": "stability",
     "mask_area": "mask area",
 }
-_MASK_TINT = np.array([255, 64, 160], dtype=np.float32)  # RGB, magenta: visible on most photographs
-_MASK_ALPHA = 0.45
-_BOX_RGB = (255, 230, 0)
-_COARSE_ALPHA = 0.6  # weight of the heat map over the dimmed image
 _COARSE_TITLE = "GTFormer coarse map (0 blue, 1 red)"
 
 
-def select_rows(
-    input: str,
-    *,
-    where: str | None = None,
-    limit: int = DEFAULT_LIMIT,
-    sample: bool = False,
-    seed: int = 0,
-    coarse_map: bool = False,
-) -> list[dict]:
-    """Rows of the labels table at ``input`` (file or folder, local or URI).
-
-    Args:
-        where: a DuckDB SQL condition over the table's columns, e.g.
-            ``"match_score > 0.5 AND status = 'ok'"``.
-        limit: at most this many rows.
-        sample: a random sample (reservoir, repeatable with ``seed``) of the rows that pass
-            ``where``, instead of the best ``match_score`` first.
-        coarse_map: also read the ``coarse_map`` column (left out by default for its size).
-
-    Returns:
-        Dicts keyed by the labels table's column names, plus ``class_score`` (top-1 probability).
-    """
-    import duckdb
-
-    files = parquet_files(input)
-    con = duckdb.connect()
-    try:
-        if is_remote(input):
-            fs, _ = filesystem(input)
-            con.register_filesystem(fs)
-        columns = "*" if coarse_map else "* EXCLUDE (coarse_map)"
-        filtered = f"SELECT {columns} FROM read_parquet($files)" + (f" WHERE ({where})" if where else "")
-        if sample:
-            sample_clause = f"USING SAMPLE reservoir({int(limit)} ROWS) REPEATABLE ({int(seed)})"
-            sql = f"SELECT * FROM ({filtered}) {sample_clause} ORDER BY image_id"
-        else:
-            sql = f"{filtered} ORDER BY match_score DESC NULLS LAST, image_id LIMIT {int(limit)}"
-        result = con.execute(sql, {"files": files})
-        names = [d[0] for d in result.description]
-        rows = [dict(zip(names, values)) for values in result.fetchall()]
-    finally:
-        con.close()
-    for row in rows:
-        row["class_score"] = row["topk_scores"][0] if row.get("topk_scores") else None
-    return rows
-
-
-def render_overlay(image: np.ndarray, row: dict, *, thumb_size: int = DEFAULT_THUMB_SIZE) -> np.ndarray:
-    """(H, W, 3) uint8 RGB image -> thumbnail (longer side ``thumb_size``) with the row's mask
-    tinted and its box drawn; the box and mask are in the image's pixel frame."""
-    h, w = image.shape[:2]
-    scale = min(1.0, thumb_size / max(h, w))
-    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
-    thumb = cv2.resize(image, (tw, th), interpolation=cv2.INTER_AREA).astype(np.float32)
-    if row.get("mask_rle"):
-        mask = cv2.resize(decode_mask(row["mask_rle"]).astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST) > 0
-        thumb[mask] = (1 - _MASK_ALPHA) * thumb[mask] + _MASK_ALPHA * _MASK_TINT
-    thumb = np.ascontiguousarray(thumb.round().clip(0, 255).astype(np.uint8))
-    if row.get("box_xyxy"):
-        x0, y0, x1, y1 = row["box_xyxy"]
-        sx, sy = tw / w, th / h  # inclusive indices: the box covers [x0, x1 + 1) pixels
-        top_left = (int(x0 * sx), int(y0 * sy))
-        bottom_right = (max(int(x0 * sx), math.ceil((x1 + 1) * sx) - 1), max(int(y0 * sy), math.ceil((y1 + 1) * sy) - 1))
-        cv2.rectangle(thumb, top_left, bottom_right, _BOX_RGB, thickness=2)
-    return thumb
-
-
-def render_coarse_map(image: np.ndarray, coarse_map, size: tuple[int, int]) -> np.ndarray:
-    """The coarse map as a heat map over the image, both resized to ``size`` = (width, height).
-
-    Args:
-        image: (H, W, 3) uint8 RGB, the image the map covers.
-        coarse_map: the labels table's ``coarse_map``: S*S floats in [0, 1], row-major.
-        size: (width, height) of the result, e.g. the overlay thumbnail's.
-
-    Returns:
-        (height, width, 3) uint8 RGB: JET colours of the bilinearly upsampled map, blended over a
-        dimmed grey copy of the image.
-    """
-    values = np.asarray(coarse_map, dtype=np.float32)
-    side = math.isqrt(values.size)
-    if side == 0 or side * side != values.size:
-        raise ValueError(f"coarse_map has {values.size} values, not a square number")
-    heat = cv2.resize(values.reshape(side, side), size, interpolation=cv2.INTER_LINEAR)
-    colours = cv2.applyColorMap((heat.clip(0, 1) * 255).round().astype(np.uint8), cv2.COLORMAP_JET)
-    colours = cv2.cvtColor(colours, cv2.COLOR_BGR2RGB).astype(np.float32)
-    grey = cv2.cvtColor(cv2.resize(image, size, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
-    dimmed = np.repeat(grey[..., None].astype(np.float32) * 0.5, 3, axis=2)
-    return ((1 - _COARSE_ALPHA) * dimmed + _COARSE_ALPHA * colours).round().clip(0, 255).astype(np.uint8)
-
-
 def _jpeg_data_uri(rgb: np.ndarray) -> str:
-    ok, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return "data:image/jpeg;base64," + base64.b64encode(encoded.tobytes()).decode("ascii")
+    return "data:image/jpeg;base64," + base64.b64encode(encode_image(rgb, "jpeg")).decode("ascii")
 
 
 def _thumbnails(row: dict, thumb_size: int, coarse_map: bool) -> tuple[str | None, str | None, str | None]:
@@ -191,9 +85,11 @@ def _figure(row: dict, thumb: str | None, heat: str | None, problem: str | None)
         f'<b class="class-name">{e(class_name)}</b>'
         + (f' <span class="class-id">#{classes[0]}</span>' if classes else "")
         + f' <span class="class-score">p={_fmt(row.get("class_score"))}</span>',
-        f'match {_fmt(row.get("match_score"))} · IoU {_fmt(row.get("pred_iou"))} · '
+        f'match {_fmt(row.get("match_score"))} · predicted IoU {_fmt(row.get("pred_iou"))} · '
         f'stability {_fmt(row.get("stability_score"))} · {e(str(row.get("box_source") or row["status"]))}',
     ]
+    if row.get("confidence") is not None:
+        lines.insert(1, f'<span class="confidence">confidence {_fmt(row["confidence"])}</span>')
     if row.get("label") is not None:
         lines.append(f'label: {e(row["label"])}')
     if row.get("error"):
@@ -210,12 +106,9 @@ def _figure(row: dict, thumb: str | None, heat: str | None, problem: str | None)
     return f'<figure class="overlay" {attr_text}>{body}<figcaption>{"<br>".join(lines)}</figcaption></figure>'
 
 
-_STYLE = """
+# The figures' look, shared with the QA report's doubtful rows (pro2sam.qa).
+FIGURE_STYLE = """
 body{font-family:system-ui,sans-serif;margin:1em;background:#fafafa;color:#222}
-header p{color:#555;margin:.3em 0}
-.sort button{margin-right:.3em}
-.sort button.active{font-weight:bold}
-#gallery{display:flex;flex-wrap:wrap;gap:12px}
 figure.overlay{margin:0;padding:6px;background:#fff;border:1px solid #ddd;border-radius:4px;width:260px}
 figure.overlay[data-status=error]{border-color:#d33}
 figure.overlay img{display:block;max-width:256px;max-height:256px}
@@ -224,6 +117,12 @@ figure.overlay img{display:block;max-width:256px;max-height:256px}
 figcaption{font-size:12px;line-height:1.4;margin-top:4px;word-break:break-all}
 .error{color:#c00}.uri{color:#777}
 .missing{width:256px;height:96px;background:#eee;display:flex;align-items:center;justify-content:center;color:#999}
+"""
+_STYLE = FIGURE_STYLE + """
+header p{color:#555;margin:.3em 0}
+.sort button{margin-right:.3em}
+.sort button.active{font-weight:bold}
+#gallery{display:flex;flex-wrap:wrap;gap:12px}
 """
 
 # Sorts the figures by a data attribute; rows without the score go last whatever the direction.
@@ -254,77 +153,58 @@ _SCRIPT = """
 """
 
 
-def build_gallery(
-    input: str,
+def figures_html(
+    rows: list[dict], *, thumb_size: int = DEFAULT_THUMB_SIZE, threads: int = 8, coarse_map: bool = False
+) -> list[str]:
+    """One ``<figure class="overlay">`` per row (a labels-table row as a dict), in order: the
+    overlay thumbnail (:func:`pro2sam.visualize.render_overlay`, images read in ``threads``
+    threads), the class and scores, and with ``coarse_map`` the coarse map beside. Sets each
+    row's ``class_score`` where it lacks one."""
+    for row in rows:
+        row.setdefault("class_score", row["topk_scores"][0] if row.get("topk_scores") else None)
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
+        thumbs = list(pool.map(lambda r: _thumbnails(r, thumb_size, coarse_map), rows))
+    return [_figure(row, thumb, heat, problem) for row, (thumb, heat, problem) in zip(rows, thumbs)]
+
+
+def write_gallery(
+    rows: list[dict],
     output: str,
     *,
-    where: str | None = None,
-    limit: int = DEFAULT_LIMIT,
-    sample: bool = False,
-    seed: int = 0,
+    source: str,
+    selection: str = "all rows",
+    limit: int | None = None,
     thumb_size: int = DEFAULT_THUMB_SIZE,
     threads: int = 8,
     coarse_map: bool = False,
 ) -> int:
-    """Write the gallery of the rows chosen by :func:`select_rows` to ``output`` (local or URI);
-    return the number of overlays. Images that cannot be read still get a figure, saying why.
-    With ``coarse_map``, each row's GTFormer coarse map is shown beside its overlay."""
-    rows = select_rows(input, where=where, limit=limit, sample=sample, seed=seed, coarse_map=coarse_map)
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(rows)))) as pool:
-        thumbs = list(pool.map(lambda r: _thumbnails(r, thumb_size, coarse_map), rows))
+    """Write the gallery of ``rows`` (labels-table rows as dicts, in page order) to ``output``
+    (local or URI, written whole); return the number of overlays. Images that cannot be read still
+    get a figure, saying why. With ``coarse_map``, each row's GTFormer coarse map (its
+    ``coarse_map`` column) is shown beside its overlay.
+
+    Args:
+        source: the labels table the rows came from, named in the page's title.
+        selection: how the rows were chosen, for the page's header.
+        limit: the most rows that could have been chosen, for the header.
+    """
     e = html.escape
     buttons = "".join(f'<button type="button" data-key="{k}">{e(v)}</button>' for k, v in SORT_KEYS.items())
-    chosen = f"where {e(where)}" if where else "all rows"
-    order = f"random sample (seed {seed})" if sample else "best match_score first"
     page = "\n".join(
         [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
-            f"<title>pro2sam gallery: {e(input)}</title>",
+            f"<title>pro2sam gallery: {e(source)}</title>",
             f"<style>{_STYLE}</style></head><body>",
-            f"<header><h1>pro2sam labels</h1><p>{e(input)}: {chosen}; {order}; "
-            f'<span class="count">{len(rows)}</span> of at most {int(limit)} rows</p>',
+            f"<header><h1>pro2sam labels</h1><p>{e(source)}: {e(selection)}; "
+            f'<span class="count">{len(rows)}</span>' + (f" of at most {int(limit)}" if limit else "") + " rows</p>",
             f'<p class="sort">Sort by: {buttons}</p></header>',
             '<main id="gallery" class="with-coarse-map">' if coarse_map else '<main id="gallery">',
-            *(_figure(row, thumb, heat, problem) for row, (thumb, heat, problem) in zip(rows, thumbs)),
+            *figures_html(rows, thumb_size=thumb_size, threads=threads, coarse_map=coarse_map),
             "</main>",
             f"<script>{_SCRIPT}</script>",
             "</body></html>",
         ]
     )
-    fs, path = filesystem(output)
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    write_bytes_atomic(output, page.encode("utf-8"))
     return len(rows)
-
-
-def add_show_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``pro2sam show`` options."""
-    p.add_argument("--input", required=True, help="labels table: a Parquet file or folder (local or URI)")
-    p.add_argument("--output", default="gallery.html", help="the HTML file to write (default %(default)s)")
-    p.add_argument("--where", help="DuckDB SQL condition, e.g. \"match_score > 0.5 AND status='ok'\"")
-    p.add_argument("--limit", type=int, default=DEFAULT_LIMIT, help="at most this many images (default %(default)s)")
-    p.add_argument("--sample", action="store_true", help="a random sample instead of the best match_score first")
-    p.add_argument("--seed", type=int, default=0, help="seed of --sample")
-    p.add_argument("--thumb-size", type=int, default=DEFAULT_THUMB_SIZE, help="thumbnail's longer side in pixels")
-    p.add_argument("--coarse-map", action="store_true", help="show each row's GTFormer coarse map beside its overlay")
-
-
-def run_show(args: argparse.Namespace) -> int:
-    """``pro2sam show``: writes the page, prints how many overlays it holds; exit status 0."""
-    count = build_gallery(
-        args.input,
-        args.output,
-        where=args.where,
-        limit=args.limit,
-        sample=args.sample,
-        seed=args.seed,
-        thumb_size=args.thumb_size,
-        coarse_map=args.coarse_map,
-    )
-    print(f"pro2sam show: {count} images -> {args.output}", file=sys.stderr)
-    return 0
-

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -36,7 +36,8 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrai
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from .checkpoints import CheckpointError, load_state_dict, sha256_file
+from .checkpoints import CheckpointError, load_state_dict
+from .storage import sha256_file, write_bytes_atomic
 
 __all__ = [
     "GTFORMER_PRESETS",
@@ -58,6 +59,7 @@ __all__ = [
     "deit_to_gtformer_state_dict",
     "save_gtformer",
     "load_gtformer",
+    "gtformer_class_names",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -743,7 +745,7 @@ def save_gtformer(
     Returns:
         The directory.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     preset = getattr(model, "preset", None)
     if preset not in GTFORMER_PRESETS:
@@ -770,20 +772,53 @@ def save_gtformer(
     path_dir = Path(path_dir)
     path_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(path_dir / WEIGHTS_FILE, lambda p: save_file(state, p, metadata={"format": "pt"}))
-    _write_atomic(path_dir / CONFIG_FILE, lambda p: Path(p).write_text(config_text + "\n"))
+    write_bytes_atomic(str(path_dir / WEIGHTS_FILE), save(state, metadata={"format": "pt"}))
+    write_bytes_atomic(str(path_dir / CONFIG_FILE), (config_text + "\n").encode())
     return path_dir
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def gtformer_class_names(gtformer: str | os.PathLike) -> list[str] | None:
+    """``class_names`` of a GTFormer export (folder, ``config.json`` or weights file; local or
+    URI), read from its ``config.json`` without loading the model; None if it has none."""
+    from .storage import join_uri, read_bytes
+
+    uri = os.fspath(gtformer)
+    if not uri.rstrip("/").endswith(".json"):
+        if uri.endswith(".safetensors"):
+            uri = uri.rsplit("/", 1)[0] if "/" in uri else "."
+        uri = join_uri(uri, CONFIG_FILE)
+    names = json.loads(read_bytes(uri)).get("class_names")
+    return list(names) if names else None
+
+
+def _check_config(config: dict[str, Any], config_path: Path) -> None:
+    """Raise CheckpointError for a config whose values would break or silently spoil labeling."""
+
+    def bad(message: str) -> None:
+        raise CheckpointError(f"GTFormer config {config_path}: {message}")
+
+    num_classes = config.get("num_classes")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        bad(f"num_classes must be a positive integer, not {num_classes!r}")
+    names = config.get("class_names")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            bad("class_names must be a list of strings")
+        if len(names) != num_classes:
+            bad(f"class_names has {len(names)} names for {num_classes} classes")
+    img_size = config.get("img_size", 224)
+    patch = GTFORMER_PRESETS[config["preset"]].get("patch_size", 16)
+    if not isinstance(img_size, int) or isinstance(img_size, bool) or img_size < patch or img_size % patch:
+        bad(f"img_size must be a positive multiple of the patch size {patch}, not {img_size!r}")
+    for key, default in (("mean", (0.485, 0.456, 0.406)), ("std", (0.229, 0.224, 0.225))):
+        values = config.get(key, default)
+        if (
+            not isinstance(values, (list, tuple)) or len(values) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        ):  # fmt: skip
+            bad(f"{key} must be three finite numbers, not {values!r}")
+        if key == "std" and min(values) <= 0:
+            bad(f"std must be positive, not {values!r} (the normalised image would be infinite)")
 
 
 def load_gtformer(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> tuple[GTFormer, dict[str, Any]]:
@@ -817,9 +852,15 @@ def load_gtformer(path: str | os.PathLike, *, device: str | torch.device = "cpu"
         raise CheckpointError(f"{config_path} is not a GTFormer config (format != {CONFIG_FORMAT!r})")
     if config.get("preset") not in GTFORMER_PRESETS:
         raise CheckpointError(f"{config_path} names unknown GTFormer preset {config.get('preset')!r}")
+    _check_config(config, config_path)
 
     state = load_state_dict(weights_path, what="GTFormer checkpoint")
     model = create_gtformer(config["preset"], num_classes=int(config["num_classes"]), **config.get("overrides") or {})
+    if int(config.get("img_size", 224)) != int(model.patch_embed.img_size[0]):
+        raise CheckpointError(
+            f"GTFormer config {config_path}: img_size {config.get('img_size')} differs from the model's "
+            f"{model.patch_embed.img_size[0]}"
+        )
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

@@ -13,10 +13,32 @@ import pyarrow as pa
 
 from .rle import encode_mask
 
-__all__ = ["LABEL_SCHEMA", "STATUS_OK", "STATUS_ERROR", "ok_row", "error_row", "rows_to_table", "describe_schema"]
+__all__ = [
+    "LABEL_SCHEMA",
+    "STATUS_OK",
+    "STATUS_ERROR",
+    "ERROR_KINDS",
+    "RETRIED_ERROR_KINDS",
+    "result_columns",
+    "ok_row",
+    "json_record",
+    "error_row",
+    "rows_to_table",
+    "describe_schema",
+]
 
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+
+# Why an image could not be labeled; a rerun labels the kinds in RETRIED_ERROR_KINDS again (the
+# cause may have passed), the others only with --retry-errors.
+ERROR_KINDS = {
+    "read": "storage could not give the bytes now (missing, permission denied, outage, timeout)",
+    "input": "the input is not a file we read (not a regular file, over the size limit, a non-UTF-8 name)",
+    "image": "the bytes are not an image we can label (empty, corrupt, truncated, too many pixels, degenerate size)",
+    "model": "the models failed on this image",
+}
+RETRIED_ERROR_KINDS = ("read",)
 
 
 def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
@@ -25,8 +47,9 @@ def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa
 
 LABEL_SCHEMA = pa.schema(
     [
-        _field("image_id", pa.string(), "stable id: 20 hex digits of SHA-1(uri)", nullable=False),
-        _field("uri", pa.string(), "where the image was read from", nullable=False),
+        _field("image_id", pa.string(), "stable id: 20 hex digits of SHA-1(uri), uri in its canonical form", nullable=False),
+        _field("uri", pa.string(), "where the image was read from: a resolved local path or an object URI", nullable=False),
+        _field("source_fingerprint", pa.string(), "size and mtime (local) or size and ETag (object) of the file labeled"),
         _field("width", pa.int32(), "image width in pixels, after EXIF orientation"),
         _field("height", pa.int32(), "image height in pixels, after EXIF orientation"),
         _field("label", pa.string(), "image-level label given in the manifest, if any"),
@@ -46,12 +69,19 @@ LABEL_SCHEMA = pa.schema(
         _field("stability_score", pa.float32(), "SAM's stability score of the mask (null for the fallback)"),
         _field("num_candidates", pa.int32(), "SAM candidates left after filtering"),
         _field(
+            "confidence",
+            pa.float32(),
+            "probability in [0, 1] that the box is right (IoU >= 0.5), from the calibration of pro2sam evaluate "
+            "(null when labeled without one, and for error rows)",
+        ),
+        _field(
             "coarse_map",
             pa.list_(pa.float32()),
             "GTFormer coarse foreground map M_b, row-major, side sqrt(len) (14x14 for 224 input), whole image",
         ),
         _field("status", pa.string(), "'ok' or 'error'", nullable=False),
         _field("error", pa.string(), "why the image could not be labeled (null when ok)"),
+        _field("error_kind", pa.string(), "'read', 'input', 'image' or 'model' (null when ok); 'read' is retried by a rerun"),
         _field("gtformer_sha256", pa.string(), "SHA-256 of the GTFormer weights file"),
         _field("sam_model", pa.string(), "SAM variant and SHA-256 of its checkpoint"),
         _field("run_id", pa.string(), "id of the job run that wrote the row", nullable=False),
@@ -63,15 +93,14 @@ def _nan_to_none(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
-def ok_row(image_id: str, uri: str, label: str | None, result, *, model_ids: dict[str, str], run_id: str) -> dict:
-    """A row for an image labeled by :meth:`pro2sam.Pro2SAM.localize`."""
+def result_columns(result) -> dict:
+    """The columns a :class:`pro2sam.model.Pro2SAMResult` fills (one serialiser for the labels
+    table and the JSON records of ``pro2sam predict``): sizes, classes, box, mask as COCO RLE,
+    scores, coarse map."""
     h, w = result.mask.shape
     return {
-        "image_id": image_id,
-        "uri": uri,
         "width": w,
         "height": h,
-        "label": label,
         "topk_classes": result.topk_classes,
         "topk_names": result.topk_names,
         "topk_scores": result.topk_scores,
@@ -84,12 +113,42 @@ def ok_row(image_id: str, uri: str, label: str | None, result, *, model_ids: dic
         "stability_score": _nan_to_none(result.stability_score),
         "num_candidates": result.num_candidates,
         "coarse_map": result.coarse_map.astype("float32").ravel().tolist(),
+    }
+
+
+def ok_row(
+    image_id: str,
+    uri: str,
+    label: str | None,
+    result,
+    *,
+    model_ids: dict[str, str],
+    run_id: str,
+    source_fingerprint: str | None = None,
+) -> dict:
+    """A row for an image labeled by :meth:`pro2sam.Pro2SAM.localize`."""
+    return {
+        "image_id": image_id,
+        "uri": uri,
+        "source_fingerprint": source_fingerprint,
+        "label": label,
+        **result_columns(result),
+        "confidence": None,  # set by a calibration (pro2sam.confidence), not by the model
         "status": STATUS_OK,
         "error": None,
+        "error_kind": None,
         "gtformer_sha256": model_ids.get("gtformer"),
         "sam_model": model_ids.get("sam"),
         "run_id": run_id,
     }
+
+
+def json_record(path: str, result) -> dict:
+    """One image's result as a JSON-serialisable dict (``pro2sam predict``): the table's result
+    columns without the coarse map."""
+    columns = result_columns(result)
+    del columns["coarse_map"]
+    return {"path": path, "status": STATUS_OK, "error": None, **columns}
 
 
 def error_row(
@@ -98,21 +157,28 @@ def error_row(
     label: str | None,
     error: str,
     *,
+    kind: str,
     run_id: str,
     model_ids: dict[str, str] | None = None,
     width: int | None = None,
     height: int | None = None,
+    source_fingerprint: str | None = None,
 ) -> dict:
-    """A row for an image that could not be labeled; ``error`` says why."""
+    """A row for an image that could not be labeled; ``error`` says why, ``kind`` is one of
+    :data:`ERROR_KINDS`."""
+    if kind not in ERROR_KINDS:
+        raise ValueError(f"unknown error kind {kind!r}; one of {sorted(ERROR_KINDS)}")
     row = {name: None for name in LABEL_SCHEMA.names}
     row.update(
         image_id=image_id,
         uri=uri,
+        source_fingerprint=source_fingerprint,
         label=label,
         width=width,
         height=height,
         status=STATUS_ERROR,
         error=error,
+        error_kind=kind,
         run_id=run_id,
         gtformer_sha256=(model_ids or {}).get("gtformer"),
         sam_model=(model_ids or {}).get("sam"),

@@ -46,6 +46,16 @@ class MatchConfig:
         reject_full_frame: reject candidates whose box spans the whole image.
         fallback_threshold: threshold on the min-max normalised, upsampled coarse map for the
             coarse-map box used when no candidate survives.
+        part_to_object: **[ours]** part-to-object completion (METHOD.md §3). A classifier's map
+            favours the discriminative part, and SAM segments that part as a confident mask of
+            its own; SAM's nested outputs give the hierarchy. When the best match lies inside a
+            larger kept candidate that still agrees with the coarse map, that candidate (the
+            object) is taken instead, and again from it while one qualifies.
+        containment: the best match "lies inside" a candidate when at least this share of its
+            pixels are the candidate's.
+        min_growth: the candidate must be at least this many times the best match's area.
+        agreement: the candidate "still agrees with the coarse map" when its similarity is at
+            least this share of the best match's.
     """
 
     similarity: str = "iou"
@@ -54,10 +64,19 @@ class MatchConfig:
     min_component_area: float = 10.0
     reject_full_frame: bool = True
     fallback_threshold: float = 0.2
+    part_to_object: bool = False
+    containment: float = 0.9
+    min_growth: float = 1.5
+    agreement: float = 0.5
 
     def __post_init__(self) -> None:
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"unknown similarity {self.similarity!r}; choose from {sorted(SIMILARITIES)}")
+        for name in ("coarse_threshold", "fallback_threshold", "containment", "agreement"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
+        if self.min_growth < 1.0:
+            raise ValueError(f"min_growth must be >= 1, not {self.min_growth}")
 
 
 @dataclass
@@ -70,12 +89,20 @@ class Match:
         scores: (N,) float64 similarity of every candidate; nan for rejected ones.
         rejected: (N,) str, "" for scored candidates, else why it was rejected
             ("no component of the minimum area", "box spans the whole frame").
+        best_match: the candidate plain matching chose; differs from ``index`` when part-to-object
+            completion took a larger candidate containing it.
     """
 
     index: int | None
     match_score: float
     scores: np.ndarray
     rejected: np.ndarray
+    best_match: int | None = None
+
+    @property
+    def completed(self) -> bool:
+        """True when part-to-object completion replaced the best match by its object."""
+        return self.index is not None and self.index != self.best_match
 
 
 def _iou(target: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -176,7 +203,26 @@ def match_masks(
     kept_scores = scores[keep]
     order = np.lexsort((-np.asarray(pred_ious, dtype=np.float64)[keep], -kept_scores))
     best = int(keep[order[0]])
-    return Match(best, float(scores[best]), scores, rejected)
+    chosen = _complete_to_object(best, keep, candidate_masks, scores, config) if config.part_to_object else best
+    return Match(chosen, float(scores[chosen]), scores, rejected, best_match=best)
+
+
+def _complete_to_object(
+    best: int, keep: np.ndarray, masks: np.ndarray, scores: np.ndarray, config: MatchConfig
+) -> int:
+    """The object whose part ``best`` is (see :class:`MatchConfig`), climbing while one qualifies."""
+    flat = masks[keep].reshape(len(keep), -1)
+    areas = flat.sum(1)
+    chosen, floor = best, config.agreement * scores[best]
+    while True:
+        i = int(np.flatnonzero(keep == chosen)[0])
+        inside = (flat & flat[i]).sum(1) / max(1, areas[i])
+        container = (inside >= config.containment) & (areas >= config.min_growth * areas[i]) & (scores[keep] >= floor)
+        if not container.any():
+            return chosen
+        # The container that agrees best with the map; among equals, the smaller (the next level up).
+        options = np.flatnonzero(container)
+        chosen = int(keep[options[np.lexsort((areas[options], -scores[keep][options]))[0]]])
 
 
 def mask_box(mask: np.ndarray, min_area_at_224: float = 10.0) -> tuple[int, int, int, int] | None:

@@ -3,12 +3,16 @@
 Box metrics follow ``clovaai/wsolevaluation`` (Choe et al., CVPR 2020) exactly, so numbers compare
 with the literature:
 
-- Boxes are ``(x0, y0, x1, y1)`` integer pixel coordinates, scored with the *inclusive* IoU
-  (a box covers ``x1 - x0 + 1`` columns).
+- One box convention for GT and predicted boxes alike, wsolevaluation's: ``(x0, y0, x1, y1)``
+  integer pixel coordinates with ``x1``, ``y1`` **one past** the last pixel (CUB's ``x + w``,
+  ILSVRC's ``xmax``, OpenCV's ``x + w``). A box of inclusive pixel indices (the labels table's
+  ``box_xyxy``, a mask's tight box) is converted first (:func:`inclusive_to_eval_boxes`).
+- IoU is nevertheless wsolevaluation's *inclusive* one (+1 on widths and heights: a box is
+  scored as covering ``x1 - x0 + 1`` columns); it is applied to both boxes alike.
 - Boxes drawn from a score map use wsolevaluation's convention ``(x, y, x + w, y + h)`` of the
   OpenCV bounding rectangle, with ``x1``/``y1`` clipped to ``W - 1``/``H - 1``: one pixel wider and
   taller than the thresholded blob unless the blob touches the right/bottom border. A map with no
-  foreground gives the box ``[0, 0, 0, 0]`` (which, inclusively, is the pixel (0, 0)).
+  foreground gives the box ``[0, 0, 0, 0]``.
 - Frame: score maps, masks and GT boxes are in the evaluation frame, the image plain-resized to
   224x224 (:func:`scale_boxes_to_frame` brings GT boxes there).
 
@@ -33,6 +37,7 @@ __all__ = [
     "box_iou_inclusive",
     "boxes_from_score_map",
     "cam_thresholds",
+    "inclusive_to_eval_boxes",
     "localization_accuracy",
     "mask_iou",
     "quantize_score_map",
@@ -93,8 +98,25 @@ def _as_boxes(boxes: np.ndarray, name: str) -> np.ndarray:
     return boxes
 
 
+def inclusive_to_eval_boxes(boxes: np.ndarray) -> np.ndarray:
+    """Boxes of inclusive pixel indices in the evaluation's convention: ``x1``, ``y1`` one past the
+    last pixel, i.e. ``(x0, y0, x1 + 1, y1 + 1)``, as GT boxes are (CUB ``x + w``, ILSVRC ``xmax``).
+
+    Args:
+        boxes: (N, 4) ``(x0, y0, x1, y1)``, ``x1``/``y1`` the last covered column/row (a single
+            box of shape (4,) is accepted), e.g. the labels table's ``box_xyxy``.
+
+    Returns:
+        (N, 4), same dtype and frame.
+    """
+    boxes = _as_boxes(boxes, "boxes").copy()
+    boxes[:, 2:] += 1
+    return boxes
+
+
 def box_iou_inclusive(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU with the inclusive-pixel convention (+1 on widths and heights).
+    """Pairwise IoU with the inclusive-pixel convention (+1 on widths and heights), as
+    wsolevaluation computes it on boxes of its one-past-the-end convention.
 
     Args:
         boxes_a: (N, 4) ``(x0, y0, x1, y1)``, non-negative, integer pixel coordinates (a single
@@ -212,7 +234,7 @@ class MaxBoxAccEvaluator:
 
         Args:
             score_map: (H, W) float in [0, 1], evaluation frame.
-            gt_boxes: (K, 4) int ``(x0, y0, x1, y1)`` inclusive, same frame, K >= 1.
+            gt_boxes: (K, 4) int ``(x0, y0, x1, y1)``, same frame and convention, K >= 1.
         """
         gt_boxes = _as_boxes(gt_boxes, "gt_boxes")
         if len(gt_boxes) == 0:
@@ -383,7 +405,8 @@ class LocalizationAccumulator:
     """Top-1 / Top-5 / GT-known Loc and Top-1 / Top-5 classification accuracy, in percent.
 
     Per image: one predicted box, the predicted classes in order of score, the GT class and the
-    GT boxes. The box is correct when its inclusive IoU reaches 0.5 against any GT box.
+    GT boxes, both in the evaluation's convention. The box is correct when its (inclusive) IoU
+    reaches 0.5 against any GT box.
     Top-1 Loc needs the top-1 class right too, Top-5 Loc the GT class among the first five,
     GT-known Loc ignores the class.
 
@@ -404,7 +427,7 @@ class LocalizationAccumulator:
         Args:
             topk_classes: (k,) int class indices, best first (k >= 1; only the first 5 are used).
             gt_class: int.
-            pred_box: (4,) int ``(x0, y0, x1, y1)`` inclusive, evaluation frame.
+            pred_box: (4,) int ``(x0, y0, x1, y1)``, evaluation frame and convention.
             gt_boxes: (K, 4) int, same convention and frame, K >= 1.
         """
         topk = np.asarray(topk_classes).reshape(-1)[:5]
@@ -453,7 +476,7 @@ def localization_accuracy(
     Args:
         topk_classes: (N, k) int, best first.
         gt_classes: (N,) int.
-        pred_boxes: (N, 4) int ``(x0, y0, x1, y1)`` inclusive, evaluation frame.
+        pred_boxes: (N, 4) int ``(x0, y0, x1, y1)``, evaluation frame and convention.
         gt_boxes: N arrays of shape (K_i, 4), same frame.
         iou_threshold: IoU a box needs (0.5).
 

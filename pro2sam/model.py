@@ -14,15 +14,19 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoints import OFFICIAL_SAM_CHECKPOINTS, sha256_file
+from .candidates import CandidateConfig, Candidates, GridCandidateGenerator
+from .checkpoints import OFFICIAL_SAM_CHECKPOINTS
 from .gtformer import load_gtformer
 from .images import to_rgb_array
 from .matching import MatchConfig, coarse_fallback, mask_box, match_masks
-from .sam_candidates import CandidateConfig, GridCandidateGenerator, build_sam
+from .sam import DEFAULT_SAM_VARIANT, build_sam
+from .storage import sha256_file
 
-__all__ = ["Pro2SAM", "Pro2SAMResult", "BOX_SOURCES"]
+__all__ = ["Pro2SAM", "Pro2SAMResult", "ImageShapeError"]
 
-BOX_SOURCES = ("sam", "coarse_fallback")
+
+class ImageShapeError(ValueError):
+    """An image SAM cannot take: resized to SAM's input, its short side is under one pixel."""
 
 
 @dataclass
@@ -128,7 +132,7 @@ class Pro2SAM:
     def from_checkpoints(
         cls,
         gtformer: str | os.PathLike,
-        sam: str = "vit_h",
+        sam: str = DEFAULT_SAM_VARIANT,
         sam_checkpoint: str | os.PathLike | None = None,
         *,
         verify: bool = True,
@@ -231,10 +235,25 @@ class Pro2SAM:
             probs: (C,) class probabilities from :meth:`classify`.
             coarse_map: (h, w) coarse map from :meth:`classify`.
         """
+        h, w = image.shape[:2]
+        side = self.sam.image_encoder.img_size
+        if min(h, w) * side / max(h, w) < 0.5:
+            raise ImageShapeError(
+                f"image is {w}x{h}: too elongated for SAM, whose {side}-pixel input would leave its short side "
+                "under one pixel"
+            )
+        candidates = self.generator.generate(image, coarse_map=coarse_map)
+        return self.choose(image, probs, coarse_map, candidates, label=label)
+
+    def choose(
+        self, image: np.ndarray, probs: np.ndarray, coarse_map: np.ndarray, candidates: Candidates, *, label: Any = None
+    ) -> Pro2SAMResult:
+        """Stage 3 for one image whose candidates are known (:meth:`localize` without stage 2):
+        matching with this model's :class:`MatchConfig`, the fallback, the result. Lets one set of
+        candidates be matched under several settings."""
         k = min(self.top_k, len(probs))
         top = np.argsort(-probs, kind="stable")[:k]
         names = [self.class_names[i] for i in top] if self.class_names else None
-        candidates = self.generator.generate(image, coarse_map=coarse_map)
         match = match_masks(coarse_map, candidates.masks, candidates.pred_ious, self.match_config)
         mask = box = None
         if match.index is not None:

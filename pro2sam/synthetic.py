@@ -21,7 +21,7 @@ while bodies, distractors and background clutter are drawn with low saturation
 Every scene is determined by ``(seed, stream, index)`` (:func:`make_scene`); labels cycle through
 the classes in shuffled blocks, so any prefix of a split is close to balanced. The streams
 ``train``/``val``/``test`` make the data set written by :func:`write_wsol_dataset`; ``sam`` is
-the disjoint stream SAM-tiny is trained on (:mod:`pro2sam.sam_training`), so that, as SAM never
+the disjoint stream SAM-tiny is trained on (:mod:`pro2sam.train.sam`), so that, as SAM never
 saw CUB, SAM-tiny never sees an image of the data set.
 
 Frames and conventions: images are (H, W, 3) uint8 RGB; masks are (H, W) bool in the same frame;
@@ -31,7 +31,6 @@ column), the tight box of ``object_mask``.
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import json
 import shlex
@@ -61,11 +60,11 @@ __all__ = [
     "make_scene",
     "scene_label",
     "write_wsol_dataset",
-    "add_synthetic_arguments",
-    "run_synthetic",
 ]
 
-GENERATOR_VERSION = 3  # 3: class parts carry a pattern in an accent colour as well as a shape
+# 2: GT boxes one past the last pixel; 3: class parts carry a pattern in an accent colour as well
+# as a shape; 4: both.
+GENERATOR_VERSION = 4
 
 # Class = (part colour, part kind); the class index is colour-major over these two tuples. Each
 # kind has its own shape, its own fine pattern and the pattern's own accent colour (PART_KINDS).
@@ -549,9 +548,10 @@ def write_wsol_dataset(
         <split>/image_ids.txt             images/<split>/000000.jpg ...
         <split>/class_labels.txt          path,label (0-based)
         <split>/image_sizes.txt           path,width,height
-        <split>/localization.txt          val/test only: path,x0,y0,x1,y1 (inclusive pixel
-                                          indices) and path,masks/<split>/000000.png, (the
-                                          OpenImages form, no ignore mask)
+        <split>/localization.txt          val/test only: path,x0,y0,x1,y1 (x1, y1 one past the
+                                          last object pixel, as CUB's x + w and wsolevaluation)
+                                          and path,masks/<split>/000000.png, (the OpenImages
+                                          form, no ignore mask)
         images/<split>/NNNNNN.jpg         RGB, JPEG
         masks/<split>/NNNNNN.png          val/test: 8-bit grey, 255 = object, 0 = rest
 
@@ -582,7 +582,7 @@ def write_wsol_dataset(
         "counts": counts,
         "image_size": [lo, hi],
         "class_names": list(SYNTHETIC_CLASSES[:num_classes]),
-        "box_convention": "x0,y0,x1,y1 inclusive pixel indices",
+        "box_convention": "x0,y0,x1,y1 with x1,y1 one past the last object pixel (wsolevaluation's)",
         "command": command if command is not None else shlex.join(sys.argv),
     }
     (root / "synthetic.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -609,7 +609,8 @@ def _write_split(
         if with_localization:
             mask_path = f"masks/{split}/{i:06d}.png"
             Image.fromarray(scene.object_mask.astype(np.uint8) * 255).save(root / mask_path)
-            localization.append(f"{path},{','.join(str(v) for v in scene.box_xyxy)}\n")
+            x0, y0, x1, y1 = scene.box_xyxy  # inclusive; written in the evaluation's convention
+            localization.append(f"{path},{x0},{y0},{x1 + 1},{y1 + 1}\n")
             localization.append(f"{path},{mask_path},\n")
     folder = root / split
     (folder / "image_ids.txt").write_text("".join(ids))
@@ -622,31 +623,3 @@ def _write_split(
 
 
 # ---------------------------------------------------------------- command line
-
-
-def add_synthetic_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of ``pro2sam synthetic``."""
-    p.add_argument("--output", required=True, help="root folder of the data set (metadata and images)")
-    p.add_argument("--num-train", type=int, default=2000, help="training images (default %(default)s)")
-    p.add_argument("--num-val", type=int, default=500, help="held-out images with boxes and masks (default %(default)s)")
-    p.add_argument("--num-test", type=int, default=1000, help="test images with boxes and masks (default %(default)s)")
-    p.add_argument("--min-size", type=int, default=DEFAULT_SIZE_RANGE[0], help="smallest image side, px (default %(default)s)")
-    p.add_argument("--max-size", type=int, default=DEFAULT_SIZE_RANGE[1], help="largest image side, px (default %(default)s)")
-    p.add_argument("--num-classes", type=int, default=len(SYNTHETIC_CLASSES), help="classes in play (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def run_synthetic(args: argparse.Namespace) -> int:
-    """``pro2sam synthetic``: write the data set and print the specs of its splits."""
-    out = write_wsol_dataset(
-        args.output,
-        num_train=args.num_train,
-        num_val=args.num_val,
-        num_test=args.num_test,
-        image_size=(args.min_size, args.max_size),
-        seed=args.seed,
-        num_classes=args.num_classes,
-    )
-    for split, count in out.counts.items():
-        print(f"{split}: {count} images  {out.spec(split)}")
-    return 0

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from pro2sam.checkpoints import sha256_file
+from pro2sam.storage import sha256_file
 from pro2sam.gtformer import GTFORMER_PRESETS, create_deit_backbone
 from pro2sam.synthetic_pretrain import (
     PRETRAIN_CLASSES,
@@ -60,7 +60,7 @@ from pro2sam.synthetic_pretrain import (
     make_pretrain_arrays,
     pretrain_class_factors,
 )
-from pro2sam.training import lr_at_step, param_groups
+from pro2sam.train.schedule import lr_at_step, param_groups
 
 WEIGHTS_FILE = "backbone.safetensors"
 RECORD_FILE = "backbone.json"

@@ -9,7 +9,7 @@ def tiny_sam():
 
     Shared by the whole session: treat it as read-only.
     """
-    from pro2sam.sam_candidates import build_sam
+    from pro2sam.sam import build_sam
 
     return build_sam("tiny", seed=0)
 
@@ -17,7 +17,7 @@ def tiny_sam():
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """(GTFormer export folder, tiny SAM .pth) written to disk, random weights, 3 classes."""
-    from pro2sam.example import make_tiny_checkpoints
+    from helpers import make_tiny_checkpoints
 
     return make_tiny_checkpoints(tmp_path_factory.mktemp("tiny_models"))
 

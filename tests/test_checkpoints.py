@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pro2sam.checkpoints import CheckpointError, load_state_dict, sha256_file, verify_sha256
+from pro2sam.checkpoints import CheckpointError, load_state_dict, verify_sha256
+from pro2sam.storage import sha256_file
 
 
 @pytest.fixture

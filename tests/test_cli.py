@@ -4,17 +4,18 @@ import json
 import subprocess
 import sys
 
-from pro2sam.example import make_example_images, make_tiny_checkpoints
+from helpers import make_tiny_checkpoints, write_scenes
+
 from pro2sam.rle import decode_mask
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "pro2sam.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "pro2sam", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_predict_writes_a_line_per_image_and_an_error_line_for_a_broken_one(tmp_path):
     gt_dir, sam_path = make_tiny_checkpoints(tmp_path / "models")
-    good = make_example_images(tmp_path / "images", count=2)
+    good = write_scenes(tmp_path / "images", 2)
     broken = tmp_path / "images" / "broken.jpg"
     broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     out = tmp_path / "labels.jsonl"
@@ -32,18 +33,11 @@ def test_predict_writes_a_line_per_image_and_an_error_line_for_a_broken_one(tmp_
     assert mask.sum() == records[0]["mask_area"]
 
 
-def test_example_runs_end_to_end(tmp_path):
-    proc = run_cli("example", "--workdir", str(tmp_path / "ex"), "--points-per-side", "4")
-    assert proc.returncode == 0, proc.stderr
-    assert "4 ok, 1 error" in proc.stdout
-    assert "RANDOM-weight" in proc.stdout
-
-
 def test_a_wrong_sam_file_is_reported_without_a_traceback(tmp_path):
     gt_dir, _ = make_tiny_checkpoints(tmp_path / "models")
     fake = tmp_path / "sam_vit_b_01ec64.pth"
     fake.write_bytes(b"not the official weights")
-    image = make_example_images(tmp_path / "images", count=1)[0]
+    image = write_scenes(tmp_path / "images", 1)[0]
     proc = run_cli("predict", "--gtformer", str(gt_dir), "--sam", "vit_b", "--sam-checkpoint", str(fake), str(image))
     assert proc.returncode != 0
     assert "SHA-256" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,7 +1,6 @@
 """The cluster configs parse, carry the fields their tools need, install this package and run an
 entry point that exists in the repository."""
 
-import argparse
 import shlex
 from pathlib import Path
 
@@ -80,12 +79,25 @@ def test_rayjob_entrypoint_runs_the_label_job_of_this_repository():
     argv = shlex.split(load(RAYJOB)["spec"]["entrypoint"])
     assert argv[0] == "python" and (REPO / argv[1]).is_file()
     assert argv[1] == "jobs/label.py"
-    from pro2sam.pipeline.label_job import add_label_arguments
+    from pro2sam.apps.cli import build_parser
 
-    parser = argparse.ArgumentParser()
-    add_label_arguments(parser)
-    args = parser.parse_args(argv[2:])  # every option is one the job knows
+    args = build_parser().parse_args(["label", *argv[2:]])  # every option is one the job knows
     assert args.input and args.output and args.gtformer
+
+
+def test_rayjob_asks_for_the_gpu_workers_it_autoscales_to():
+    """The GPU workers start at zero: the job must ask for GPUs, or it labels on the head's CPU."""
+    from pro2sam.apps.cli import build_parser
+
+    job = load(RAYJOB)
+    args = build_parser().parse_args(["label", *shlex.split(job["spec"]["entrypoint"])[2:]])
+    groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    max_gpus = sum(
+        g["maxReplicas"] * sum(c["resources"]["limits"].get("nvidia.com/gpu", 0) for c in g["template"]["spec"]["containers"])
+        for g in groups
+    )
+    assert args.gpus_per_actor == 1
+    assert 1 <= args.actors <= max_gpus
 
 
 def test_launcher_header_submits_an_entry_point_of_this_repository():

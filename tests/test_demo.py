@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pro2sam import shipped
-from pro2sam.cli import main
-from pro2sam.demo import SUMMARY_METRICS, run_demo
+from pro2sam.apps.cli import main
+from pro2sam.apps.demo import run_demo
+from pro2sam.report import BOX_ACCURACY, SUMMARY_METRICS
 
 NUM_TEST, NUM_VAL, POINTS_PER_SIDE = 6, 4, 4
 
@@ -50,11 +51,12 @@ def test_report_holds_both_methods_numbers_on_the_test_split(tiny_demo):
     report = json.loads(Path(summary["report_json"]).read_text())
     assert report["test_split"] == "test" and report["heldout_split"] == "val"
     assert report["test"]["num_images"] == NUM_TEST and report["heldout"]["num_images"] == NUM_VAL
+    not_applicable = {("Pro2SAM", "MaxBoxAccV2"), ("GTFormer", "fallback_rate")}  # one box; no fallback
     for method in ("GTFormer", "Pro2SAM"):
-        for key in SUMMARY_METRICS:
-            value = report["results"][method][key]
-            assert 0.0 <= value <= 100.0
+        for key in (*SUMMARY_METRICS, BOX_ACCURACY[method]):
+            value = report["results"][method].get(key)
             assert summary["results"][method][key] == value
+            assert value is None if (method, key) in not_applicable else 0.0 <= value <= 100.0
     assert Path(summary["report_md"]).is_file()
 
 
@@ -68,9 +70,12 @@ def test_gallery_shows_each_test_image_with_its_coarse_map(tiny_demo):
 
 def test_printed_summary_gives_the_numbers_and_the_paths(tiny_demo):
     summary, printed = tiny_demo
-    assert "GT-known Loc" in printed and "MaxBoxAccV2" in printed
-    pro2sam_line = next(line for line in printed.splitlines() if line.strip().startswith("Pro2SAM"))
-    assert f"{summary['results']['Pro2SAM']['gt_known_loc']:.1f}" in pro2sam_line
+    header = next(line for line in printed.splitlines() if "GT-known Loc" in line)
+    assert header.split() == ["Top-1", "Cls", "Top-1", "Loc", "Top-5", "Loc", "GT-known", "Loc", "MaxBoxAccV2", "mIoU", "fallback"]
+    for method, name in (("Pro2SAM", "Pro2SAM"), ("GTFormer", "GTFormer only (coarse map)")):
+        line = next(line for line in printed.splitlines() if line.strip().startswith(name + " "))
+        values = [summary["results"][method][k] for k in SUMMARY_METRICS]
+        assert line.split()[len(name.split()) :] == ["-" if v is None else f"{v:.1f}" for v in values]
     for key in ("labels", "report_md", "gallery"):
         assert str(summary[key]) in printed
     assert f"{NUM_TEST} test + {NUM_VAL} held-out" in printed

@@ -5,13 +5,15 @@ boxes are not rescaled) and the coarse maps are 224x224 (upsampling is the ident
 
     A = rows/cols 20..119 at 0.5 (quantised 127),  B = rows/cols 60..79 at 1.0 (quantised 255).
 
-Cut at tau the map keeps pixels above int(tau * 255): for tau <= 0.49 (cut <= 124) that is A
-(which contains B), whose contour box is (20, 20, 120, 120) in wsolevaluation's x + w convention;
-for tau >= 0.50 (cut 127) it is B, box (60, 60, 80, 80). With GT_A = (20, 20, 119, 119) and
-GT_B = (60, 60, 79, 79), inclusive IoUs are:
+Every box scored is in wsolevaluation's convention, x1/y1 one past the last pixel: GT_A =
+(20, 20, 120, 120) and GT_B = (60, 60, 80, 80). Cut at tau the map keeps pixels above
+int(tau * 255): for tau <= 0.49 (cut <= 124) that is A (which contains B), whose contour box is
+(20, 20, 120, 120) (OpenCV's x + w); for tau >= 0.50 (cut 127) it is B, box (60, 60, 80, 80).
+Pro2SAM's rows hold inclusive boxes, (60, 60, 79, 79) for B, which the evaluation reads as
+(60, 60, 80, 80). IoU adds 1 to each side (wsolevaluation), so:
 
-    box A vs GT_A: 100*100 / 101*101 = 0.980      box A vs GT_B: 20*20 / 101*101 = 0.039
-    box B vs GT_B: 20*20 / 21*21     = 0.907      box B vs GT_A: 21*21 / 100*100 = 0.044
+    box A vs GT_A: 1      box A vs GT_B: 21*21 / 101*101 = 0.043
+    box B vs GT_B: 1      box B vs GT_A: 21*21 / 101*101 = 0.043
 """
 
 import json
@@ -21,19 +23,24 @@ import pytest
 from PIL import Image
 
 from pro2sam.datasets import Sample, WSOLDataset
+from helpers import tiny_labeling, wsol_tree
+
 from pro2sam.evaluation import (
     _iou_by_cut,
     choose_thresholds,
     evaluate_predictions,
     evaluate_with_heldout,
-    report_markdown,
 )
+from pro2sam.confidence import ConfidenceModel
 from pro2sam.labels import error_row
+from pro2sam.output import LabelsOutput
 from pro2sam.metrics import mask_iou
+from pro2sam.report import report_markdown
 from pro2sam.rle import encode_mask
 
-GT_A = [20, 20, 119, 119]
-GT_B = [60, 60, 79, 79]
+GT_A = [20, 20, 120, 120]
+GT_B = [60, 60, 80, 80]
+BOX_B = [60, 60, 79, 79]  # B's tight box in the labels table's inclusive convention
 
 
 def _region(lo: int, hi: int) -> np.ndarray:
@@ -51,7 +58,7 @@ def _sample(i: int, label: int, boxes=None, mask_uri=None) -> Sample:
                   mask_uri=mask_uri, width=224, height=224)  # fmt: skip
 
 
-def _row(i: int, topk, box=GT_B, mask=B, coarse=MAP_AB) -> dict:
+def _row(i: int, topk, box=BOX_B, mask=B, coarse=MAP_AB) -> dict:
     return {
         "image_id": f"id{i}", "uri": f"/toy/img{i}.png", "width": 224, "height": 224, "label": None,
         "topk_classes": list(topk), "box_xyxy": list(box), "mask_rle": encode_mask(mask),
@@ -60,7 +67,7 @@ def _row(i: int, topk, box=GT_B, mask=B, coarse=MAP_AB) -> dict:
 
 
 def _error(i: int) -> dict:
-    return error_row(f"id{i}", f"/toy/img{i}.png", None, "decode failed", run_id="r")
+    return error_row(f"id{i}", f"/toy/img{i}.png", None, "decode failed", kind="image", run_id="r")
 
 
 def _box_case():
@@ -77,17 +84,23 @@ def _box_case():
 
 def test_numbers_on_a_constructed_case():
     _, _, test, rows = _box_case()
-    r = evaluate_predictions(test, rows, cam_threshold=0.5, maxboxacc_taus={30: 0.5, 50: 0.5, 70: 0.5})
+    r = evaluate_predictions(test, rows, cam_threshold=0.5, boxacc_taus={30: 0.0, 50: 0.5, 70: 0.5})
     gtf, p2s = r["GTFormer"], r["Pro2SAM"]
     # classes: img0 top-1; img1 in top-5 only; img2 top-1; img3 is an error row (wrong) -> 2/4, 3/4
     assert (p2s["top1_cls"], p2s["top5_cls"]) == (50.0, 75.0)
-    # GTFormer at tau 0.5 boxes B: img0 0.907 (top-1), img1 0.907 (top-5 only), img2 0.044, img3 error
+    # GTFormer at tau 0.5 boxes B: img0 1 (top-1), img1 1 (top-5 only), img2 0.043, img3 error
     assert (gtf["top1_loc"], gtf["top5_loc"], gtf["gt_known_loc"]) == (25.0, 50.0, 50.0)
-    # same boxes for every delta 30/50/70: 2/4 correct -> MaxBoxAccV2 50
-    assert gtf["MaxBoxAccV2"] == 50.0
-    # Pro2SAM box (60,60,79,79): IoU 1, 1, 0.04 with GT_A, error -> Top-1 1/4, Top-5 2/4, GT-known 2/4;
-    # the same box is right at IoU 30, 50 and 70 for img0 and img1 -> MaxBoxAccV2 50
-    assert (p2s["top1_loc"], p2s["top5_loc"], p2s["gt_known_loc"], p2s["MaxBoxAccV2"]) == (25.0, 50.0, 50.0, 50.0)
+    # tau 0.0 boxes A: only img2 is right (1/4); tau 0.5 boxes B: img0 and img1 (2/4), at every delta.
+    # MaxBoxAccV2 is the best tau of this split per delta: 50; at the given taus: (25 + 50 + 50) / 3
+    assert (gtf["MaxBoxAcc@30"], gtf["MaxBoxAcc@50"], gtf["MaxBoxAcc@70"], gtf["MaxBoxAccV2"]) == (50.0,) * 4
+    assert gtf["best_tau"] == {"30": 0.5, "50": 0.5, "70": 0.5}
+    assert (gtf["BoxAcc@30@heldout_tau"], gtf["BoxAcc@50@heldout_tau"]) == (25.0, 50.0)
+    assert gtf["BoxAccV2@heldout_tau"] == pytest.approx(125 / 3)
+    # Pro2SAM box (60,60,79,79) inclusive = (60,60,80,80): IoU 1, 1, 0.043 with GT_A, error ->
+    # Top-1 1/4, Top-5 2/4, GT-known 2/4; right at IoU 30, 50 and 70 for img0 and img1 -> 50
+    assert (p2s["top1_loc"], p2s["top5_loc"], p2s["gt_known_loc"]) == (25.0, 50.0, 50.0)
+    assert p2s["BoxAccV2_single_box"] == 50.0 and "MaxBoxAccV2" not in p2s
+    assert [rec.get("pro2sam_iou") for rec in r["images"]] == [1.0, 1.0, pytest.approx(441 / 10201), None]
     assert (r["num_images"], r["num_error_rows"], r["num_missing_rows"]) == (4, 1, 0)
 
 
@@ -104,22 +117,81 @@ def test_thresholds_are_chosen_on_heldout_and_applied_to_test():
     # held-out GT is A: every tau <= 0.49 boxes A (IoU 0.98), so the first best tau is 0.0
     t = report["thresholds"]
     assert t["chosen_on"] == "toy:val" and t["cam_threshold"] == 0.0
-    assert t["maxboxacc_taus"] == {"30": 0.0, "50": 0.0, "70": 0.0}
-    # applied to test, tau 0.0 boxes A: only img2 (GT A, top-1) is right -> 25 / 25 / 25, V2 25
+    assert t["boxacc_taus"] == {"30": 0.0, "50": 0.0, "70": 0.0}
+    # applied to test, tau 0.0 boxes A: only img2 (GT A, top-1) is right -> 25 / 25 / 25, BoxAccV2 25;
+    # MaxBoxAccV2 takes its tau from test itself (wsolevaluation's definition): 0.5, boxes B, 50
     gtf = report["results"]["GTFormer"]
-    assert (gtf["top1_loc"], gtf["top5_loc"], gtf["gt_known_loc"], gtf["MaxBoxAccV2"]) == (25.0, 25.0, 25.0, 25.0)
+    assert (gtf["top1_loc"], gtf["top5_loc"], gtf["gt_known_loc"], gtf["BoxAccV2@heldout_tau"]) == (25.0,) * 4
+    assert gtf["MaxBoxAccV2"] == 50.0 and "MaxBoxAccV2_self_tuned" not in gtf
     # test itself would prefer tau 0.5 (boxes B): shown beside, labelled test-tuned
     tuned = report["test_tuned"]
     assert tuned["thresholds"]["cam_threshold"] == 0.5 and tuned["thresholds"]["chosen_on"] == "toy:test"
-    assert (tuned["GTFormer"]["gt_known_loc"], tuned["GTFormer"]["MaxBoxAccV2"]) == (50.0, 50.0)
+    assert tuned["GTFormer"]["gt_known_loc"] == 50.0
     # Pro2SAM has no threshold: the same numbers either way
     assert report["results"]["Pro2SAM"]["gt_known_loc"] == 50.0
+    assert report["classes_from"].startswith("GTFormer") and report["results_with_gtformer_classes"] is None
     md = report_markdown(report)
-    assert "| Method | Top-1 Loc | Top-5 Loc | GT-known Loc | MaxBoxAccV2 |" in md
-    assert "| GTFormer (coarse map) | 25.0 | 25.0 | 25.0 | 25.0 |" in md
-    assert "| Pro2SAM | 25.0 | 50.0 | 50.0 | 50.0 |" in md
-    assert "| GTFormer (coarse map), test-tuned † | 25.0 | 50.0 | 50.0 | 50.0 |" in md
+    assert "| Method | Top-1 Loc | Top-5 Loc | GT-known Loc | MaxBoxAccV2 | BoxAccV2 ‡ |" in md
+    assert "| GTFormer (coarse map) | 25.0 | 25.0 | 25.0 | 50.0 | 25.0 |" in md
+    assert "| Pro2SAM | 25.0 | 50.0 | 50.0 | - | 50.0 |" in md
+    assert "| GTFormer (coarse map), test-tuned † | 25.0 | 50.0 | 50.0 | - | - |" in md
     assert "chosen on the held-out split `toy:val`" in md and "PxAP" not in md
+    assert "best box accuracy over tau on `test` itself" in md and "taus chosen on `toy:val`" in md
+
+
+def test_inclusive_box_of_the_labels_is_read_one_past_the_end_before_scaling():
+    # A 448x448 image whose object covers pixels 40..239: GT (40, 40, 240, 240) one past the end,
+    # the labels' inclusive box (40, 40, 239, 239). Both land on (20, 20, 120, 120) at 224: IoU 1.
+    # (Scaled as they are, (20, 20, 119, 119) against the GT would give 100*100 / 101*101 = 0.980.)
+    sample = Sample("big", "/toy/big.png", 0, np.array([[40.0, 40, 240, 240]]), width=448, height=448)
+    row = dict(_row(0, [0], box=[40, 40, 239, 239]), uri="/toy/big.png", width=448, height=448)
+    row["mask_rle"] = encode_mask(np.kron(B, np.ones((2, 2), bool)))
+    r = evaluate_predictions(WSOLDataset("toy", "test", ["c0"], [sample]), [row], cam_threshold=0.5)
+    (record,) = r["images"]
+    assert record["gt_boxes_224"] == [[20, 20, 120, 120]] and record["pro2sam_box_224"] == [20, 20, 120, 120]
+    assert record["pro2sam_iou"] == 1.0 and record["pro2sam_box_xyxy"] == [40, 40, 239, 239]
+
+
+def test_separate_classifier_classes_decide_top1_loc_and_leave_gt_known_alone():
+    _, _, test, rows = _box_case()
+    # GTFormer's rows: img0 [0, 1] (label 0), img1 [2, 1] (label 1), img2 [0, 2] (label 0).
+    # The classifier: img0 [1, 0] (top-5 only), img1 [1] (top-1), img2 [2] (wrong), img3 error row.
+    classes = {"/toy/img0.png": [1, 0], "/toy/img1.png": [1], "/toy/img2.png": [2], "/toy/img3.png": [2]}
+    r = evaluate_predictions(test, rows, cam_threshold=0.5, classes=classes)
+    gtf, p2s = r["GTFormer"], r["Pro2SAM"]
+    # boxes right (IoU >= 0.5): GTFormer at 0.5 and Pro2SAM alike for img0 and img1 only
+    assert (p2s["top1_cls"], p2s["top5_cls"]) == (25.0, 50.0)  # img1; img0 and img1
+    assert (p2s["top1_loc"], p2s["top5_loc"], p2s["gt_known_loc"]) == (25.0, 50.0, 50.0)  # img1; img0, img1
+    assert (gtf["top1_loc"], gtf["top5_loc"], gtf["gt_known_loc"]) == (25.0, 50.0, 50.0)
+    # with GTFormer's own classes (img0 top-1, img1 top-5 only): Top-1 Loc 1/4 from img0 instead
+    own = r["with_gtformer_classes"]
+    assert own["Pro2SAM"] == {"top1_cls": 50.0, "top5_cls": 75.0, "top1_loc": 25.0, "top5_loc": 50.0}
+    assert own["GTFormer"]["top1_loc"] == 25.0 and own["GTFormer"]["top5_loc"] == 50.0
+    assert [rec.get("top1") for rec in r["images"]] == [False, True, False, None]
+    assert r["images"][0]["gtformer_topk_classes"] == [0, 1] and r["images"][0]["topk_classes"] == [1, 0]
+    # an image the classifier has no classes for has none right; its box still counts
+    r = evaluate_predictions(test, rows, cam_threshold=0.5, classes={"/toy/img1.png": [1]})
+    assert (r["Pro2SAM"]["top1_loc"], r["Pro2SAM"]["top5_loc"], r["Pro2SAM"]["gt_known_loc"]) == (25.0, 25.0, 50.0)
+
+
+def test_report_names_the_classifier_and_keeps_gtformer_classes_beside():
+    heldout, heldout_rows, test, test_rows = _box_case()
+    classes = {"/toy/img0.png": [1, 0], "/toy/img1.png": [1], "/toy/img2.png": [2]}
+    report = evaluate_with_heldout(heldout, heldout_rows, test, test_rows, test_classes=classes,
+                                   classes_from="timm resnet (r.pth)")  # fmt: skip
+    assert report["classes_from"] == "timm resnet (r.pth)"
+    assert report["results_with_gtformer_classes"]["Pro2SAM"]["top1_cls"] == 50.0
+    md = report_markdown(report)
+    assert "Classes (Top-1 / Top-5 Loc and Cls) from timm resnet (r.pth): Top-1 / Top-5 Cls 25.0 / 50.0." in md
+    assert "With GTFormer's own classes instead: " in md
+
+
+def test_fallback_rate_is_the_share_of_images_boxed_by_the_coarse_map():
+    _, _, test, rows = _box_case()
+    rows = [dict(r, box_source="coarse_fallback" if i == 1 else "sam") for i, r in enumerate(rows[:3])] + rows[3:]
+    r = evaluate_predictions(test, rows, cam_threshold=0.5)
+    assert r["Pro2SAM"]["fallback_rate"] == 25.0  # img1 of four images (the error row is no fallback)
+    assert "fallback_rate" not in r["GTFormer"]
 
 
 def _mask_png(path, mask: np.ndarray) -> str:
@@ -161,46 +233,22 @@ def test_heldout_without_ground_truth_is_refused():
 # ---------------------------------------------------------------- end to end
 
 
-def _wsol_tree(root):
-    """Six 64x48 images with one box each, three in val and three in test."""
-    rng = np.random.default_rng(0)
-    data, meta = root / "data", root / "meta"
-    for split, names in (("val", ["v0", "v1", "v2"]), ("test", ["t0", "t1", "t2"])):
-        lines = {"image_ids.txt": [], "class_labels.txt": [], "image_sizes.txt": [], "localization.txt": []}
-        for k, name in enumerate(names):
-            image = np.full((48, 64, 3), 200, np.uint8)
-            x0, y0 = int(rng.integers(2, 20)), int(rng.integers(2, 14))
-            image[y0 : y0 + 24, x0 : x0 + 30] = (30, 60, 160)
-            (data / split).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(data / split / f"{name}.png")
-            path = f"{split}/{name}.png"
-            lines["image_ids.txt"].append(path)
-            lines["class_labels.txt"].append(f"{path},{k}")
-            lines["image_sizes.txt"].append(f"{path},64,48")
-            lines["localization.txt"].append(f"{path},{x0},{y0},{x0 + 29},{y0 + 23}")
-        (meta / split).mkdir(parents=True, exist_ok=True)
-        for file, content in lines.items():
-            (meta / split / file).write_text("\n".join(content) + "\n")
-    return meta, data
-
-
 def test_evaluate_job_end_to_end(tmp_path, tiny_checkpoints, ray_local):
     from pro2sam.pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
 
-    meta, data = _wsol_tree(tmp_path)
-    gtformer, sam = tiny_checkpoints
+    meta, data = wsol_tree(tmp_path)
     out = tmp_path / "eval"
     cfg = EvaluateJobConfig(
         test=f"wsol:{meta}:{data}:test", heldout=f"wsol:{meta}:{data}:val", output=str(out),
-        gtformer=str(gtformer), sam="tiny", sam_checkpoint=str(sam), points_per_side=4,
-        pred_iou_thresh=0.0, stability_score_thresh=0.0, batch_size=4, overlays=2,
+        labeling=tiny_labeling(tiny_checkpoints, batch_size=4), overlays=2,
     )  # fmt: skip
     report = run_evaluate_job(cfg)
     saved = json.loads((out / "report.json").read_text())
     assert saved["thresholds"]["chosen_on"] == "meta:val" and saved["test"]["num_images"] == 3
     assert saved["heldout"]["num_images"] == 3 and saved["test"]["num_error_rows"] == 0
-    for method in ("GTFormer", "Pro2SAM"):
-        for key in ("top1_loc", "top5_loc", "gt_known_loc", "MaxBoxAccV2"):
+    box_accuracies = {"GTFormer": ("MaxBoxAccV2", "BoxAccV2@heldout_tau"), "Pro2SAM": ("BoxAccV2_single_box", "fallback_rate")}
+    for method, keys in box_accuracies.items():
+        for key in ("top1_loc", "top5_loc", "gt_known_loc", *keys):
             assert 0.0 <= saved["results"][method][key] <= 100.0
     md = (out / "report.md").read_text()
     assert "| Pro2SAM |" in md and "`meta:val`" in md
@@ -208,6 +256,14 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_checkpoints, ray_local):
     overlays = sorted(p.name for p in (out / "overlays").iterdir())
     assert len(overlays) == 2 and overlays == sorted(report["overlays"])
     assert Image.open(out / "overlays" / overlays[0]).size == (256, 192)  # 64x48 enlarged x4
+    # the confidence: fitted on val, scored on test, plotted, and in the labels table
+    calibration = ConfidenceModel.load(str(out / "confidence.json"))
+    assert calibration.fitted_on == "meta:val" and calibration.num_images == 3
+    assert set(saved["confidence"]["test"]["risk_coverage"]) == {"50", "80", "90", "100"}
+    assert Image.open(out / "risk_coverage.png").format == "PNG"
+    labels = LabelsOutput(str(out / "labels")).read_table(["uri", "status", "confidence"]).to_pylist()
+    assert len(labels) == 6 and all(0.0 <= r["confidence"] <= 1.0 for r in labels)
+    assert "Confidence (P(box IoU >= 0.5), fitted on `meta:val`" in md
     # a second run resumes: nothing is labeled again, the numbers are the same
     again = run_evaluate_job(cfg)
     assert again["results"] == report["results"]

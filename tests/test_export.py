@@ -2,6 +2,7 @@
 row filters, and reading in record batches."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,14 +12,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from pro2sam.export import (
-    EXPORT_COLUMNS,
-    LabelFilter,
-    class_names_from_gtformer,
-    export_coco,
-    export_yolo,
-    iter_label_rows,
-)
+from pro2sam.gtformer import gtformer_class_names
+from pro2sam.export import EXPORT_COLUMNS, LabelFilter, export_coco, export_yolo
+from pro2sam.reading import iter_label_rows
+from pro2sam.rle import decode_mask
 from pro2sam.labels import error_row, ok_row, rows_to_table
 from pro2sam.model import Pro2SAMResult
 
@@ -60,7 +57,7 @@ def labels_dir(tmp_path):
         labeled("s3://b/c.jpg", disc(50, 50, 20, 25, 12) | rect(50, 50, 30, 30, 45, 45), 1, match=0.3),
         labeled("s3://b/d.jpg", rect(20, 20, 0, 0, 19, 19), 0, match=None, source="coarse_fallback", label="bird"),
         labeled("s3://b/e.jpg", disc(64, 48, 24, 40, 10), 1, match=0.75),
-        error_row("f.jpg", "s3://b/f.jpg", None, "not an image file", run_id="r"),
+        error_row("f.jpg", "s3://b/f.jpg", None, "not an image file", kind="image", run_id="r"),
     ]
     folder = tmp_path / "labels"
     folder.mkdir()
@@ -112,7 +109,7 @@ def test_coco_categories_come_from_the_gtformer_config(labels_dir, tmp_path):
     gtformer = tmp_path / "gtformer"
     gtformer.mkdir()
     (gtformer / "config.json").write_text(json.dumps({"class_names": ["bird", "cat", "dog", "fish"]}))
-    names = class_names_from_gtformer(str(gtformer))
+    names = gtformer_class_names(str(gtformer))
     out = tmp_path / "coco.json"
     export_coco(str(labels_dir), str(out), class_names=names, filters=LabelFilter(classes=["bird"]))
     data = json.loads(out.read_text())
@@ -192,8 +189,16 @@ def test_export_reads_record_batches_of_bounded_size_never_whole_tables(labels_d
     def whole_table(*args, **kwargs):
         raise AssertionError("the exporter read a whole table")
 
+    read = pq.ParquetFile.read
+
+    def keys_only(self, columns=None, **kwargs):
+        # One row per image is decided on the key columns alone; the rows come in batches.
+        if columns is None or not set(columns) <= {"image_id", "status"}:
+            raise AssertionError(f"the exporter read whole columns {columns}")
+        return read(self, columns=columns, **kwargs)
+
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
-    monkeypatch.setattr(pq.ParquetFile, "read", whole_table)
+    monkeypatch.setattr(pq.ParquetFile, "read", keys_only)
     monkeypatch.setattr(pq, "read_table", whole_table)
     monkeypatch.setattr(pq, "ParquetDataset", whole_table)
     summary = export_coco(str(labels_dir), str(tmp_path / "coco.json"), batch_size=2, filters=LabelFilter(status=None))
@@ -204,22 +209,153 @@ def test_export_reads_record_batches_of_bounded_size_never_whole_tables(labels_d
 
 
 def test_cli_functions_export_coco(labels_dir, tmp_path):
-    import argparse
+    from pro2sam.apps.cli import main
 
-    from pro2sam.export import add_export_arguments, run_export
-
-    parser = argparse.ArgumentParser()
-    add_export_arguments(parser)
     out = tmp_path / "cli.json"
-    args = parser.parse_args(
-        ["--input", str(labels_dir / "part-0.parquet"), "--format", "coco", "--output", str(out), "--classes", "0"]
-    )
-    assert run_export(args) == 0
+    argv = ["export", "--input", str(labels_dir / "part-0.parquet"), "--format", "coco", "--output", str(out), "--classes", "0"]
+    assert main(argv) == 0
     assert len(COCO(str(out)).getImgIds()) == 2
     out_dir = tmp_path / "cli-yolo"
-    args = parser.parse_args(
-        ["--input", str(labels_dir), "--format", "yolo", "--yolo-task", "segment", "--output", str(out_dir)]
-        + ["--min-match-score", "0.7"]
-    )
-    assert run_export(args) == 0
+    argv = ["export", "--input", str(labels_dir), "--format", "yolo", "--yolo-task", "segment", "--output", str(out_dir)]
+    assert main([*argv, "--min-match-score", "0.7"]) == 0
     assert sorted(p.name for p in (out_dir / "labels").iterdir()) == ["a.txt", "e.txt"]
+
+
+# ---------------------------------------------------------------- Label Studio
+
+
+def label_studio_tasks(labels_dir, tmp_path, **kwargs):
+    from pro2sam.label_studio import export_label_studio
+
+    out = tmp_path / "ls" / "tasks.json"
+    summary = export_label_studio(str(labels_dir), str(out), **kwargs)
+    return summary, json.loads(out.read_text()), out
+
+
+def test_label_studio_brush_masks_decode_to_our_masks_pixel_for_pixel(labels_dir, tmp_path):
+    from pro2sam.label_studio import brush_module
+
+    _, tasks, _ = label_studio_tasks(labels_dir, tmp_path)
+    ours = {r["uri"]: r for r in iter_label_rows(str(labels_dir)) if r["status"] == "ok"}
+    assert len(tasks) == len(ours) == 5
+    for task in tasks:
+        row = ours[task["data"]["uri"]]
+        brush = next(r for r in task["predictions"][0]["result"] if r["type"] == "brushlabels")
+        h, w = brush["original_height"], brush["original_width"]
+        rgba = brush_module().decode_rle(brush["value"]["rle"]).reshape(h, w, 4)  # Label Studio's decoder
+        assert (rgba[..., 3] > 0).tolist() == decode_mask(row["mask_rle"]).tolist()
+        assert brush["value"]["brushlabels"] == [row["topk_names"][0]]
+
+
+def test_label_studio_rectangle_is_the_inclusive_box_in_percent(labels_dir, tmp_path):
+    _, tasks, out = label_studio_tasks(labels_dir, tmp_path)
+    a = next(t for t in tasks if t["data"]["uri"] == "s3://b/a.jpg")  # 40 x 30, box (10, 5, 29, 19)
+    box = next(r for r in a["predictions"][0]["result"] if r["type"] == "rectanglelabels")
+    value = box["value"]
+    assert [value[k] for k in ("x", "y", "width", "height")] == pytest.approx([25.0, 100 * 5 / 30, 50.0, 50.0])
+    assert value["rectanglelabels"] == ["dog"] and box["from_name"] == "box" and box["to_name"] == "image"
+    assert a["predictions"][0]["score"] == pytest.approx(0.9)  # no confidence in the table: the match score
+    assert a["data"]["image"] == "s3://b/a.jpg" and a["data"]["match_score"] == pytest.approx(0.9)
+    config = (out.parent / "tasks.label_config.xml").read_text()
+    assert '<BrushLabels name="mask" toName="image">' in config and '<Label value="dog"/>' in config
+
+
+def test_label_studio_error_rows_become_tasks_without_predictions(labels_dir, tmp_path):
+    summary, tasks, _ = label_studio_tasks(labels_dir, tmp_path, filters=LabelFilter(status=None))
+    error = [t for t in tasks if t["data"]["status"] == "error"]
+    assert len(tasks) == 6 and (summary.images, summary.annotations) == (6, 5)
+    assert error == [{"data": {**error[0]["data"], "error": "not an image file"}}] and "predictions" not in error[0]
+
+
+def test_image_locations_map_prefixes_and_local_files():
+    from pro2sam.label_studio import ImageLocations
+
+    locations = ImageLocations.parse(["s3://b/img/=https://cdn.example.com/img/"], local_files_root="/data/photos")
+    assert locations("s3://b/img/x.jpg") == "https://cdn.example.com/img/x.jpg"
+    assert locations("s3://other/x.jpg") == "s3://other/x.jpg"  # opened through a cloud storage
+    assert locations("/data/photos/a b/c#1.jpg") == "/data/local-files/?d=a%20b/c%231.jpg"
+    assert locations("/elsewhere/c.jpg") == "/elsewhere/c.jpg"
+    with pytest.raises(ValueError, match="FROM=TO"):
+        ImageLocations.parse(["no-equals-sign"])
+
+
+def test_review_the_worst_two_then_export_the_rest_is_two_commands(labels_dir, tmp_path):
+    from pro2sam.apps.cli import main
+
+    page, out = tmp_path / "review.html", tmp_path / "rest.json"
+    order = ["--order-by", "match_score", "--ascending"]
+    assert main(["show", "--input", str(labels_dir), "--output", str(page), *order, "--limit", "2", "--where", "status = 'ok'"]) == 0
+    assert main(["export", "--input", str(labels_dir), "--format", "coco", "--output", str(out), *order, "--offset", "2",
+                 "--where", "status = 'ok'"]) == 0  # fmt: skip
+    reviewed = re.findall(r'data-image-id="([^"]+)"', page.read_text())
+    exported = [i["pro2sam_image_id"] for i in json.loads(out.read_text())["images"]]
+    # match scores: c 0.3, b 0.6, e 0.75, a 0.9, d none (last)
+    assert reviewed == ["c.jpg", "b.jpg"]
+    assert sorted(exported) == ["a.jpg", "d.jpg", "e.jpg"]
+
+
+def test_export_where_takes_sql_over_the_columns_and_class_score(labels_dir, tmp_path):
+    from pro2sam.apps.cli import main
+
+    out = tmp_path / "ls.json"
+    argv = ["export", "--input", str(labels_dir), "--format", "label-studio", "--output", str(out)]
+    assert main([*argv, "--where", "topk_names[1] = 'cat' OR (class_score > 0.6 AND match_score > 0.85)"]) == 0
+    assert sorted(t["data"]["image_id"] for t in json.loads(out.read_text())) == ["a.jpg", "c.jpg", "e.jpg"]
+
+
+def test_a_typo_in_where_ends_in_one_line(labels_dir, tmp_path, capsys):
+    from pro2sam.apps.cli import main
+
+    argv = ["export", "--input", str(labels_dir), "--format", "coco", "--output", str(tmp_path / "x.json")]
+    assert main([*argv, "--where", "no_such_column > 1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pro2sam export: error: the selection's SQL failed:") and "no_such_column" in err
+    assert "\n" not in err and not (tmp_path / "x.json").exists()
+
+
+def test_fiftyone_coco_importer_reads_our_boxes_and_masks(labels_dir, tmp_path):
+    """FiftyOne's own COCO parser (what ``COCODetectionDataset`` uses), without its database: a
+    Dataset needs MongoDB, which does not run on our machines (README, "FiftyOne")."""
+    fouc = pytest.importorskip("fiftyone.utils.coco")
+    out = tmp_path / "coco.json"
+    export_coco(str(labels_dir), str(out))
+    _, classes, supercategories, images, annotations = fouc.load_coco_detection_annotations(str(out))
+    rows = {r["uri"]: r for r in iter_label_rows(str(labels_dir)) if r["status"] == "ok"}
+    for image_id, image in images.items():
+        row = rows[image["file_name"]]
+        (obj,) = annotations[image_id]
+        w, h = image["width"], image["height"]
+        detection = obj.to_detection((w, h), classes_map=classes, supercategory_map=supercategories, load_segmentation=True)
+        x0, y0, x1, y1 = row["box_xyxy"]
+        assert detection.label == row["topk_names"][0]
+        assert detection.bounding_box == pytest.approx([x0 / w, y0 / h, (x1 - x0 + 1) / w, (y1 - y0 + 1) / h])
+        assert (detection.mask == decode_mask(row["mask_rle"])[y0 : y1 + 1, x0 : x1 + 1]).all()
+
+
+def test_coco_score_is_the_confidence_where_the_table_has_one(tmp_path):
+    rows = [labeled("s3://b/a.jpg", rect(30, 40, 10, 5, 29, 19), 2, match=0.9), labeled("s3://b/b.jpg", disc(60, 80, 40, 30, 20), 0, match=0.6)]
+    rows[0]["confidence"] = 0.25
+    pq.write_table(rows_to_table(rows), tmp_path / "labels.parquet")
+    export_coco(str(tmp_path / "labels.parquet"), str(tmp_path / "coco.json"))
+    anns = json.loads((tmp_path / "coco.json").read_text())["annotations"]
+    assert [(a["score"], a["score_is"]) for a in anns] == [(0.25, "confidence"), (pytest.approx(0.6), "match_score")]
+    assert all("confidence" not in a for a in anns)  # FiftyOne reads score as the confidence; two would clash
+
+
+def test_review_commands_run_on_an_s3_output_with_error_rows(labels_dir, tmp_path, s3_bucket):
+    import s3fs
+
+    from pro2sam.apps.cli import main
+
+    s3fs.S3FileSystem().put(str(labels_dir) + "/", f"{s3_bucket}/run1/", recursive=True)
+    labels = f"s3://{s3_bucket}/run1/"
+    tasks = f"s3://{s3_bucket}/exports/tasks.json"
+    argv = ["export", "--input", labels, "--format", "label-studio", "--output", tasks, "--status", "all"]
+    assert main([*argv, "--order-by", "match_score", "--ascending", "--offset", "1", "--map-uri", "s3://b/=https://img/"]) == 0
+    exported = json.loads(s3fs.S3FileSystem().cat(tasks))
+    # match scores c 0.3 (skipped by the offset), b, e, a; then d (fallback) and f (error), no score
+    assert sorted(t["data"]["image_id"] for t in exported) == ["a.jpg", "b.jpg", "d.jpg", "e.jpg", "f.jpg"]
+    assert {t["data"]["image"] for t in exported} >= {"https://img/a.jpg"} and sum("predictions" in t for t in exported) == 4
+    page = tmp_path / "errors.html"
+    assert main(["show", "--input", labels, "--output", str(page), "--where", "status = 'error'", "--order-by", "confidence"]) == 0
+    assert re.findall(r'data-image-id="([^"]+)"', page.read_text()) == ["f.jpg"]

@@ -1,10 +1,8 @@
 """The HTML gallery: one overlay per chosen row, as a real headless Chromium renders the page."""
 
-import argparse
 import base64
 import io
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pro2sam.gallery import add_show_arguments, build_gallery, render_coarse_map, render_overlay, run_show
+from helpers import CHROMIUM, run_chromium
+from pro2sam.apps.cli import main
+from pro2sam.apps.query import build_gallery
 from pro2sam.labels import error_row, ok_row, rows_to_table
 from pro2sam.model import Pro2SAMResult
-from pro2sam.rle import encode_mask
 
-CHROMIUM = Path("/usr/bin/chromium")
 needs_chromium = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs a headless browser at /usr/bin/chromium (apt-get install chromium)"
 )
@@ -40,7 +38,7 @@ def labeled(path: Path, match: float | None, cls: int) -> dict:
 def labels_file(tmp_path):
     """5 rows: 4 ok with match scores 0.9, 0.2, 0.7, none (fallback), 1 error (missing image)."""
     rows = [labeled(tmp_path / f"img{i}.png", m, i % 3) for i, m in enumerate([0.9, 0.2, 0.7, None])]
-    rows.append(error_row("bad", str(tmp_path / "missing.png"), None, "not found", run_id="r"))
+    rows.append(error_row("bad", str(tmp_path / "missing.png"), None, "not found", kind="read", run_id="r"))
     path = tmp_path / "labels.parquet"
     pq.write_table(rows_to_table(rows), path, row_group_size=2)
     return path
@@ -48,17 +46,7 @@ def labels_file(tmp_path):
 
 def dump_dom(page: Path, tmp_path: Path, fragment: str = "") -> str:
     """The DOM of ``page`` after Chromium has loaded it and run its script."""
-    profile = tmp_path / f"chromium-profile-{len(list(tmp_path.iterdir()))}"
-    flags = [
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={profile}",
-    ]  # fmt: skip
-    done = subprocess.run(
-        [str(CHROMIUM), *flags, "--dump-dom", page.resolve().as_uri() + fragment], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+    return run_chromium(page, tmp_path, "--dump-dom", fragment=fragment)
 
 
 def overlays(dom: str) -> list[str]:
@@ -72,18 +60,6 @@ def figures(dom: str) -> list[str]:
 
 def jpeg_size(data_uri_body: str) -> tuple[int, int]:
     return Image.open(io.BytesIO(base64.b64decode(data_uri_body))).size
-
-
-def test_render_overlay_tints_the_mask_and_draws_the_box():
-    mask = np.zeros((48, 64), bool)
-    mask[10:30, 20:50] = True
-    image = np.full((48, 64, 3), 90, np.uint8)
-    row = {"mask_rle": encode_mask(mask), "box_xyxy": [20, 10, 49, 29]}
-    thumb = render_overlay(image, row, thumb_size=64)
-    assert thumb.shape == (48, 64, 3)
-    assert tuple(thumb[20, 35]) != (90, 90, 90)  # inside the mask: tinted
-    assert tuple(thumb[40, 5]) == (90, 90, 90)  # background untouched
-    assert tuple(thumb[10, 35]) == (255, 230, 0)  # the box's top edge
 
 
 @needs_chromium
@@ -100,12 +76,10 @@ def test_browser_shows_one_overlay_per_row_with_embedded_jpegs(labels_file, tmp_
 
 @needs_chromium
 def test_where_and_limit_change_the_overlay_count(labels_file, tmp_path):
-    parser = argparse.ArgumentParser()
-    add_show_arguments(parser)
     filtered, limited = tmp_path / "where.html", tmp_path / "limit.html"
     where = "match_score > 0.5 AND status='ok'"
-    run_show(parser.parse_args(["--input", str(labels_file), "--output", str(filtered), "--where", where]))
-    run_show(parser.parse_args(["--input", str(labels_file), "--output", str(limited), "--limit", "2"]))
+    assert main(["show", "--input", str(labels_file), "--output", str(filtered), "--where", where]) == 0
+    assert main(["show", "--input", str(labels_file), "--output", str(limited), "--limit", "2"]) == 0
     shown = overlays(dump_dom(filtered, tmp_path))
     assert len(shown) == 2 and all('data-status="ok"' in o for o in shown)
     assert len(overlays(dump_dom(limited, tmp_path))) == 2
@@ -120,29 +94,10 @@ def test_page_script_sorts_overlays_by_score(labels_file, tmp_path):
     assert scores(dump_dom(page, tmp_path, "#sort=match_score:asc")) == ["0.2", "0.7", "0.9", "", ""]
 
 
-def test_render_coarse_map_is_hot_where_the_map_is_high():
-    coarse = np.zeros((14, 14), np.float32)
-    coarse[:7, :7] = 1.0  # top-left quadrant of the image
-    image = np.full((48, 64, 3), 90, np.uint8)
-    heat = render_coarse_map(image, coarse.ravel().tolist(), (64, 48))
-    assert heat.shape == (48, 64, 3) and heat.dtype == np.uint8
-    red, green, blue = (int(v) for v in heat[5, 5])
-    assert red > 2 * blue  # JET at 1: red
-    red, green, blue = (int(v) for v in heat[42, 58])
-    assert blue > 2 * red  # JET at 0: blue
-
-
-def test_render_coarse_map_refuses_a_map_that_is_not_square():
-    with pytest.raises(ValueError, match="square"):
-        render_coarse_map(np.zeros((8, 8, 3), np.uint8), [0.5] * 15, (8, 8))
-
-
 @needs_chromium
 def test_coarse_map_flag_puts_a_heat_map_beside_each_shown_overlay(labels_file, tmp_path):
-    parser = argparse.ArgumentParser()
-    add_show_arguments(parser)
     page = tmp_path / "coarse.html"
-    run_show(parser.parse_args(["--input", str(labels_file), "--output", str(page), "--coarse-map"]))
+    assert main(["show", "--input", str(labels_file), "--output", str(page), "--coarse-map"]) == 0
     shown = figures(dump_dom(page, tmp_path))
     assert len(shown) == 5
     for figure in shown:
@@ -160,3 +115,23 @@ def test_without_the_flag_no_coarse_map_is_shown(labels_file, tmp_path):
     build_gallery(str(labels_file), str(page))
     assert len(figures(page.read_text())) == 5
     assert 'class="coarse-map"' not in page.read_text()
+
+
+@needs_chromium
+def test_show_orders_by_a_score_ascending_and_limits(labels_file, tmp_path):
+    page = tmp_path / "worst.html"
+    argv = ["show", "--input", str(labels_file), "--output", str(page), "--order-by", "match_score", "--ascending"]
+    assert main([*argv, "--limit", "2"]) == 0
+    scores = [re.search(r'data-match-score="([^"]*)"', o).group(1) for o in overlays(dump_dom(page, tmp_path))]
+    assert scores == ["0.2", "0.7"]
+    assert main([*argv, "--offset", "2", "--limit", "5"]) == 0  # the rest of the same order; no score last
+    scores = [re.search(r'data-match-score="([^"]*)"', o).group(1) for o in overlays(dump_dom(page, tmp_path))]
+    assert scores == ["0.9", "", ""]
+
+
+def test_captions_call_sams_estimate_predicted_iou(labels_file, tmp_path):
+    page = tmp_path / "gallery.html"
+    build_gallery(str(labels_file), str(page))
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", page.read_text())
+    assert sum("predicted IoU 0.900" in c for c in captions) == 4  # the ok rows; the error row has none
+    assert not any(re.search(r"(?<!predicted )IoU \d", c) for c in captions)

@@ -7,174 +7,38 @@ folder of its own, so that a killed run leaves nothing behind in the shared ``/t
 
 from __future__ import annotations
 
-import io
 import os
-import re
 import shutil
 import signal
-import struct
 import subprocess
-import sys
-import tempfile
 import threading
 import time
-import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image, ImageDraw
+from helpers import (
+    POINTS_PER_SIDE,
+    TINY_CLASSES,
+    assert_each_input_once,
+    cli_label_args,
+    encode,
+    job_config,
+    output_rows,
+    parquet_files,
+    parse_summary,
+    png_header_claiming,
+    private_ray_tmpdir,
+    readable_row_count,
+    scene,
+    write_scenes,
+)
+from PIL import Image
 
-from pro2sam.pipeline.label_job import LabelJobConfig, read_output_columns, run_label_job
-from pro2sam.storage import image_id_for
-
-# One grid and filter setting for every run here, in-process and on the command line.
-POINTS_PER_SIDE = 4
-CLI_MODEL_ARGS = [
-    "--sam", "tiny", "--points-per-side", str(POINTS_PER_SIDE), "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
-]  # fmt: skip
+from pro2sam.pipeline.label_job import run_label_job
 
 # The mixed folder's job refuses images over this many pixels; its good images are all below it.
 MAX_PIXELS = 20_000
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def scene(width: int, height: int, seed: int) -> Image.Image:
-    """A bright rectangle on a dark noisy background (RGB)."""
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 70, size=(height, width, 3), dtype=np.uint8))
-    x0, y0 = int(width * rng.uniform(0.1, 0.4)), int(height * rng.uniform(0.1, 0.4))
-    x1, y1 = int(width * rng.uniform(0.6, 0.9)), int(height * rng.uniform(0.6, 0.9))
-    colour = tuple(int(c) for c in rng.integers(160, 256, size=3))
-    ImageDraw.Draw(image).rectangle([x0, y0, x1, y1], fill=colour)
-    return image
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **kwargs)
-    return buf.getvalue()
-
-
-def png_header_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims ``width`` x ``height`` (a decompression bomb's calling card)."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
-    pixels = zlib.compress(b"\0" * 64)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-
-
-def write_scenes(folder: Path, count: int) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = folder / f"scene_{i:03d}.png"
-        scene(64 + 8 * (i % 5), 48 + 8 * (i % 3), seed=i).save(path)
-        paths.append(path)
-    return paths
-
-
-def job_config(tiny_checkpoints, input_: Path, output: Path, **overrides) -> LabelJobConfig:
-    gt_dir, sam_path = tiny_checkpoints
-    settings = dict(
-        input=str(input_),
-        output=str(output),
-        gtformer=str(gt_dir),
-        sam="tiny",
-        sam_checkpoint=str(sam_path),
-        points_per_side=POINTS_PER_SIDE,
-        pred_iou_thresh=0.0,
-        stability_score_thresh=0.0,
-        ray_address=None,  # reuse the session's Ray (ray_local)
-    )
-    settings.update(overrides)
-    return LabelJobConfig(**settings)
-
-
-def cli_label_args(tiny_checkpoints, input_: Path, output: Path, *extra: str) -> list[str]:
-    gt_dir, sam_path = tiny_checkpoints
-    return [
-        sys.executable, "-m", "pro2sam.cli", "label", "--input", str(input_), "--output", str(output),
-        "--gtformer", str(gt_dir), "--sam-checkpoint", str(sam_path), *CLI_MODEL_ARGS, *extra,
-    ]  # fmt: skip
-
-
-OUTPUT_COLUMNS = ["image_id", "uri", "label", "status", "error", "width", "height", "box_xyxy", "run_id"]
-
-
-def output_rows(output: Path) -> list[dict]:
-    return read_output_columns(str(output), OUTPUT_COLUMNS).to_pylist()
-
-
-def parquet_files(output: Path) -> list[Path]:
-    return sorted(output.rglob("*.parquet")) if output.exists() else []
-
-
-def readable_row_count(output: Path) -> int:
-    """Rows in the output's complete Parquet files (a killed run may leave a half-written one)."""
-    rows = 0
-    for f in parquet_files(output):
-        try:
-            rows += pq.ParquetFile(f).metadata.num_rows
-        except Exception:
-            pass
-    return rows
-
-
-def parse_summary(stdout: str) -> dict[str, int]:
-    m = re.search(r"(\d+) inputs: (\d+) ok, (\d+) error, (\d+) skipped", stdout)
-    assert m, f"no summary line in:\n{stdout}"
-    return dict(zip(("inputs", "ok", "error", "skipped"), map(int, m.groups())))
-
-
-def assert_each_input_once(output: Path, inputs: list[Path]) -> list[dict]:
-    rows = output_rows(output)
-    uris = [r["uri"] for r in rows]
-    assert sorted(uris) == sorted(str(p) for p in inputs), "every input exactly once, nothing else"
-    assert len({r["image_id"] for r in rows}) == len(rows)
-    assert all(r["image_id"] == image_id_for(r["uri"]) for r in rows)
-    return rows
-
-
-@contextmanager
-def private_ray_tmpdir():
-    """Environment for a ``pro2sam label`` subprocess whose Ray lives in a folder of its own.
-
-    On exit, any process still running from that folder (a Ray left by a killed run) is killed by
-    PID and the folder, with its ``ray_current_cluster`` file, is removed.
-    """
-    folder = tempfile.mkdtemp(prefix="p2s-labeljob-", dir="/tmp")  # short: Ray puts sockets here
-    env = dict(os.environ, RAY_TMPDIR=folder)
-    env.pop("RAY_ADDRESS", None)
-    try:
-        yield env, Path(folder)
-    finally:
-        for pid in _pids_mentioning(folder):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _pids_mentioning(text: str) -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if text.encode() in (proc / "cmdline").read_bytes():
-                pids.append(int(proc.name))
-        except OSError:
-            pass
-    return pids
 
 
 # ---------------------------------------------------------------- shared runs
@@ -184,7 +48,7 @@ def _pids_mentioning(text: str) -> list[int]:
 def reference_model(tiny_checkpoints):
     """The same models and settings as the job, in this process."""
     from pro2sam.model import Pro2SAM
-    from pro2sam.sam_candidates import CandidateConfig
+    from pro2sam.candidates import CandidateConfig
 
     gt_dir, sam_path = tiny_checkpoints
     candidates = CandidateConfig(points_per_side=POINTS_PER_SIDE, pred_iou_thresh=0.0, stability_score_thresh=0.0)
@@ -318,7 +182,7 @@ def test_duckdb_reads_the_ok_rows_of_the_output_folder(mixed_run):
     assert sorted(got) == sorted(GOOD_FILES)
     for name, (box, cls) in got.items():
         assert box == rows[name]["box_xyxy"]
-        assert cls in ("disc", "square", "triangle")  # the tiny checkpoint's class names
+        assert cls in TINY_CLASSES
 
 
 # ---------------------------------------------------------------- run again
@@ -383,8 +247,8 @@ def test_overwrite_starts_afresh(manifest_run, tiny_checkpoints, tmp_path):
 
 # ---------------------------------------------------------------- interruptions and faults
 
-# Enough images for two 32-row blocks, so that the first block's file is written while the
-# second is still being labeled.
+# Enough images for several 4-row files and two 32-row blocks, so that the first files are
+# committed while the rest is still being labeled.
 LONG_RUN_IMAGES = 64
 
 
@@ -392,7 +256,8 @@ LONG_RUN_IMAGES = 64
 def test_an_interrupted_run_run_again_finishes_the_rest(ray_local, tiny_checkpoints, tmp_path):
     images = write_scenes(tmp_path / "images", LONG_RUN_IMAGES)
     output = tmp_path / "out"
-    args = cli_label_args(tiny_checkpoints, tmp_path / "images", output, "--batch-size", "2")
+    # Small files, so that some are committed while the rest is still being labeled.
+    args = cli_label_args(tiny_checkpoints, tmp_path / "images", output, "--batch-size", "2", "--rows-per-file", "4")
 
     with private_ray_tmpdir() as (env, _):
         log = open(tmp_path / "first_run.log", "w")
@@ -435,7 +300,7 @@ def _labeling_actors() -> dict[str, dict]:
 def test_a_killed_actor_loses_and_duplicates_no_image(ray_local, tiny_checkpoints, tmp_path):
     images = write_scenes(tmp_path / "images", LONG_RUN_IMAGES)
     output = tmp_path / "out"
-    cfg = job_config(tiny_checkpoints, tmp_path / "images", output, batch_size=2, actors=1)
+    cfg = job_config(tiny_checkpoints, tmp_path / "images", output, batch_size=2, actors=1, rows_per_file=4)
     earlier = set(_labeling_actors())
     outcome: dict = {}
 

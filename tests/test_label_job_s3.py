@@ -31,7 +31,8 @@ import pytest
 import s3fs
 from PIL import Image
 
-from pro2sam.example import make_example_images
+from helpers import CLI_MODEL_ARGS, job_config, write_scenes
+
 from pro2sam.pipeline.label_job import LabelJobConfig, LabelJobSummary, run_label_job
 from pro2sam.rle import decode_mask
 from pro2sam.storage import list_inputs
@@ -39,9 +40,7 @@ from pro2sam.storage import list_inputs
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 BAD_FILE = b"this file is text, not an image"
-# The tiny random models: thresholds off so random SAM candidates survive and the SAM path runs.
-TINY = {"sam": "tiny", "points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
-TINY_ARGS = ["--sam", "tiny", "--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+TINY_ARGS = CLI_MODEL_ARGS
 
 
 # ---------------------------------------------------------------- helpers
@@ -65,7 +64,7 @@ def _upload_folder(endpoint: str, bucket: str, local: Path, prefix: str) -> str:
 def _upload_images(endpoint: str, bucket: str, folder: Path, count: int) -> dict[str, tuple[int, int]]:
     """Generated PNGs plus one non-image file under s3://bucket/images/; {uri: (width, height)}, bad file (0, 0)."""
     sizes = {}
-    for path in make_example_images(folder, count=count):
+    for path in write_scenes(folder, count):
         uri = _upload_file(endpoint, bucket, path, f"images/{path.name}")
         sizes[uri] = Image.open(path).size
     _s3(endpoint).put_object(Bucket=bucket, Key="images/not_an_image.jpg", Body=BAD_FILE)
@@ -156,10 +155,7 @@ def s3_run(s3_server, s3_models, ray_local, tmp_path_factory) -> S3Run:
     bucket = f"job-{uuid.uuid4().hex[:12]}"
     _s3(s3_server).create_bucket(Bucket=bucket)
     sizes = _upload_images(s3_server, bucket, tmp_path_factory.mktemp("s3_images"), count=3)
-    config = LabelJobConfig(
-        input=f"s3://{bucket}/images/", output=f"s3://{bucket}/labels/run1/", gtformer=gtformer,
-        sam_checkpoint=sam, batch_size=2, **TINY,
-    )  # fmt: skip
+    config = job_config((gtformer, sam), f"s3://{bucket}/images/", f"s3://{bucket}/labels/run1/", batch_size=2)
     summary = run_label_job(config)
     return S3Run(config, summary, sizes, _read_output(s3_server, config.output).to_pylist(), gt_dir)
 
@@ -233,12 +229,12 @@ def _put_manifest(endpoint: str, bucket: str, kind: str, rows: list[tuple[str, s
 def test_s3_csv_manifest_labels_reach_the_output(s3_server, s3_bucket, s3_models, ray_local, tmp_path):
     """A CSV manifest on S3 with an absolute and a relative URI; its label (and a missing one) are kept."""
     gtformer, sam, _ = s3_models
-    a, b = make_example_images(tmp_path / "images", count=2)
+    a, b = write_scenes(tmp_path / "images", 2)
     for path in (a, b):
         _upload_file(s3_server, s3_bucket, path, f"data/images/{path.name}")
     manifest = _put_manifest(s3_server, s3_bucket, "csv", [(f"s3://{s3_bucket}/data/images/{a.name}", "disc"), (f"images/{b.name}", None)])
     output = f"s3://{s3_bucket}/labels/"
-    summary = run_label_job(LabelJobConfig(input=manifest, output=output, gtformer=gtformer, sam_checkpoint=sam, **TINY))
+    summary = run_label_job(job_config((gtformer, sam), manifest, output))
     rows = _read_output(s3_server, output).to_pylist()
     assert {r["uri"]: r["label"] for r in rows} == {
         f"s3://{s3_bucket}/data/images/{a.name}": "disc",

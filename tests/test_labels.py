@@ -21,7 +21,7 @@ def make_result():
 
 def test_ok_and_error_rows_fit_the_schema():
     ok = ok_row("id1", "s3://b/x.jpg", "bird", make_result(), model_ids={"gtformer": "g", "sam": "vit_h:s"}, run_id="r")
-    bad = error_row("id2", "s3://b/y.jpg", None, "not an image file", run_id="r")
+    bad = error_row("id2", "s3://b/y.jpg", None, "not an image file", kind="image", run_id="r")
     table = rows_to_table([ok, bad])
     assert table.schema == LABEL_SCHEMA
     rows = table.to_pylist()

@@ -112,3 +112,52 @@ def test_mask_box_ignores_specks_below_the_minimum_area():
     two = m | rect_mask((224, 224), 180, 10, 200, 30)  # second real component joins the union
     assert mask_box(two) == (50, 10, 200, 170)
     assert mask_box(np.zeros((10, 10), bool)) is None
+
+
+# ---------------------------------------------------------------- part-to-object completion
+
+
+def part_and_object():
+    """A 96x96-pixel body (cells 3..8) with a 32x32 part at its corner (cells 7..8); the coarse
+    map fires on the part only, as a classifier's map does. Candidates: part, body, a distractor
+    as large as the body elsewhere, and the body plus most of the frame (body and background)."""
+    coarse = coarse_with_object(7, 7, 8, 8)  # pixels 112..143
+    body = rect_mask((224, 224), 48, 48, 143, 143)
+    part = rect_mask((224, 224), 112, 112, 143, 143)
+    distractor = rect_mask((224, 224), 150, 10, 215, 100)
+    body_and_background = rect_mask((224, 224), 0, 0, 200, 223)
+    return coarse, np.stack([part, body, distractor, body_and_background]), np.array([0.95, 0.9, 0.9, 0.8])
+
+
+def test_plain_matching_takes_the_part_the_map_fires_on():
+    coarse, candidates, ious = part_and_object()
+    match = match_masks(coarse, candidates, ious)
+    assert match.index == 0 and not match.completed
+
+
+def test_part_to_object_takes_the_body_that_contains_the_best_matching_part():
+    coarse, candidates, ious = part_and_object()
+    # IoU with the map: part 1.0; body 1024/9216 = 0.111; background-and-body 1024/45024 = 0.023.
+    match = match_masks(coarse, candidates, ious, MatchConfig(part_to_object=True, agreement=0.1))
+    assert match.index == 1 and match.best_match == 0 and match.completed
+    assert match.match_score == pytest.approx(1024 / 9216)
+
+
+def test_part_to_object_does_not_climb_to_a_container_that_disagrees_with_the_map():
+    coarse, candidates, ious = part_and_object()
+    strict = match_masks(coarse, candidates, ious, MatchConfig(part_to_object=True, agreement=0.2))
+    assert strict.index == 0 and not strict.completed  # the body's 0.111 < 0.2 x 1.0
+    loose = match_masks(coarse, candidates, ious, MatchConfig(part_to_object=True, agreement=0.02))
+    assert loose.index == 3  # with almost no agreement asked, it climbs to body-and-background
+
+
+def test_part_to_object_needs_containment_and_growth():
+    coarse, candidates, ious = part_and_object()
+    shifted_body = rect_mask((224, 224), 48, 48, 127, 127)  # holds a quarter of the part only
+    match = match_masks(coarse, np.stack([candidates[0], shifted_body]), ious[:2], MatchConfig(part_to_object=True, agreement=0.05))
+    assert match.index == 0
+    slightly_larger = rect_mask((224, 224), 108, 108, 143, 143)  # contains the part, grows it by 1.27x
+    match = match_masks(coarse, np.stack([candidates[0], slightly_larger]), ious[:2], MatchConfig(part_to_object=True, agreement=0.05))
+    assert match.index == 0
+    with pytest.raises(ValueError, match="min_growth"):
+        MatchConfig(min_growth=0.5)

@@ -10,6 +10,7 @@ from pro2sam.metrics import (
     box_iou_inclusive,
     boxes_from_score_map,
     cam_thresholds,
+    inclusive_to_eval_boxes,
     localization_accuracy,
     mask_iou,
     quantize_score_map,
@@ -74,6 +75,20 @@ def test_box_is_clipped_at_the_right_and_bottom_border():
     # blob on columns 6..7, row 5 of an 8x6 map: (x + w, y + h) = (8, 6) -> clipped to (7, 5)
     m = paint((6, 8), (6, 5, 7, 5, 1.0))
     assert box_set(boxes_from_score_map(m, [0.0])[0]) == [(6, 5, 7, 5)]
+
+
+def test_inclusive_box_becomes_one_past_the_last_pixel():
+    # columns 2..5 and rows 3..7 of an object: x1, y1 become 6 and 8 (CUB's x + w with w = 4)
+    assert inclusive_to_eval_boxes(np.array([2, 3, 5, 7])).tolist() == [[2, 3, 6, 8]]
+    assert inclusive_to_eval_boxes(np.array([[0, 0, 0, 0], [1, 1, 2, 2]])).tolist() == [[0, 0, 1, 1], [1, 1, 3, 3]]
+
+
+def test_a_converted_mask_box_equals_the_box_wsolevaluation_draws_around_it():
+    # a blob on columns 1..3, rows 1..2 (inclusive box (1, 1, 3, 2)), away from the border:
+    # OpenCV's (x, y, x + w, y + h) is (1, 1, 4, 3), the same box once converted
+    m = paint((6, 8), (1, 1, 3, 2, 1.0))
+    (drawn,) = boxes_from_score_map(m, [0.0])
+    assert box_set(drawn) == box_set(inclusive_to_eval_boxes(np.array([1, 1, 3, 2]))) == [(1, 1, 4, 3)]
 
 
 def test_a_hole_gives_its_own_box_with_retr_tree():

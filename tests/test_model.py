@@ -7,26 +7,22 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import TINY_CLASSES, write_scenes
+
 from pro2sam import CandidateConfig, MatchConfig, Pro2SAM
-from pro2sam.example import EXAMPLE_CLASSES, make_example_images, make_tiny_checkpoints
 from pro2sam.matching import mask_box
 
 LOW_THRESHOLDS = dict(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return make_tiny_checkpoints(tmp_path_factory.mktemp("models"))
-
-
-@pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    return make_example_images(tmp_path_factory.mktemp("images"), count=3)
+    return write_scenes(tmp_path_factory.mktemp("images"), 3)
 
 
 @pytest.fixture(scope="module")
-def model(checkpoints):
-    gt_dir, sam_path = checkpoints
+def model(tiny_checkpoints):
+    gt_dir, sam_path = tiny_checkpoints
     return Pro2SAM.from_checkpoints(
         gt_dir, sam="tiny", sam_checkpoint=sam_path, device="cpu", candidates=CandidateConfig(**LOW_THRESHOLDS)
     )
@@ -56,8 +52,8 @@ def test_sam_results_carry_the_chosen_candidates_scores_and_box(model, images):
 
 def test_top_k_classes_come_with_names_and_sorted_scores(model, images):
     (r,) = model.predict(images[:1])
-    assert len(r.topk_classes) == len(EXAMPLE_CLASSES)  # top_k=5 capped by 3 classes
-    assert r.topk_names == [EXAMPLE_CLASSES[i] for i in r.topk_classes]
+    assert len(r.topk_classes) == len(TINY_CLASSES)  # top_k=5 capped by 3 classes
+    assert r.topk_names == [TINY_CLASSES[i] for i in r.topk_classes]
     assert r.topk_scores == sorted(r.topk_scores, reverse=True)
     assert sum(r.topk_scores) == pytest.approx(1.0, abs=1e-5)
 
@@ -78,7 +74,7 @@ def test_labels_are_carried_and_must_match_the_images(model, images):
 
 
 def test_no_surviving_candidate_falls_back_to_the_coarse_map(model, images):
-    strict = model.with_settings(candidates=CandidateConfig(points_per_side=4, pred_iou_thresh=2.0))
+    strict = model.with_settings(candidates=CandidateConfig(points_per_side=4, pred_iou_thresh=1.0, stability_score_thresh=1.0))
     (r,) = strict.predict(images[:1])
     assert r.box_source == "coarse_fallback"
     assert math.isnan(r.match_score) and math.isnan(r.pred_iou)

@@ -1,16 +1,21 @@
 """The models shipped in the package: present, intact, loaded through the official code paths, and
 good at what they were trained for (on synthetic scenes neither model saw)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from pro2sam import shipped
+from pro2sam.candidates import CandidateConfig
 from pro2sam.gtformer import load_gtformer
 from pro2sam.model import Pro2SAM
-from pro2sam.sam_candidates import CandidateConfig, build_sam
+from pro2sam.candidates import CandidateConfig
+from pro2sam.sam import SAM_VARIANTS, build_sam
 from pro2sam.synthetic import make_scene
 from segment_anything import SamPredictor
 
+REPO = Path(__file__).resolve().parents[1]
 MAX_SHIPPED_BYTES = 20 * 1024 * 1024
 MAX_TRAINING_SECONDS = 30 * 60
 
@@ -48,7 +53,17 @@ def test_shipped_weights_are_small_and_match_their_recorded_hashes():
 def test_training_records_hold_the_commands_seeds_and_times():
     records = shipped.training_records()
     sam, gt = records["sam"], records["gtformer"]["extra"]
-    assert "jobs/train_sam_tiny.py" in sam["command"] and "--seed" in sam["command"]
+    assert "--seed" in sam["command"]
+    # The recorded command still runs: the training script (moved to scripts/ since) takes its options.
+    import importlib.util
+    import shlex
+
+    spec = importlib.util.spec_from_file_location("train_sam_synthetic", REPO / "scripts" / "train_sam_synthetic.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = shlex.split(sam["command"])
+    args = script.build_parser().parse_args(argv[argv.index("--variant"):])
+    assert args.variant == shipped.SAM_VARIANT and args.seed == sam["seed"]
     assert sam["config"]["variant"] == shipped.SAM_VARIANT
     assert sam["wall_seconds"] <= MAX_TRAINING_SECONDS
     assert "train" in gt["command"] and gt["train_config"]["seed"] == 0
@@ -85,7 +100,7 @@ def test_sam_loads_like_an_official_checkpoint_and_segments_a_clicked_object(tes
 
 def test_gtformer_reads_the_colour_of_the_small_part(test_scenes):
     # Six epochs from scratch on 2 CPU cores taught it the part's colour (the class index is
-    # colour-major: 0-4 red, 5-9 blue) but hardly its shape; see pro2sam/models/README.md.
+    # colour-major: 0-4 red, 5-9 blue) but hardly its shape; see pro2sam/shipped/README.md.
     gtformer, config = load_gtformer(shipped.gtformer_dir())
     assert config["preset"] == "gtformer_synthetic_patch16_224"
     model = Pro2SAM(gtformer, build_sam("tiny"), class_names=config["class_names"])
@@ -114,16 +129,14 @@ def test_the_shipped_sam_gets_its_own_filter_thresholds(model):
     assert config.stability_score_thresh == shipped.CANDIDATE_THRESHOLDS["stability_score_thresh"]
     default = Pro2SAM.from_checkpoints(shipped.gtformer_dir(), sam="synthetic", sam_checkpoint=shipped.sam_checkpoint())
     assert default.candidate_config == CandidateConfig(**shipped.CANDIDATE_THRESHOLDS)
-    assert shipped.candidate_defaults("vit_h") == {} and shipped.candidate_defaults("tiny") == {}
+    assert not SAM_VARIANTS["vit_h"].filter_thresholds and not SAM_VARIANTS["tiny"].filter_thresholds
 
 
 def test_label_options_fill_in_the_shipped_models_and_thresholds():
-    import argparse
+    from pro2sam.apps.cli import _labeling, build_parser
 
-    from pro2sam.pipeline.label_job import add_label_arguments, labeling_settings_from_args
-
-    p = argparse.ArgumentParser()
-    add_label_arguments(p)
-    settings = labeling_settings_from_args(p.parse_args(["--input", "in", "--output", "out", "--gtformer", "shipped", "--sam", "synthetic"]))
-    assert settings["gtformer"] == str(shipped.gtformer_dir())
-    assert settings["sam_checkpoint"] == str(shipped.sam_checkpoint())
+    args = build_parser().parse_args(["label", "--input", "in", "--output", "out", "--gtformer", "shipped", "--sam", "synthetic"])
+    settings = _labeling(args)
+    assert settings.gtformer == str(shipped.gtformer_dir())
+    assert settings.sam_checkpoint == str(shipped.sam_checkpoint())
+    assert settings.candidate_config().pred_iou_thresh == shipped.CANDIDATE_THRESHOLDS["pred_iou_thresh"]

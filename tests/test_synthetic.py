@@ -1,6 +1,5 @@
 """The synthetic WSOL world: scenes, their ground truth, and the data set on disk."""
 
-import argparse
 import math
 
 import cv2
@@ -9,13 +8,12 @@ import pytest
 from PIL import Image
 
 from pro2sam.datasets import open_dataset, read_wsol_metadata
-from pro2sam.evaluation import load_gt_mask
+from pro2sam.evaluation import evaluate_predictions, load_gt_mask
+from pro2sam.rle import encode_mask
 from pro2sam.synthetic import (
     SYNTHETIC_CLASSES,
-    add_synthetic_arguments,
     make_scene,
     part_pattern,
-    run_synthetic,
     scene_label,
     write_wsol_dataset,
 )
@@ -160,7 +158,8 @@ def test_written_dataset_is_read_back_by_the_wsolevaluation_reader(tmp_path):
         scene = make_scene(11, "test", i, size_range=SMALL)
         assert sample.label == scene.label
         assert (sample.width, sample.height) == scene.size
-        np.testing.assert_array_equal(sample.boxes, [scene.box_xyxy])
+        ys, xs = np.nonzero(scene.object_mask)  # GT written one past the last object pixel
+        np.testing.assert_array_equal(sample.boxes, [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]])
         assert np.array_equal(np.asarray(Image.open(sample.mask_uri)) > 127, scene.object_mask)
         mask, ignore = load_gt_mask(sample)  # as the evaluation reads it: 224 frame, nearest
         expected = cv2.resize(scene.object_mask.astype(np.uint8), (224, 224), interpolation=cv2.INTER_NEAREST)
@@ -179,12 +178,29 @@ def test_fewer_classes_write_fewer_class_names(tmp_path):
 
 
 def test_cli_writes_the_dataset(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_synthetic_arguments(parser)
-    args = parser.parse_args(
-        ["--output", str(tmp_path / "d"), "--num-train", "2", "--num-val", "1", "--num-test", "1",
-         "--min-size", "96", "--max-size", "112", "--seed", "4"]
-    )
-    assert run_synthetic(args) == 0
+    from pro2sam.apps.cli import main
+
+    argv = ["synthetic", "--output", str(tmp_path / "d"), "--num-train", "2", "--num-val", "1", "--num-test", "1",
+            "--min-size", "96", "--max-size", "112", "--seed", "4"]  # fmt: skip
+    assert main(argv) == 0
     assert f"wsol:{tmp_path / 'd'}:{tmp_path / 'd'}:test" in capsys.readouterr().out
     assert len(open_dataset(f"wsol:{tmp_path / 'd'}:{tmp_path / 'd'}:val")) == 1
+
+
+def test_the_true_mask_scores_iou_one_against_the_written_ground_truth(tmp_path):
+    # Pro2SAM's rows carry inclusive boxes, the written GT is one past the end: the evaluation
+    # must bring them together, so predicting each object exactly scores IoU 1 on every image.
+    out = write_wsol_dataset(tmp_path / "synth", num_train=0, num_val=0, num_test=4, image_size=SMALL, seed=5)
+    test = open_dataset(out.spec("test"))
+    rows = []
+    for i, sample in enumerate(test.samples):
+        mask = make_scene(5, "test", i, size_range=SMALL).object_mask
+        ys, xs = np.nonzero(mask)
+        rows.append({
+            "uri": sample.uri, "status": "ok", "width": mask.shape[1], "height": mask.shape[0],
+            "topk_classes": [sample.label], "box_xyxy": [xs.min(), ys.min(), xs.max(), ys.max()],
+            "mask_rle": encode_mask(mask), "coarse_map": np.full(196, 0.5, np.float32).tolist(),
+        })  # fmt: skip
+    r = evaluate_predictions(test, rows)
+    assert [rec["pro2sam_iou"] for rec in r["images"]] == [1.0] * 4
+    assert r["Pro2SAM"]["BoxAccV2_single_box"] == 100.0

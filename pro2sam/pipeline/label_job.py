@@ -1,111 +1,206 @@
 """The labeling job: Ray Data from object storage to a Parquet table of boxes and masks.
 
     list inputs -> read bytes (I/O tasks) -> decode (CPU tasks)
-        -> Pro2SAMLabeler actors (one GPU each, GTFormer + SAM loaded once) -> write Parquet
+        -> Pro2SAMLabeler actors (one GPU each, GTFormer + SAM loaded once)
+        -> the driver commits label files of up to --rows-per-file rows (pro2sam.output)
 
-Resumable: rows already in the output (any earlier run) are skipped, so a run killed part way and
-started again finishes the rest and every input image ends up in the output exactly once.
-Fault tolerant: one bad image becomes an error row; a killed actor is restarted by Ray and its
-batch retried; unreadable (half-written) output files of a killed run are removed and redone.
+Before any work: options are checked, the input is listed, the output's lease is taken (one
+writer per output; the lease write also proves the output writable) and the models are loaded
+once on the driver, so a bad option, path or checkpoint ends the run with one line before Ray
+starts. Resumable: images already in the output are skipped, so a run killed part way and started
+again labels the rest, and every input image ends up in the output exactly once. One bad image is
+one error row; a killed actor is restarted by Ray and its batch retried.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
+import os
+import signal
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from ..images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from ..labels import (
-    LABEL_SCHEMA,
-    STATUS_ERROR,
-    STATUS_OK,
-    error_row,
-    ok_row,
-    rows_to_table,
-)
-from ..storage import StorageError, filesystem, is_remote, list_inputs, read_bytes
+from ..images import DEFAULT_MAX_PIXELS
+from ..labels import error_row, ok_row, rows_to_table
+from ..matching import MatchConfig
+from ..output import LabelsOutput, LabelWriter, WriterLease, plan_rerun
+from ..candidates import CandidateConfig
+from ..sam import DEFAULT_SAM_VARIANT, SAM_VARIANTS
+from ..storage import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S, MANIFEST_SUFFIXES, list_inputs, location_contains
 from .ray_env import ensure_ray
+from .stages import decode_images, read_images, text_or_none
 
-__all__ = ["LabelingSettings", "LabelJobConfig", "add_labeling_arguments", "labeling_settings_from_args", "LabelJobSummary", "run_label_job", "add_label_arguments", "main"]
+__all__ = [
+    "Resources",
+    "ReadLimits",
+    "LabelingSettings",
+    "LabelJobConfig",
+    "LabelJobSummary",
+    "JobInterrupted",
+    "load_models",
+    "run_label_job",
+]
 
 log = logging.getLogger("pro2sam.label")
 
-# Rows per block handed to Ray Data: small enough to spread over actors, large enough to batch.
-_ROWS_PER_BLOCK = 32
-_NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
+# Model batches per block handed to Ray Data: a block is one actor task, the unit results stream
+# back in and a killed actor redoes; small enough to spread over actors, large enough to batch.
+_BATCHES_PER_BLOCK = 4
+
+
+class JobInterrupted(Exception):
+    """SIGINT or SIGTERM reached the driver; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass(kw_only=True)
-class LabelingSettings:
-    """Models, candidate settings and resources of a labeling run (shared with evaluation).
+class Resources:
+    """What the labeling actors take from the cluster.
 
     Attributes:
-        gtformer: GTFormer export folder (model.safetensors + config.json), local or URI.
-        sam, sam_checkpoint, verify: SAM variant, its weights file, SHA-256 check of official files.
-        mode, points_per_side, prune: candidate path, grid size, grid pruning by the coarse map.
-        pred_iou_thresh, stability_score_thresh: SAM's filtering (None: the variant's defaults,
-            ``SamAutomaticMaskGenerator``'s or, for the shipped "synthetic" SAM,
-            :meth:`pro2sam.sam_candidates.CandidateConfig.for_variant`).
-        actors: labeling actors (default: one per GPU of the cluster, else 1).
+        actors: labeling actors (default: one per GPU of the cluster, else 1); on a cluster the
+            pool starts with one and grows to this many as nodes arrive.
         gpus_per_actor: GPUs pinned by each actor (default 1 when the cluster has GPUs, else 0).
         cpus_per_actor: CPUs (and torch threads) per actor (default 1 with a GPU, else 2).
         batch_size: images per model batch.
-        overwrite: delete the output first instead of resuming.
-        max_pixels: images larger than this become error rows (decompression-bomb guard).
         ray_address: Ray cluster to join; default $RAY_ADDRESS, else a new local Ray.
+        wait_for_resources_s: how long a run on a cluster waits for its first actor's CPUs/GPUs
+            (an autoscaler adding nodes) before it gives up; a local Ray never grows, so it does
+            not wait.
     """
 
-    gtformer: str
-    sam: str = "vit_h"
-    sam_checkpoint: str | None = None
-    verify: bool = True
-    mode: str = "fast"
-    points_per_side: int = 32
-    prune: bool = False
-    pred_iou_thresh: float | None = None
-    stability_score_thresh: float | None = None
     actors: int | None = None
     gpus_per_actor: float | None = None
     cpus_per_actor: float | None = None
     batch_size: int = 8
-    overwrite: bool = False
-    max_pixels: int = DEFAULT_MAX_PIXELS
     ray_address: str | None = None
+    wait_for_resources_s: float = 600.0
 
-    def labeling_settings(self) -> dict:
-        """These settings alone, as keyword arguments for another settings holder."""
-        return {f.name: getattr(self, f.name) for f in fields(LabelingSettings)}
+    def validate(self) -> None:
+        _need(self.actors is None or self.actors >= 1, f"--actors {self.actors}: must be >= 1")
+        _need(self.gpus_per_actor is None or self.gpus_per_actor >= 0, f"--gpus-per-actor {self.gpus_per_actor}: must be >= 0")
+        _need(self.cpus_per_actor is None or self.cpus_per_actor > 0, f"--cpus-per-actor {self.cpus_per_actor}: must be > 0")
+        _need(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be >= 1")
+        _need(self.wait_for_resources_s >= 0, f"--wait-for-resources {self.wait_for_resources_s}: must be >= 0")
 
 
 @dataclass(kw_only=True)
-class LabelJobConfig(LabelingSettings):
+class ReadLimits:
+    """Per-image limits of the read and decode stages: larger or slower inputs become error rows.
+
+    Attributes:
+        max_pixels: decompression-bomb guard (pixels after decoding the header).
+        max_bytes: largest file read.
+        read_timeout_s: longest read of one file.
+    """
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = DEFAULT_MAX_BYTES
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
+
+    def validate(self) -> None:
+        _need(self.max_pixels >= 1, f"--max-pixels {self.max_pixels}: must be >= 1")
+        _need(self.max_bytes >= 1, f"--max-bytes {self.max_bytes}: must be >= 1")
+        _need(self.read_timeout_s > 0, f"--read-timeout {self.read_timeout_s}: must be > 0")
+
+
+@dataclass(kw_only=True)
+class LabelingSettings:
+    """How images are labeled: the models, the library's candidate and matching settings, the
+    actors' resources and the read limits (shared by the labeling and evaluation jobs).
+
+    Attributes:
+        gtformer: GTFormer export folder (model.safetensors + config.json), local or URI.
+        sam, sam_checkpoint, verify: SAM variant, its weights file (local or URI), SHA-256 check
+            of official files.
+        candidates: stage 2 (:class:`~pro2sam.candidates.CandidateConfig`); None: the
+            defaults with the SAM variant's own filter thresholds (``CandidateConfig.for_variant``).
+        matching: stage 3 (:class:`~pro2sam.matching.MatchConfig`).
+        resources: :class:`Resources`; limits: :class:`ReadLimits`.
+        confidence_calibration: a calibration file of ``pro2sam evaluate`` (``confidence.json``,
+            local or URI): rows get a ``confidence`` (:mod:`pro2sam.confidence`); None: null.
+    """
+
+    gtformer: str
+    sam: str = DEFAULT_SAM_VARIANT
+    sam_checkpoint: str | None = None
+    verify: bool = True
+    candidates: CandidateConfig | None = None
+    matching: MatchConfig = field(default_factory=MatchConfig)
+    resources: Resources = field(default_factory=Resources)
+    limits: ReadLimits = field(default_factory=ReadLimits)
+    confidence_calibration: str | None = None
+
+    def candidate_config(self) -> CandidateConfig:
+        return self.candidates if self.candidates is not None else CandidateConfig.for_variant(self.sam)
+
+    def validate(self) -> None:
+        """Raise ValueError, naming the option, for a setting no run could use."""
+        _need(self.sam in SAM_VARIANTS, f"--sam {self.sam!r}: choose one of {', '.join(sorted(SAM_VARIANTS))}")
+        self.resources.validate()
+        self.limits.validate()
+
+
+def _need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(kw_only=True)
+class LabelJobConfig:
     """Everything a labeling run needs. Paths may be local or any fsspec URI.
 
     Attributes:
         input: image prefix, or a manifest (.csv / .parquet with ``uri`` and optional ``label``).
         output: folder (prefix) the Parquet files go to; also what resumes.
+        labeling: :class:`LabelingSettings`.
         run_id: written into every row of this run.
-        The rest: :class:`LabelingSettings`.
+        overwrite: replace the output's label files (only those) instead of resuming.
+        force: take the output's lease even if another run holds it.
+        retry_errors: relabel every error row (by default only read failures are relabeled).
+        relabel_changed: relabel images whose file changed (size, mtime or ETag) since.
+        rows_per_file, commit_seconds: a label file is committed at this many rows, or this long
+            after its first row, whichever comes first; a kill loses at most the rows not yet
+            committed.
+        lease_ttl_s: how long the output's lease lives without a heartbeat.
     """
 
     input: str
     output: str
+    labeling: LabelingSettings
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8])
+    overwrite: bool = False
+    force: bool = False
+    retry_errors: bool = False
+    relabel_changed: bool = False
+    rows_per_file: int = 10_000
+    commit_seconds: float = 300.0
+    lease_ttl_s: float = 60.0
+
+    def validate(self) -> None:
+        self.labeling.validate()
+        _need(self.rows_per_file >= 1, f"--rows-per-file {self.rows_per_file}: must be >= 1")
+        _need(self.commit_seconds > 0, f"--commit-seconds {self.commit_seconds}: must be > 0")
+        _need(self.lease_ttl_s > 0, f"lease_ttl_s {self.lease_ttl_s}: must be > 0")
+        # A manifest may sit in the output folder (it is read, never written); a folder may not.
+        _need(
+            self.input.endswith(MANIFEST_SUFFIXES) or not location_contains(self.output, self.input),
+            f"--output {self.output} is or contains --input {self.input}: the labels would mix with the "
+            "images; choose an output outside the input",
+        )
 
 
 @dataclass
 class LabelJobSummary:
-    """What a run did. ``skipped`` images were already in the output before this run."""
+    """What a run did. ``skipped`` images were already in the output before this run;
+    ``retried``/``changed`` of the labeled ones replaced an error row / a row of an older file."""
 
     run_id: str
     inputs: int
@@ -114,110 +209,45 @@ class LabelJobSummary:
     skipped: int
     seconds: float
     output: str
+    retried: int = 0
+    changed: int = 0
+    files: int = 0
 
     @property
     def images_per_s(self) -> float:
         return (self.ok + self.error) / self.seconds if self.seconds > 0 else 0.0
 
     def __str__(self) -> str:
+        relabeled = f" ({self.retried} errors retried, {self.changed} changed files relabeled)" if self.retried or self.changed else ""
         return (
             f"pro2sam label run {self.run_id}: {self.inputs} inputs: {self.ok} ok, {self.error} error, "
-            f"{self.skipped} skipped (already labeled); {self.seconds:.1f} s, "
+            f"{self.skipped} skipped (already labeled){relabeled}; {self.files} files written; {self.seconds:.1f} s, "
             f"{self.images_per_s:.2f} images/s; output: {self.output}"
         )
 
 
-# ---------------------------------------------------------------- output folder (no Ray needed)
+# ---------------------------------------------------------------- the models, once per actor
 
 
-def _parquet_files(output: str) -> tuple[object, list[str]]:
-    fs, path = filesystem(output)
-    if not fs.exists(path):
-        return fs, []
-    return fs, sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+def load_models(settings: LabelingSettings, *, device=None):
+    """The run's :class:`~pro2sam.model.Pro2SAM`, built from its settings (driver and actors alike).
 
-
-def read_output_columns(output: str, columns: list[str], *, remove_unreadable: bool = False) -> pa.Table:
-    """Some columns of every Parquet file under ``output`` (an empty table if there are none).
-
-    With ``remove_unreadable``, files without a valid Parquet footer (written by a run that was
-    killed mid-write) are deleted so that their images are labeled again.
+    Raises:
+        CheckpointError: a checkpoint is missing, corrupt or does not fit its config.
+        StorageError: a remote checkpoint cannot be fetched.
     """
-    fs, files = _parquet_files(output)
-    tables = []
-    for f in files:
-        try:
-            with fs.open(f, "rb") as fh:
-                tables.append(pq.read_table(fh, columns=columns))
-        except (pa.ArrowInvalid, OSError) as e:
-            if remove_unreadable and isinstance(e, pa.ArrowInvalid):
-                log.warning("removing unreadable output file %s (left by an interrupted run): %s", f, e)
-                fs.rm(f)
-                continue
-            raise
-    if not tables:
-        return pa.table({c: pa.array([], LABEL_SCHEMA.field(c).type) for c in columns})
-    return pa.concat_tables(tables)
+    from ..model import Pro2SAM
+    from ..storage import fetch_to_local
 
-
-def clear_output(output: str) -> None:
-    """Delete everything under ``output`` (``--overwrite``)."""
-    fs, path = filesystem(output)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
-# ---------------------------------------------------------------- pipeline stages (Ray Data UDFs)
-
-
-def read_images(batch: dict[str, np.ndarray], *, threads: int = 8) -> dict[str, np.ndarray]:
-    """I/O stage: add the encoded bytes of each image; a failed read fills ``error``."""
-    uris = list(batch["uri"])
-
-    def fetch(uri: str) -> tuple[bytes, str]:
-        try:
-            return read_bytes(uri), ""
-        except FileNotFoundError:
-            return b"", f"not found: {uri}"
-        except StorageError as e:
-            return b"", f"read failed: {e}"
-
-    with ThreadPoolExecutor(max_workers=min(threads, max(1, len(uris)))) as pool:
-        fetched = list(pool.map(fetch, uris))
-    batch["data"] = _object_array([d for d, _ in fetched])
-    batch["error"] = _object_array([e for _, e in fetched])
-    return batch
-
-
-def decode_images(batch: dict[str, np.ndarray], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
-    """CPU stage: bytes -> (H, W, 3) uint8 RGB with EXIF orientation applied, or an error."""
-    images, errors = [], []
-    for data, error in zip(batch["data"], batch["error"]):
-        if error:
-            images.append(_NO_IMAGE)
-            errors.append(error)
-            continue
-        try:
-            images.append(decode_image(data, max_pixels=max_pixels))
-            errors.append("")
-        except ImageDecodeError as e:
-            images.append(_NO_IMAGE)
-            errors.append(str(e))
-    out = {k: v for k, v in batch.items() if k != "data"}
-    out["image"] = _object_array(images)
-    out["error"] = np.array(errors, dtype=object)
-    return out
-
-
-def _label(value) -> str | None:
-    """Ray hands an all-null string column over as float NaN: normalise to str or None."""
-    return value if isinstance(value, str) else None
-
-
-def _object_array(items: list) -> np.ndarray:
-    arr = np.empty(len(items), dtype=object)
-    arr[:] = items
-    return arr
+    return Pro2SAM.from_checkpoints(
+        fetch_to_local(settings.gtformer),
+        sam=settings.sam,
+        sam_checkpoint=fetch_to_local(settings.sam_checkpoint) if settings.sam_checkpoint else None,
+        verify=settings.verify,
+        device=device,
+        candidates=settings.candidate_config(),
+        matching=settings.matching,
+    )
 
 
 class Pro2SAMLabeler:
@@ -227,50 +257,27 @@ class Pro2SAMLabeler:
     ``__call__(batch) -> table``).
     """
 
-    def __init__(self, config: dict, threads: int | None = None):
+    def __init__(self, settings: LabelingSettings, run_id: str, threads: int | None = None):
         import torch
 
-        from ..matching import MatchConfig
-        from ..model import Pro2SAM
-        from ..sam_candidates import CandidateConfig
-        from ..storage import fetch_to_local
-
         if threads:
-            torch.set_num_threads(int(threads))
-        cfg = LabelJobConfig(**config)
-        candidates = CandidateConfig.for_variant(
-            cfg.sam,
-            mode=cfg.mode,
-            points_per_side=cfg.points_per_side,
-            prune_with_coarse_map=cfg.prune,
-            pred_iou_thresh=cfg.pred_iou_thresh,
-            stability_score_thresh=cfg.stability_score_thresh,
-        )
-        self.model = Pro2SAM.from_checkpoints(
-            fetch_to_local(cfg.gtformer),
-            sam=cfg.sam,
-            sam_checkpoint=fetch_to_local(cfg.sam_checkpoint) if cfg.sam_checkpoint else None,
-            verify=cfg.verify,
-            candidates=candidates,
-            matching=MatchConfig(),
-        )
-        self.run_id = cfg.run_id
+            torch.set_num_threads(max(1, int(threads)))
+        self.model = load_models(settings)
+        self.run_id = run_id
+        self.confidence = _load_confidence(settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["image_id"])
-        ids, uris = [str(v) for v in batch["image_id"]], [str(v) for v in batch["uri"]]
-        labels = [_label(v) for v in batch["label"]]
         rows: list[dict | None] = [None] * n
         good = []
         for i in range(n):
             if batch["error"][i]:
-                rows[i] = error_row(ids[i], uris[i], labels[i], str(batch["error"][i]), run_id=self.run_id, model_ids=self.model.model_ids)
+                rows[i] = self._error_row(batch, i, str(batch["error"][i]), str(batch["error_kind"][i]))
             else:
                 good.append(i)
         if good:
-            images = [batch["image"][i] for i in good]
             try:
-                probs, coarse = self.model.classify(images)
+                probs, coarse = self.model.classify([batch["image"][i] for i in good])
                 classified = list(zip(good, probs, coarse))
             except Exception:  # isolate the image that breaks the batch
                 classified = []
@@ -281,145 +288,214 @@ class Pro2SAMLabeler:
                     except Exception as e:
                         rows[i] = self._failed(batch, i, e)
             for i, p, c in classified:
+                if not np.all(np.isfinite(np.asarray(p, dtype=np.float64))):
+                    rows[i] = self._failed(batch, i, ValueError("GTFormer gave non-finite class scores"))
+                    continue
                 try:
-                    result = self.model.localize(batch["image"][i], p, c, label=labels[i])
-                    rows[i] = ok_row(ids[i], uris[i], labels[i], result, model_ids=self.model.model_ids, run_id=self.run_id)
+                    result = self.model.localize(batch["image"][i], p, c, label=text_or_none(batch["label"][i]))
+                    rows[i] = ok_row(
+                        str(batch["image_id"][i]), str(batch["uri"][i]), text_or_none(batch["label"][i]), result,
+                        model_ids=self.model.model_ids, run_id=self.run_id,
+                        source_fingerprint=text_or_none(batch["source_fingerprint"][i]),
+                    )  # fmt: skip
                 except Exception as e:
                     rows[i] = self._failed(batch, i, e)
-        return rows_to_table(rows)
+        table = rows_to_table(rows)
+        return self.confidence.fill(table) if self.confidence is not None else table
+
+    def _error_row(self, batch: dict[str, np.ndarray], i: int, error: str, kind: str, **size) -> dict:
+        return error_row(
+            str(batch["image_id"][i]), str(batch["uri"][i]), text_or_none(batch["label"][i]), error, kind=kind,
+            run_id=self.run_id, model_ids=self.model.model_ids,
+            source_fingerprint=text_or_none(batch["source_fingerprint"][i]), **size,
+        )  # fmt: skip
 
     def _failed(self, batch: dict[str, np.ndarray], i: int, e: Exception) -> dict:
+        from ..model import ImageShapeError
+
         h, w = batch["image"][i].shape[:2]
-        return error_row(
-            str(batch["image_id"][i]), str(batch["uri"][i]), _label(batch["label"][i]),
-            f"labeling failed: {type(e).__name__}: {e}",
-            run_id=self.run_id, model_ids=self.model.model_ids, width=w, height=h,
+        kind = "image" if isinstance(e, ImageShapeError) else "model"
+        return self._error_row(batch, i, f"labeling failed: {type(e).__name__}: {e}", kind, width=w, height=h)
+
+
+def _load_confidence(settings: LabelingSettings, model_ids: dict[str, str] | None = None):
+    """The run's :class:`~pro2sam.confidence.ConfidenceModel`, or None; with ``model_ids``, warn
+    when it was fitted on other models' scores."""
+    if not settings.confidence_calibration:
+        return None
+    from ..confidence import ConfidenceModel
+
+    calibration = ConfidenceModel.load(settings.confidence_calibration)
+    if model_ids and calibration.model_ids and set(calibration.model_ids) != set(model_ids.values()):
+        log.warning(
+            "the confidence calibration %s was fitted on the scores of other models (%s): its confidences "
+            "may not hold for these", settings.confidence_calibration, ", ".join(calibration.model_ids),
         )  # fmt: skip
+    return calibration
 
 
 # ---------------------------------------------------------------- the job
 
 
+def _resources(cfg: Resources, ray, *, local: bool) -> tuple[int, float, float]:
+    """(actors, GPUs per actor, CPUs per actor) for this cluster, waiting for an autoscaler to
+    add what is missing (not on a local Ray, which never grows).
 
-def _pyarrow_filesystem(output: str):
-    if not is_remote(output):
-        return None, output
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
+    Raises:
+        ValueError: the cluster cannot give what the settings ask for.
+    """
+    cluster = ray.cluster_resources()
+    cluster_gpus = cluster.get("GPU", 0)
+    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if cluster_gpus else 0)
+    actors = cfg.actors or (max(1, int(cluster_gpus // gpus)) if gpus and cluster_gpus else 1)
+    cpus = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else (1 if gpus else 2)
+    # The actors' CPUs plus one for reading and decoding, or the pipeline starves. A local Ray
+    # must fit every actor; a cluster must fit one to start, and the actor pool grows with it.
+    starting = actors if local else 1
+    need = {"CPU": starting * cpus + 1, "GPU": starting * gpus}
+    if not gpus and not cluster_gpus and cfg.gpus_per_actor is None and not local:
+        log.warning(
+            "the cluster has no GPU now: labeling with %d CPU actor(s). On an autoscaling GPU cluster pass "
+            "--gpus-per-actor 1 --actors N, so that the job asks for the GPU nodes", actors,
+        )  # fmt: skip
 
-    fs, path = filesystem(output)
-    return PyFileSystem(FSSpecHandler(fs)), path
+    def missing() -> dict[str, float]:
+        have = ray.cluster_resources()
+        return {k: v for k, v in need.items() if v > have.get(k, 0)}
+
+    def explain(lack: dict[str, float]) -> str:
+        have = ray.cluster_resources()
+        parts = [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in lack]
+        return (
+            f"{'--actors ' + str(actors) if local else 'one actor'} x (--cpus-per-actor {cpus:g}, --gpus-per-actor "
+            f"{gpus:g}) plus 1 CPU for decoding needs {' and '.join(parts)}"
+        )
+
+    lack = missing()
+    if lack and (local or cfg.wait_for_resources_s == 0):
+        where = "this machine's Ray" if local else "the cluster"
+        raise ValueError(f"{explain(lack)}: {where} cannot run it; ask for fewer actors or resources")
+    if lack:
+        from ray.autoscaler.sdk import request_resources
+
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        request_resources(bundles=[bundle] * actors)
+        log.warning("%s; asked the autoscaler, waiting up to %.0f s", explain(lack), cfg.wait_for_resources_s)
+        deadline = time.monotonic() + cfg.wait_for_resources_s
+        next_note = time.monotonic() + 30
+        while (lack := missing()) and time.monotonic() < deadline:
+            time.sleep(1.0)
+            if time.monotonic() > next_note:
+                log.warning("still waiting for resources: %s", explain(lack))
+                next_note += 30
+        if lack:
+            raise ValueError(
+                f"{explain(lack)}, and it did not grow in {cfg.wait_for_resources_s:.0f} s "
+                "(--wait-for-resources): ask for fewer actors or resources, or check the autoscaler's node types"
+            )
+    return actors, gpus, cpus
 
 
 def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
     """Label every input image not yet in ``cfg.output``; return what was done.
 
     Raises:
-        StorageError: input or output storage cannot be reached (the job does no model work).
+        ValueError: an option no run could use, output inside the input, a malformed manifest,
+            resources the cluster cannot give.
+        CheckpointError: a checkpoint that cannot be loaded (found on the driver, before Ray).
+        StorageError: input or output storage cannot be reached or written; another run holds
+            the output (:class:`~pro2sam.output.OutputBusy`).
+        JobInterrupted: SIGINT/SIGTERM (as raised by the caller's handler); committed rows stay.
     """
     start = time.perf_counter()
-    if cfg.overwrite:
-        clear_output(cfg.output)
+    cfg.validate()
+    output = LabelsOutput(cfg.output)
     inputs = list_inputs(cfg.input, exclude_prefix=cfg.output)
+    log.info("%d inputs listed", len(inputs))
+    with WriterLease(output, cfg.run_id, ttl_s=cfg.lease_ttl_s, force=cfg.force) as lease:
+        output.remove_temporaries()
+        if cfg.overwrite:
+            plan = plan_rerun(None, inputs)
+        else:
+            plan = plan_rerun(
+                output.scan(), inputs, retry_errors=cfg.retry_errors, relabel_changed=cfg.relabel_changed
+            )
+        log.info(
+            "%d inputs: %d already labeled, %d to label (%d errors retried, %d changed)",
+            len(inputs), plan.skipped, len(plan.todo), plan.retried, plan.changed,
+        )  # fmt: skip
+        summary = LabelJobSummary(
+            cfg.run_id, len(inputs), 0, 0, plan.skipped, 0.0, cfg.output, retried=plan.retried, changed=plan.changed
+        )
+        if len(plan.todo) == 0 and not plan.drops:
+            summary.seconds = time.perf_counter() - start
+            return summary
+        resources = cfg.labeling.resources
+        if len(plan.todo):  # a bad checkpoint or calibration ends the run here, before Ray
+            _load_confidence(cfg.labeling, load_models(cfg.labeling, device="cpu").model_ids)
+        local = not (resources.ray_address or os.environ.get("RAY_ADDRESS"))
+        ray = None
+        if len(plan.todo):
+            already = _ray_initialized()
+            cpus_needed = (resources.actors or 1) * (resources.cpus_per_actor or 2) + 1
+            ray = ensure_ray(resources.ray_address, cpus_needed=cpus_needed)
+            actors, gpus, cpus = _resources(resources, ray, local=local and not already)
+        # Only now, with inputs listed, models loaded and resources there, change the output.
+        if cfg.overwrite:
+            removed = output.delete_label_files()
+            log.info("--overwrite: removed %d label files of earlier runs", removed)
+        elif plan.drops:
+            dropped = output.drop_rows(plan.drops)
+            log.info("removed %d rows to relabel or duplicated from the output", dropped)
+        writer = LabelWriter(
+            output, cfg.run_id, lease=lease, rows_per_file=cfg.rows_per_file, commit_seconds=cfg.commit_seconds
+        )
+        try:
+            if len(plan.todo):
+                for table in _label_stream(ray, cfg, plan.todo, actors, gpus, cpus):
+                    writer.add(table)
+        finally:
+            try:
+                writer.commit()  # what was labeled stays, also when the run is interrupted
+            except Exception as e:
+                log.warning("could not commit the last %d rows: %s", writer.pending_rows, e)
+            summary.ok, summary.error, summary.files = writer.ok, writer.error, len(writer.files)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _ray_initialized() -> bool:
     try:
-        done = read_output_columns(cfg.output, ["image_id"], remove_unreadable=True).column("image_id")
-    except Exception as e:
-        raise StorageError(f"cannot read the existing output {cfg.output}: {type(e).__name__}: {e}") from None
-    todo = inputs.filter(pc.invert(pc.is_in(inputs.column("image_id"), value_set=pc.unique(done))))
-    skipped = len(inputs) - len(todo)
-    log.info("%d inputs, %d already labeled, %d to label", len(inputs), skipped, len(todo))
-    if len(todo) == 0:
-        return LabelJobSummary(cfg.run_id, len(inputs), 0, 0, skipped, time.perf_counter() - start, cfg.output)
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
 
-    ray = ensure_ray(cfg.ray_address)
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if cluster_gpus else 0)
-    actors = cfg.actors or (max(1, int(cluster_gpus // gpus)) if gpus else 1)
-    cpus = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else (1 if gpus else 2)
 
-    blocks = [todo.slice(i, _ROWS_PER_BLOCK) for i in range(0, len(todo), _ROWS_PER_BLOCK)]
+def _label_stream(ray, cfg: LabelJobConfig, todo: pa.Table, actors: int, gpus: float, cpus: float):
+    """The Ray Data pipeline over ``todo``; yields label tables as the actors finish them."""
+    batch_size, limits = cfg.labeling.resources.batch_size, cfg.labeling.limits
+    rows = _BATCHES_PER_BLOCK * batch_size
+    blocks = [todo.slice(i, rows) for i in range(0, len(todo), rows)]
     ds = ray.data.from_arrow(blocks)
-    ds = ds.map_batches(read_images, batch_format="numpy", batch_size=cfg.batch_size, num_cpus=0.25)
     ds = ds.map_batches(
-        decode_images, batch_format="numpy", batch_size=cfg.batch_size, fn_kwargs={"max_pixels": cfg.max_pixels}
+        read_images,
+        batch_format="numpy",
+        batch_size=batch_size,
+        num_cpus=0.25,
+        fn_kwargs={"max_bytes": limits.max_bytes, "timeout_s": limits.read_timeout_s},
+    )
+    ds = ds.map_batches(
+        decode_images, batch_format="numpy", batch_size=batch_size, fn_kwargs={"max_pixels": limits.max_pixels}
     )
     ds = ds.map_batches(
         Pro2SAMLabeler,
-        fn_constructor_kwargs={"config": asdict(cfg), "threads": cpus},
+        fn_constructor_kwargs={"settings": cfg.labeling, "run_id": cfg.run_id, "threads": cpus},
         batch_format="numpy",
-        batch_size=cfg.batch_size,
-        concurrency=actors,
+        batch_size=batch_size,
+        concurrency=actors if actors == 1 else (1, actors),  # the pool grows as an autoscaler adds nodes
         num_gpus=gpus,
         num_cpus=cpus,
     )
-    filesystem_, path = _pyarrow_filesystem(cfg.output)
-    ds.write_parquet(path, filesystem=filesystem_, schema=LABEL_SCHEMA)
-
-    written = read_output_columns(cfg.output, ["status", "run_id"])
-    mine = written.filter(pc.equal(written.column("run_id"), cfg.run_id))
-    statuses = mine.column("status")
-    ok = pc.sum(pc.equal(statuses, STATUS_OK)).as_py() or 0
-    error = pc.sum(pc.equal(statuses, STATUS_ERROR)).as_py() or 0
-    return LabelJobSummary(cfg.run_id, len(inputs), ok, error, skipped, time.perf_counter() - start, cfg.output)
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_labeling_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of :class:`LabelingSettings` (shared by ``pro2sam label`` and ``pro2sam evaluate``)."""
-    p.add_argument("--gtformer", required=True, help="GTFormer export folder (local or URI); 'shipped': the model in the package")
-    p.add_argument("--sam", default="vit_h", help="SAM variant: vit_h, vit_l, vit_b, synthetic, tiny (default vit_h)")
-    p.add_argument("--sam-checkpoint", help="SAM weights file (local or URI); default for --sam synthetic: the shipped one")
-    p.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of official SAM files")
-    p.add_argument("--mode", choices=("fast", "exact"), default="fast")
-    p.add_argument("--points-per-side", type=int, default=32)
-    p.add_argument("--prune", action="store_true", help="prune grid points outside the coarse foreground")
-    p.add_argument("--pred-iou-thresh", type=float, help="SAM predicted-IoU filter (default 0.88)")
-    p.add_argument("--stability-score-thresh", type=float, help="SAM stability filter (default 0.95)")
-    p.add_argument("--actors", type=int, help="labeling actors (default: one per GPU, else 1)")
-    p.add_argument("--gpus-per-actor", type=float, help="default 1 on a GPU cluster, else 0")
-    p.add_argument("--cpus-per-actor", type=float, help="default 1 with a GPU, else 2")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--overwrite", action="store_true", help="delete the output first instead of resuming")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="larger images become error rows")
-    p.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
-
-
-def labeling_settings_from_args(args: argparse.Namespace) -> dict:
-    """Keyword arguments of :class:`LabelingSettings` from :func:`add_labeling_arguments` options."""
-    from ..shipped import resolve_model_options
-
-    names = {f.name for f in fields(LabelingSettings)} - {"verify"}
-    settings = {"verify": not args.no_verify, **{n: getattr(args, n) for n in names}}
-    settings["gtformer"], settings["sam"], settings["sam_checkpoint"] = resolve_model_options(
-        settings["gtformer"], settings["sam"], settings["sam_checkpoint"]
-    )
-    return settings
-
-
-def add_label_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``pro2sam label`` / ``jobs/label.py`` options."""
-    p.add_argument("--input", required=True, help="image prefix (local or fsspec URI) or manifest .csv/.parquet")
-    p.add_argument("--output", required=True, help="output prefix for the Parquet files (resumes if it exists)")
-    add_labeling_arguments(p)
-
-
-def config_from_args(args: argparse.Namespace) -> LabelJobConfig:
-    return LabelJobConfig(input=args.input, output=args.output, **labeling_settings_from_args(args))
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        summary = run_label_job(config_from_args(args))
-    except (StorageError, ValueError) as e:
-        print(f"pro2sam label: error: {e}", file=sys.stderr)
-        return 2
-    print(summary, flush=True)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="label", description="Pro2SAM labeling job (Ray Data).")
-    add_label_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield batch

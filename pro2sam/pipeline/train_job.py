@@ -20,7 +20,6 @@ over). A run already complete is only exported again.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -29,16 +28,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from ..checkpoints import CheckpointError
 from ..gtformer import GTFORMER_PRESETS, save_gtformer
-from ..storage import StorageError, filesystem, is_remote, join_uri
-from ..training import (
-    SCHEDULES,
+from ..storage import StorageError, filesystem, is_remote, join_uri, write_bytes_atomic
+from ..train.gtformer import (
     LabeledImageDataset,
     TrainConfig,
     TrainingState,
@@ -50,17 +48,17 @@ from ..training import (
     evaluate_accuracy,
     load_training_state,
     make_loader,
-    make_lr_scheduler,
-    make_optimizer,
+    make_lr_scheduler_for,
     read_training_meta,
     save_training_state,
     set_loader_epoch,
     train_one_epoch,
     train_transform,
 )
+from ..train.schedule import make_optimizer
 from .ray_env import ensure_ray
 
-__all__ = ["DEFAULT_RUN_NAME", "EXPORT_DIR", "run_train_job", "add_train_arguments", "run_from_args", "main"]
+__all__ = ["DEFAULT_RUN_NAME", "EXPORT_DIR", "TrainJobConfig", "run_train_job", "latest_checkpoint"]
 
 log = logging.getLogger("pro2sam.train")
 
@@ -102,8 +100,8 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     core = build_model(cfg, config["num_classes"])
     model = ray.train.torch.prepare_model(core)
-    optimizer = make_optimizer(core, cfg)
-    scheduler = make_lr_scheduler(optimizer, cfg, len(train_loader))
+    optimizer = make_optimizer(core, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_lr_scheduler_for(optimizer, cfg, len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if amp.needs_scaler else None
 
     start_epoch, history = 1, []
@@ -183,10 +181,7 @@ def _read_json(uri: str) -> dict | None:
 
 
 def _write_json(uri: str, value: dict) -> None:
-    fs, path = filesystem(uri)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write((json.dumps(value, indent=2) + "\n").encode())
+    write_bytes_atomic(uri, (json.dumps(value, indent=2) + "\n").encode())
 
 
 def _remove(uri: str) -> None:
@@ -238,36 +233,22 @@ def _export(state: TrainingState, cfg: TrainConfig, dataset, output_dir: str, ex
     return target
 
 
-def run_train_job(
-    dataset_spec: str,
-    output_dir: str,
-    train_config: TrainConfig | None = None,
-    *,
-    eval_dataset_spec: str | None = None,
-    num_workers: int = 2,
-    use_gpu: bool = False,
-    cpus_per_worker: float = 1,
-    storage_path: str | None = None,
-    run_name: str = DEFAULT_RUN_NAME,
-    ray_address: str | None = None,
-    resume: bool = True,
-    max_failures: int = 2,
-    keep_checkpoints: int = 2,
-) -> str:
-    """Train GTFormer with Ray Train and export it; return the export folder (``output_dir/gtformer``).
+@dataclass(kw_only=True)
+class TrainJobConfig:
+    """One training run: the recipe (:class:`~pro2sam.train.gtformer.TrainConfig`), the data, and
+    how Ray Train runs it.
 
-    Args:
-        dataset_spec: training data (:func:`pro2sam.datasets.open_dataset` spec: ``cub:ROOT:train``,
-            a manifest ``.csv``/``.parquet`` with ``uri,label``, ...).
-        output_dir: local folder or fsspec URI; receives ``gtformer/`` (and, by default, the
+    Attributes:
+        data: training data (:func:`pro2sam.datasets.open_dataset` spec: ``cub:ROOT:train``, a
+            manifest ``.csv``/``.parquet`` with ``uri,label``, ...).
+        output: local folder or fsspec URI; receives ``gtformer/`` (and, by default, the
             checkpoints under ``ray_train/``).
-        train_config: the recipe (default :class:`TrainConfig`); ``batch_size`` is global and
-            must divide by ``num_workers``.
-        eval_dataset_spec: optional held-out data evaluated (loss, top-1) after every epoch.
+        train: the recipe; ``batch_size`` is global and must divide by ``num_workers``.
+        eval_data: optional held-out data evaluated (loss, top-1) after every epoch.
         num_workers: data-parallel training workers (one GPU each with ``use_gpu``).
         cpus_per_worker: CPUs reserved by each worker (also its data loading).
-        storage_path: where Ray Train keeps checkpoints (default ``output_dir/ray_train``); must
-            be shared storage (``s3://...``, NFS) on a multi-node cluster.
+        storage_path: where Ray Train keeps checkpoints (default ``output/ray_train``); must be
+            shared storage (``s3://...``, NFS) on a multi-node cluster.
         run_name: the run's folder under ``storage_path``; the same name resumes.
         ray_address: Ray cluster to join; default ``$RAY_ADDRESS``, else a new local Ray (an
             already initialised Ray is used as it is).
@@ -275,6 +256,25 @@ def run_train_job(
             run's checkpoints and starts over.
         max_failures: worker-group failures retried (from the last checkpoint) within this call.
         keep_checkpoints: most recent checkpoints kept.
+    """
+
+    data: str
+    output: str
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval_data: str | None = None
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    storage_path: str | None = None
+    run_name: str = DEFAULT_RUN_NAME
+    ray_address: str | None = None
+    resume: bool = True
+    max_failures: int = 2
+    keep_checkpoints: int = 2
+
+
+def run_train_job(job: TrainJobConfig) -> str:
+    """Train GTFormer with Ray Train and export it; return the export folder (``output/gtformer``).
 
     Raises:
         ValueError: bad settings, an empty data set, or (with ``resume``) checkpoints of a
@@ -284,7 +284,8 @@ def run_train_job(
     """
     from ..datasets import open_dataset
 
-    cfg = train_config or TrainConfig()
+    cfg, num_workers = job.train, job.num_workers
+    dataset_spec, eval_dataset_spec, run_name = job.data, job.eval_data, job.run_name
     if num_workers < 1:
         raise ValueError(f"num_workers must be >= 1, got {num_workers}")
     if cfg.batch_size % num_workers:
@@ -301,12 +302,12 @@ def run_train_job(
     data_sha = dataset_hash(dataset)
     fingerprint = {**cfg.fingerprint(data_sha), "class_names": list(dataset.class_names)}
 
-    output_dir = _absolute(output_dir)
-    storage = _absolute(storage_path or join_uri(output_dir, CHECKPOINT_ROOT))
+    output_dir = _absolute(job.output)
+    storage = _absolute(job.storage_path or join_uri(output_dir, CHECKPOINT_ROOT))
     run_dir = join_uri(storage, run_name)
     marker_uri = join_uri(run_dir, RUN_MARKER)
     try:
-        if not resume:
+        if not job.resume:
             _remove(run_dir)
         marker = _read_json(marker_uri)
         if marker is not None and marker.get("fingerprint") != fingerprint:
@@ -324,7 +325,7 @@ def run_train_job(
 
     machine = {"cpus": os.cpu_count(), "uptime_before": _uptime()}
     started = time.perf_counter()
-    previous = latest_checkpoint(run_dir) if resume else None
+    previous = latest_checkpoint(run_dir) if job.resume else None
     done = 0
     if previous is not None:
         with previous.as_directory() as directory:
@@ -334,7 +335,7 @@ def run_train_job(
         checkpoint = previous
     else:
         log.info("training %s for epochs %d..%d on %d worker(s)", cfg.preset, done + 1, cfg.epochs, num_workers)
-        ray = ensure_ray(ray_address, cpus_needed=num_workers * cpus_per_worker)
+        ray = ensure_ray(job.ray_address, cpus_needed=num_workers * job.cpus_per_worker)
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
@@ -349,14 +350,14 @@ def run_train_job(
             },
             scaling_config=ScalingConfig(
                 num_workers=num_workers,
-                use_gpu=use_gpu,
-                resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+                use_gpu=job.use_gpu,
+                resources_per_worker={"CPU": job.cpus_per_worker, **({"GPU": 1} if job.use_gpu else {})},
             ),
             run_config=RunConfig(
                 name=run_name,
                 storage_path=storage,
-                checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
-                failure_config=FailureConfig(max_failures=max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=job.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=job.max_failures),
             ),
         )
         result = trainer.fit()
@@ -377,97 +378,10 @@ def run_train_job(
         "epochs_completed": state.epoch,
         "start_epoch": state.history[-1]["start_epoch"] if state.history else 1,
         "history": state.history,
-        "ray_train": {"storage_path": storage, "run_name": run_name, "num_workers": num_workers, "use_gpu": use_gpu},
+        "ray_train": {"storage_path": storage, "run_name": run_name, "num_workers": num_workers, "use_gpu": job.use_gpu},
         # this call's wall time (Ray start-up included; epochs already done before a resume excluded)
         "machine": {**machine, "job_wall_seconds": time.perf_counter() - started, "uptime_after": _uptime()},
     }
     export = _export(state, cfg, dataset, output_dir, extra)
     log.info("exported GTFormer to %s", export)
     return export
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``pro2sam train`` / ``jobs/train_gtformer.py`` options (defaults: :class:`TrainConfig`)."""
-    d = TrainConfig()
-    p.add_argument("--data", required=True, help="training data: cub:ROOT:SPLIT, ilsvrc:ROOT:SPLIT, "
-                   "wsol:METADATA_ROOT:DATA_ROOT:SPLIT, or a manifest .csv/.parquet (uri,label)")  # fmt: skip
-    p.add_argument("--output", required=True, help="output folder or URI: gtformer/ export (+ ray_train/ checkpoints)")
-    p.add_argument("--eval-data", help="held-out data evaluated after every epoch (same spec forms)")
-    p.add_argument("--preset", default=d.preset, choices=sorted(GTFORMER_PRESETS))
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"global batch size (default {d.batch_size})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr}; ILSVRC: 1.5e-5)")
-    p.add_argument("--min-lr", type=float, default=d.min_lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
-    p.add_argument("--tau", type=float, default=d.tau, help="area-loss target (0.25 CUB-like, 0.35 ImageNet-like)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--loader-workers", type=int, default=d.loader_workers, help="DataLoader processes per worker")
-    p.add_argument("--no-amp", action="store_true", help="train in float32 on GPUs too")
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--pretrained", action="store_true", help="ImageNet DeiT backbone through timm")
-    weights.add_argument("--backbone-checkpoint", help="DeiT checkpoint file (local or URI) for the backbone")
-    p.add_argument("--num-workers", type=int, default=2, help="data-parallel training workers (default 2)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per training worker")
-    p.add_argument("--cpus-per-worker", type=float, default=1)
-    p.add_argument("--storage-path", help="Ray Train checkpoint storage (default OUTPUT/ray_train; shared on clusters)")
-    p.add_argument("--run-name", default=DEFAULT_RUN_NAME, help="run folder under the storage path; same name resumes")
-    p.add_argument("--restart", action="store_true", help="delete the run's checkpoints and start over")
-    p.add_argument("--max-failures", type=int, default=2, help="worker failures retried from the last checkpoint")
-    p.add_argument("--keep-checkpoints", type=int, default=2)
-    p.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
-
-
-def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        preset=args.preset,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        schedule=args.schedule,
-        tau=args.tau,
-        seed=args.seed,
-        loader_workers=args.loader_workers,
-        amp=not args.no_amp,
-        pretrained=args.pretrained,
-        backbone_checkpoint=args.backbone_checkpoint,
-    )
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        export = run_train_job(
-            args.data,
-            args.output,
-            train_config_from_args(args),
-            eval_dataset_spec=args.eval_data,
-            num_workers=args.num_workers,
-            use_gpu=args.gpu,
-            cpus_per_worker=args.cpus_per_worker,
-            storage_path=args.storage_path,
-            run_name=args.run_name,
-            ray_address=args.ray_address,
-            resume=not args.restart,
-            max_failures=args.max_failures,
-            keep_checkpoints=args.keep_checkpoints,
-        )
-    except (StorageError, CheckpointError, ValueError) as e:
-        print(f"pro2sam train: error: {e}", file=sys.stderr)
-        return 2
-    print(f"pro2sam train: exported GTFormer to {export}", flush=True)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="train_gtformer", description="GTFormer training job (Ray Train).")
-    add_train_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
-

@@ -1,4 +1,4 @@
-"""Training SAM-tiny on synthetic scenes: prompts, SAM's multimask loss, the run and its files."""
+"""Training a small SAM on synthetic scenes: prompts, SAM's multimask loss, the run and its files."""
 
 import json
 
@@ -7,17 +7,16 @@ import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import default_collate
 
-from pro2sam.sam_candidates import SAM_VARIANTS, _sam_from_variant, build_sam
-from pro2sam.sam_training import (
+from pro2sam.sam import SAM_VARIANTS, build_sam, sam_from_variant
+from pro2sam.train.sam import (
     PromptedScenes,
     SamTrainConfig,
-    lr_at_step,
-    make_optimizer,
     predict_prompted,
     sam_losses,
-    train_sam_tiny,
+    train_sam,
     train_step,
 )
+from pro2sam.train.schedule import lr_at_step, make_optimizer
 from pro2sam.synthetic import make_scene
 
 S = SAM_VARIANTS["tiny"].image_size
@@ -102,17 +101,18 @@ def test_iou_head_regresses_the_actual_iou_of_every_output():
 
 def test_learning_rate_warms_up_then_decays_to_zero():
     config = SamTrainConfig(steps=100, batch_size=1, lr=1e-3, warmup_steps=10)
-    assert lr_at_step(0, config) == pytest.approx(1e-4)
-    assert lr_at_step(9, config) == pytest.approx(1e-3)
-    assert lr_at_step(99, config) < 1e-5
+    kw = dict(lr=config.lr, total_steps=config.steps, warmup_steps=config.warmup)
+    assert lr_at_step(0, **kw) == pytest.approx(1e-4)
+    assert lr_at_step(9, **kw) == pytest.approx(1e-3)
+    assert lr_at_step(99, **kw) < 1e-5
 
 
 def test_a_few_steps_on_a_fixed_batch_lower_its_loss():
     data = PromptedScenes(seed=0, length=1, image_size=S, prompts_per_image=2, size_range=SMALL)
     batch = default_collate([data[0]])
     torch.manual_seed(0)
-    sam = _sam_from_variant(SAM_VARIANTS["tiny"])
-    optimizer = make_optimizer(sam, SamTrainConfig(steps=15, batch_size=1, lr=2e-3))
+    sam = sam_from_variant(SAM_VARIANTS["tiny"])
+    optimizer = make_optimizer(sam, lr=2e-3, weight_decay=SamTrainConfig().weight_decay)
 
     def loss() -> float:
         with torch.no_grad():
@@ -127,25 +127,27 @@ def test_a_few_steps_on_a_fixed_batch_lower_its_loss():
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_trained_weights_load_with_build_sam_and_record_the_run(tmp_path, suffix):
     out = tmp_path / f"sam_tiny{suffix}"
-    record = train_sam_tiny(
+    record = train_sam(
         out, steps=2, batch_size=1, seed=3, prompts_per_image=2, size_range=SMALL, eval_scenes=1, log_every=1,
-        command="python jobs/train_sam_tiny.py --steps 2",
+        command="python scripts/train_sam_synthetic.py --steps 2",
     )
     sam = build_sam("tiny", out, verify=False)
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved == json.loads(json.dumps(record))
-    assert saved["command"] == "python jobs/train_sam_tiny.py --steps 2" and saved["seed"] == 3
+    assert saved["command"] == "python scripts/train_sam_synthetic.py --steps 2" and saved["seed"] == 3
     assert saved["weights"] == out.name and saved["steps_done"] == 2 and len(saved["history"]) == 2
     assert 0.0 <= saved["held_out"]["best_iou"] <= 1.0
     random = build_sam("tiny", seed=0)
     assert any(not torch.equal(a, b) for a, b in zip(sam.state_dict().values(), random.state_dict().values()))
 
 
-def test_job_entry_point_records_its_command(tmp_path):
+def test_training_script_records_its_command(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("train_sam_tiny", Path(__file__).parents[1] / "jobs" / "train_sam_tiny.py")
+    spec = importlib.util.spec_from_file_location(
+        "train_sam_synthetic", Path(__file__).parents[1] / "scripts" / "train_sam_synthetic.py"
+    )
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     out = tmp_path / "m.pth"
@@ -153,6 +155,6 @@ def test_job_entry_point_records_its_command(tmp_path):
             "--min-size", "96", "--max-size", "96", "--eval-scenes", "0", "--seed", "5"]
     assert job.main(argv) == 0
     record = json.loads(out.with_suffix(".json").read_text())
-    assert record["command"].endswith(" ".join(argv[2:])) and "train_sam_tiny.py" in record["command"]
+    assert record["command"].endswith(" ".join(argv[2:])) and "train_sam_synthetic.py" in record["command"]
     assert record["seed"] == 5 and "held_out" not in record
     build_sam("tiny", out, verify=False)

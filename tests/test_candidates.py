@@ -8,14 +8,21 @@ import numpy as np
 import pytest
 import torch
 from segment_anything import SamAutomaticMaskGenerator
-from segment_anything.build_sam import build_sam_vit_b
 
-from pro2sam.checkpoints import CheckpointError
-from pro2sam.sam_candidates import CandidateConfig, GridCandidateGenerator, build_sam
+from pro2sam.candidates import CandidateConfig, GridCandidateGenerator
+from pro2sam.sam import build_sam
 
 # Thresholds low enough that the random tiny SAM keeps candidates, high enough to filter some;
 # an offset of 0.1 because its logits are of order 1.
 FILTERS = dict(points_per_side=8, pred_iou_thresh=0.5, stability_score_thresh=0.3, stability_score_offset=0.1)
+
+# Our decoder reorders SAM's float32 sums (pro2sam/grid_decoder.py). The tiny SAM's IoU head sums
+# at most 256 terms of order 1, so predicted IoUs (order 1) move by ~1e-6 between CPUs: 100x margin.
+PRED_IOU_ATOL = 1e-4
+# Rounding can put a pixel whose upscaled logit ties a threshold (0 or +-offset; here some lie
+# 3e-7 from one) on either side. Each such pixel moves a stability score by at most 1/area of the
+# mask; allow two per mask.
+TIED_PIXELS = 2
 
 
 def synthetic_image(h, w, seed):
@@ -54,8 +61,8 @@ def test_exact_path_equals_the_official_generator(tiny_sam, h, w, seed):
     # Both come out in NMS order (decreasing predicted IoU).
     for i, ann in enumerate(expected):
         assert np.allclose(ours.point_coords[i], ann["point_coords"][0])
-        assert ours.pred_ious[i] == pytest.approx(ann["predicted_iou"], abs=1e-4)
-        assert ours.stability_scores[i] == pytest.approx(ann["stability_score"], abs=1e-4)
+        assert ours.pred_ious[i] == pytest.approx(ann["predicted_iou"], abs=PRED_IOU_ATOL)
+        assert ours.stability_scores[i] == pytest.approx(ann["stability_score"], abs=TIED_PIXELS / ann["area"])
         assert ours.masks[i].shape == (h, w)
         assert mask_iou(ours.masks[i], ann["segmentation"]) >= 0.99
         x, y, bw, bh = ann["bbox"]
@@ -70,7 +77,7 @@ def test_exact_path_equals_the_official_generator_with_filters_off(tiny_sam):
     ours = GridCandidateGenerator(tiny_sam, CandidateConfig(mode="exact", **off)).generate(image)
     assert len(ours) == len(expected) > 20
     assert all(mask_iou(m, a["segmentation"]) >= 0.99 for m, a in zip(ours.masks, expected))
-    np.testing.assert_allclose(ours.pred_ious, [a["predicted_iou"] for a in expected], atol=1e-4)
+    np.testing.assert_allclose(ours.pred_ious, [a["predicted_iou"] for a in expected], atol=PRED_IOU_ATOL)
 
 
 @pytest.mark.parametrize("h,w,seed", IMAGES)
@@ -130,8 +137,12 @@ def test_full_resolution_mask_is_sams_postprocessed_mask(tiny_sam):
     predictor.set_image(image)
     assert len(fast) > 0
     for i in range(len(fast)):
-        masks, _, _ = predictor.predict(fast.point_coords[i : i + 1], np.array([1]), multimask_output=True)
-        assert np.array_equal(fast.full_resolution_mask(i), masks[fast.multimask_index[i]])
+        logits, _, _ = predictor.predict(fast.point_coords[i : i + 1], np.array([1]), multimask_output=True, return_logits=True)
+        sams = logits[fast.multimask_index[i]] - tiny_sam.mask_threshold
+        # The same pixels, except where SAM's logit ties the threshold within float32 rounding of
+        # our reordered decoder (~1e-6 of the logits' scale on any CPU; 1e-4 leaves 100x).
+        tied = np.abs(sams) <= 1e-4 * np.abs(sams).max()
+        assert np.array_equal(fast.full_resolution_mask(i)[~tied], (sams > 0)[~tied])
 
 
 def test_pruning_keeps_only_points_inside_the_dilated_coarse_foreground(tiny_sam):
@@ -176,29 +187,6 @@ def test_stage_timings_are_recorded(tiny_sam):
     assert all(t >= 0 for t in candidates.timings.values())
 
 
-def test_official_checkpoint_with_wrong_sha256_is_refused(tmp_path):
-    fake = tmp_path / "sam_vit_b_01ec64.pth"
-    fake.write_bytes(b"not the released weights")
-    with pytest.raises(CheckpointError, match=r"official SAM vit_b checkpoint sam_vit_b_01ec64\.pth.*SHA-256"):
-        build_sam("vit_b", fake)
-
-
-def test_truncated_checkpoint_is_refused(tiny_sam, tmp_path):
-    path = tmp_path / "tiny.pth"
-    torch.save(tiny_sam.state_dict(), path)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated"):
-        build_sam("tiny", path, verify=False)
-
-
-def test_checkpoint_of_another_architecture_is_refused(tiny_sam, tmp_path):
-    path = tmp_path / "tiny.pth"
-    torch.save(tiny_sam.state_dict(), path)
-    with pytest.raises(CheckpointError, match="does not fit the vit_b architecture"):
-        build_sam("vit_b", path, verify=False)
-
-
 def test_tiny_checkpoint_round_trips(tiny_sam, tmp_path):
     path = tmp_path / "tiny.pth"
     torch.save(tiny_sam.state_dict(), path)
@@ -209,16 +197,3 @@ def test_tiny_checkpoint_round_trips(tiny_sam, tmp_path):
     b = GridCandidateGenerator(loaded, config).generate(image)
     assert np.array_equal(a.masks, b.masks)
     assert np.array_equal(a.pred_ious, b.pred_ious)
-
-
-def test_random_tiny_sam_is_seeded():
-    a, b = build_sam("tiny", seed=1), build_sam("tiny", seed=1)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-
-
-def test_vit_b_has_the_official_architecture_on_the_meta_device():
-    ours = build_sam("vit_b", device="meta")
-    with torch.device("meta"):
-        official = build_sam_vit_b()
-    assert sum(p.numel() for p in ours.parameters()) == 93_735_472
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in official.state_dict().items()}

@@ -18,17 +18,15 @@ from PIL import Image, ImageDraw
 
 from pro2sam.datasets import open_dataset
 from pro2sam.gtformer import create_gtformer, load_gtformer
-from pro2sam.training import (
+from pro2sam.train.gtformer import (
     LabeledImageDataset,
     TrainConfig,
     dataset_hash,
     eval_transform,
-    lr_at_step,
-    make_lr_scheduler,
-    make_optimizer,
-    param_groups,
+    make_lr_scheduler_for,
     train_transform,
 )
+from pro2sam.train.schedule import lr_at_step, make_optimizer, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"red_disc": (230, 40, 40), "green_square": (40, 220, 40), "blue_triangle": (50, 60, 240)}
@@ -96,7 +94,7 @@ def test_scheduler_sets_the_scheduled_lr_on_every_step():
     model = torch.nn.Linear(2, 2)
     cfg = TrainConfig(preset="gtformer_test_tiny", epochs=3, lr=1e-3, min_lr=0.0, warmup_epochs=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    scheduler = make_lr_scheduler(optimizer, cfg, steps_per_epoch=4)
+    scheduler = make_lr_scheduler_for(optimizer, cfg, steps_per_epoch=4)
     seen = []
     for _ in range(12):
         seen.append(optimizer.param_groups[0]["lr"])
@@ -120,7 +118,7 @@ def test_biases_and_1d_params_are_not_decayed():
     assert "head.weight" in decayed_names and "blocks.0.attn.qkv.weight" in decayed_names
     assert len(decayed_names) + len(plain_names) == len(list(model.parameters()))
     cfg = TrainConfig(preset="gtformer_test_tiny", weight_decay=0.05)
-    assert [g["weight_decay"] for g in make_optimizer(model, cfg).param_groups] == [0.05, 0.0]
+    assert [g["weight_decay"] for g in make_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay).param_groups] == [0.05, 0.0]
 
 
 def test_transforms_give_224_normalised_images(shapes_manifest):
@@ -146,25 +144,27 @@ def test_dataset_hash_ignores_order_and_sees_labels(shapes_manifest):
 
 
 def test_job_refuses_checkpoints_of_another_set_up(shapes_manifest, tmp_path):
-    from pro2sam.pipeline.train_job import RUN_MARKER, run_train_job
+    from pro2sam.pipeline.train_job import RUN_MARKER, TrainJobConfig, run_train_job
 
     run_dir = tmp_path / "out" / "ray_train" / "gtformer"
     run_dir.mkdir(parents=True)
     (run_dir / RUN_MARKER).write_text(json.dumps({"fingerprint": {"lr": 0.5}}))
     with pytest.raises(ValueError, match="different training set-up"):
-        run_train_job(str(shapes_manifest), str(tmp_path / "out"), TrainConfig(epochs=1, **TINY))
+        run_train_job(TrainJobConfig(data=str(shapes_manifest), output=str(tmp_path / "out"), train=TrainConfig(epochs=1, **TINY)))
     with pytest.raises(ValueError, match="divide by num_workers"):
-        run_train_job(str(shapes_manifest), str(tmp_path / "out"), TrainConfig(epochs=1, **TINY), num_workers=3)
+        run_train_job(
+            TrainJobConfig(data=str(shapes_manifest), output=str(tmp_path / "out"), train=TrainConfig(epochs=1, **TINY), num_workers=3)
+        )
 
 
 @pytest.mark.timeout(300)
 def test_training_lowers_the_loss_and_exports_a_loadable_gtformer(ray_local, shapes_manifest, tiny_checkpoints, tmp_path):
     from pro2sam import Pro2SAM
-    from pro2sam.pipeline.train_job import run_train_job
+    from pro2sam.pipeline.train_job import TrainJobConfig, run_train_job
 
     cfg = TrainConfig(epochs=2, seed=0, **TINY)
     export = run_train_job(
-        str(shapes_manifest), str(tmp_path / "out"), cfg, eval_dataset_spec=str(shapes_manifest), num_workers=2
+        TrainJobConfig(data=str(shapes_manifest), output=str(tmp_path / "out"), train=cfg, eval_data=str(shapes_manifest))
     )
 
     assert Path(export) == tmp_path / "out" / "gtformer"
@@ -187,7 +187,7 @@ def test_training_lowers_the_loss_and_exports_a_loadable_gtformer(ray_local, sha
 
 def _latest_epoch(run_dir: Path) -> int:
     from pro2sam.pipeline.train_job import latest_checkpoint
-    from pro2sam.training import read_training_meta
+    from pro2sam.train.gtformer import read_training_meta
 
     checkpoint = latest_checkpoint(str(run_dir))
     return 0 if checkpoint is None else read_training_meta(checkpoint.path)["epoch"]
@@ -223,7 +223,7 @@ def _kill_session(proc: subprocess.Popen, ray_tmp: str) -> None:
 
 @pytest.mark.timeout(360)
 def test_killed_training_resumes_from_its_last_checkpoint(ray_local, shapes_manifest, tmp_path):
-    from pro2sam.pipeline.train_job import run_train_job
+    from pro2sam.pipeline.train_job import TrainJobConfig, run_train_job
 
     out = tmp_path / "out"
     cfg = TrainConfig(epochs=3, seed=0, **TINY)
@@ -258,7 +258,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(ray_local, shapes_mani
     assert not (out / "gtformer").exists()
 
     # Started again with the same output (here through the library, on the session's Ray).
-    export = run_train_job(str(shapes_manifest), str(out), cfg, num_workers=2)
+    export = run_train_job(TrainJobConfig(data=str(shapes_manifest), output=str(out), train=cfg, num_workers=2))
 
     # The kill lands after epoch 1's checkpoint; epoch 2's may also have reached storage while
     # the process died (seen in CI), and then the run rightly resumes after epoch 2. Either way

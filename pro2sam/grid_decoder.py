@@ -23,7 +23,7 @@ unavoidable non-linear tail: LayerNorm2d, GELU, the second ConvTranspose and the
 product, computed only for the mask tokens asked for.
 
 All of it is algebra, no approximation: outputs equal ``sam.mask_decoder``'s up to float
-rounding (checked in ``tests/test_sam_decoder.py``). ``fast=False`` runs the official decoder.
+rounding (checked in ``tests/test_grid_decoder.py``). ``fast=False`` runs the official decoder.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training SAM-tiny on synthetic scenes, class-agnostically, the way Segment Anything was trained.
+"""Training a small SAM on synthetic scenes, class-agnostically, the way Segment Anything was trained.
 
 The official SAM weights are out of reach here, so a small variant of :data:`SAM_VARIANTS`
 ("synthetic" for the shipped model, "tiny" in tests) is trained from scratch on the ``sam``
@@ -20,20 +20,17 @@ the errors of earlier rounds), box prompts and the single-output path, none of w
 
 Frames: "input" is SAM's padded square input (256 x 256 for tiny) after the image is resized so
 that its longest side is 256 (:class:`segment_anything.utils.transforms.ResizeLongestSide`),
-exactly as :class:`pro2sam.sam_candidates.GridCandidateGenerator` feeds SAM at inference.
+exactly as :class:`pro2sam.candidates.GridCandidateGenerator` feeds SAM at inference.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
+import io
 import json
-import math
 import platform
 import shlex
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,8 +43,10 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import sigmoid_focal_loss
 
-from .sam_candidates import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SAM_VARIANTS, _sam_from_variant
-from .synthetic import DEFAULT_SIZE_RANGE, GENERATOR_VERSION, SyntheticScene, make_scene
+from ..sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SAM_VARIANTS, sam_from_variant
+from ..storage import sha256_file, write_bytes_atomic
+from ..synthetic import DEFAULT_SIZE_RANGE, GENERATOR_VERSION, SyntheticScene, make_scene
+from .schedule import lr_at_step, make_optimizer
 
 __all__ = [
     "SamTrainConfig",
@@ -55,13 +54,9 @@ __all__ = [
     "prompt_targets",
     "predict_prompted",
     "sam_losses",
-    "make_optimizer",
-    "lr_at_step",
     "train_step",
     "evaluate_prompted",
-    "train_sam_tiny",
-    "add_sam_training_arguments",
-    "run_sam_training",
+    "train_sam",
 ]
 
 # Loss weights of the SAM paper: mask loss = 20 focal + 1 dice; IoU MSE added with weight 1.
@@ -91,7 +86,7 @@ class SamTrainConfig:
             image of every step). Prompts are drawn anew on every visit; each DataLoader process
             keeps the scenes it generated in memory (about 0.5 MB each).
         seed: model initialisation, scenes and prompts.
-        variant: the SAM architecture (a key of :data:`pro2sam.sam_candidates.SAM_VARIANTS`).
+        variant: the SAM architecture (a key of :data:`pro2sam.sam.SAM_VARIANTS`).
         num_workers: DataLoader processes generating scenes (0: in this process).
         eval_scenes: held-out scenes scored after training (0: none).
         log_every: steps between loss records.
@@ -293,24 +288,6 @@ def sam_losses(
     }
 
 
-def make_optimizer(sam: Sam, config: SamTrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices and convolutions only."""
-    decay, no_decay = [], []
-    for p in sam.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
-
-
-def lr_at_step(step: int, config: SamTrainConfig) -> float:
-    """Learning rate of 0-based ``step``: linear warm-up, then cosine decay to 0 at ``steps``."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -364,21 +341,18 @@ def evaluate_prompted(sam: Sam, dataset: PromptedScenes, *, batch_size: int = 8,
 
 def _save_state_dict(sam: Sam, path: Path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in sam.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file(state, str(tmp))
+        data = save(state)
     else:
-        torch.save(state, tmp)
-    tmp.replace(path)  # a reader never sees half a file
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+    write_bytes_atomic(str(path), data)  # a reader never sees half a file
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def train_sam_tiny(
+def train_sam(
     out_path: str | Path,
     *,
     steps: int,
@@ -389,9 +363,9 @@ def train_sam_tiny(
     checkpoint_every: int = 0,
     **options,
 ) -> dict:
-    """Train SAM-tiny from scratch on synthetic scenes and save its state dict.
+    """Train a small SAM variant from scratch on synthetic scenes and save its state dict.
 
-    ``build_sam("tiny", out_path, verify=False)`` loads the result. A JSON record is written next
+    ``build_sam(variant, out_path)`` loads the result. A JSON record is written next
     to it (``out_path`` with suffix ``.json``): the command, seed, full config, loss history,
     held-out IoUs, wall time, versions and the weights' SHA-256.
 
@@ -415,8 +389,12 @@ def train_sam_tiny(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        sam = _sam_from_variant(variant).to(device)
-    optimizer = make_optimizer(sam, config)
+        sam = sam_from_variant(variant).to(device)
+    optimizer = make_optimizer(sam, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
+
+    def lr_at(step: int) -> float:
+        return lr_at_step(step, lr=config.lr, total_steps=config.steps, warmup_steps=config.warmup)
+
     data = PromptedScenes(
         seed=config.seed,
         length=config.steps * config.batch_size,
@@ -448,14 +426,14 @@ def train_sam_tiny(
     def write_record(step: int, seconds: float) -> None:
         record.update(steps_done=step, wall_seconds=round(seconds, 1))
         _save_state_dict(sam, out_path)
-        record["sha256"] = _sha256(out_path)
+        record["sha256"] = sha256_file(out_path)
         record_path.write_text(json.dumps(record, indent=2) + "\n")
 
     start = time.perf_counter()
     window: dict[str, float] = {}
     for step, batch in enumerate(loader):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at_step(step, config)
+            group["lr"] = lr_at(step)
         stats = train_step(
             sam, optimizer, _to(batch, device), max_grad_norm=config.max_grad_norm, loss_size=config.loss_size
         )
@@ -464,7 +442,7 @@ def train_sam_tiny(
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
             n = (done - 1) % config.log_every + 1
-            entry = {"step": done, "lr": lr_at_step(step, config)} | {k: round(v / n, 5) for k, v in window.items()}
+            entry = {"step": done, "lr": lr_at(step)} | {k: round(v / n, 5) for k, v in window.items()}
             record["history"].append(entry)
             window = {}
             print(
@@ -488,58 +466,3 @@ def train_sam_tiny(
         record["held_out"] = evaluate_prompted(sam, held_out, device=device)
     write_record(config.steps, time.perf_counter() - start)
     return record
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_sam_training_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of the SAM-tiny training entry point."""
-    d = SamTrainConfig()
-    p.add_argument("--output", required=True, help="weights file, .pth or .safetensors (a .json record goes beside it)")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="images per step (default %(default)s)")
-    p.add_argument("--prompts-per-image", type=int, default=d.prompts_per_image)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-steps", type=int, default=None, help="default min(250, steps // 10)")
-    p.add_argument("--min-size", type=int, default=d.size_range[0], help="smallest scene side, px")
-    p.add_argument("--max-size", type=int, default=d.size_range[1], help="largest scene side, px")
-    p.add_argument("--scene-pool", type=int, default=None, help="reuse the first N scenes (default: fresh scenes)")
-    p.add_argument("--num-workers", type=int, default=d.num_workers, help="scene-generating DataLoader workers")
-    p.add_argument("--eval-scenes", type=int, default=d.eval_scenes)
-    p.add_argument("--loss-size", type=int, default=None, help="side of the loss frame (default: the input side, as SAM)")
-    p.add_argument("--variant", default=d.variant, choices=sorted(SAM_VARIANTS), help="SAM architecture (default %(default)s)")
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=None, help="default cuda if available")
-
-
-def run_sam_training(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
-    """Run :func:`train_sam_tiny` from parsed options; ``argv`` (default sys.argv) is recorded."""
-    record = train_sam_tiny(
-        args.output,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-        command=shlex.join(["python", *(argv if argv is not None else sys.argv)]),
-        checkpoint_every=args.checkpoint_every,
-        prompts_per_image=args.prompts_per_image,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        size_range=(args.min_size, args.max_size),
-        scene_pool=args.scene_pool,
-        num_workers=args.num_workers,
-        eval_scenes=args.eval_scenes,
-        log_every=args.log_every,
-        loss_size=args.loss_size,
-        variant=args.variant,
-    )
-    held_out = record.get("held_out")
-    if held_out:
-        print(f"held-out: best-of-3 IoU {held_out['best_iou']:.3f}, top-ranked IoU {held_out['top_iou']:.3f}")
-    print(f"-> {args.output}")
-    return 0

@@ -22,19 +22,21 @@ import posixpath
 import time
 from pathlib import Path
 
-from . import shipped
-from .evaluation import METHODS
-from .gallery import build_gallery
-from .pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
-from .storage import join_uri
-from .synthetic import write_wsol_dataset
+from .. import shipped
+from ..evaluation import METHODS
+from .query import build_gallery
+from ..pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
+from ..pipeline.label_job import LabelingSettings, Resources
+from ..report import BOX_ACCURACY, SUMMARY_METRICS
+from ..candidates import CandidateConfig
+from ..storage import join_uri
+from ..synthetic import write_wsol_dataset
 
 __all__ = [
     "DEFAULT_NUM_TEST",
     "DEFAULT_NUM_VAL",
     "DEFAULT_POINTS_PER_SIDE",
     "DEFAULT_GALLERY_LIMIT",
-    "SUMMARY_METRICS",
     "run_demo",
     "format_summary",
 ]
@@ -43,14 +45,6 @@ DEFAULT_NUM_TEST = 100
 DEFAULT_NUM_VAL = 50
 DEFAULT_POINTS_PER_SIDE = 16
 DEFAULT_GALLERY_LIMIT = 48
-# The report's keys shown in the summary (percent), in table order: key -> column title.
-SUMMARY_METRICS = {
-    "gt_known_loc": "GT-known Loc",
-    "top1_loc": "Top-1 Loc",
-    "MaxBoxAccV2": "MaxBoxAccV2",
-    "mIoU": "mask mIoU",
-    "top1_cls": "Top-1 Cls",
-}
 _METHOD_NAMES = {"GTFormer": "GTFormer only (coarse map)", "Pro2SAM": "Pro2SAM"}
 
 
@@ -87,8 +81,9 @@ def run_demo(
 
     Returns:
         ``models``, ``num_test``, ``num_val``, ``points_per_side``, ``seed``, ``seconds`` (per
-        step and ``total``), ``results`` (method -> :data:`SUMMARY_METRICS` key -> percent or
-        None), ``error_rows``, ``thresholds``, ``gallery_images`` and the paths ``data``,
+        step and ``total``), ``results`` (method -> :data:`pro2sam.report.SUMMARY_METRICS` key
+        and the method's :data:`pro2sam.report.BOX_ACCURACY` key -> percent or None), ``error_rows``, ``thresholds``,
+        ``gallery_images`` and the paths ``data``,
         ``labels``, ``report_json``, ``report_md``, ``gallery``.
 
     Raises:
@@ -111,12 +106,14 @@ def run_demo(
         test=data.spec("test"),
         heldout=data.spec("val"),
         output=str(evaluation),
-        gtformer=str(gtformer),
-        sam=sam,
-        sam_checkpoint=None if sam_checkpoint is None else str(sam_checkpoint),
-        points_per_side=points_per_side,
+        labeling=LabelingSettings(
+            gtformer=str(gtformer),
+            sam=sam,
+            sam_checkpoint=None if sam_checkpoint is None else str(sam_checkpoint),
+            candidates=CandidateConfig.for_variant(sam, points_per_side=points_per_side),
+            resources=Resources(ray_address=ray_address),
+        ),
         overwrite=True,
-        ray_address=ray_address,
     )
     step = time.perf_counter()
     report = run_evaluate_job(cfg)
@@ -133,24 +130,34 @@ def run_demo(
 
     results = report["results"]
     summary = {
-        "models": {"gtformer": str(gtformer), "sam": sam, "sam_checkpoint": cfg.sam_checkpoint},
+        "models": {"gtformer": str(gtformer), "sam": sam, "sam_checkpoint": cfg.labeling.sam_checkpoint},
         "num_test": num_test,
         "num_val": num_val,
         "points_per_side": points_per_side,
         "seed": seed,
         "seconds": seconds,
-        "results": {m: {k: results[m].get(k) for k in SUMMARY_METRICS} for m in METHODS},
+        "results": {m: {k: results[m].get(k) for k in (*SUMMARY_METRICS, BOX_ACCURACY[m])} for m in METHODS},
         "error_rows": {"test": report["test"]["num_error_rows"], "val": report["heldout"]["num_error_rows"]},
         "thresholds": report["thresholds"],
+        "confidence": _confidence_summary(report.get("confidence")),
         "gallery_images": gallery_images,
         "data": str(data.root),
         "labels": labels,
         "report_json": join_uri(str(evaluation), "report.json"),
         "report_md": join_uri(str(evaluation), "report.md"),
+        "calibration": join_uri(str(evaluation), "confidence.json"),
         "gallery": str(gallery),
     }
     print(format_summary(summary), flush=True)
     return summary
+
+
+def _confidence_summary(confidence: dict | None) -> dict | None:
+    """The test split's AUROC and risk-coverage of the confidence calibrated on val (no curve)."""
+    if not confidence:
+        return None
+    test = confidence["test"]
+    return {"fitted_on": confidence["calibration"]["fitted_on"], "auroc": test["auroc"], "risk_coverage": test["risk_coverage"]}
 
 
 def _uri_in(uris) -> str:
@@ -172,16 +179,30 @@ def _pct(value) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _confidence_lines(confidence: dict | None) -> list[str]:
+    if not confidence:
+        return []
+    shares = " / ".join(confidence["risk_coverage"])
+    values = " / ".join(_pct(v) for v in confidence["risk_coverage"].values())
+    auroc = "-" if confidence["auroc"] is None else f"{confidence['auroc']:.3f}"
+    return [
+        "",
+        f"Confidence (P(box right), calibrated on {confidence['fitted_on']}): AUROC {auroc} on test; GT-known Loc of the",
+        f"  most confident {shares} % of the test images: {values}",
+    ]
+
+
 def format_summary(summary: dict) -> str:
     """The text ``run_demo`` prints: what ran, the test split's numbers, where the files are."""
-    models, s = summary["models"], summary["seconds"]
+    models, s, results = summary["models"], summary["seconds"], summary["results"]
     sam = models["sam"] + (f" ({models['sam_checkpoint']})" if models["sam_checkpoint"] else " (random weights)")
     thresholds = summary["thresholds"]
     width = max(len(n) for n in _METHOD_NAMES.values())
-    header = f"  {'':{width}s}" + "".join(f"  {t:>12s}" for t in SUMMARY_METRICS.values())
+    header = f"  {'':{width}s}" + "".join(f"  {t:>{max(len(t), 5)}s}" for t in SUMMARY_METRICS.values())
     table = [
-        f"  {_METHOD_NAMES[m]:{width}s}" + "".join(f"  {_pct(summary['results'][m][k]):>12s}" for k in SUMMARY_METRICS)
-        for m in ("Pro2SAM", "GTFormer")
+        f"  {_METHOD_NAMES[m]:{width}s}"
+        + "".join(f"  {_pct(results[m][k]):>{max(len(t), 5)}s}" for k, t in SUMMARY_METRICS.items())
+        for m in ("GTFormer", "Pro2SAM")
     ]
     return "\n".join(
         [
@@ -200,9 +221,16 @@ def format_summary(summary: dict) -> str:
             f"chosen on {thresholds['chosen_on']}):",
             header,
             *table,
+            "  MaxBoxAccV2: the coarse map's box accuracy at the best threshold of the test split itself, mean over",
+            "    IoU 30/50/70 (wsolevaluation's; threshold-free by design). Pro2SAM gives one box per image: its",
+            f"    BoxAccV2 (single box) is {_pct(results['Pro2SAM'][BOX_ACCURACY['Pro2SAM']])}; GTFormer's at the "
+            f"thresholds chosen on val, {_pct(results['GTFormer'][BOX_ACCURACY['GTFormer']])}.",
+            "  fallback: share of images whose box came from the coarse map (no SAM candidate survived).",
+            *_confidence_lines(summary.get("confidence")),
             "",
             f"labels:    {summary['labels']}",
             f"report:    {summary['report_md']}  ({summary['report_json']})",
+            f"confidence calibration: {summary['calibration']}",
             f"gallery:   {summary['gallery']}  ({summary['gallery_images']} test images, coarse maps beside)",
         ]
     )

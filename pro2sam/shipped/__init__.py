@@ -2,15 +2,15 @@
 
 Official SAM and DeiT weights and real WSOL data sets need downloads; these two models need none.
 Both were trained here, from scratch, on :mod:`pro2sam.synthetic` scenes, on 2 CPU cores in under
-30 minutes each; ``pro2sam/models/README.md`` gives the exact commands and seeds, and a JSON record
+30 minutes each; ``pro2sam/shipped/README.md`` gives the exact commands and seeds, and a JSON record
 beside each model holds its command, settings, loss history, wall time and SHA-256.
 
 - GTFormer (preset ``gtformer_synthetic_patch16_224``) was trained by the project's own training
   job (:mod:`pro2sam.pipeline.train_job`) with image-level labels only, on the ``train`` split of
   ``pro2sam synthetic --seed 0``.
-- SAM (variant ``"synthetic"`` of :data:`pro2sam.sam_candidates.SAM_VARIANTS`, Segment
+- SAM (variant ``"synthetic"`` of :data:`pro2sam.sam.SAM_VARIANTS`, Segment
   Anything's own modules at a small size) was trained class-agnostically by
-  ``jobs/train_sam_tiny.py`` on the ``sam`` stream, which no written data set contains.
+  ``scripts/train_sam_synthetic.py`` on the ``sam`` stream, which no written data set contains.
 
 They load through the same code as official checkpoints::
 
@@ -21,11 +21,11 @@ They are good for the synthetic world only: on photographs they mean nothing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
-from .sam_candidates import SAM_VARIANTS
+from ..sam import SAM_VARIANTS
+from ..storage import sha256_file
 
 __all__ = [
     "MODELS_DIR",
@@ -38,11 +38,10 @@ __all__ = [
     "verify_shipped",
     "SHIPPED_NAME",
     "CANDIDATE_THRESHOLDS",
-    "candidate_defaults",
     "resolve_model_options",
 ]
 
-MODELS_DIR = Path(__file__).resolve().parent / "models"
+MODELS_DIR = Path(__file__).resolve().parent
 SAM_VARIANT = "synthetic"
 # The seed of the synthetic data set GTFormer was trained on; its val/test splits never met
 # either model (SAM trained on the separate "sam" stream).
@@ -97,7 +96,7 @@ def verify_shipped() -> dict[str, str]:
     files = {"gtformer": gtformer_dir() / "model.safetensors", "sam": sam_checkpoint()}
     out = {}
     for name, path in files.items():
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = sha256_file(path)
         if digest != SHIPPED_SHA256[name]:
             raise ValueError(f"{path} has SHA-256 {digest}, not the shipped {SHIPPED_SHA256[name]}: a damaged install")
         out[name] = digest
@@ -121,10 +120,3 @@ def resolve_model_options(gtformer: str | None, sam: str, checkpoint: str | None
     if sam == SAM_VARIANT and not checkpoint:
         checkpoint = str(sam_checkpoint())
     return gtformer, sam, checkpoint
-
-
-def candidate_defaults(sam: str) -> dict[str, float]:
-    """SAM filter thresholds that differ from ``CandidateConfig``'s defaults for this SAM variant
-    (:attr:`pro2sam.sam_candidates.SamVariant.filter_thresholds`): :data:`CANDIDATE_THRESHOLDS`
-    for the shipped ``"synthetic"`` SAM, none for the others."""
-    return dict(SAM_VARIANTS[sam].filter_thresholds)

@@ -33,27 +33,24 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
-from .gtformer import GTFORMER_PRESETS, GTFormer, create_gtformer, gtformer_loss
-from .images import decode_image
-from .storage import fetch_to_local, read_bytes
+from ..gtformer import GTFORMER_PRESETS, GTFormer, create_gtformer, gtformer_loss
+from ..images import decode_image
+from ..storage import fetch_to_local, read_bytes
+from .schedule import SCHEDULES, make_lr_scheduler
 
 if TYPE_CHECKING:
-    from .datasets import WSOLDataset
+    from ..datasets import WSOLDataset
 
 __all__ = [
     "TrainConfig",
     "EpochStats",
-    "SCHEDULES",
     "train_transform",
     "eval_transform",
     "LabeledImageDataset",
     "make_loader",
     "set_loader_epoch",
     "build_model",
-    "param_groups",
-    "make_optimizer",
-    "lr_at_step",
-    "make_lr_scheduler",
+    "make_lr_scheduler_for",
     "AmpSettings",
     "amp_settings",
     "epoch_seed",
@@ -65,8 +62,6 @@ __all__ = [
     "read_training_meta",
     "load_training_state",
 ]
-
-SCHEDULES = ("cosine", "constant")
 
 # Training resolution of every preset (the frame of the coarse map) and the resize before the crop.
 TRAIN_RESIZE = 256
@@ -296,65 +291,18 @@ def build_model(config: TrainConfig, num_classes: int) -> GTFormer:
     )
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: ``[decayed, not decayed]``.
-
-    Not decayed: biases, every parameter with fewer than 2 dimensions (LayerNorm weights, ...)
-    and the names in ``model.no_weight_decay()`` (position embeddings, class token, global
-    position embedding). Frozen parameters are left out.
-    """
-    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.endswith(".bias") or name in skip:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` with the config's lr and weight decay."""
-    return torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
-
-
-def lr_at_step(
-    step: int, *, lr: float, total_steps: int, warmup_steps: int, schedule: str = "cosine", min_lr: float = 0.0
-) -> float:
-    """Learning rate of optimiser step ``step`` (0-based).
-
-    Warm-up: ``lr * (step + 1) / warmup_steps`` for ``step < warmup_steps``. Then ``lr`` for
-    "constant", or for "cosine" ``min_lr + (lr - min_lr) * (1 + cos(pi * p)) / 2`` with
-    ``p = (step - warmup_steps) / (total_steps - warmup_steps)`` going from 0 to 1.
-    """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return lr
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def make_lr_scheduler(
+def make_lr_scheduler_for(
     optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step schedule (:func:`lr_at_step`); call ``scheduler.step()`` after every optimiser step."""
-    total = config.epochs * steps_per_epoch
-    warmup = round(config.warmup_epochs * steps_per_epoch)
-
-    def factor(step: int) -> float:
-        return lr_at_step(
-            step, lr=config.lr, total_steps=total, warmup_steps=warmup, schedule=config.schedule, min_lr=config.min_lr
-        ) / config.lr
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    """The config's per-step schedule (:func:`pro2sam.train.schedule.lr_at_step`) over its epochs."""
+    return make_lr_scheduler(
+        optimizer,
+        lr=config.lr,
+        total_steps=config.epochs * steps_per_epoch,
+        warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+        schedule=config.schedule,
+        min_lr=config.min_lr,
+    )
 
 
 @dataclass(frozen=True)

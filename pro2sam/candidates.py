@@ -1,0 +1,476 @@
+"""Stage 2 of Pro2SAM: candidate masks from Segment Anything prompted with a grid of points.
+
+METHOD.md §2. One image is encoded once; every grid point is decoded as a single foreground
+click with three masks each (multimask), in large batches through :class:`GridDecoder`; masks are
+then filtered exactly as ``SamAutomaticMaskGenerator`` filters a single full-image crop
+(predicted IoU, stability score, box NMS; no crops, no small-region post-processing). As there,
+the masks of an image travel through short stages in a ``MaskData``: decode and filter each batch
+of points, concatenate, box NMS, then hand out :class:`Candidates`.
+
+Two paths compute the filters:
+
+- ``"exact"``: on masks upscaled to the image's full resolution, as the official generator does;
+  its candidate set equals the official one (tests/test_candidates.py checks it).
+- ``"fast"`` (default): on SAM's low-resolution logits (256x256 for the 1024 px models) cropped to
+  the image, never upsampling every mask; ``Candidates.full_resolution_mask(i)`` upsamples one
+  candidate exactly as ``Sam.postprocess_masks`` does.
+
+Frames: "original" is the image passed to :meth:`GridCandidateGenerator.generate` (H x W);
+"SAM image" is the image SAM was given (the original, or 224 x 224 with the reference option);
+"SAM input" is that image resized so its longest side is ``sam.image_encoder.img_size`` (1024),
+then zero-padded to a square; "low-res" is SAM's mask logit grid, one cell per ``upscale`` SAM
+input pixels. Boxes are ``(x0, y0, x1, y1)`` inclusive pixel indices (``x1`` is the last
+foreground column), the convention of ``segment_anything.utils.amg.batched_mask_to_box``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from segment_anything.utils.amg import (
+    MaskData,
+    batch_iterator,
+    batched_mask_to_box,
+    build_all_layer_point_grids,
+    calculate_stability_score,
+)
+from segment_anything.utils.transforms import ResizeLongestSide
+from torchvision.ops.boxes import batched_nms
+
+from .grid_decoder import GridDecoder
+from .sam import REFERENCE_SAM_SIZE, SAM_VARIANTS
+
+__all__ = ["CandidateConfig", "Candidates", "GridCandidateGenerator"]
+
+
+@dataclass(frozen=True)
+class CandidateConfig:
+    """How grid-prompted SAM candidates are generated and filtered.
+
+    The first group are ``SamAutomaticMaskGenerator``'s arguments, with its defaults (the
+    reference settings, METHOD.md §2); a threshold of 0 switches its filter off, as there.
+
+    Attributes:
+        points_per_side: the grid has points_per_side**2 points over the whole image.
+        points_per_batch: prompts decoded together (memory vs speed; no effect on results).
+        pred_iou_thresh: keep masks whose predicted IoU is strictly above this.
+        stability_score_thresh: keep masks whose stability score is at least this.
+        stability_score_offset: logit offset of the stability score's two thresholds.
+        box_nms_thresh: box IoU above which the lower-scoring (predicted IoU) mask is dropped.
+        mask_threshold: logit above which a pixel is foreground (SAM uses 0.0).
+        mode: "fast" filters on the low-resolution logits; "exact" on full-resolution masks,
+            reproducing the official generator.
+        prune_with_coarse_map: drop grid points outside the coarse foreground before decoding
+            (off by default until a benchmark shows it keeps the same answers).
+        prune_threshold: a coarse-map cell is foreground where the min-max normalised map is at
+            least this.
+        prune_dilation: grow that foreground by this many coarse-map cells (square neighbourhood)
+            so that points near the object's edge are kept.
+        reference_resize_224: resize the image to 224x224 (bilinear, OpenCV) before SAM, as the
+            authors do; filters then run in that frame and candidates are reported in the
+            original frame. By default SAM sees the original image (and resizes its longest
+            side itself).
+    """
+
+    points_per_side: int = 32
+    points_per_batch: int = 256
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    mask_threshold: float = 0.0
+    mode: str = "fast"
+    prune_with_coarse_map: bool = False
+    prune_threshold: float = 0.2
+    prune_dilation: int = 1
+    reference_resize_224: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("fast", "exact"):
+            raise ValueError(f"mode must be 'fast' or 'exact', not {self.mode!r}")
+        if not 1 <= self.points_per_side <= 256:
+            raise ValueError(f"points_per_side must be 1..256, not {self.points_per_side}")
+        if self.points_per_batch < 1:
+            raise ValueError(f"points_per_batch must be positive, not {self.points_per_batch}")
+        for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
+        if self.prune_dilation < 0:
+            raise ValueError("prune_dilation must be >= 0")
+
+    @classmethod
+    def for_variant(cls, variant: str, **settings) -> CandidateConfig:
+        """The settings for a SAM variant: ``settings`` (None values are left out), with the
+        variant's own filter thresholds (:attr:`SamVariant.filter_thresholds`) where not given,
+        and the defaults above for the rest."""
+        if variant not in SAM_VARIANTS:
+            raise ValueError(f"unknown SAM variant {variant!r}; choose from {', '.join(sorted(SAM_VARIANTS))}")
+        given = {k: v for k, v in settings.items() if v is not None}
+        return cls(**{**dict(SAM_VARIANTS[variant].filter_thresholds), **given})
+
+
+@dataclass
+class Candidates:
+    """The candidate masks of one image, sorted by decreasing predicted IoU (NMS order).
+
+    Attributes:
+        masks: (N, h, w) bool covering the whole original image. Exact mode: full resolution,
+            (h, w) = (H, W). Fast mode: SAM's low-resolution grid cropped to the image, e.g.
+            (192, 256) for a 3:4 image with a 1024 px SAM; cell (i, j) covers original pixels
+            [i*sy, (i+1)*sy) x [j*sx, (j+1)*sx) with sy = H/h, sx = W/w (up to the last cell,
+            which may be partial).
+        pred_ious: (N,) float32, SAM's predicted IoU.
+        stability_scores: (N,) float32, computed at the resolution of ``masks``.
+        point_coords: (N, 2) float64, the (x, y) grid point that prompted each mask, original pixels.
+        multimask_index: (N,) int64, which of SAM's three multimask outputs (0..2) each mask is.
+        boxes_xyxy: (N, 4) int64 inclusive box of each mask in original pixels ([0, 0, 0, 0]
+            for an empty mask). Fast mode: from the low-resolution mask, so within about one
+            low-resolution cell of the full-resolution box.
+        image_size: (H, W) of the original image.
+        mode: "fast" or "exact".
+        num_grid_points: how many grid points were decoded (after pruning).
+        timings: seconds per stage: "embed" (image encoder), "decode" (prompt encoder + mask
+            decoder), "filter" (everything else in generate, upsampling included).
+    """
+
+    masks: np.ndarray
+    pred_ious: np.ndarray
+    stability_scores: np.ndarray
+    point_coords: np.ndarray
+    multimask_index: np.ndarray
+    boxes_xyxy: np.ndarray
+    image_size: tuple[int, int]
+    mode: str
+    num_grid_points: int
+    timings: dict[str, float] = field(default_factory=dict)
+    # (N, kh, kw) float32 CPU logits over the unpadded SAM input plus one cell of padding
+    # (bilinear upsampling near the image edge reads it), and how to upsample them.
+    _low_res_logits: torch.Tensor | None = field(default=None, repr=False)
+    _input_size: tuple[int, int] = field(default=(0, 0), repr=False)
+    _upscale: int = field(default=4, repr=False)
+    _mask_threshold: float = field(default=0.0, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.pred_ious)
+
+    def full_resolution_mask(self, i: int) -> np.ndarray:
+        """(H, W) bool mask of candidate ``i`` in the original frame.
+
+        Exact mode: ``masks[i]``. Fast mode: that candidate's logits upsampled exactly as
+        ``Sam.postprocess_masks`` does (bilinear to the padded SAM input, crop, bilinear to H x W),
+        then thresholded: the mask the exact path has for the same point and multimask output.
+        """
+        if self.mode == "exact":
+            return self.masks[i]
+        logits = self._low_res_logits[i : i + 1, None]
+        return _upscale_logits(logits, self._upscale, self._input_size, self.image_size)[0, 0].gt(
+            self._mask_threshold
+        ).numpy()
+
+
+def _upscale_logits(
+    logits: torch.Tensor, upscale: int, input_size: tuple[int, int], out_size: tuple[int, int]
+) -> torch.Tensor:
+    """``Sam.postprocess_masks`` on logits (B, C, kh, kw) that hold the unpadded region of SAM's
+    low-res grid plus at least one cell: the same values, without upsampling the padding."""
+    kh, kw = logits.shape[-2:]
+    x = F.interpolate(logits, (kh * upscale, kw * upscale), mode="bilinear", align_corners=False)
+    x = x[..., : input_size[0], : input_size[1]]
+    return F.interpolate(x, out_size, mode="bilinear", align_corners=False)
+
+
+def _scale_boxes(
+    boxes: torch.Tensor, masks: torch.Tensor, cell: tuple[float, float], size: tuple[int, int]
+) -> torch.Tensor:
+    """Inclusive boxes of ``masks`` on a grid whose cells are ``cell`` = (sy, sx) pixels -> the
+    inclusive pixel boxes they cover in an image of ``size`` (H, W); [0, 0, 0, 0] for an empty mask,
+    as ``batched_mask_to_box`` gives."""
+    sy, sx = cell
+    h, w = size
+    b = boxes.double()
+    x0 = torch.floor(b[:, 0] * sx)
+    y0 = torch.floor(b[:, 1] * sy)
+    x1 = torch.clamp(torch.ceil((b[:, 2] + 1) * sx) - 1, max=w - 1)
+    y1 = torch.clamp(torch.ceil((b[:, 3] + 1) * sy) - 1, max=h - 1)
+    pixels = torch.stack([x0, y0, x1, y1], dim=1).long()
+    pixels[~masks.flatten(1).any(1)] = 0
+    return pixels
+
+
+@dataclass(frozen=True)
+class _Frames:
+    """Sizes (H, W) of the image being worked on, in the frames of the module docstring."""
+
+    original: tuple[int, int]
+    sam_image: tuple[int, int]
+    sam_input: tuple[int, int]  # after ResizeLongestSide, before padding
+    upscale: int  # SAM input pixels per low-res cell
+
+    @property
+    def low_res(self) -> tuple[int, int]:
+        """Low-res cells covering the SAM image (the rest of SAM's grid is padding)."""
+        return math.ceil(self.sam_input[0] / self.upscale), math.ceil(self.sam_input[1] / self.upscale)
+
+
+class GridCandidateGenerator:
+    """Candidate masks of an image from SAM prompted with a grid of single points.
+
+    Args:
+        sam: a Segment Anything model in eval mode (see :func:`pro2sam.sam.build_sam`); stays
+            frozen.
+        config: filters and mode; defaults are the official generator's (METHOD.md §2).
+    """
+
+    def __init__(self, sam: Sam, config: CandidateConfig | None = None):
+        self.sam = sam
+        self.config = config or CandidateConfig()
+        self.decoder = GridDecoder(sam)
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        # SAM's low-res logits are 4x its embedding grid.
+        self._upscale = sam.image_encoder.img_size // (4 * sam.prompt_encoder.image_embedding_size[0])
+        self._frames: _Frames | None = None  # of the image last given to set_image
+        self._embed_seconds = 0.0
+        self._decode_seconds = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return self.sam.device
+
+    @torch.inference_mode()
+    def set_image(self, image: np.ndarray) -> None:
+        """Encode one image with SAM's own preprocessing (as ``SamPredictor.set_image``).
+
+        Args:
+            image: (H, W, 3) uint8 RGB, the original frame.
+        """
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+        start = time.perf_counter()
+        original = (int(image.shape[0]), int(image.shape[1]))
+        if self.config.reference_resize_224:
+            image = cv2.resize(image, (REFERENCE_SAM_SIZE, REFERENCE_SAM_SIZE), interpolation=cv2.INTER_LINEAR)
+        resized = self.transform.apply_image(image)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        self._frames = _Frames(
+            original=original,
+            sam_image=(int(image.shape[0]), int(image.shape[1])),
+            sam_input=(int(x.shape[-2]), int(x.shape[-1])),
+            upscale=self._upscale,
+        )
+        embedding = self.sam.image_encoder(self.sam.preprocess(x))
+        self.decoder.set_image_embedding(embedding)
+        self._synchronize()
+        self._embed_seconds = time.perf_counter() - start
+
+    def grid_points(self, image_size: tuple[int, int], coarse_map: np.ndarray | None = None) -> np.ndarray:
+        """(P, 2) float64 (x, y) grid points in original pixels, in the official generator's
+        order; with pruning on and a coarse map, only those inside its dilated foreground.
+
+        Args:
+            image_size: (H, W) of the original image.
+            coarse_map: (h, w) float map covering the whole image on its own grid (14x14).
+        """
+        h, w = image_size
+        grid = build_all_layer_point_grids(self.config.points_per_side, 0, 1)[0]
+        points = grid * np.array([w, h], dtype=np.float64)[None]
+        if self.config.prune_with_coarse_map and coarse_map is not None:
+            points = points[self._inside_coarse_foreground(points, image_size, coarse_map)]
+        return points
+
+    def _inside_coarse_foreground(
+        self, points: np.ndarray, image_size: tuple[int, int], coarse_map: np.ndarray
+    ) -> np.ndarray:
+        coarse = np.asarray(coarse_map, dtype=np.float32)
+        if coarse.ndim != 2:
+            raise ValueError(f"coarse_map must be 2-D (h, w), got shape {coarse.shape}")
+        lo, hi = float(coarse.min()), float(coarse.max())
+        if not hi > lo:  # a flat map says nothing about where the object is
+            return np.ones(len(points), dtype=bool)
+        foreground = ((coarse - lo) / (hi - lo) >= self.config.prune_threshold).astype(np.uint8)
+        d = self.config.prune_dilation
+        if d > 0:
+            foreground = cv2.dilate(foreground, np.ones((2 * d + 1, 2 * d + 1), np.uint8))
+        ch, cw = coarse.shape
+        h, w = image_size
+        rows = np.clip(np.floor(points[:, 1] * ch / h).astype(int), 0, ch - 1)
+        cols = np.clip(np.floor(points[:, 0] * cw / w).astype(int), 0, cw - 1)
+        return foreground[rows, cols].astype(bool)
+
+    @torch.inference_mode()
+    def generate(self, image: np.ndarray | None, coarse_map: np.ndarray | None = None) -> Candidates:
+        """Candidate masks of one image.
+
+        Args:
+            image: (H, W, 3) uint8 RGB; None reuses the image of the last :meth:`set_image`
+                (the embedding is not recomputed).
+            coarse_map: (h, w) GTFormer coarse map covering the whole image; used only to prune
+                grid points when ``config.prune_with_coarse_map``.
+
+        Returns:
+            :class:`Candidates`, sorted by decreasing predicted IoU.
+        """
+        if image is not None:
+            self.set_image(image)
+        elif self._frames is None:
+            raise RuntimeError("pass an image, or call set_image() first")
+        start = time.perf_counter()
+        self._decode_seconds = 0.0
+        points = self.grid_points(self._frames.original, coarse_map)
+        if len(points) == 0:  # every grid point was pruned
+            return self._finalize(self._no_masks(), 0, start)
+
+        data = MaskData()
+        for (batch,) in batch_iterator(self.config.points_per_batch, points):
+            data.cat(self._process_batch(batch))
+        self._nms(data)
+        if self._frames.sam_image != self._frames.original:
+            self._to_original_frame(data)
+        return self._finalize(data, len(points), start)
+
+    def _process_batch(self, points: np.ndarray) -> MaskData:
+        """Decode (B, 2) grid points (original pixels); keep the masks that pass the filters."""
+        cfg = self.config
+        data = self._decode(points)
+        if cfg.pred_iou_thresh > 0.0:
+            data.filter(data["iou_preds"] > cfg.pred_iou_thresh)
+        # Keep the cells over the image and one cell of padding past it: bilinear upsampling of
+        # the edge pixels reads it.
+        low_h, low_w = self._frames.low_res
+        data["logits"] = data["logits"][:, : low_h + 1, : low_w + 1]
+        if cfg.mode == "exact":
+            self._full_resolution_masks(data)
+        else:
+            self._low_resolution_masks(data)
+        return data
+
+    def _decode(self, points: np.ndarray) -> MaskData:
+        """SAM's three masks for each of (B, 2) points: (3B, kh, kw) low-res logits, predicted
+        IoUs, the prompting point and which multimask output each mask is, point-major."""
+        f = self._frames
+        # Grid points in the SAM image (differs from the original only for the 224 option).
+        sam_scale = np.array([f.sam_image[1] / f.original[1], f.sam_image[0] / f.original[0]])
+        coords = self.transform.apply_coords(points * sam_scale, f.sam_image)
+        coords = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[:, None, :]
+        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)
+        start = time.perf_counter()
+        logits, iou = self.decoder.decode(coords, labels, multimask_output=True)
+        self._synchronize()
+        self._decode_seconds += time.perf_counter() - start
+        n_masks = logits.shape[1]
+        return MaskData(
+            logits=logits.flatten(0, 1),
+            iou_preds=iou.flatten(0, 1),
+            points=torch.as_tensor(points.repeat(n_masks, axis=0)),
+            multimask_index=torch.arange(n_masks, device=self.device).repeat(len(points)),
+        )
+
+    def _full_resolution_masks(self, data: MaskData) -> None:
+        """Exact path: masks, stability scores and boxes from the logits upscaled to the SAM
+        image, as ``Sam.postprocess_masks`` and the official generator compute them."""
+        cfg = self.config
+        size = self._frames.sam_image
+        # In chunks: a 256-point batch of 3 masks at 1000x1000 would be 3 GB of float32.
+        chunk = max(1, (1 << 24) // max(1, size[0] * size[1]))
+        masks, stability = [], []
+        for logits in torch.split(data["logits"], chunk):
+            full = self._upscale_to(logits, size)
+            stability.append(calculate_stability_score(full, cfg.mask_threshold, cfg.stability_score_offset))
+            masks.append(full > cfg.mask_threshold)
+        if masks:
+            data["masks"], data["stability_score"] = torch.cat(masks), torch.cat(stability)
+        else:
+            data["masks"] = torch.zeros((0, *size), dtype=torch.bool, device=data["logits"].device)
+            data["stability_score"] = data["logits"].new_zeros(0)
+        self._filter_by_stability(data)
+        data["boxes"] = batched_mask_to_box(data["masks"])
+
+    def _low_resolution_masks(self, data: MaskData) -> None:
+        """Fast path: masks and stability scores on the low-res cells over the image; boxes from
+        those cells to the SAM image's pixels."""
+        cfg = self.config
+        low_h, low_w = self._frames.low_res
+        logits = data["logits"][:, :low_h, :low_w]
+        data["masks"] = logits > cfg.mask_threshold
+        data["stability_score"] = calculate_stability_score(logits, cfg.mask_threshold, cfg.stability_score_offset)
+        self._filter_by_stability(data)
+        f = self._frames
+        cell = (f.sam_image[0] * f.upscale / f.sam_input[0], f.sam_image[1] * f.upscale / f.sam_input[1])
+        data["boxes"] = _scale_boxes(batched_mask_to_box(data["masks"]), data["masks"], cell, f.sam_image)
+
+    def _filter_by_stability(self, data: MaskData) -> None:
+        if self.config.stability_score_thresh > 0.0:
+            data.filter(data["stability_score"] >= self.config.stability_score_thresh)
+
+    def _nms(self, data: MaskData) -> None:
+        """Box NMS by predicted IoU, leaving the masks in NMS order (decreasing predicted IoU).
+
+        The official generator also drops boxes near a crop's edge unless they are near the
+        image's edge (is_box_near_crop_edge); with one full-image crop both edges coincide and it
+        keeps every box, so there is no such filter here.
+        """
+        iou_preds = data["iou_preds"]
+        keep = batched_nms(
+            data["boxes"].float(), iou_preds, torch.zeros_like(iou_preds), iou_threshold=self.config.box_nms_thresh
+        )
+        data.filter(keep)
+
+    def _to_original_frame(self, data: MaskData) -> None:
+        """The 224 option: boxes (and exact masks) from the SAM image to the original frame.
+        Fast masks stay on the low-res grid of the SAM image."""
+        f = self._frames
+        if self.config.mode == "exact":
+            data["masks"] = self._upscale_to(data["logits"], f.original) > self.config.mask_threshold
+            data["boxes"] = batched_mask_to_box(data["masks"])
+        else:
+            cell = (f.original[0] / f.sam_image[0], f.original[1] / f.sam_image[1])
+            data["boxes"] = _scale_boxes(data["boxes"], data["masks"], cell, f.original)
+
+    def _upscale_to(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(N, kh, kw) low-res logits -> (N, *size) as ``Sam.postprocess_masks`` upscales them."""
+        return _upscale_logits(logits[:, None], self._frames.upscale, self._frames.sam_input, size)[:, 0]
+
+    def _no_masks(self) -> MaskData:
+        """What is left when no grid point is decoded."""
+        f = self._frames
+        return MaskData(
+            logits=torch.zeros(0, 1, 1),
+            iou_preds=torch.zeros(0),
+            points=torch.zeros((0, 2), dtype=torch.float64),
+            multimask_index=torch.zeros(0, dtype=torch.int64),
+            stability_score=torch.zeros(0),
+            masks=torch.zeros((0, *(f.original if self.config.mode == "exact" else f.low_res)), dtype=torch.bool),
+            boxes=torch.zeros((0, 4), dtype=torch.int64),
+        )
+
+    def _finalize(self, data: MaskData, num_grid_points: int, start: float) -> Candidates:
+        f = self._frames
+        candidates = Candidates(
+            masks=data["masks"].cpu().numpy(),
+            pred_ious=data["iou_preds"].float().cpu().numpy(),
+            stability_scores=data["stability_score"].float().cpu().numpy(),
+            point_coords=data["points"].numpy(),
+            multimask_index=data["multimask_index"].cpu().numpy().astype(np.int64),
+            boxes_xyxy=data["boxes"].cpu().numpy().astype(np.int64),
+            image_size=f.original,
+            mode=self.config.mode,
+            num_grid_points=num_grid_points,
+            _low_res_logits=data["logits"].float().cpu(),
+            _input_size=f.sam_input,
+            _upscale=f.upscale,
+            _mask_threshold=self.config.mask_threshold,
+        )
+        filter_seconds = time.perf_counter() - start - self._decode_seconds
+        candidates.timings = {"embed": self._embed_seconds, "decode": self._decode_seconds, "filter": filter_seconds}
+        return candidates
+
+    def _synchronize(self) -> None:
+        """Wait for the GPU, so that stage timings hold the work they started."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

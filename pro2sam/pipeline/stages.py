@@ -1,0 +1,88 @@
+"""The labeling job's read and decode stages (Ray Data tasks): storage bytes -> RGB arrays.
+
+They import neither torch nor the models, so the many small tasks that run them start fast; a
+failure becomes the row's ``error`` and ``error_kind``, never an exception.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from ..storage import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S, InputError, StorageError, read_file
+
+__all__ = ["read_images", "decode_images", "text_or_none", "NO_IMAGE"]
+
+# The image of a row whose bytes could not be read or decoded.
+NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
+
+
+def read_images(
+    batch: dict[str, np.ndarray],
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    threads: int = 8,
+) -> dict[str, np.ndarray]:
+    """I/O stage: add the encoded bytes of each image; a failed read fills ``error`` and ``error_kind``."""
+    uris = list(batch["uri"])
+
+    def fetch(i: int) -> tuple[bytes, str, str | None, str | None]:
+        listed_error, fingerprint = batch["input_error"][i], batch["source_fingerprint"][i]
+        fingerprint = fingerprint if isinstance(fingerprint, str) else None
+        if isinstance(listed_error, str) and listed_error:
+            return b"", listed_error, "input", fingerprint
+        try:
+            data, read_fingerprint = read_file(uris[i], max_bytes=max_bytes, timeout_s=timeout_s)
+            return data, "", None, fingerprint or read_fingerprint
+        except FileNotFoundError:
+            return b"", f"not found: {uris[i]}", "read", fingerprint
+        except InputError as e:
+            return b"", str(e), "input", fingerprint
+        except StorageError as e:
+            return b"", f"read failed: {e}", "read", fingerprint
+
+    with ThreadPoolExecutor(max_workers=min(threads, max(1, len(uris)))) as pool:
+        fetched = list(pool.map(fetch, range(len(uris))))
+    batch["data"] = _object_array([d for d, _, _, _ in fetched])
+    batch["error"] = _object_array([e for _, e, _, _ in fetched])
+    batch["error_kind"] = _object_array([k for _, _, k, _ in fetched])
+    batch["source_fingerprint"] = _object_array([f for _, _, _, f in fetched])
+    return batch
+
+
+def decode_images(batch: dict[str, np.ndarray], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
+    """CPU stage: bytes -> (H, W, 3) uint8 RGB with EXIF orientation applied, or an error."""
+    images, errors, kinds = [], [], []
+    for data, error, kind in zip(batch["data"], batch["error"], batch["error_kind"]):
+        if error:
+            images.append(NO_IMAGE)
+            errors.append(error)
+            kinds.append(kind)
+            continue
+        try:
+            images.append(decode_image(data, max_pixels=max_pixels))
+            errors.append("")
+            kinds.append(None)
+        except ImageDecodeError as e:
+            images.append(NO_IMAGE)
+            errors.append(str(e))
+            kinds.append("image")
+    out = {k: v for k, v in batch.items() if k != "data"}
+    out["image"] = _object_array(images)
+    out["error"] = _object_array(errors)
+    out["error_kind"] = _object_array(kinds)
+    return out
+
+
+def text_or_none(value) -> str | None:
+    """Ray hands an all-null string column over as float NaN: normalise to str or None."""
+    return value if isinstance(value, str) else None
+
+
+def _object_array(items: list) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr

@@ -1,0 +1,248 @@
+"""Segment Anything models: the variants Pro2SAM builds and the one builder for them.
+
+As ``segment_anything/build_sam.py`` does for the official three, the sizes of every SAM we build
+are declared here, once (:data:`SAM_VARIANTS`), with SAM's pixel normalisation; :func:`build_sam`
+is the way in for inference (weights read without running pickled code, official files checked by
+SHA-256), :func:`sam_from_variant` for training one from scratch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+from .checkpoints import OFFICIAL_SAM_CHECKPOINTS, CheckpointError, load_state_dict
+
+__all__ = [
+    "DEFAULT_SAM_VARIANT",
+    "REFERENCE_SAM_SIZE",
+    "SAM_PIXEL_MEAN",
+    "SAM_PIXEL_STD",
+    "SAM_VARIANTS",
+    "SamVariant",
+    "build_sam",
+    "sam_from_variant",
+]
+
+# Segment Anything's pixel normalisation (ImageNet mean/std in 0..255), as in build_sam.py.
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+# Side of the square image the authors resize to before SAM (METHOD.md §2, reference option).
+REFERENCE_SAM_SIZE = 224
+
+# The SAM of the method (METHOD.md §2: frozen ViT-H), used wherever no variant is named.
+DEFAULT_SAM_VARIANT = "vit_h"
+
+
+@dataclass(frozen=True)
+class SamVariant:
+    """Sizes of one SAM architecture (the arguments of segment_anything's ``_build_sam``).
+
+    Attributes:
+        encoder_embed_dim, encoder_depth, encoder_num_heads: image encoder ViT width, depth, heads.
+        encoder_global_attn_indexes: blocks with global attention (the others use windows).
+        image_size: side of the square SAM input; the embedding is ``image_size / patch_size``.
+        patch_size, window_size: ViT patch side and attention window side, in tokens.
+        prompt_embed_dim: channels of the image embedding, prompt tokens and mask decoder.
+        decoder_mlp_dim, decoder_num_heads, decoder_depth: TwoWayTransformer sizes.
+        iou_head_hidden_dim: width of the IoU prediction MLP.
+        mask_in_chans: hidden channels of the (unused here) mask-prompt encoder.
+        filter_thresholds: this variant's own ``CandidateConfig`` filter thresholds where
+            ``SamAutomaticMaskGenerator``'s defaults do not suit it (see
+            :meth:`pro2sam.candidates.CandidateConfig.for_variant`); empty for the official
+            variants.
+    """
+
+    encoder_embed_dim: int
+    encoder_depth: int
+    encoder_num_heads: int
+    encoder_global_attn_indexes: tuple[int, ...]
+    image_size: int = 1024
+    patch_size: int = 16
+    window_size: int = 14
+    prompt_embed_dim: int = 256
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    decoder_depth: int = 2
+    iou_head_hidden_dim: int = 256
+    mask_in_chans: int = 16
+    filter_thresholds: tuple[tuple[str, float], ...] = ()
+
+
+# Every SAM we build. The official three match segment_anything/build_sam.py; "tiny" is a
+# random-weight stand-in for tests and CPU benchmarks of the pipeline (no pretrained weights);
+# "synthetic" is the small SAM trained on pro2sam.synthetic scenes and shipped with the package
+# (pro2sam.shipped, jobs/train_sam_tiny.py).
+SAM_VARIANTS: dict[str, SamVariant] = {
+    "vit_h": SamVariant(1280, 32, 16, (7, 15, 23, 31)),
+    "vit_l": SamVariant(1024, 24, 16, (5, 11, 17, 23)),
+    "vit_b": SamVariant(768, 12, 12, (2, 5, 8, 11)),
+    "tiny": SamVariant(
+        encoder_embed_dim=64,
+        encoder_depth=2,
+        encoder_num_heads=2,
+        encoder_global_attn_indexes=(1,),
+        image_size=256,
+        window_size=8,
+        prompt_embed_dim=32,
+        decoder_mlp_dim=64,
+        decoder_num_heads=2,
+        iou_head_hidden_dim=32,
+    ),
+    "synthetic": SamVariant(
+        encoder_embed_dim=128,
+        encoder_depth=4,
+        encoder_num_heads=4,
+        encoder_global_attn_indexes=(1, 3),
+        image_size=256,
+        window_size=8,
+        prompt_embed_dim=64,
+        decoder_mlp_dim=256,
+        decoder_num_heads=4,
+        iou_head_hidden_dim=64,
+        # Its predicted IoUs and stability run lower than the official SAM's: at the generator's
+        # defaults (0.88, 0.95) nearly every image falls back to the coarse map. Chosen on the
+        # synthetic val split with `benchmarks/bench_quality.py --choose-sam-thresholds`.
+        filter_thresholds=(("pred_iou_thresh", 0.7), ("stability_score_thresh", 0.8)),
+    ),
+}
+
+
+def sam_from_variant(v: SamVariant) -> Sam:
+    """The SAM of ``v``'s sizes with PyTorch's default initialisation (the global random state,
+    the default device; under ``torch.device("meta")`` nothing is allocated). For training from
+    scratch; :func:`build_sam` is the way in for inference."""
+    embedding_size = v.image_size // v.patch_size
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=v.encoder_depth,
+            embed_dim=v.encoder_embed_dim,
+            img_size=v.image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=v.encoder_num_heads,
+            patch_size=v.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=v.encoder_global_attn_indexes,
+            window_size=v.window_size,
+            out_chans=v.prompt_embed_dim,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=v.prompt_embed_dim,
+            image_embedding_size=(embedding_size, embedding_size),
+            input_image_size=(v.image_size, v.image_size),
+            mask_in_chans=v.mask_in_chans,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(
+                depth=v.decoder_depth,
+                embedding_dim=v.prompt_embed_dim,
+                mlp_dim=v.decoder_mlp_dim,
+                num_heads=v.decoder_num_heads,
+            ),
+            transformer_dim=v.prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=v.iou_head_hidden_dim,
+        ),
+        pixel_mean=list(SAM_PIXEL_MEAN),
+        pixel_std=list(SAM_PIXEL_STD),
+    )
+
+
+@torch.no_grad()
+def _make_random_masks_coherent(sam: Sam) -> None:
+    """Adjust a randomly initialised SAM so its masks are worth filtering.
+
+    With default initialisation the random 2x2 taps of the mask decoder's transposed
+    convolutions turn every mask into a checkerboard whose box is the whole frame (box NMS then
+    keeps a single candidate), mask logits stay within +-0.1 (every stability score is 0) and
+    predicted IoUs are near 0 (any pred_iou_thresh removes everything). Tying each transposed
+    convolution's taps (nearest-neighbour upsampling of random features), scaling the
+    hypernetwork MLPs and centring predicted IoUs near 0.5 gives masks that follow image content
+    at the embedding grid, logits of order 1 and IoUs that thresholds can split.
+    """
+    decoder = sam.mask_decoder
+    for m in decoder.output_upscaling.modules():
+        if isinstance(m, torch.nn.ConvTranspose2d):
+            m.weight.copy_(m.weight.mean(dim=(2, 3), keepdim=True).expand_as(m.weight))
+    for m in decoder.output_hypernetworks_mlps.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.weight.mul_(4.0)
+    decoder.iou_prediction_head.layers[-1].bias.add_(0.5)
+
+
+def build_sam(
+    variant: str = DEFAULT_SAM_VARIANT,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    verify: bool = True,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Sam:
+    """Build a Segment Anything model in eval mode, reading weights without running pickled code.
+
+    Args:
+        variant: a key of :data:`SAM_VARIANTS`: "vit_h", "vit_l", "vit_b" (the official
+            architectures), "tiny" (256 px input, a few hundred thousand parameters) or
+            "synthetic" (256 px input, 1.2 M parameters; the shipped weights are
+            :func:`pro2sam.shipped.sam_checkpoint`). Default: :data:`DEFAULT_SAM_VARIANT`.
+        checkpoint: a state-dict file (``.pth`` or ``.safetensors``). None gives **random
+            weights** drawn with ``seed`` (for tests and speed benchmarks only: a random SAM
+            segments nothing meaningful; the random "tiny" one is adjusted so that its masks
+            are spatially coherent, see ``_make_random_masks_coherent``).
+        verify: for official variants, check the file's SHA-256 against the released file
+            (:data:`pro2sam.checkpoints.OFFICIAL_SAM_CHECKPOINTS`) before reading it. Pass False
+            to load other weights of the same architecture. Ignored for the other variants.
+        device: where the model lives; "meta" builds the structure without memory (parameter
+            counts, shapes).
+        seed: seed of the random initialisation when ``checkpoint`` is None; the global torch
+            random state is left untouched.
+
+    Raises:
+        ValueError: unknown variant.
+        CheckpointError: the file is missing, truncated, corrupt, not the official file (when
+            ``verify``), or does not fit the architecture.
+    """
+    if variant not in SAM_VARIANTS:
+        raise ValueError(f"unknown SAM variant {variant!r}; choose from {sorted(SAM_VARIANTS)}")
+    spec = SAM_VARIANTS[variant]
+    device = torch.device(device)
+
+    if checkpoint is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            with torch.device(device):
+                sam = sam_from_variant(spec)
+                if variant == "tiny":
+                    _make_random_masks_coherent(sam)
+        return sam.to(device).eval()
+
+    if variant in OFFICIAL_SAM_CHECKPOINTS:
+        filename, sha256 = OFFICIAL_SAM_CHECKPOINTS[variant]
+        what = f"the official SAM {variant} checkpoint {filename}"
+        state = load_state_dict(checkpoint, expected_sha256=sha256 if verify else None, what=what)
+    else:
+        what = f"SAM {variant} checkpoint"
+        state = load_state_dict(checkpoint, what=what)
+
+    # Weights replace the parameters, so skip the random initialisation (seconds for ViT-H).
+    with torch.device("meta"):
+        sam = sam_from_variant(spec)
+    try:
+        sam.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{what} {checkpoint} does not fit the {variant} architecture: {e}"
+        ) from None
+    # pixel_mean/std are not in the state dict; segment_anything creates them on the CPU.
+    leftover = [n for n, t in [*sam.named_parameters(), *sam.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{what} {checkpoint} lacks tensors: {leftover}")
+    return sam.to(device).eval()

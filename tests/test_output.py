@@ -1,0 +1,240 @@
+"""The labels table on storage: what the job may touch, what a rerun does, one writer per output.
+
+Real files and a real S3-protocol server (moto); no Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pro2sam.labels import LABEL_SCHEMA, error_row, rows_to_table
+from pro2sam.output import LEASE_NAME, LabelsOutput, LabelWriter, LeaseLost, OutputBusy, WriterLease, plan_rerun
+from pro2sam.storage import INPUT_SCHEMA, write_bytes_atomic
+
+
+def rows(*specs) -> pa.Table:
+    """Label rows from (image_id, status, error_kind, fingerprint) tuples (error rows carry no result)."""
+    out = []
+    for image_id, status, kind, fingerprint in specs:
+        row = error_row(image_id, f"/img/{image_id}.png", None, "x", kind=kind or "image", run_id="r1",
+                        source_fingerprint=fingerprint)  # fmt: skip
+        if status == "ok":
+            row.update(status="ok", error=None, error_kind=None)
+        out.append(row)
+    return rows_to_table(out)
+
+
+def inputs(*specs) -> pa.Table:
+    """Listing rows from (image_id, fingerprint) tuples."""
+    return pa.table(
+        {
+            "image_id": [i for i, _ in specs],
+            "uri": [f"/img/{i}.png" for i, _ in specs],
+            "label": [None] * len(specs),
+            "source_fingerprint": [f for _, f in specs],
+            "input_error": [None] * len(specs),
+        },
+        schema=INPUT_SCHEMA,
+    )
+
+
+def output_with(tmp_path: Path, *tables: pa.Table) -> LabelsOutput:
+    out = LabelsOutput(str(tmp_path / "out"))
+    for n, table in enumerate(tables):
+        out.commit(table, f"part-r1-{n:05d}.parquet")
+    return out
+
+
+# ---------------------------------------------------------------- what a rerun does
+
+
+def test_a_rerun_skips_labeled_images_and_labels_the_rest(tmp_path):
+    out = output_with(tmp_path, rows(("a", "ok", None, "s1"), ("b", "ok", None, "s1")))
+    plan = plan_rerun(out.scan(), inputs(("a", "s1"), ("b", "s1"), ("c", "s1")))
+    assert plan.todo.column("image_id").to_pylist() == ["c"]
+    assert (plan.skipped, plan.retried, plan.changed, plan.drops) == (2, 0, 0, {})
+
+
+def test_read_errors_are_relabeled_by_default_and_other_errors_only_when_asked(tmp_path):
+    out = output_with(tmp_path, rows(("a", "error", "read", "s1"), ("b", "error", "image", "s1"), ("c", "ok", None, "s1")))
+    listed = inputs(("a", "s1"), ("b", "s1"), ("c", "s1"))
+    plan = plan_rerun(out.scan(), listed)
+    assert plan.todo.column("image_id").to_pylist() == ["a"] and plan.retried == 1
+    assert list(plan.drops.values()) == [[0]]
+    plan = plan_rerun(out.scan(), listed, retry_errors=True)
+    assert plan.todo.column("image_id").to_pylist() == ["a", "b"] and plan.retried == 2
+
+
+def test_changed_files_are_relabeled_only_when_asked(tmp_path):
+    out = output_with(tmp_path, rows(("a", "ok", None, "size=1"), ("b", "ok", None, "size=2")))
+    listed = inputs(("a", "size=1"), ("b", "size=3"))
+    assert len(plan_rerun(out.scan(), listed).todo) == 0
+    plan = plan_rerun(out.scan(), listed, relabel_changed=True)
+    assert plan.todo.column("image_id").to_pylist() == ["b"] and plan.changed == 1
+
+
+def test_rows_of_images_no_longer_listed_are_kept(tmp_path):
+    out = output_with(tmp_path, rows(("gone", "error", "read", "s1"), ("a", "ok", None, "s1")))
+    plan = plan_rerun(out.scan(), inputs(("a", "s1")), retry_errors=True)
+    assert len(plan.todo) == 0 and plan.drops == {}
+
+
+def test_duplicate_rows_of_an_image_are_reduced_to_one_keeping_the_ok_row(tmp_path):
+    out = output_with(
+        tmp_path,
+        rows(("a", "error", "model", "s1"), ("b", "ok", None, "s1")),
+        rows(("a", "ok", None, "s1"), ("b", "ok", None, "s1")),
+    )
+    plan = plan_rerun(out.scan(), inputs(("a", "s1"), ("b", "s1")))
+    assert len(plan.todo) == 0 and plan.duplicates == 2
+    out.drop_rows(plan.drops)
+    table = out.read_table(["image_id", "status"])
+    assert sorted(zip(*table.to_pydict().values())) == [("a", "ok"), ("b", "ok")]
+    assert len(pq.read_table(out.parquet_paths()[0])) + len(pq.read_table(out.parquet_paths()[1])) == 2
+
+
+def test_readers_count_each_image_once_even_in_a_table_with_duplicates(tmp_path):
+    out = output_with(tmp_path, rows(("a", "error", "model", "s1")), rows(("a", "ok", None, "s1"), ("b", "ok", None, "s1")))
+    assert sorted(out.read_table(["image_id", "status"]).to_pylist(), key=str) == sorted(
+        [{"image_id": "a", "status": "ok"}, {"image_id": "b", "status": "ok"}], key=str
+    )
+
+
+# ---------------------------------------------------------------- what the job may touch
+
+
+def test_only_label_files_are_deleted_or_rewritten(tmp_path):
+    out = output_with(tmp_path, rows(("a", "ok", None, None)))
+    root = Path(out.path)
+    (root / "notes.txt").write_text("mine")
+    pq.write_table(pa.table({"x": [1, 2]}), root / "my_stats.parquet")
+    (root / "extra").mkdir()
+    pq.write_table(rows(("z", "ok", None, None)), root / "extra" / "labels_i_kept.parquet")
+    (root / "manifest.csv").write_text("uri\na.png\n")
+    assert [Path(p).name for p in out.label_files()] == ["part-r1-00000.parquet"]
+    assert out.delete_label_files() == 1
+    assert sorted(p.name for p in root.iterdir()) == ["extra", "manifest.csv", "my_stats.parquet", "notes.txt"]
+    assert (root / "extra" / "labels_i_kept.parquet").exists()
+
+
+def test_an_unreadable_parquet_file_is_reported_and_left_alone(tmp_path):
+    out = output_with(tmp_path, rows(("a", "ok", None, None)))
+    broken = Path(out.path) / "half.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(Exception, match="half.parquet is not a readable Parquet file"):
+        out.scan()
+    assert broken.exists()
+
+
+def test_the_writer_commits_files_of_bounded_size_and_counts_what_it_wrote(tmp_path):
+    out = LabelsOutput(str(tmp_path / "out"))
+    writer = LabelWriter(out, "r9", rows_per_file=3)
+    for i in range(7):
+        writer.add(rows((f"i{i}", "ok" if i % 2 else "error", "image", None)))
+    writer.commit()
+    assert [len(pq.read_table(p)) for p in out.parquet_paths()] == [3, 3, 1]
+    assert (writer.ok, writer.error) == (3, 4)
+    assert pq.read_schema(out.parquet_paths()[0]).names == LABEL_SCHEMA.names
+    assert not [p for p in Path(out.path).iterdir() if p.name.startswith(".")], "no temporary file is left"
+
+
+# ---------------------------------------------------------------- one writer per output
+
+
+def test_a_second_run_on_a_leased_output_is_refused(tmp_path):
+    out = LabelsOutput(str(tmp_path / "out"))
+    with WriterLease(out, "first"):
+        start = time.monotonic()
+        with pytest.raises(OutputBusy, match="being written by run first"):
+            WriterLease(out, "second").acquire()
+        assert time.monotonic() - start < 2, "a live holder on this host is refused at once"
+    assert not (Path(out.path) / LEASE_NAME).exists(), "the lease is released"
+
+
+def test_a_lease_left_by_a_killed_run_of_this_host_is_taken_over(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    out = LabelsOutput(str(tmp_path / "out"))
+    Path(out.path).mkdir()
+    holder = {"run_id": "killed", "host": socket.gethostname(), "pid": int(dead.stdout), "expires": time.time() + 600}
+    (Path(out.path) / LEASE_NAME).write_text(json.dumps(holder))
+    with WriterLease(out, "next") as lease:
+        lease.check()
+        assert json.loads((Path(out.path) / LEASE_NAME).read_text())["run_id"] == "next"
+
+
+def test_a_lease_held_on_another_host_is_waited_for_until_it_expires(tmp_path):
+    out = LabelsOutput(str(tmp_path / "out"))
+    Path(out.path).mkdir()
+    holder = {"run_id": "elsewhere", "host": "another-pod", "pid": 1, "expires": time.time() + 1.5}
+    (Path(out.path) / LEASE_NAME).write_text(json.dumps(holder))
+    start = time.monotonic()
+    with WriterLease(out, "retry", ttl_s=5):
+        waited = time.monotonic() - start
+    assert 1.0 < waited < 5
+
+
+def test_a_lease_renewed_on_another_host_is_refused(tmp_path):
+    out = LabelsOutput(str(tmp_path / "out"))
+    Path(out.path).mkdir()
+    path = Path(out.path) / LEASE_NAME
+    stop = threading.Event()
+
+    def holder_heartbeat():  # a live run on another machine, renewing its lease as runs do: whole
+        while not stop.is_set():
+            lease = {"run_id": "alive", "host": "another-pod", "pid": 1, "expires": time.time() + 1.0}
+            write_bytes_atomic(str(path), json.dumps(lease).encode())
+            stop.wait(0.25)
+
+    beat = threading.Thread(target=holder_heartbeat, daemon=True)
+    beat.start()
+    while not path.exists():  # the holder has its lease before the second run starts
+        time.sleep(0.01)
+    try:
+        with pytest.raises(OutputBusy, match="being written by run alive"):
+            WriterLease(out, "second", ttl_s=1.0).acquire()
+    finally:
+        stop.set()
+        beat.join()
+
+
+def test_force_takes_the_lease_and_the_old_holder_stops_at_its_next_commit(tmp_path):
+    out = LabelsOutput(str(tmp_path / "out"))
+    first = WriterLease(out, "first", ttl_s=0.4)
+    first.acquire()
+    writer = LabelWriter(out, "first", lease=first, rows_per_file=100)
+    writer.add(rows(("a", "ok", None, None)))
+    with WriterLease(out, "second", ttl_s=0.4, force=True):
+        time.sleep(0.3)  # one heartbeat of the first holder
+        with pytest.raises(LeaseLost, match="taken over by second"):
+            writer.commit()
+    first.release()
+    assert out.parquet_paths() == [], "the old holder wrote nothing after losing the lease"
+
+
+def test_one_lease_per_output_on_s3(s3_bucket):
+    out = LabelsOutput(f"s3://{s3_bucket}/labels/run1/")
+    with WriterLease(out, "first"):
+        with pytest.raises(OutputBusy):
+            WriterLease(out, "second").acquire()
+    with WriterLease(out, "third"):
+        pass
+    assert not out.fs.exists(f"{s3_bucket}/labels/run1/{LEASE_NAME}")
+
+
+def test_no_lease_on_an_output_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(Exception, match="cannot write to the output"):
+        WriterLease(LabelsOutput(str(blocker / "out")), "r").acquire()
+    assert os.listdir(tmp_path) == ["a_file"]

@@ -1,0 +1,249 @@
+"""Where an image is, listing inputs and reading them: real files, FIFOs, links, odd names; moto S3."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pro2sam.storage import (
+    InputError,
+    canonical_uri,
+    exists,
+    image_id_for,
+    join_uri,
+    list_files,
+    list_inputs,
+    location_contains,
+    read_bytes,
+    read_file,
+    write_bytes_atomic,
+)
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    root = tmp_path / "images"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.png").write_bytes(b"a")
+    (root / "sub" / "b.png").write_bytes(b"bb")
+    return root
+
+
+# ---------------------------------------------------------------- one id per file
+
+
+def test_one_file_spelled_many_ways_has_one_id(folder, tmp_path, monkeypatch):
+    link = tmp_path / "link_to_images"
+    link.symlink_to(folder)
+    monkeypatch.chdir(folder)
+    spellings = [
+        str(folder / "a.png"),
+        f"{folder}/../images/a.png",
+        f"{folder}//a.png",
+        f"{folder}/sub/../a.png",
+        "./a.png",
+        "a.png",
+        f"file://{folder}/a.png",
+        str(link / "a.png"),
+    ]
+    assert {image_id_for(s) for s in spellings} == {image_id_for(str(folder / "a.png"))}
+    assert {canonical_uri(s) for s in spellings} == {os.path.realpath(folder / "a.png")}
+
+
+def test_object_keys_keep_their_spelling_but_not_the_scheme_alias():
+    assert canonical_uri("s3a://bucket/images/x.jpg") == "s3://bucket/images/x.jpg"
+    assert image_id_for("s3a://bucket/images/x.jpg") == image_id_for("s3://bucket/images/x.jpg")
+    assert image_id_for("s3://bucket/a//x.jpg") != image_id_for("s3://bucket/a/x.jpg")  # two keys on S3
+
+
+def test_location_contains_compares_canonical_locations(folder):
+    assert location_contains(str(folder), f"{folder}/sub/../sub")
+    assert location_contains(f"{folder}/", str(folder))
+    assert location_contains(str(folder.parent), str(folder))
+    assert not location_contains(str(folder / "sub"), str(folder))
+    assert not location_contains(f"{folder}-other", str(folder))  # a prefix of the name is not a parent
+    assert location_contains("s3://bucket/", "s3://bucket/images/")
+    assert not location_contains("s3://bucket/labels/", "s3://bucket/images/")
+
+
+def test_a_folder_listed_by_other_spellings_gives_the_same_rows(folder, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    tables = [list_inputs(s) for s in (str(folder), f"{folder}/../images//", str(link), f"file://{folder}")]
+    for table in tables[1:]:
+        assert table.select(["image_id", "uri"]).equals(tables[0].select(["image_id", "uri"]))
+    assert tables[0].column("uri").to_pylist() == [str(folder / "a.png"), str(folder / "sub" / "b.png")]
+
+
+# ---------------------------------------------------------------- what a folder listing holds
+
+
+def test_listing_marks_what_cannot_be_read_instead_of_stalling(folder):
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "zero.jpg").symlink_to("/dev/zero")
+    (folder / "gone.jpg").symlink_to(folder / "missing.jpg")
+    bad_name = os.fsencode(str(folder)) + b"/caf\xe9.jpg"  # Latin-1, not UTF-8
+    with open(bad_name, "wb") as f:
+        f.write(b"x")
+    (folder / ".hidden.png").write_bytes(b"h")
+    (folder / "linked_dir").symlink_to(folder / "sub")
+    rows = {Path(r["uri"]).name: r for r in list_inputs(str(folder)).to_pylist()}
+    assert "pipe.jpg" in rows and "a FIFO" in rows["pipe.jpg"]["input_error"]
+    assert "zero" in rows or "zero.jpg" in rows
+    zero = rows.get("zero") or rows["zero.jpg"]
+    assert "character device" in zero["input_error"]
+    assert "broken symbolic link" in rows["gone.jpg"]["input_error"]
+    odd = [r for name, r in rows.items() if name.startswith("caf")]
+    assert len(odd) == 1 and "not valid UTF-8" in odd[0]["input_error"] and "\\xe9" in odd[0]["uri"]
+    assert ".hidden.png" not in rows
+    assert sum(1 for r in rows.values() if r["uri"].endswith("b.png")) == 1, "a linked folder is not entered"
+    good = rows["a.png"]
+    assert good["input_error"] is None and good["source_fingerprint"].startswith("size=1 ")
+
+
+def test_an_excluded_output_folder_is_not_listed(folder):
+    (folder / "labels").mkdir()
+    (folder / "labels" / "part-x.parquet").write_bytes(b"p")
+    uris = list_inputs(str(folder), exclude_prefix=f"{folder}/labels/").column("uri").to_pylist()
+    assert not any("labels" in u for u in uris)
+
+
+# ---------------------------------------------------------------- manifests
+
+
+def test_join_uri_joins_several_names_and_keeps_the_scheme(tmp_path):
+    assert join_uri(str(tmp_path), "a", "b.txt") == str(tmp_path / "a" / "b.txt")
+    assert join_uri("s3a://bucket/root/", "a/", "/b.txt") == "s3a://bucket/root/a/b.txt"
+
+
+def test_list_files_names_every_file_below_a_folder_relative_to_it(folder, tmp_path):
+    (folder / ".hidden").write_bytes(b"")
+    assert list_files(str(folder)) == [".hidden", "a.png", "sub/b.png"]
+    assert list_files(str(tmp_path / "nowhere")) == [] and not exists(str(tmp_path / "nowhere"))
+
+
+def test_list_files_on_s3_gives_the_same_names(s3_bucket):
+    root = f"s3://{s3_bucket}/images"
+    for name in ("a.png", "sub/b.png"):
+        write_bytes_atomic(join_uri(root, name), b"x")
+    assert list_files(root) == ["a.png", "sub/b.png"] and exists(join_uri(root, "sub"))
+    assert list_files(f"s3://{s3_bucket}/nowhere") == []
+
+
+def test_manifest_labels_stay_the_strings_the_user_wrote(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri,label\na.png,001\nb.png,1e3\nc.png,\nd.png,nan\n")
+    rows = list_inputs(str(manifest)).to_pylist()
+    assert [r["label"] for r in rows] == ["001", "1e3", None, "nan"]
+    assert [Path(r["uri"]).name for r in rows] == ["a.png", "b.png", "c.png", "d.png"]
+
+
+def test_a_manifest_row_without_uri_is_refused_with_its_line(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri,label\na.png,x\n,y\n")
+    with pytest.raises(ValueError, match=r"m\.csv line 3: empty uri"):
+        list_inputs(str(manifest))
+
+
+def test_parquet_manifests_need_string_uris_and_string_or_integer_labels(tmp_path):
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"uri": ["a.png", "b.png"], "label": [3, None]}), path)
+    assert [r["label"] for r in list_inputs(str(path)).to_pylist()] == ["3", None]
+    pq.write_table(pa.table({"uri": ["a.png", "b.png"], "label": [1.0, float("nan")]}), path)
+    with pytest.raises(ValueError, match="'label' must hold strings"):
+        list_inputs(str(path))
+    pq.write_table(pa.table({"uri": [1, 2]}), path)
+    with pytest.raises(ValueError, match="'uri' must hold strings"):
+        list_inputs(str(path))
+    pq.write_table(pa.table({"uri": ["a.png", None]}), path)
+    with pytest.raises(ValueError, match="row 2: empty uri"):
+        list_inputs(str(path))
+
+
+def test_a_manifest_naming_one_image_twice_lists_it_once(tmp_path):
+    (tmp_path / "sub").mkdir()
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"uri\n./a.png\nsub/../a.png\n{tmp_path}/a.png\nfile://{tmp_path}/a.png\n")
+    assert list_inputs(str(manifest)).column("uri").to_pylist() == [str(tmp_path / "a.png")]
+
+
+# ---------------------------------------------------------------- reading one image
+
+
+def test_reading_a_fifo_fails_at_once_instead_of_waiting_for_a_writer(tmp_path):
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    outcome = {}
+    reader = threading.Thread(target=lambda: outcome.update(error=_raises(lambda: read_bytes(str(fifo)))), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "reading a FIFO blocked"
+    assert isinstance(outcome["error"], InputError) and "FIFO" in str(outcome["error"])
+
+
+def test_reads_are_capped_in_bytes(tmp_path):
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"x" * 5000)
+    with pytest.raises(InputError, match="5000 bytes, over the limit of 4096"):
+        read_bytes(str(big), max_bytes=4096)
+    with pytest.raises(InputError, match="character device"):
+        read_bytes("/dev/zero", max_bytes=4096)
+    data, fingerprint = read_file(str(big), max_bytes=5000)
+    assert len(data) == 5000 and fingerprint.startswith("size=5000 mtime_ns=")
+
+
+def _raises(fn):
+    try:
+        fn()
+    except Exception as e:
+        return e
+    return None
+
+
+# ---------------------------------------------------------------- writing whole files
+
+
+def test_an_exclusive_write_refuses_an_existing_file_and_leaves_it_as_it_was(tmp_path):
+    target = tmp_path / "lease.json"
+    write_bytes_atomic(str(target), b"first", exclusive=True)
+    with pytest.raises(FileExistsError):
+        write_bytes_atomic(str(target), b"second", exclusive=True)
+    assert target.read_bytes() == b"first"
+    write_bytes_atomic(str(target), b"third")
+    assert target.read_bytes() == b"third"
+    assert [p.name for p in tmp_path.iterdir()] == ["lease.json"], "no temporary file is left behind"
+
+
+def test_an_exclusive_write_on_s3_is_refused_by_the_server(s3_bucket):
+    uri = f"s3://{s3_bucket}/out/lease.json"
+    write_bytes_atomic(uri, b"first", exclusive=True)
+    with pytest.raises(FileExistsError):
+        write_bytes_atomic(uri, b"second", exclusive=True)
+    assert read_bytes(uri) == b"first"
+
+
+def test_a_slow_read_past_its_timeout_is_a_read_error(tmp_path, monkeypatch):
+    import pro2sam.storage as storage
+
+    path = tmp_path / "slow.jpg"
+    path.write_bytes(b"x" * (3 * 4096))
+    monkeypatch.setattr(storage, "_READ_CHUNK", 4096)
+    read_chunks = storage._read_chunks
+
+    class Slow:  # a store that gives 4 KiB every 0.3 s
+        def __init__(self, f):
+            self.f = f
+
+        def read(self, n):
+            time.sleep(0.3)
+            return self.f.read(n)
+
+    monkeypatch.setattr(storage, "_read_chunks", lambda f, *args: read_chunks(Slow(f), *args))
+    with pytest.raises(storage.ReadError, match="took over 0.5 s"):
+        storage.read_bytes(str(path), timeout_s=0.5, attempts=1)
