@@ -76,10 +76,11 @@ _PLAN_COLUMNS = ("image_id", "status", "error_kind")
 _PART_NAME = re.compile(r"^part-[A-Za-z0-9_.-]+\.parquet$")
 _TEMP_NAME = re.compile(r"^\.part-.*\.tmp$")
 _SCAN_THREADS = 32
-# Reading a few columns of a remote label file: one request for its last MiB (the footer, and the
-# small columns stored last: status, error_kind, ...), one for the first columns it needs
-# (image_id ... source_fingerprint, less than a MiB apart), the size known from the listing.
-_FOOTER_SAMPLE_BYTES = 2**20
+# Reading a few columns of a remote label file (fsspec.parquet), its size known from the listing
+# (no HEAD): one request for its tail (the footer, and the small columns stored last: status,
+# error_kind, ...), one for the first columns it needs (image_id ... source_fingerprint, less than
+# a MiB apart), and one that fetches the footer again (fsspec's pyarrow engine does).
+_FOOTER_SAMPLE_BYTES = 256 * 2**10
 _RANGE_GAP_BYTES = 2**20
 
 
@@ -130,9 +131,8 @@ class LabelsOutput:
         )  # fmt: skip
 
     def _open(self, path: str, columns: Sequence[str] | None = None):
-        """``path`` opened for reading; remote files with ``columns`` fetch only the byte ranges
-        those columns need, in two or three requests (fsspec.parquet), and no HEAD: the size
-        comes from the listing."""
+        """``path`` opened for reading; a remote file with ``columns`` fetches only the byte ranges
+        those columns need, in three requests (see ``_FOOTER_SAMPLE_BYTES``)."""
         if not self.remote or columns is None:
             return self.fs.open(path, "rb")
         return fsspec.parquet.open_parquet_file(
@@ -163,7 +163,7 @@ class LabelsOutput:
     def scan(self, columns: tuple[str, ...] = _SCAN_COLUMNS) -> pa.Table:
         """``columns`` of every label file, read concurrently, plus ``_file`` (its path,
         dictionary-encoded) and ``_row`` (the row's index in it). Other Parquet files are skipped
-        with a warning. On object storage each file costs two or three range requests."""
+        with a warning. On object storage each file costs three range requests."""
         paths = self.parquet_paths()
         with ThreadPoolExecutor(max_workers=min(_SCAN_THREADS, max(1, len(paths)))) as pool:
             tables = list(pool.map(lambda p: self._read(p, columns), paths))
