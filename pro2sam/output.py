@@ -218,7 +218,7 @@ class LabelsOutput:
         paths = self.parquet_paths()
 
         def is_label_file(path: str) -> bool:
-            with self._open(path, KEY_COLUMNS) as f:
+            with self._open(path) as f:  # pyarrow reads the footer alone
                 return all(c in pq.ParquetFile(f).schema_arrow.names for c in KEY_COLUMNS)
 
         with ThreadPoolExecutor(max_workers=min(_SCAN_THREADS, max(1, len(paths)))) as pool:

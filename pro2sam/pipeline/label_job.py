@@ -1,13 +1,16 @@
 """The labeling job: Ray Data from object storage to a Parquet table of boxes and masks.
 
-    list inputs -> read bytes (I/O tasks) -> decode (CPU tasks)
+    list inputs (streamed in record batches) -> rerun plan -> local spool of the inputs to label
+    -> per 100,000 of them, a Ray Data dataset: read bytes (I/O tasks) -> decode (CPU tasks)
         -> Pro2SAMLabeler actors (one GPU each, GTFormer + SAM loaded once)
         -> the driver commits label files of up to --rows-per-file rows (pro2sam.output)
 
-Before any work: options are checked, the input is listed, the output's lease is taken (one
-writer per output; the lease write also proves the output writable) and the models are loaded
-once on the driver, so a bad option, path or checkpoint ends the run with one line before Ray
-starts. Resumable: images already in the output are skipped, so a run killed part way and started
+Before any work: options are checked, the input is found, the output's lease is taken (one
+writer per output; the lease write also proves the output writable), the output's key columns
+are read and the input is listed through the rerun plan, and the models are loaded once on the
+driver, so a bad option, path or checkpoint ends the run with one line before Ray starts. The
+driver never holds the listing: per million inputs it holds the plan's compact view of the
+output (:class:`~pro2sam.output.RerunPlanner`) and 20 bytes per input id. Resumable: images already in the output are skipped, so a run killed part way and started
 again labels the rest, and every input image ends up in the output exactly once. One bad image is
 one error row; a killed actor is restarted by Ray and its batch retried.
 """
