@@ -368,6 +368,13 @@ class RerunPlanner:
         self._drop.append(row[retry | changed])
         return inputs.filter(pa.array(~labeled))
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory the planner holds (the output's key columns and their index)."""
+        if self._done is None or not len(self._done):
+            return 0
+        return self._done.nbytes + self._keys.nbytes + self._rows.nbytes + self._retry.nbytes
+
     def drops(self) -> dict[str, list[int]]:
         """Rows to remove from label files before labeling, by file path: duplicates of an image
         and the rows of the images to relabel met so far."""

@@ -478,7 +478,7 @@ class _TodoSpool:
         if not batch.num_rows:
             return
         if self._writer is None:
-            self._writer = pq.ParquetWriter(self._file, INPUT_SCHEMA)
+            self._writer = pq.ParquetWriter(self._file, INPUT_SCHEMA, compression="zstd")
         self._writer.write_batch(batch)
         self.rows += batch.num_rows
 
