@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from helpers import (
     cli_label_args,
+    local_ray_cluster,
     output_rows,
     parse_summary,
-    private_ray_tmpdir,
     readable_row_count,
     write_scenes,
 )
@@ -33,25 +33,13 @@ IMAGES = 160
 
 @contextmanager
 def gpu_cluster():
-    """A Ray cluster of ``NODES`` nodes (the head and two workers), each with 2 CPUs and 1 GPU,
-    its files in a private temp folder; (cluster, env for drivers). Shut down on exit."""
-    from ray.cluster_utils import Cluster
-
-    with private_ray_tmpdir() as (env, ray_tmp):
-        saved = os.environ.get("RAY_TMPDIR")
-        os.environ["RAY_TMPDIR"] = str(ray_tmp)
-        cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2, "num_gpus": 1})
-        try:
-            for _ in range(NODES - 1):
-                cluster.add_node(num_cpus=2, num_gpus=1)
-            cluster.wait_for_nodes()
-            yield cluster, env
-        finally:
-            cluster.shutdown()
-            if saved is None:
-                os.environ.pop("RAY_TMPDIR", None)
-            else:
-                os.environ["RAY_TMPDIR"] = saved
+    """A Ray cluster of ``NODES`` nodes (the head and two workers), each with 2 CPUs and 1 GPU:
+    (cluster, environment for drivers)."""
+    with local_ray_cluster(num_cpus=2, num_gpus=1) as (cluster, env):
+        for _ in range(NODES - 1):
+            cluster.add_node(num_cpus=2, num_gpus=1)
+        cluster.wait_for_nodes()
+        yield cluster, env
 
 
 def labeling_actors(cluster) -> dict[str, dict]:
