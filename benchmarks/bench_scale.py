@@ -46,7 +46,6 @@ BUCKET = "bench"
 NEW, OLD = f"s3://{BUCKET}/new/", f"s3://{BUCKET}/old/"
 MANIFEST = f"s3://{BUCKET}/manifest.csv"
 OLD_ROWS_PER_FILE = 32
-SCAN_COLUMNS = ("image_id", "status", "error_kind")  # what a rerun reads (without --relabel-changed)
 
 
 # ---------------------------------------------------------------- the S3 server, counting requests
@@ -221,7 +220,7 @@ def role_decide(endpoint: str) -> dict:
 
     requests_since_last(endpoint)
     start = time.perf_counter()
-    done = LabelsOutput(NEW).scan(SCAN_COLUMNS)
+    done = LabelsOutput(NEW).scan(RerunPlanner.columns())
     planner = RerunPlanner(done)
     scanned = time.perf_counter()
     scan_requests = requests_since_last(endpoint)
@@ -239,6 +238,7 @@ def role_old_scan(endpoint: str) -> dict:
     """The old rerun's reader: list the output, then open each file in turn and read its keys."""
     import pyarrow.parquet as pq
 
+    from pro2sam.output import RerunPlanner
     from pro2sam.storage import filesystem
 
     requests_since_last(endpoint)
@@ -247,7 +247,7 @@ def role_old_scan(endpoint: str) -> dict:
     rows = 0
     for name in sorted(p for p in fs.find(path) if p.endswith(".parquet")):
         with fs.open(name, "rb") as f:
-            rows += pq.ParquetFile(f).read(columns=list(SCAN_COLUMNS)).num_rows
+            rows += pq.ParquetFile(f).read(columns=list(RerunPlanner.columns())).num_rows
     return {"rows": rows, "seconds": time.perf_counter() - start, "requests": requests_since_last(endpoint)}
 
 

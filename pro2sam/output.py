@@ -69,10 +69,8 @@ log = logging.getLogger("pro2sam.output")
 LEASE_NAME = "_pro2sam_lease.json"
 # A Parquet file directly under the output with these columns is a label file.
 KEY_COLUMNS = ("image_id", "uri", "status", "run_id")
-# What a rerun reads of each label file to decide what is done (the fingerprint only with
-# --relabel-changed).
+# What a rerun reads of each label file to decide what is done (RerunPlanner.columns).
 _SCAN_COLUMNS = ("image_id", "status", "error_kind", "source_fingerprint")
-_PLAN_COLUMNS = ("image_id", "status", "error_kind")
 _PART_NAME = re.compile(r"^part-[A-Za-z0-9_.-]+\.parquet$")
 _TEMP_NAME = re.compile(r"^\.part-.*\.tmp$")
 _SCAN_THREADS = 32
@@ -150,7 +148,7 @@ class LabelsOutput:
                     return None
                 present = [c for c in columns if c in names] if columns else None
                 table = pf.read(columns=present)
-        except Exception as e:  # not Parquet: pyarrow's or fsspec's own errors, whichever saw it first
+        except (pa.ArrowInvalid, OSError) as e:
             raise StorageError(
                 f"{self._uri_of(path)} is not a readable Parquet file "
                 f"({type(e).__name__}: {e}); move it out of the output folder, then run again"
@@ -325,6 +323,12 @@ class RerunPlanner:
     Attributes:
         skipped, retried, changed, duplicates: counts so far, as in :class:`RerunPlan`.
     """
+
+    @staticmethod
+    def columns(*, relabel_changed: bool = False) -> tuple[str, ...]:
+        """The columns of the output it needs (:meth:`LabelsOutput.scan`): the fingerprint only
+        to relabel changed files."""
+        return _SCAN_COLUMNS if relabel_changed else tuple(c for c in _SCAN_COLUMNS if c != "source_fingerprint")
 
     def __init__(self, done: pa.Table | None, *, retry_errors: bool = False, relabel_changed: bool = False) -> None:
         self.relabel_changed = relabel_changed

@@ -9,8 +9,10 @@ Before any work: options are checked, the input is found, the output's lease is 
 writer per output; the lease write also proves the output writable), the output's key columns
 are read and the input is listed through the rerun plan, and the models are loaded once on the
 driver, so a bad option, path or checkpoint ends the run with one line before Ray starts. The
-driver never holds the listing: per million inputs it holds the plan's compact view of the
-output (:class:`~pro2sam.output.RerunPlanner`) and 20 bytes per input id. Resumable: images already in the output are skipped, so a run killed part way and started
+driver never holds the listing: it holds the plan's compact view of the output
+(:class:`~pro2sam.output.RerunPlanner`) and 20 bytes per input id.
+
+Resumable: images already in the output are skipped, so a run killed part way and started
 again labels the rest, and every input image ends up in the output exactly once. One bad image is
 one error row; a killed actor is restarted by Ray and its batch retried.
 """
@@ -409,7 +411,7 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
     listing = iter_inputs(cfg.input, exclude_prefix=cfg.output)  # the input is checked here, listed below
     with WriterLease(output, cfg.run_id, ttl_s=cfg.lease_ttl_s, force=cfg.force) as lease, _TodoSpool() as todo:
         output.remove_temporaries()
-        done = None if cfg.overwrite else output.scan(_SCAN_WITH_FINGERPRINT if cfg.relabel_changed else _SCAN)
+        done = None if cfg.overwrite else output.scan(RerunPlanner.columns(relabel_changed=cfg.relabel_changed))
         planner = RerunPlanner(done, retry_errors=cfg.retry_errors, relabel_changed=cfg.relabel_changed)
         listed = 0
         for batch in listing:  # the listing streams through the plan into the spool
@@ -458,11 +460,6 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
             summary.ok, summary.error, summary.files = writer.ok, writer.error, len(writer.files)
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-# What a rerun reads of the output to decide (the fingerprint only for --relabel-changed).
-_SCAN = ("image_id", "status", "error_kind")
-_SCAN_WITH_FINGERPRINT = (*_SCAN, "source_fingerprint")
 
 
 class _TodoSpool:
