@@ -71,8 +71,13 @@ _BATCHES_PER_BLOCK = 4
 _ROWS_PER_DATASET = 100_000
 
 
-class JobInterrupted(Exception):
-    """SIGINT or SIGTERM reached the driver; ``signum`` says which."""
+class JobInterrupted(BaseException):
+    """SIGINT or SIGTERM reached the driver; ``signum`` says which.
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is: raised by the signal handler wherever the
+    driver is, it must not be swallowed by a library's ``except Exception`` (Ray Data's metrics
+    updates catch and log those) and leave the job running.
+    """
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
