@@ -34,12 +34,22 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import fsspec.parquet
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .labels import LABEL_SCHEMA, RETRIED_ERROR_KINDS, STATUS_ERROR, STATUS_OK
-from .storage import StorageError, filesystem, is_remote, join_uri, write_bytes_atomic
+from .storage import (
+    StorageError,
+    filesystem,
+    id_keys,
+    is_remote,
+    join_uri,
+    sorted_positions,
+    write_bytes_atomic,
+)
 
 __all__ = [
     "LEASE_NAME",
@@ -48,6 +58,7 @@ __all__ = [
     "LeaseLost",
     "LabelsOutput",
     "RerunPlan",
+    "RerunPlanner",
     "plan_rerun",
     "WriterLease",
     "LabelWriter",
@@ -58,11 +69,17 @@ log = logging.getLogger("pro2sam.output")
 LEASE_NAME = "_pro2sam_lease.json"
 # A Parquet file directly under the output with these columns is a label file.
 KEY_COLUMNS = ("image_id", "uri", "status", "run_id")
-# What a rerun reads of each label file to decide what is done.
-_SCAN_COLUMNS = ("image_id", "status", "error_kind", "source_fingerprint", "run_id")
+# What a rerun reads of each label file to decide what is done (RerunPlanner.columns).
+_SCAN_COLUMNS = ("image_id", "status", "error_kind", "source_fingerprint")
 _PART_NAME = re.compile(r"^part-[A-Za-z0-9_.-]+\.parquet$")
 _TEMP_NAME = re.compile(r"^\.part-.*\.tmp$")
 _SCAN_THREADS = 32
+# Reading a few columns of a remote label file (fsspec.parquet), its size known from the listing
+# (no HEAD): one request for its tail (the footer, and the small columns stored last: status,
+# error_kind, ...), one for the first columns it needs (image_id ... source_fingerprint, less than
+# a MiB apart), and one that fetches the footer again (fsspec's pyarrow engine does).
+_FOOTER_SAMPLE_BYTES = 256 * 2**10
+_RANGE_GAP_BYTES = 2**20
 
 
 class OutputBusy(StorageError):
@@ -95,15 +112,14 @@ class LabelsOutput:
     def _entries(self) -> dict[str, dict]:
         """The output's direct children, by path, with details (nothing if it does not exist)."""
         try:
-            if not self.fs.exists(self.path):
-                return {}
-            if self.fs.isfile(self.path):
-                raise StorageError(f"output {self.uri} is a file, not a folder or prefix")
-            return {e["name"].rstrip("/"): e for e in self.fs.ls(self.path, detail=True)}
-        except StorageError:
-            raise
+            entries = self.fs.ls(self.path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
         except Exception as e:
             raise StorageError(f"cannot list the output {self.uri}: {type(e).__name__}: {e}") from None
+        if len(entries) == 1 and entries[0]["name"].rstrip("/") == self.path and entries[0].get("type") == "file":
+            raise StorageError(f"output {self.uri} is a file, not a folder or prefix")
+        return {e["name"].rstrip("/"): e for e in entries}
 
     def parquet_paths(self) -> list[str]:
         """Paths of the ``*.parquet`` files directly under the output, sorted."""
@@ -112,13 +128,20 @@ class LabelsOutput:
             if e.get("type") == "file" and p.endswith(".parquet") and not posixpath.basename(p).startswith(".")
         )  # fmt: skip
 
-    def _open(self, path: str):
-        return self.fs.open(path, "rb")
+    def _open(self, path: str, columns: Sequence[str] | None = None):
+        """``path`` opened for reading; a remote file with ``columns`` fetches only the byte ranges
+        those columns need, in three requests (see ``_FOOTER_SAMPLE_BYTES``)."""
+        if not self.remote or columns is None:
+            return self.fs.open(path, "rb")
+        return fsspec.parquet.open_parquet_file(
+            path, fs=self.fs, columns=list(columns), engine="pyarrow",
+            footer_sample_size=_FOOTER_SAMPLE_BYTES, max_gap=_RANGE_GAP_BYTES,
+        )  # fmt: skip
 
     def _read(self, path: str, columns: tuple[str, ...] | None) -> pa.Table | None:
         """The given columns of one file (missing ones as nulls), or None if it is not a label file."""
         try:
-            with self._open(path) as f:
+            with self._open(path, (*KEY_COLUMNS, *columns) if columns else None) as f:
                 pf = pq.ParquetFile(f)
                 names = pf.schema_arrow.names
                 if not all(c in names for c in KEY_COLUMNS):
@@ -127,7 +150,7 @@ class LabelsOutput:
                 table = pf.read(columns=present)
         except (pa.ArrowInvalid, OSError) as e:
             raise StorageError(
-                f"{self.fs.unstrip_protocol(path) if self.remote else path} is not a readable Parquet file "
+                f"{self._uri_of(path)} is not a readable Parquet file "
                 f"({type(e).__name__}: {e}); move it out of the output folder, then run again"
             ) from None
         for c in columns or ():
@@ -136,8 +159,9 @@ class LabelsOutput:
         return table.select(list(columns)) if columns else table
 
     def scan(self, columns: tuple[str, ...] = _SCAN_COLUMNS) -> pa.Table:
-        """``columns`` of every label file, read concurrently, plus ``_file`` (its path) and
-        ``_row`` (the row's index in it). Other Parquet files are skipped with a warning."""
+        """``columns`` of every label file, read concurrently, plus ``_file`` (its path,
+        dictionary-encoded) and ``_row`` (the row's index in it). Other Parquet files are skipped
+        with a warning. On object storage each file costs three range requests."""
         paths = self.parquet_paths()
         with ThreadPoolExecutor(max_workers=min(_SCAN_THREADS, max(1, len(paths)))) as pool:
             tables = list(pool.map(lambda p: self._read(p, columns), paths))
@@ -147,11 +171,12 @@ class LabelsOutput:
                 log.warning("%s is not a label file (no %s columns): left as it is", path, "/".join(KEY_COLUMNS))
                 continue
             n = len(table)
-            table = table.append_column("_file", pa.array([path] * n, pa.string()))
-            out.append(table.append_column("_row", pa.array(range(n), pa.int64())))
+            where = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([path], pa.string()))
+            table = table.append_column("_file", where)
+            out.append(table.append_column("_row", pa.array(np.arange(n, dtype=np.int32))))
         if not out:
             empty = {c: pa.array([], LABEL_SCHEMA.field(c).type) for c in columns}
-            return pa.table({**empty, "_file": pa.array([], pa.string()), "_row": pa.array([], pa.int64())})
+            return pa.table({**empty, "_file": pa.array([], pa.dictionary(pa.int32(), pa.string())), "_row": pa.array([], pa.int32())})
         return pa.concat_tables(out)
 
     def iter_batches(self, columns: Sequence[str] | None = None, *, batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
@@ -159,13 +184,12 @@ class LabelsOutput:
         image: should an image have two rows (left by an interrupted rewrite or an older
         version's concurrent runs), its ok row, else its first row, is the one read."""
         done = self.scan(("image_id", "status"))
-        _, drop = _one_row_per_image(done.column("image_id").to_pylist(), done.column("status").to_pylist())
-        drops = _by_file(done, drop)
+        drops = _by_file(done, np.flatnonzero(~_kept_rows(done)))
         files = list(dict.fromkeys(done.column("_file").to_pylist()))
         for path in files:
             offset = 0
             dropped = pa.array(drops.get(path, []), pa.int64())
-            with self._open(path) as f:
+            with self._open(path, columns) as f:
                 pf = pq.ParquetFile(f)
                 present = [c for c in columns if c in pf.schema_arrow.names] if columns is not None else None
                 for batch in pf.iter_batches(batch_size=batch_size, columns=present):
@@ -192,7 +216,7 @@ class LabelsOutput:
         paths = self.parquet_paths()
 
         def is_label_file(path: str) -> bool:
-            with self._open(path) as f:
+            with self._open(path) as f:  # pyarrow reads the footer alone
                 return all(c in pq.ParquetFile(f).schema_arrow.names for c in KEY_COLUMNS)
 
         with ThreadPoolExecutor(max_workers=min(_SCAN_THREADS, max(1, len(paths)))) as pool:
@@ -280,6 +304,89 @@ class RerunPlan:
     duplicates: int = 0
 
 
+class RerunPlanner:
+    """What a run has to do, decided one batch of listed inputs at a time (the listing streams).
+
+    Built from the output's key columns (:meth:`LabelsOutput.scan`): should an image have several
+    rows, the one kept is its first ok row, else its first row, and the others are dropped
+    (duplicates). Each listed input then is labeled unless its kept row is done: an ok row, or an
+    error row not retried (see ``retry_errors``), of an unchanged file (see ``relabel_changed``);
+    a row relabeled is dropped. The key columns are held once, compactly (per row: the id as
+    20 bytes, status, error kind, file and row; the fingerprint only with ``relabel_changed``).
+
+    Args:
+        done: :meth:`LabelsOutput.scan` of the output; None: nothing is done (``--overwrite``).
+        retry_errors: relabel every error row of a listed input; by default only errors of the
+            kinds in :data:`~pro2sam.labels.RETRIED_ERROR_KINDS` (read failures) are relabeled.
+        relabel_changed: relabel rows whose ``source_fingerprint`` differs from the listing's.
+
+    Attributes:
+        skipped, retried, changed, duplicates: counts so far, as in :class:`RerunPlan`.
+    """
+
+    @staticmethod
+    def columns(*, relabel_changed: bool = False) -> tuple[str, ...]:
+        """The columns of the output it needs (:meth:`LabelsOutput.scan`): the fingerprint only
+        to relabel changed files."""
+        return _SCAN_COLUMNS if relabel_changed else tuple(c for c in _SCAN_COLUMNS if c != "source_fingerprint")
+
+    def __init__(self, done: pa.Table | None, *, retry_errors: bool = False, relabel_changed: bool = False) -> None:
+        self.relabel_changed = relabel_changed
+        self.skipped = self.retried = self.changed = self.duplicates = 0
+        self._done = done
+        self._drop: list[np.ndarray] = []
+        if done is None or not len(done):
+            self._keys = np.zeros(0, "S1")
+            return
+        kept = _kept_rows(done)
+        self.duplicates = int((~kept).sum())
+        self._drop.append(np.flatnonzero(~kept))
+        rows = np.flatnonzero(kept)
+        keys = id_keys(done.column("image_id").take(pa.array(rows)))
+        order = np.argsort(keys, kind="stable")
+        self._keys, self._rows = keys[order], rows[order]
+        status, kinds = done.column("status"), done.column("error_kind")
+        error = _column_np(pc.equal(status, STATUS_ERROR))
+        retried_kind = _column_np(pc.is_in(kinds, value_set=pa.array(RETRIED_ERROR_KINDS, pa.string())))
+        self._retry = error & (retry_errors | retried_kind)  # per done row
+
+    def decide(self, inputs: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
+        """The rows of ``inputs`` (of :data:`~pro2sam.storage.INPUT_SCHEMA`, each image once over
+        all calls) still to label; counts the others and remembers the rows to drop."""
+        if not len(self._keys) or not inputs.num_rows:
+            return inputs
+        at = sorted_positions(self._keys, id_keys(inputs.column("image_id")))
+        hit = at >= 0
+        row = np.where(hit, self._rows[at], -1)  # the input's kept row in the output, or -1
+        retry = hit & self._retry[np.maximum(row, 0)]
+        changed = np.zeros(len(at), bool)
+        if self.relabel_changed:
+            listed = inputs.column("source_fingerprint")
+            labeled_with = self._done.column("source_fingerprint").take(pa.array(np.maximum(row, 0)))
+            differs = pc.and_(pc.is_valid(listed), pc.fill_null(pc.not_equal(labeled_with, listed), True))
+            changed = hit & ~retry & _column_np(differs)
+        labeled = hit & ~retry & ~changed
+        self.skipped += int(labeled.sum())
+        self.retried += int(retry.sum())
+        self.changed += int(changed.sum())
+        self._drop.append(row[retry | changed])
+        return inputs.filter(pa.array(~labeled))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of memory the planner holds (the output's key columns and their index)."""
+        if self._done is None or not len(self._done):
+            return 0
+        return self._done.nbytes + self._keys.nbytes + self._rows.nbytes + self._retry.nbytes
+
+    def drops(self) -> dict[str, list[int]]:
+        """Rows to remove from label files before labeling, by file path: duplicates of an image
+        and the rows of the images to relabel met so far."""
+        if self._done is None or not self._drop:
+            return {}
+        return _by_file(self._done, np.concatenate(self._drop))
+
+
 def plan_rerun(
     done: pa.Table | None,
     inputs: pa.Table,
@@ -287,69 +394,52 @@ def plan_rerun(
     retry_errors: bool = False,
     relabel_changed: bool = False,
 ) -> RerunPlan:
-    """Decide what to label and which rows to drop.
+    """Decide what to label and which rows to drop, for a listing held whole
+    (:class:`RerunPlanner` over one batch).
 
     Args:
         done: :meth:`LabelsOutput.scan` of the output; None: nothing is done (``--overwrite``).
         inputs: :func:`pro2sam.storage.list_inputs` of the input.
-        retry_errors: relabel every error row of a listed input; by default only errors of the
-            kinds in :data:`~pro2sam.labels.RETRIED_ERROR_KINDS` (read failures) are relabeled.
-        relabel_changed: relabel rows whose ``source_fingerprint`` differs from the listing's.
+        retry_errors, relabel_changed: as in :class:`RerunPlanner`.
     """
-    if done is None:
-        return RerunPlan(todo=inputs)
-    ids = done.column("image_id").to_pylist()
-    status = done.column("status").to_pylist()
-    kinds = done.column("error_kind").to_pylist()
-    prints = done.column("source_fingerprint").to_pylist()
-    kept, drop = _one_row_per_image(ids, status)
-    duplicates = len(drop)
-
-    listed = dict(zip(inputs.column("image_id").to_pylist(), inputs.column("source_fingerprint").to_pylist()))
-    retried = changed = 0
-    for image_id, i in kept.items():
-        if image_id not in listed:
-            continue
-        if status[i] == STATUS_ERROR and (retry_errors or kinds[i] in RETRIED_ERROR_KINDS):
-            drop.add(i)
-            retried += 1
-        elif relabel_changed and listed[image_id] is not None and prints[i] != listed[image_id]:
-            drop.add(i)
-            changed += 1
-
-    labeled = pa.array([image_id for image_id, i in kept.items() if i not in drop], pa.string())
-    todo = inputs.filter(pc.invert(pc.is_in(inputs.column("image_id"), value_set=labeled)))
+    planner = RerunPlanner(done, retry_errors=retry_errors, relabel_changed=relabel_changed)
+    todo = planner.decide(inputs)
     return RerunPlan(
         todo=todo,
-        drops=_by_file(done, drop),
-        skipped=len(inputs) - len(todo),
-        retried=retried,
-        changed=changed,
-        duplicates=duplicates,
+        drops=planner.drops(),
+        skipped=planner.skipped,
+        retried=planner.retried,
+        changed=planner.changed,
+        duplicates=planner.duplicates,
     )
 
 
-def _one_row_per_image(ids: list[str], status: list[str]) -> tuple[dict[str, int], set[int]]:
-    """The row kept for each image (the first ok row, else the first row) and the others."""
-    kept: dict[str, int] = {}
-    drop: set[int] = set()
-    for i, image_id in enumerate(ids):
-        j = kept.get(image_id)
-        if j is None:
-            kept[image_id] = i
-        elif status[i] == STATUS_OK and status[j] != STATUS_OK:
-            kept[image_id] = i
-            drop.add(j)
-        else:
-            drop.add(i)
-    return kept, drop
+def _column_np(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A boolean column as numpy, nulls as False."""
+    return pc.fill_null(values, False).to_numpy(zero_copy_only=False).astype(bool, copy=False)
 
 
-def _by_file(done: pa.Table, indices: set[int]) -> dict[str, list[int]]:
-    files, rows = done.column("_file").to_pylist(), done.column("_row").to_pylist()
+def _kept_rows(done: pa.Table) -> np.ndarray:
+    """For each row of ``done``, whether it is the row kept for its image: its first ok row,
+    else its first row (rows are ranked by position, ok rows ahead of all others)."""
+    n = len(done)
+    if not n:
+        return np.zeros(0, bool)
+    ok = _column_np(pc.equal(done.column("status"), STATUS_OK))
+    rank = np.arange(n, dtype=np.int64) + np.where(ok, 0, n)
+    best = pa.table({"image_id": done.column("image_id"), "rank": rank}).group_by("image_id").aggregate([("rank", "min")])
+    kept = np.zeros(n, bool)
+    kept[best.column("rank_min").to_numpy() % n] = True
+    return kept
+
+
+def _by_file(done: pa.Table, indices: np.ndarray) -> dict[str, list[int]]:
+    if not len(indices):
+        return {}
+    where = done.select(["_file", "_row"]).take(pa.array(np.unique(indices)))
     out: dict[str, list[int]] = defaultdict(list)
-    for i in sorted(indices):
-        out[files[i]].append(rows[i])
+    for path, row in zip(where.column("_file").to_pylist(), where.column("_row").to_pylist()):
+        out[path].append(row)
     return dict(out)
 
 

@@ -15,7 +15,7 @@ are two keys there.
 from __future__ import annotations
 
 import hashlib
-import io
+import itertools
 import os
 import posixpath
 import shutil
@@ -28,7 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+import fsspec.asyn
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
@@ -45,7 +48,13 @@ __all__ = [
     "location_contains",
     "image_id_for",
     "INPUT_SCHEMA",
+    "LIST_BATCH_ROWS",
+    "iter_inputs",
     "list_inputs",
+    "IMAGE_ID_LENGTH",
+    "id_keys",
+    "sorted_positions",
+    "SeenIds",
     "read_bytes",
     "read_file",
     "sha256_file",
@@ -136,9 +145,12 @@ def location_contains(outer: str, inner: str) -> bool:
     return b == a or b.startswith(a.rstrip("/") + "/")
 
 
+IMAGE_ID_LENGTH = 20  # hex digits of an image id
+
+
 def image_id_for(uri: str) -> str:
     """A stable image id: 20 hex digits of the SHA-1 of :func:`canonical_uri`."""
-    return hashlib.sha1(canonical_uri(uri).encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    return hashlib.sha1(canonical_uri(uri).encode("utf-8", "surrogateescape")).hexdigest()[:IMAGE_ID_LENGTH]
 
 
 def _describe(uri: str, error: BaseException) -> str:
@@ -168,23 +180,37 @@ class _Entry:
     label: str | None = None
 
 
-def list_inputs(source: str, *, exclude_prefix: str | None = None) -> pa.Table:
-    """The images a job labels, as a table of :data:`INPUT_SCHEMA`, one row per image.
+# Rows per record batch of a listing: what the driver holds of the listing at a time.
+LIST_BATCH_ROWS = 65_536
+
+
+def iter_inputs(
+    source: str, *, exclude_prefix: str | None = None, batch_rows: int = LIST_BATCH_ROWS
+) -> Iterator[pa.RecordBatch]:
+    """The images a job labels, as record batches of :data:`INPUT_SCHEMA` (one row per image, at
+    most ``batch_rows`` rows each), produced as the listing goes.
 
     Args:
         source: a prefix (folder) listed recursively, hidden files skipped; or a manifest, a
             ``.csv`` or ``.parquet`` file with a ``uri`` column and an optional ``label`` column,
             both read as strings. Relative manifest URIs are taken relative to the manifest.
         exclude_prefix: a prefix whose files are never inputs (the job's own output folder).
+        batch_rows: rows per batch.
+
+    The source is checked when this is called; the batches come as it is read: an S3 prefix a
+    page of 1,000 keys at a time (other object stores are listed whole by fsspec's ``find``), a
+    manifest a block at a time, a local folder one directory entry at a time (depth first, in
+    directory order). Besides the batch being built, the listing holds 20 bytes per image met so
+    far (its id, to list an image reached twice once: a link, a repeated manifest line).
 
     Local folders: symbolic links to files are followed (the id is the target's), linked folders
     are not entered; a FIFO, device or broken link, or a name that is not UTF-8, is listed with an
     ``input_error`` so that it becomes an error row instead of stalling or aborting the job.
 
     Raises:
-        StorageError: the source cannot be reached or does not exist.
+        StorageError: the source cannot be reached or does not exist (also while iterating).
         ValueError: a malformed manifest (no ``uri`` column, a null or non-string URI, with its
-            file and line).
+            file and line), possibly while iterating.
     """
     try:
         fs, path = filesystem(source)
@@ -196,31 +222,94 @@ def list_inputs(source: str, *, exclude_prefix: str | None = None) -> pa.Table:
             entries = _list_remote(fs, path)
         else:
             entries = _list_local(canonical_uri(source))
-        excluded = canonical_uri(exclude_prefix) if exclude_prefix else None
-        table = _entries_table(entries, excluded)
     except (StorageError, ValueError):
         raise
     except Exception as e:  # botocore/aiohttp/OS errors: say where, not how deep
         raise StorageError(_describe(source, e)) from None
-    return table
+    excluded = canonical_uri(exclude_prefix) if exclude_prefix else None
+    return _input_batches(entries, excluded, batch_rows, source)
 
 
-def _entries_table(entries: Iterator[_Entry], excluded: str | None) -> pa.Table:
-    ids, uris, labels, prints, errors = [], [], [], [], []
-    seen: set[str] = set()
-    for e in entries:
-        if excluded and (e.uri == excluded or e.uri.startswith(excluded.rstrip("/") + "/")):
-            continue
-        image_id = image_id_for(e.uri)
-        if image_id in seen:  # the same image listed twice (a link, a repeated manifest line)
-            continue
-        seen.add(image_id)
-        ids.append(image_id)
-        uris.append(e.uri)
-        labels.append(e.label)
-        prints.append(e.fingerprint)
-        errors.append(e.error)
-    return pa.table([ids, uris, labels, prints, errors], schema=INPUT_SCHEMA)
+def list_inputs(source: str, *, exclude_prefix: str | None = None) -> pa.Table:
+    """:func:`iter_inputs` as one table (for inputs that fit in memory)."""
+    return pa.Table.from_batches(list(iter_inputs(source, exclude_prefix=exclude_prefix)), schema=INPUT_SCHEMA)
+
+
+def _input_batches(entries: Iterator[_Entry], excluded: str | None, batch_rows: int, source: str) -> Iterator[pa.RecordBatch]:
+    seen = SeenIds()
+    try:
+        while chunk := list(itertools.islice(entries, batch_rows)):
+            if excluded:
+                chunk = [e for e in chunk if not (e.uri == excluded or e.uri.startswith(excluded.rstrip("/") + "/"))]
+            ids = pa.array([image_id_for(e.uri) for e in chunk], pa.string())
+            columns = [
+                ids,
+                pa.array([e.uri for e in chunk], pa.string()),
+                pa.array([e.label for e in chunk], pa.string()),
+                pa.array([e.fingerprint for e in chunk], pa.string()),
+                pa.array([e.error for e in chunk], pa.string()),
+            ]
+            batch = pa.record_batch(columns, schema=INPUT_SCHEMA).filter(pa.array(seen.first_seen(ids)))
+            if batch.num_rows:
+                yield batch
+    except (StorageError, ValueError):
+        raise
+    except Exception as e:
+        raise StorageError(_describe(source, e)) from None
+
+
+def id_keys(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Image ids as a numpy array of fixed-width byte strings, the compact form in which millions
+    of them are sorted and looked up: 20 bytes each for the ids of :func:`image_id_for` (other
+    ids, as in tables of other origins, are padded to the longest).
+
+    Raises:
+        ValueError: a null id.
+    """
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    if ids.null_count:
+        raise ValueError("an image id is null")
+    raw = ids.cast(pa.binary())
+    lengths = pc.min_max(pc.binary_length(raw)).as_py()
+    if lengths["min"] == lengths["max"] == IMAGE_ID_LENGTH:
+        fixed = raw.cast(pa.binary(IMAGE_ID_LENGTH))
+        data = fixed.buffers()[1]
+        return np.frombuffer(data, dtype=f"S{IMAGE_ID_LENGTH}", count=len(fixed), offset=fixed.offset * IMAGE_ID_LENGTH)
+    return np.array(raw.to_pylist(), dtype=f"S{max(1, lengths['max'] or 0)}")
+
+
+def sorted_positions(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """For each of ``keys``, its index in the sorted array ``sorted_keys``, or -1 (binary search)."""
+    if not len(sorted_keys):
+        return np.full(len(keys), -1, np.int64)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return np.where(sorted_keys[at] == keys, at, -1)
+
+
+class SeenIds:
+    """The image ids met so far, 20 bytes each: sorted runs of :func:`id_keys`, merged as they
+    grow (a log-structured set: O(log n) runs, each id re-sorted O(log n) times)."""
+
+    def __init__(self) -> None:
+        self._runs: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return sum(len(run) for run in self._runs)
+
+    def first_seen(self, ids: pa.Array) -> np.ndarray:
+        """A mask over ``ids``: True where the id was not met before (in earlier calls or earlier
+        in ``ids``); those ids are remembered."""
+        keys = id_keys(ids)
+        new = np.zeros(len(keys), bool)
+        new[np.unique(keys, return_index=True)[1]] = True
+        for run in self._runs:
+            new &= sorted_positions(run, keys) < 0
+        self._runs.append(np.sort(keys[new]))
+        while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
+            last = self._runs.pop()
+            self._runs[-1] = np.sort(np.concatenate([self._runs[-1], last]), kind="stable")
+        return new
 
 
 def _printable(path: str) -> tuple[str, str | None]:
@@ -234,26 +323,29 @@ def _printable(path: str) -> tuple[str, str | None]:
 
 
 def _list_local(root: str) -> Iterator[_Entry]:
-    stack = [root]
-    found: list[_Entry] = []
+    # Depth first, one open directory per level: a folder of millions of files is never held.
+    stack = [_scandir(root)]
     while stack:
-        folder = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                children = sorted(it, key=lambda d: d.name)
-        except PermissionError as e:
-            raise StorageError(f"cannot list {folder}: {e}") from None
-        for child in children:
-            if child.name.startswith("."):
-                continue
-            if child.is_dir(follow_symlinks=False):
-                stack.append(child.path)
-                continue
-            if child.is_symlink() and child.is_dir(follow_symlinks=True):
-                continue  # linked folders are not entered (no cycles, no surprises)
-            found.append(_local_entry(child))
-    found.sort(key=lambda e: e.uri)
-    yield from found
+        child = next(stack[-1], None)
+        if child is None:
+            stack.pop()
+            continue
+        if child.name.startswith("."):
+            continue
+        if child.is_dir(follow_symlinks=False):
+            stack.append(_scandir(child.path))
+            continue
+        if child.is_symlink() and child.is_dir(follow_symlinks=True):
+            continue  # linked folders are not entered (no cycles, no surprises)
+        yield _local_entry(child)
+
+
+def _scandir(folder: str) -> Iterator[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            yield from it
+    except PermissionError as e:
+        raise StorageError(f"cannot list {folder}: {e}") from None
 
 
 def _local_entry(child: os.DirEntry) -> _Entry:
@@ -283,10 +375,35 @@ def _file_kind(mode: int) -> str:
 
 
 def _list_remote(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[_Entry]:
-    for name, info in sorted(fs.find(path, detail=True).items()):
-        if posixpath.basename(name).startswith(".") or info.get("type", "file") != "file":
-            continue
-        yield _Entry(canonical_uri(fs.unstrip_protocol(name)), fingerprint=_remote_fingerprint(info))
+    for page in _object_pages(fs, path):
+        for info in page:
+            if posixpath.basename(info["name"]).startswith(".") or info.get("type", "file") != "file":
+                continue
+            yield _Entry(canonical_uri(fs.unstrip_protocol(info["name"])), fingerprint=_remote_fingerprint(info))
+
+
+def _object_pages(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[list[dict]]:
+    """The objects under ``path`` in key order, a page at a time, as fsspec info dicts.
+
+    S3 (s3fs) is paged through ListObjectsV2, 1,000 keys a request, so that a prefix of millions
+    of keys is never held whole; other stores are listed whole by fsspec's ``find``.
+    """
+    call_s3 = getattr(fs, "_call_s3", None)  # s3fs's one way to send a request, retries included
+    if call_s3 is None:
+        yield [info for _, info in sorted(fs.find(path, detail=True).items())]
+        return
+    bucket, _, key = path.strip("/").partition("/")
+    request = {"Bucket": bucket, "Prefix": key + "/" if key else ""}
+    while True:
+        page = fsspec.asyn.sync(fs.loop, call_s3, "list_objects_v2", **request)
+        yield [
+            {"name": f"{bucket}/{o['Key']}", "size": o.get("Size"), "ETag": o.get("ETag"),
+             "type": "directory" if o["Key"].endswith("/") else "file"}
+            for o in page.get("Contents", [])
+        ]  # fmt: skip
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def _remote_fingerprint(info: dict) -> str | None:
@@ -298,40 +415,57 @@ def _remote_fingerprint(info: dict) -> str | None:
 
 
 def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, source: str) -> Iterator[_Entry]:
-    with fs.open(path, "rb") as f:
-        data = f.read()
-    if path.endswith(".csv"):
-        header = pa_csv.open_csv(io.BytesIO(data)).schema.names if data.strip() else []
-        table = pa_csv.read_csv(
-            io.BytesIO(data),
-            # Every column as text: labels like 001 or 1e3 stay what the user wrote.
-            convert_options=pa_csv.ConvertOptions(
-                column_types={c: pa.string() for c in header}, strings_can_be_null=True, null_values=[""]
-            ),
-        )
-        where = lambda i: f"manifest {source} line {i + 2}"  # noqa: E731 (line 1 is the header)
-    else:
-        table = pq.read_table(io.BytesIO(data))
-        where = lambda i: f"manifest {source} row {i + 1}"  # noqa: E731
-    if "uri" not in table.column_names:
-        raise ValueError(f"manifest {source} has no 'uri' column (columns: {table.column_names})")
-    uri_type = table.schema.field("uri").type
-    if not (pa.types.is_string(uri_type) or pa.types.is_large_string(uri_type)):
-        raise ValueError(f"manifest {source}: column 'uri' must hold strings, not {uri_type}")
-    labels = _manifest_labels(table, source)
+    """The manifest's rows, read a block at a time (a CSV block or a Parquet batch)."""
     base = source.rsplit("/", 1)[0] if is_remote(source) else str(Path(path).parent)
-    for i, u in enumerate(table.column("uri").to_pylist()):
-        if u is None or not u.strip():
-            raise ValueError(f"{where(i)}: empty uri")
-        if "://" not in u and not os.path.isabs(u):
-            u = join_uri(base, u)
-        yield _Entry(canonical_uri(u), label=labels[i])
+    csv = path.endswith(".csv")
+    with fs.open(path, "rb") as f:
+        if csv:
+            try:
+                header = pa_csv.open_csv(f).schema.names
+            except pa.ArrowInvalid as e:
+                if "empty" not in str(e).lower():
+                    raise
+                header = []
+            f.seek(0)
+        else:
+            pf = pq.ParquetFile(f)
+            header = pf.schema_arrow.names
+        if "uri" not in header:
+            raise ValueError(f"manifest {source} has no 'uri' column (columns: {header})")
+        if not csv:
+            uri_type = pf.schema_arrow.field("uri").type
+            if not (pa.types.is_string(uri_type) or pa.types.is_large_string(uri_type)):
+                raise ValueError(f"manifest {source}: column 'uri' must hold strings, not {uri_type}")
+        columns = [c for c in ("uri", "label") if c in header]
+        if csv:
+            # Every column as text: labels like 001 or 1e3 stay what the user wrote.
+            batches = pa_csv.open_csv(
+                f,
+                read_options=pa_csv.ReadOptions(block_size=4 * 2**20),
+                convert_options=pa_csv.ConvertOptions(
+                    column_types={c: pa.string() for c in columns}, include_columns=columns,
+                    strings_can_be_null=True, null_values=[""],
+                ),
+            )  # fmt: skip
+            where = lambda i: f"manifest {source} line {i + 2}"  # noqa: E731 (line 1 is the header)
+        else:
+            batches = pf.iter_batches(batch_size=LIST_BATCH_ROWS, columns=columns)
+            where = lambda i: f"manifest {source} row {i + 1}"  # noqa: E731
+        row = 0
+        for batch in batches:
+            for u, label in zip(batch.column("uri").to_pylist(), _manifest_labels(batch, source)):
+                if u is None or not u.strip():
+                    raise ValueError(f"{where(row)}: empty uri")
+                if "://" not in u and not os.path.isabs(u):
+                    u = join_uri(base, u)
+                yield _Entry(canonical_uri(u), label=label)
+                row += 1
 
 
-def _manifest_labels(table: pa.Table, source: str) -> list[str | None]:
-    if "label" not in table.column_names:
-        return [None] * len(table)
-    column = table.column("label")
+def _manifest_labels(batch: pa.RecordBatch, source: str) -> list[str | None]:
+    if "label" not in batch.schema.names:
+        return [None] * batch.num_rows
+    column = batch.column("label")
     t = column.type
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t):
         return column.to_pylist()

@@ -35,6 +35,7 @@ def s3_server():
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
+    server._server.app = _S3_REQUESTS.wrap(server._server.app)  # werkzeug's server calls .app per request
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     saved = {k: os.environ.get(k) for k in _AWS_ENV}
@@ -54,6 +55,32 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class S3RequestLog:
+    """The requests an S3 server answers: (method, path, query, Range header) each, in order."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, str, str | None]] = []
+
+    def wrap(self, app):
+        def logged(environ, start_response):
+            self.requests.append(
+                (environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", ""), environ.get("HTTP_RANGE"))
+            )
+            return app(environ, start_response)
+
+        return logged
+
+
+_S3_REQUESTS = S3RequestLog()
+
+
+@pytest.fixture
+def s3_requests(s3_server) -> S3RequestLog:
+    """The session S3 server's request log, emptied for this test."""
+    _S3_REQUESTS.requests.clear()
+    return _S3_REQUESTS
 
 
 _AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")

@@ -210,6 +210,27 @@ def private_ray_tmpdir():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@contextmanager
+def local_ray_cluster(**head_node_args):
+    """A multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``, its head started
+    with ``head_node_args``; add nodes with ``cluster.add_node``), its files in a private temp
+    folder: yields (cluster, environment for drivers that join it) and shuts it down on exit."""
+    from ray.cluster_utils import Cluster
+
+    with private_ray_tmpdir() as (env, ray_tmp):
+        saved = os.environ.get("RAY_TMPDIR")
+        os.environ["RAY_TMPDIR"] = str(ray_tmp)  # the cluster's nodes keep their files there
+        cluster = Cluster(initialize_head=True, connect=False, head_node_args=head_node_args)
+        try:
+            yield cluster, env
+        finally:
+            cluster.shutdown()
+            if saved is None:
+                os.environ.pop("RAY_TMPDIR", None)
+            else:
+                os.environ["RAY_TMPDIR"] = saved
+
+
 def _pids_mentioning(text: str) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():

@@ -285,6 +285,17 @@ def test_an_interrupted_run_run_again_finishes_the_rest(ray_local, tiny_checkpoi
     assert all(r["status"] == "ok" for r in rows)
 
 
+@pytest.mark.timeout(400)
+def test_inputs_fed_to_ray_in_several_datasets_are_each_labeled_once(ray_local, tiny_checkpoints, tmp_path, monkeypatch):
+    from pro2sam.pipeline import label_job
+
+    monkeypatch.setattr(label_job, "_ROWS_PER_DATASET", 5)
+    images = write_scenes(tmp_path / "images", 12)
+    summary = run_label_job(job_config(tiny_checkpoints, tmp_path / "images", tmp_path / "out", batch_size=2))
+    assert (summary.inputs, summary.ok, summary.error) == (12, 12, 0)
+    assert_each_input_once(tmp_path / "out", images)
+
+
 def _labeling_actors() -> dict[str, dict]:
     """Ray Data's labeling actors, by actor id, as the GCS knows them.
 

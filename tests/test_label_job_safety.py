@@ -22,6 +22,7 @@ import pytest
 from helpers import (
     cli_label_args,
     job_config,
+    local_ray_cluster,
     output_rows,
     parse_summary,
     private_ray_tmpdir,
@@ -362,37 +363,25 @@ def test_sigterm_stops_the_job_cleanly_and_keeps_what_was_committed(ray_local, t
 @pytest.mark.timeout(600)
 def test_gpu_nodes_that_join_after_the_job_starts_are_waited_for_and_used(tiny_checkpoints, tmp_path):
     """An autoscaling cluster starts without GPU workers: the job asks for GPUs and waits."""
-    from ray.cluster_utils import Cluster
-
     images = write_scenes(tmp_path / "images", 6)
     output = tmp_path / "labels"
-    with private_ray_tmpdir() as (env, ray_tmp):
-        saved = os.environ.get("RAY_TMPDIR")
-        os.environ["RAY_TMPDIR"] = str(ray_tmp)
-        cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 3, "num_gpus": 0})
-        try:
-            args = cli_label_args(
-                tiny_checkpoints, tmp_path / "images", output, "--ray-address", cluster.address,
-                "--gpus-per-actor", "1", "--actors", "1", "--wait-for-resources", "300",
-            )  # fmt: skip
-            job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-            lines: list[str] = []
-            reader = threading.Thread(target=lambda: lines.extend(job.stderr), daemon=True)
-            reader.start()
-            deadline = time.monotonic() + 180
-            while not any("waiting up to" in line for line in lines) and job.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert job.poll() is None, "".join(lines)[-3000:]
-            assert any("asked the autoscaler" in line for line in lines)
-            cluster.add_node(num_cpus=2, num_gpus=1)  # the autoscaler's GPU worker arrives
-            stdout = job.communicate(timeout=400)[0]
-            reader.join(timeout=10)
-        finally:
-            cluster.shutdown()
-            if saved is None:
-                os.environ.pop("RAY_TMPDIR", None)
-            else:
-                os.environ["RAY_TMPDIR"] = saved
+    with local_ray_cluster(num_cpus=3, num_gpus=0) as (cluster, env):
+        args = cli_label_args(
+            tiny_checkpoints, tmp_path / "images", output, "--ray-address", cluster.address,
+            "--gpus-per-actor", "1", "--actors", "1", "--wait-for-resources", "300",
+        )  # fmt: skip
+        job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(job.stderr), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 180
+        while not any("waiting up to" in line for line in lines) and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert job.poll() is None, "".join(lines)[-3000:]
+        assert any("asked the autoscaler" in line for line in lines)
+        cluster.add_node(num_cpus=2, num_gpus=1)  # the autoscaler's GPU worker arrives
+        stdout = job.communicate(timeout=400)[0]
+        reader.join(timeout=10)
     assert job.returncode == 0, "".join(lines)[-3000:]
     assert parse_summary(stdout) == {"inputs": 6, "ok": 6, "error": 0, "skipped": 0}
     assert sorted(r["uri"] for r in output_rows(output)) == sorted(str(p) for p in images)

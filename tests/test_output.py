@@ -14,12 +14,22 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pro2sam.labels import LABEL_SCHEMA, error_row, rows_to_table
-from pro2sam.output import LEASE_NAME, LabelsOutput, LabelWriter, LeaseLost, OutputBusy, WriterLease, plan_rerun
+from pro2sam.output import (
+    LEASE_NAME,
+    LabelsOutput,
+    LabelWriter,
+    LeaseLost,
+    OutputBusy,
+    RerunPlanner,
+    WriterLease,
+    plan_rerun,
+)
 from pro2sam.storage import INPUT_SCHEMA, write_bytes_atomic
 
 
@@ -84,6 +94,21 @@ def test_changed_files_are_relabeled_only_when_asked(tmp_path):
     assert plan.todo.column("image_id").to_pylist() == ["b"] and plan.changed == 1
 
 
+def test_a_listing_decided_batch_by_batch_gets_the_plan_of_the_whole(tmp_path):
+    out = output_with(
+        tmp_path,
+        rows(("a", "ok", None, "s1"), ("b", "error", "read", "s1"), ("c", "error", "image", "s1")),
+        rows(("a", "ok", None, "s1"), ("d", "ok", None, "s1")),
+    )
+    planner = RerunPlanner(out.scan())
+    batches = ([("a", "s1"), ("e", "s1")], [("b", "s1")], [("c", "s1"), ("d", "s1"), ("f", "s1")])
+    todo = [planner.decide(inputs(*batch)).column("image_id").to_pylist() for batch in batches]
+    assert todo == [["e"], ["b"], ["f"]]
+    assert (planner.skipped, planner.retried, planner.duplicates) == (3, 1, 1)
+    first, second = out.parquet_paths()
+    assert planner.drops() == {first: [1], second: [0]}, "b's read error, and a's second row"
+
+
 def test_rows_of_images_no_longer_listed_are_kept(tmp_path):
     out = output_with(tmp_path, rows(("gone", "error", "read", "s1"), ("a", "ok", None, "s1")))
     plan = plan_rerun(out.scan(), inputs(("a", "s1")), retry_errors=True)
@@ -109,6 +134,32 @@ def test_readers_count_each_image_once_even_in_a_table_with_duplicates(tmp_path)
     assert sorted(out.read_table(["image_id", "status"]).to_pylist(), key=str) == sorted(
         [{"image_id": "a", "status": "ok"}, {"image_id": "b", "status": "ok"}], key=str
     )
+
+
+def label_rows_with_maps(first: int, count: int) -> pa.Table:
+    """``count`` ok rows with ids ``first``.. and a random 14x14 coarse map each: like the job's
+    files, megabytes whose key columns are a small part."""
+    table = rows(*((f"{first + i:020d}", "ok", None, f"size={i}") for i in range(count)))
+    maps = np.random.default_rng(first).random((count, 196), dtype=np.float32)
+    column = pa.ListArray.from_arrays(pa.array(np.arange(0, maps.size + 1, 196, dtype=np.int32)), pa.array(maps.ravel()))
+    return table.set_column(table.schema.get_field_index("coarse_map"), LABEL_SCHEMA.field("coarse_map"), column)
+
+
+def test_a_rerun_reads_the_key_columns_of_remote_label_files_in_few_range_requests(s3_bucket, s3_requests):
+    out = LabelsOutput(f"s3://{s3_bucket}/labels/")
+    for n in range(4):
+        out.commit(label_rows_with_maps(n * 4000, 4000), f"part-r1-{n:05d}.parquet")
+    size = sum(out.fs.size(p) for p in out.parquet_paths())
+    s3_requests.requests.clear()
+
+    done = LabelsOutput(out.uri).scan()  # as the next run sees it
+    assert sorted(done.column("image_id").to_pylist()) == [f"{i:020d}" for i in range(16_000)]
+    reads = [r for r in s3_requests.requests if r[0] == "GET" and r[1].endswith(".parquet")]
+    others = [r for r in s3_requests.requests if r not in reads]
+    assert len(others) == 1 and "list-type=2" in others[0][2], f"one listing, no HEAD: {others}"
+    assert len(reads) <= 3 * 4, "at most three range requests per file"
+    spans = [tuple(map(int, r[3].removeprefix("bytes=").split("-"))) for r in reads]
+    assert sum(end - start + 1 for start, end in spans) < size / 2, "the coarse maps are not read"
 
 
 # ---------------------------------------------------------------- what the job may touch

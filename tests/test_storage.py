@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -13,9 +14,11 @@ import pytest
 
 from pro2sam.storage import (
     InputError,
+    SeenIds,
     canonical_uri,
     exists,
     image_id_for,
+    iter_inputs,
     join_uri,
     list_files,
     list_inputs,
@@ -171,6 +174,64 @@ def test_a_manifest_naming_one_image_twice_lists_it_once(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"uri\n./a.png\nsub/../a.png\n{tmp_path}/a.png\nfile://{tmp_path}/a.png\n")
     assert list_inputs(str(manifest)).column("uri").to_pylist() == [str(tmp_path / "a.png")]
+
+
+# ---------------------------------------------------------------- listings that stream
+
+
+def test_an_s3_prefix_is_listed_a_page_at_a_time_in_key_order(s3_server, s3_bucket, s3_requests):
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_server)
+    keys = [f"images/{i:05d}.png" for i in range(2050)]
+    for key in keys:
+        client.put_object(Bucket=s3_bucket, Key=key, Body=b"x")
+    client.put_object(Bucket=s3_bucket, Key="images/sub/", Body=b"")  # a folder marker
+    client.put_object(Bucket=s3_bucket, Key="images/zz/.hidden.png", Body=b"x")
+    s3_requests.requests.clear()
+
+    def pages_listed() -> int:  # ListObjectsV2 of the whole prefix (not the existence checks, which use a delimiter)
+        return sum("list-type=2" in query and "delimiter" not in query for _, _, query, _ in s3_requests.requests)
+
+    batches = iter_inputs(f"s3://{s3_bucket}/images/", batch_rows=1000)
+    first = next(batches)
+    assert first.num_rows == 1000 and pages_listed() == 1, "the first batch comes from the first page"
+    rest = list(batches)
+    assert pages_listed() == 3 and [b.num_rows for b in rest] == [1000, 50]
+    table = pa.Table.from_batches([first, *rest])
+    assert table.column("uri").to_pylist() == [f"s3://{s3_bucket}/{k}" for k in keys]
+    assert set(table.column("source_fingerprint").to_pylist()) == {f"size=1 etag={hashlib.md5(b'x').hexdigest()}"}
+
+
+def test_a_manifest_is_listed_as_it_is_read_so_a_bad_line_far_down_stops_the_listing_there(tmp_path):
+    manifest = tmp_path / "m.csv"
+    lines = [f"img/{i}.png,cat" for i in range(5000)]
+    lines[4500] = ",cat"
+    manifest.write_text("uri,label\n" + "\n".join(lines) + "\n")
+    batches = iter_inputs(str(manifest), batch_rows=1000)
+    assert [next(batches).num_rows for _ in range(4)] == [1000] * 4
+    with pytest.raises(ValueError, match=r"m\.csv line 4502: empty uri"):
+        next(batches)
+
+
+def test_an_image_named_again_batches_later_is_listed_once(tmp_path):
+    manifest = tmp_path / "m.csv"
+    names = ["a.png", *(f"img/{i}.png" for i in range(2500)), "a.png", f"file://{tmp_path}/./a.png"]
+    manifest.write_text("uri\n" + "".join(f"{n}\n" for n in names))
+    uris = [u for batch in iter_inputs(str(manifest), batch_rows=1000) for u in batch.column("uri").to_pylist()]
+    assert len(uris) == 2501 and uris[0] == str(tmp_path / "a.png") and uris.count(str(tmp_path / "a.png")) == 1
+
+
+def test_seen_ids_mark_the_first_of_each_id_across_calls():
+    ids = [image_id_for(f"s3://bucket/{i % 700}") for i in range(2000)]
+    seen = SeenIds()
+    marks = [bool(m) for start in range(0, len(ids), 300) for m in seen.first_seen(pa.array(ids[start : start + 300]))]
+    met: set[str] = set()
+    expected = []
+    for image_id in ids:
+        expected.append(image_id not in met)
+        met.add(image_id)
+    assert marks == expected and len(seen) == 700
 
 
 # ---------------------------------------------------------------- reading one image

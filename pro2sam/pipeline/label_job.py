@@ -1,13 +1,18 @@
 """The labeling job: Ray Data from object storage to a Parquet table of boxes and masks.
 
-    list inputs -> read bytes (I/O tasks) -> decode (CPU tasks)
+    list inputs (streamed in record batches) -> rerun plan -> local spool of the inputs to label
+    -> per 100,000 of them, a Ray Data dataset: read bytes (I/O tasks) -> decode (CPU tasks)
         -> Pro2SAMLabeler actors (one GPU each, GTFormer + SAM loaded once)
         -> the driver commits label files of up to --rows-per-file rows (pro2sam.output)
 
-Before any work: options are checked, the input is listed, the output's lease is taken (one
-writer per output; the lease write also proves the output writable) and the models are loaded
-once on the driver, so a bad option, path or checkpoint ends the run with one line before Ray
-starts. Resumable: images already in the output are skipped, so a run killed part way and started
+Before any work: options are checked, the input is found, the output's lease is taken (one
+writer per output; the lease write also proves the output writable), the output's key columns
+are read and the input is listed through the rerun plan, and the models are loaded once on the
+driver, so a bad option, path or checkpoint ends the run with one line before Ray starts. The
+driver never holds the listing: it holds the plan's compact view of the output
+(:class:`~pro2sam.output.RerunPlanner`) and 20 bytes per input id.
+
+Resumable: images already in the output are skipped, so a run killed part way and started
 again labels the rest, and every input image ends up in the output exactly once. One bad image is
 one error row; a killed actor is restarted by Ray and its batch retried.
 """
@@ -17,20 +22,30 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..images import DEFAULT_MAX_PIXELS
 from ..labels import error_row, ok_row, rows_to_table
 from ..matching import MatchConfig
-from ..output import LabelsOutput, LabelWriter, WriterLease, plan_rerun
+from ..output import LabelsOutput, LabelWriter, RerunPlanner, WriterLease
 from ..candidates import CandidateConfig
 from ..sam import DEFAULT_SAM_VARIANT, SAM_VARIANTS
-from ..storage import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S, MANIFEST_SUFFIXES, list_inputs, location_contains
+from ..storage import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_READ_TIMEOUT_S,
+    INPUT_SCHEMA,
+    MANIFEST_SUFFIXES,
+    iter_inputs,
+    location_contains,
+)
 from .ray_env import ensure_ray
 from .stages import decode_images, read_images, text_or_none
 
@@ -50,10 +65,19 @@ log = logging.getLogger("pro2sam.label")
 # Model batches per block handed to Ray Data: a block is one actor task, the unit results stream
 # back in and a killed actor redoes; small enough to spread over actors, large enough to batch.
 _BATCHES_PER_BLOCK = 4
+# Inputs per Ray Data dataset: the todo list is fed to Ray this many at a time, one dataset after
+# another, so that the driver and the object store never hold millions of rows (each dataset
+# starts its actors again: seconds, against hours of labeling for this many images on a GPU).
+_ROWS_PER_DATASET = 100_000
 
 
-class JobInterrupted(Exception):
-    """SIGINT or SIGTERM reached the driver; ``signum`` says which."""
+class JobInterrupted(BaseException):
+    """SIGINT or SIGTERM reached the driver; ``signum`` says which.
+
+    A ``BaseException``, as ``KeyboardInterrupt`` is: raised by the signal handler wherever the
+    driver is, it must not be swallowed by a library's ``except Exception`` (Ray Data's metrics
+    updates catch and log those) and leave the job running.
+    """
 
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
@@ -410,32 +434,32 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
     start = time.perf_counter()
     cfg.validate()
     output = LabelsOutput(cfg.output)
-    inputs = list_inputs(cfg.input, exclude_prefix=cfg.output)
-    log.info("%d inputs listed", len(inputs))
-    with WriterLease(output, cfg.run_id, ttl_s=cfg.lease_ttl_s, force=cfg.force) as lease:
+    listing = iter_inputs(cfg.input, exclude_prefix=cfg.output)  # the input is checked here, listed below
+    with WriterLease(output, cfg.run_id, ttl_s=cfg.lease_ttl_s, force=cfg.force) as lease, _TodoSpool() as todo:
         output.remove_temporaries()
-        if cfg.overwrite:
-            plan = plan_rerun(None, inputs)
-        else:
-            plan = plan_rerun(
-                output.scan(), inputs, retry_errors=cfg.retry_errors, relabel_changed=cfg.relabel_changed
-            )
+        done = None if cfg.overwrite else output.scan(RerunPlanner.columns(relabel_changed=cfg.relabel_changed))
+        planner = RerunPlanner(done, retry_errors=cfg.retry_errors, relabel_changed=cfg.relabel_changed)
+        listed = 0
+        for batch in listing:  # the listing streams through the plan into the spool
+            listed += batch.num_rows
+            todo.add(planner.decide(batch))
+        drops = planner.drops()
         log.info(
             "%d inputs: %d already labeled, %d to label (%d errors retried, %d changed)",
-            len(inputs), plan.skipped, len(plan.todo), plan.retried, plan.changed,
+            listed, planner.skipped, todo.rows, planner.retried, planner.changed,
         )  # fmt: skip
         summary = LabelJobSummary(
-            cfg.run_id, len(inputs), 0, 0, plan.skipped, 0.0, cfg.output, retried=plan.retried, changed=plan.changed
+            cfg.run_id, listed, 0, 0, planner.skipped, 0.0, cfg.output, retried=planner.retried, changed=planner.changed
         )
-        if len(plan.todo) == 0 and not plan.drops:
+        if todo.rows == 0 and not drops:
             summary.seconds = time.perf_counter() - start
             return summary
         resources = cfg.labeling.resources
-        if len(plan.todo):  # a bad checkpoint or calibration ends the run here, before Ray
+        if todo.rows:  # a bad checkpoint or calibration ends the run here, before Ray
             _load_confidence(cfg.labeling, load_models(cfg.labeling, device="cpu").model_ids)
         local = not (resources.ray_address or os.environ.get("RAY_ADDRESS"))
         ray = None
-        if len(plan.todo):
+        if todo.rows:
             already = _ray_initialized()
             cpus_needed = (resources.actors or 1) * (resources.cpus_per_actor or 2) + 1
             ray = ensure_ray(resources.ray_address, cpus_needed=cpus_needed)
@@ -444,15 +468,15 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
         if cfg.overwrite:
             removed = output.delete_label_files()
             log.info("--overwrite: removed %d label files of earlier runs", removed)
-        elif plan.drops:
-            dropped = output.drop_rows(plan.drops)
+        elif drops:
+            dropped = output.drop_rows(drops)
             log.info("removed %d rows to relabel or duplicated from the output", dropped)
         writer = LabelWriter(
             output, cfg.run_id, lease=lease, rows_per_file=cfg.rows_per_file, commit_seconds=cfg.commit_seconds
         )
         try:
-            if len(plan.todo):
-                for table in _label_stream(ray, cfg, plan.todo, actors, gpus, cpus):
+            for chunk in todo.chunks(_ROWS_PER_DATASET):
+                for table in _label_stream(ray, cfg, chunk, actors, gpus, cpus):
                     writer.add(table)
         finally:
             try:
@@ -464,6 +488,41 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
     return summary
 
 
+class _TodoSpool:
+    """The inputs still to label, spooled to an unnamed local temporary Parquet file (removed
+    when closed, or by the kernel when the driver is killed): the driver holds none of them."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="pro2sam-todo-")
+        self._writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        if not batch.num_rows:
+            return
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self._file, INPUT_SCHEMA, compression="zstd")
+        self._writer.write_batch(batch)
+        self.rows += batch.num_rows
+
+    def chunks(self, rows: int) -> Iterator[pa.Table]:
+        """The spooled inputs in order, ``rows`` at a time."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._file.seek(0)
+        for batch in pq.ParquetFile(self._file).iter_batches(batch_size=rows):
+            yield pa.Table.from_batches([batch])
+
+    def __enter__(self) -> _TodoSpool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._file.close()
+
+
 def _ray_initialized() -> bool:
     try:
         import ray
@@ -473,7 +532,8 @@ def _ray_initialized() -> bool:
 
 
 def _label_stream(ray, cfg: LabelJobConfig, todo: pa.Table, actors: int, gpus: float, cpus: float):
-    """The Ray Data pipeline over ``todo``; yields label tables as the actors finish them."""
+    """The Ray Data pipeline over ``todo`` (one chunk of the inputs); yields label tables as the
+    actors finish them."""
     batch_size, limits = cfg.labeling.resources.batch_size, cfg.labeling.limits
     rows = _BATCHES_PER_BLOCK * batch_size
     blocks = [todo.slice(i, rows) for i in range(0, len(todo), rows)]
