@@ -160,7 +160,7 @@ def evaluate(model, aux, images, labels, normalise, batch_size: int = 128) -> di
     return {"val_loss": loss_sum / n, **{f"val_{k}_accuracy": v / n for k, v in correct.items()}}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", type=Path, required=True, help="folder for backbone.safetensors and backbone.json")
     p.add_argument("--preset", default="gtformer_synthetic_patch16_224", choices=sorted(GTFORMER_PRESETS),
@@ -188,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-workers", type=int, default=2, help="processes generating the scenes")
     p.add_argument("--cache", type=Path, help="folder to keep / reuse the generated scenes (.npy, memory-mapped)")
     p.add_argument("--eval-every", type=float, default=0.5, help="held-out evaluation every this many epochs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.size % 16:
         p.error("--size must be a multiple of the patch size 16")

@@ -45,9 +45,9 @@ def _box_iou(a, b) -> float:
 
 
 def test_shipped_weights_are_small_and_match_their_recorded_hashes():
-    sizes = sum(p.stat().st_size for p in [shipped.sam_checkpoint(), *shipped.gtformer_dir().iterdir()])
-    assert sizes <= MAX_SHIPPED_BYTES
-    assert set(shipped.verify_shipped()) == {"gtformer", "sam"}
+    files = [shipped.sam_checkpoint(), shipped.backbone_checkpoint(), *shipped.gtformer_dir().iterdir()]
+    assert sum(p.stat().st_size for p in files) <= MAX_SHIPPED_BYTES
+    assert set(shipped.verify_shipped()) == {"gtformer", "sam", "backbone"}
 
 
 def test_training_records_hold_the_commands_seeds_and_times():
@@ -71,11 +71,42 @@ def test_training_records_hold_the_commands_seeds_and_times():
     assert sum(epoch["seconds"] for epoch in gt["history"]) <= MAX_TRAINING_SECONDS
 
 
+def test_the_backbone_record_holds_its_command_and_time_and_gtformer_was_fine_tuned_from_it():
+    records = shipped.training_records()
+    backbone, gt = records["backbone"], records["gtformer"]["extra"]
+    import importlib.util
+    import shlex
+
+    spec = importlib.util.spec_from_file_location("pretrain_backbone", REPO / "scripts" / "pretrain_backbone.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = shlex.split(backbone["command"])
+    args = script.build_parser().parse_args(argv[argv.index("--output"):])
+    assert args.seed == backbone["settings"]["seed"] == 0
+    assert backbone["train_wall_seconds"] + backbone["data"]["generation_seconds"] <= MAX_TRAINING_SECONDS
+    assert backbone["sha256"] == shipped.SHIPPED_SHA256["backbone"]
+    # GTFormer's classes are not among the pretraining classes (METHOD.md §5).
+    assert not set(backbone["classes"]) & set(records["gtformer"]["class_names"])
+    assert gt["train_config"]["backbone_checkpoint"].endswith("deit_backbone_synthetic.safetensors")
+    assert "--backbone-checkpoint" in gt["command"]
+
+
+def test_the_backbone_loads_through_the_deit_checkpoint_path():
+    from pro2sam.gtformer import create_gtformer, load_backbone_checkpoint
+
+    model = create_gtformer("gtformer_synthetic_patch16_224", num_classes=10)
+    report = load_backbone_checkpoint(model, shipped.backbone_checkpoint())
+    assert any(k.startswith("blocks.") for k in report.loaded) and "patch_embed.proj.weight" in report.loaded
+    assert all(k.startswith(("global_embed.", "global_pos_embed", "head.")) for k in report.initialised)
+    assert set(report.ignored) <= {"head.weight", "head.bias"}
+
+
 def test_a_damaged_shipped_file_is_reported(tmp_path, monkeypatch):
     broken = tmp_path / "models"
     (broken / "gtformer_synthetic").mkdir(parents=True)
     for f in shipped.gtformer_dir().iterdir():
         (broken / "gtformer_synthetic" / f.name).write_bytes(f.read_bytes())
+    (broken / shipped.backbone_checkpoint().name).write_bytes(shipped.backbone_checkpoint().read_bytes())
     data = bytearray(shipped.sam_checkpoint().read_bytes())
     data[-100] ^= 0xFF
     (broken / "sam_synthetic.pth").write_bytes(bytes(data))
