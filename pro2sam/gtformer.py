@@ -40,6 +40,7 @@ from .checkpoints import CheckpointError, load_state_dict
 from .storage import sha256_file, write_bytes_atomic
 
 __all__ = [
+    "AREA_LOSSES",
     "GTFORMER_PRESETS",
     "NUM_GLOBAL_TOKENS",
     "GTFormer",
@@ -430,16 +431,32 @@ def norm_blur_kernel(kernlen: int = 3, nsig: float = 6.0, *, dtype=torch.float32
     return (kernel / kernel.sum()).to(dtype=dtype, device=device)
 
 
-def area_loss(maps: torch.Tensor, tau: float) -> torch.Tensor:
-    """L_area = |mean over batch and pixels of M - tau|, per map.
+AREA_LOSSES = ("batch", "image")
+
+
+def area_loss(maps: torch.Tensor, tau: float, *, per: str = "batch") -> torch.Tensor:
+    """L_area per map: ``per="batch"`` is the authors' |mean over batch and pixels of M - tau|;
+    ``per="image"`` **[ours]** is the mean over images of |mean over pixels of M_i - tau|.
+
+    The batch form is met by a map that is all ones on a tau share of the images and all zeros on
+    the rest; a backbone that already tells the classes apart (ours, pretrained on
+    :mod:`pro2sam.synthetic_pretrain`) finds that solution: its map became a class code (two
+    classes of ten all ones, the others all zeros) instead of a foreground map. The image form asks
+    every image for a tau share of foreground.
 
     Args:
         maps: (B, K, h, w).
+        tau: target foreground share.
+        per: "batch" or "image".
 
     Returns:
         (K,) one loss per map.
     """
-    return (maps.mean(dim=(0, 2, 3)) - tau).abs()
+    if per == "batch":
+        return (maps.mean(dim=(0, 2, 3)) - tau).abs()
+    if per == "image":
+        return (maps.mean(dim=(2, 3)) - tau).abs().mean(dim=0)
+    raise ValueError(f"area loss per {per!r}: choose from {AREA_LOSSES}")
 
 
 def norm_loss(maps: torch.Tensor) -> torch.Tensor:
@@ -461,6 +478,7 @@ def gtformer_loss(
     tau: float = 0.25,
     area_weight: float = 1.0,
     global_weight: float = 0.5,
+    area_per: str = "batch",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GTFormer's training loss (11 terms).
 
@@ -472,6 +490,7 @@ def gtformer_loss(
         tau: target mean foreground fraction (0.25 for CUB-like data, 0.35 for ImageNet-like).
         area_weight: weight of the coarse map's two terms.
         global_weight: weight of each global map's two terms.
+        area_per: "batch" (the authors') or "image" (**[ours]**), see :func:`area_loss`.
 
     Returns:
         total: scalar loss (float32).
@@ -481,8 +500,8 @@ def gtformer_loss(
     coarse = output.coarse_map.float().unsqueeze(1)
     global_maps = output.global_maps.float()
     ce = F.cross_entropy(output.logits.float(), targets)
-    area_coarse, norm_coarse = area_loss(coarse, tau)[0], norm_loss(coarse)[0]
-    area_global, norm_global = area_loss(global_maps, tau), norm_loss(global_maps)
+    area_coarse, norm_coarse = area_loss(coarse, tau, per=area_per)[0], norm_loss(coarse)[0]
+    area_global, norm_global = area_loss(global_maps, tau, per=area_per), norm_loss(global_maps)
     total = ce + area_weight * (area_coarse + norm_coarse) + global_weight * (area_global + norm_global).sum()
     terms = {"ce": ce, "area_coarse": area_coarse, "norm_coarse": norm_coarse}
     for k in range(global_maps.shape[1]):

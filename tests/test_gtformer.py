@@ -14,6 +14,7 @@ from timm.models.vision_transformer import Block
 from pro2sam.checkpoints import CheckpointError
 from pro2sam.gtformer import (
     GTFORMER_PRESETS,
+    area_loss,
     GTBlock,
     GTFormerOutput,
     create_gtformer,
@@ -238,6 +239,24 @@ def test_loss_terms_equal_hand_computed_values():
     for name, value in expected.items():
         assert terms[name].item() == pytest.approx(value, abs=1e-6), name
     assert total.item() == pytest.approx(expected_total, abs=1e-5)
+
+
+def test_area_loss_per_image_refuses_the_class_code_that_the_batch_form_accepts():
+    # Half the images all foreground, half all background: a batch mean of exactly tau = 0.5.
+    code = torch.cat([torch.ones(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)])
+    assert area_loss(code, 0.5, per="batch").item() == 0.0
+    assert area_loss(code, 0.5, per="image").item() == pytest.approx(0.5)  # |1 - .5| and |0 - .5|
+    # Every image with a quarter of its pixels on: both forms are met at tau = 0.25.
+    quarter = torch.zeros(3, 2, 4, 4)
+    quarter[:, :, :2, :2] = 1
+    assert torch.equal(area_loss(quarter, 0.25, per="image"), torch.zeros(2))
+    assert torch.equal(area_loss(quarter, 0.25, per="batch"), torch.zeros(2))
+    # Per image, 0.1 and 0.3 of the pixels: batch |0.2 - 0.2| = 0, images (0.1 + 0.1) / 2.
+    mixed = torch.tensor([0.1, 0.3]).view(2, 1, 1, 1).expand(2, 1, 2, 5)
+    assert area_loss(mixed, 0.2, per="batch").item() == pytest.approx(0.0, abs=1e-7)
+    assert area_loss(mixed, 0.2, per="image").item() == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="choose from"):
+        area_loss(code, 0.5, per="pixel")
 
 
 # --------------------------------------------------------------------------------------------

@@ -126,7 +126,8 @@ def _train_worker(config: dict[str, Any]) -> None:
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
         set_loader_epoch(train_sampler_loader, epoch, cfg.seed)
         stats = train_one_epoch(
-            model, train_loader, optimizer, scheduler, tau=cfg.tau, device=device, amp=amp, scaler=scaler
+            model, train_loader, optimizer, scheduler, tau=cfg.tau, device=device, amp=amp, scaler=scaler,
+            area_per=cfg.area_loss,
         )
         metrics: dict[str, Any] = {
             "epoch": epoch,
@@ -138,7 +139,7 @@ def _train_worker(config: dict[str, Any]) -> None:
             "images": stats.images,
         }
         if eval_loader is not None:
-            val = evaluate_accuracy(model, eval_loader, tau=cfg.tau, device=device, amp=amp)
+            val = evaluate_accuracy(model, eval_loader, tau=cfg.tau, device=device, amp=amp, area_per=cfg.area_loss)
             metrics.update(val_loss=val.loss, val_ce=val.ce, val_accuracy=val.accuracy)
         metrics["seconds"] = time.perf_counter() - started
         history.append(metrics)
