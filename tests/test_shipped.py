@@ -129,22 +129,22 @@ def test_sam_loads_like_an_official_checkpoint_and_segments_a_clicked_object(tes
     assert np.median(ious) >= 0.7
 
 
-def test_gtformer_reads_the_colour_of_the_small_part(test_scenes):
-    # Six epochs from scratch on 2 CPU cores taught it the part's colour (the class index is
-    # colour-major: 0-4 red, 5-9 blue) but hardly its shape; see pro2sam/shipped/README.md.
+def test_gtformer_tells_the_ten_classes_apart_by_their_small_part(test_scenes):
+    # Fine-tuned from the pretrained backbone, it reads the part's colour and pattern (val top-1
+    # 99.2%); see pro2sam/shipped/README.md. Chance is 0.1.
     gtformer, config = load_gtformer(shipped.gtformer_dir())
     assert config["preset"] == "gtformer_synthetic_patch16_224"
     model = Pro2SAM(gtformer, build_sam("tiny"), class_names=config["class_names"])
     probs, maps = model.classify([s.image for s in test_scenes])
     predicted, truth = probs.argmax(1), np.array([s.label for s in test_scenes])
-    assert np.mean(predicted // 5 == truth // 5) >= 0.9  # chance: 0.5
+    assert np.mean(predicted == truth) >= 0.9
     assert maps.shape == (len(test_scenes), 14, 14)
 
 
 def test_pro2sam_boxes_cover_the_whole_object(model, test_scenes):
     results = model.predict([s.image for s in test_scenes])
     hits = [_box_iou(r.box_xyxy, s.box_xyxy) >= 0.5 for r, s in zip(results, test_scenes)]
-    assert np.mean(hits) >= 0.7
+    assert np.mean(hits) >= 0.75  # 88 % on the 200 val images the settings were chosen on
 
 
 def test_command_line_names_resolve_to_the_shipped_files():

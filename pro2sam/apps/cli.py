@@ -60,7 +60,8 @@ def _add_candidate_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SAM candidates (stage 2)")
     g.add_argument("--mode", choices=("fast", "exact"), default=d["mode"], help="candidate path (default %(default)s)")
     g.add_argument("--points-per-side", type=int, default=d["points_per_side"], help="grid N x N (default %(default)s)")
-    g.add_argument("--prune", action="store_true", help="drop grid points outside the dilated coarse foreground")
+    g.add_argument("--prune", action=argparse.BooleanOptionalAction, default=d["prune_with_coarse_map"],
+                   help="drop grid points outside the dilated coarse foreground (default %(default)s)")  # fmt: skip
     g.add_argument("--pred-iou-thresh", type=float,
                    help=f"SAM predicted-IoU filter (default: {_variant_default('pred_iou_thresh')})")  # fmt: skip
     g.add_argument("--stability-score-thresh", type=float,

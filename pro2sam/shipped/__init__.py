@@ -65,7 +65,7 @@ CANDIDATE_THRESHOLDS = dict(SAM_VARIANTS[SAM_VARIANT].filter_thresholds)
 
 # SHA-256 of the shipped weights files, as the training runs wrote them.
 SHIPPED_SHA256 = {
-    "gtformer": "2ddd5933fd31ef95925f5a766316350685c07b19fbed474e1b51be10b07886a1",
+    "gtformer": "577adcda90dda39304bca5c00360eb6e3393a1663f9135ef395804d7ea703f8e",
     "sam": "0e5ed7f09dd24f317534fa3c112dc88b38b382b5c65300743acc6171700d9291",
     "backbone": "8bead150e14c30187c1a8183350e50802be1cf1ad59592abb12b9af20805b87b",
 }
