@@ -8,7 +8,7 @@ GTFormer and SAM trained on synthetic scenes) on the synthetic data set of seed
 
 - **every choice on ``val``** (the held-out split), never on ``test``: SAM's filter thresholds
   (:data:`SAM_THRESHOLD_PAIRS`) x the matching rule (plain IoU, or part-to-object completion at
-  each of :data:`AGREEMENTS`), by GT-known Loc at ``--choice-grid``; SAM runs once per image and
+  each of :data:`AGREEMENTS` x :data:`CONTAINMENTS`), by GT-known Loc at ``--choice-grid``; SAM runs once per image and
   threshold pair, its candidates are matched under every rule. Then grid pruning is measured
   with the chosen settings: within 1 point of GT-known Loc it should be the default;
 - **GTFormer-only**: the coarse map M_b, its box and mask cut at the threshold chosen on ``val``
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unseen-seed", type=int, default=7,
                    help="synthetic seed of the second table's test split, used for no choice (default %(default)s)")
     p.add_argument("--skip-unseen", action="store_true", help="only the first table")
+    p.add_argument("--choose-only", action="store_true",
+                   help="stop after the choices on val (writes choices.json): to compare models on val alone")  # fmt: skip
     args = p.parse_args(argv)
 
     import torch
@@ -129,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         return rows, (time.perf_counter() - t0) / max(1, len(samples))
 
     # ---- every choice on val: SAM's filter thresholds x matching rule, then grid pruning.
-    matchings = {"plain IoU": MatchConfig()} | {
-        f"part-to-object (agreement {a:g})": MatchConfig(part_to_object=True, agreement=a) for a in AGREEMENTS
+    matchings = {"plain IoU": MatchConfig(part_to_object=False)} | {
+        f"part-to-object (agreement {a:g}, containment {c:g})": MatchConfig(part_to_object=True, agreement=a, containment=c)
+        for a in AGREEMENTS
+        for c in CONTAINMENTS
     }
     choices = []
     for pred_iou, stability in SAM_THRESHOLD_PAIRS:
@@ -163,10 +167,15 @@ def main(argv: list[str] | None = None) -> int:
             "sam_filter_thresholds": dict(SAM_VARIANTS[shipped.SAM_VARIANT].filter_thresholds),
             "part_to_object": MatchConfig().part_to_object,
             "agreement": MatchConfig().agreement,
+            "containment": MatchConfig().containment,
             "prune_with_coarse_map": CandidateConfig().prune_with_coarse_map,
         },
     }
     print(f"chosen on val: {json.dumps(choice)}", flush=True)
+    if args.choose_only:
+        record = {"models": shipped.training_records()["gtformer"]["extra"]["command"], "choice": choice, "choices": choices}
+        (args.workdir / "choices.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
+        return 0
 
     # ---- the tables: the chosen settings on test and on the unseen seed.
     heldout_rows, _ = label(heldout.samples, CandidateConfig(points_per_side=min(args.grids), **chosen_candidates),
@@ -177,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     for grid in args.grids:
         for prune in prunes:
             config = CandidateConfig(points_per_side=grid, prune_with_coarse_map=prune, mode=args.mode, **chosen_candidates)
-            compare = {"chosen": chosen_matching} | ({"plain IoU": MatchConfig()} if chosen_matching.part_to_object else {})
+            compare = {"chosen": chosen_matching} | ({"plain IoU": MatchConfig(part_to_object=False)} if chosen_matching.part_to_object else {})
             for name, split in tests.items():
                 rows, seconds = label(split.samples, config, compare)
                 report = evaluate_with_heldout(heldout, heldout_rows["chosen"], split, rows["chosen"])
@@ -260,7 +269,10 @@ def _gained_lost(plain: list[dict], chosen: list[dict]) -> dict[str, int]:
 
 
 # Agreement thresholds of part-to-object completion tried on val.
-AGREEMENTS = (0.05, 0.1, 0.2, 0.35)
+AGREEMENTS = (0.02, 0.05, 0.1, 0.2, 0.35)
+# Share of the best match that must lie inside the object (SAM's whole-object mask often leaves a
+# rim of the part outside).
+CONTAINMENTS = (0.6, 0.75, 0.9)
 
 
 GTFORMER_KEYS = tuple(k for k in SUMMARY_METRICS if k != "fallback_rate")

@@ -40,6 +40,7 @@ from .checkpoints import CheckpointError, load_state_dict
 from .storage import sha256_file, write_bytes_atomic
 
 __all__ = [
+    "AREA_LOSSES",
     "GTFORMER_PRESETS",
     "NUM_GLOBAL_TOKENS",
     "GTFormer",
@@ -49,11 +50,12 @@ __all__ = [
     "GlobalTokenEmbed",
     "BackboneLoadReport",
     "global_thumbnails",
-    "gaussian_kernel_3x3",
+    "norm_blur_kernel",
     "area_loss",
     "norm_loss",
     "gtformer_loss",
     "create_gtformer",
+    "create_deit_backbone",
     "load_backbone_checkpoint",
     "deit_to_gtformer_state_dict",
     "save_gtformer",
@@ -414,33 +416,57 @@ class GTFormer(VisionTransformer):
 # Losses
 
 
-def gaussian_kernel_3x3(sigma: float = 6.0, *, dtype=torch.float32, device=None) -> torch.Tensor:
-    """(3, 3) Gaussian kernel exp(-(dx^2 + dy^2) / (2 sigma^2)), normalised to sum 1."""
-    offsets = torch.tensor([-1.0, 0.0, 1.0], dtype=torch.float64)
-    g = torch.exp(-(offsets**2) / (2 * sigma**2))
-    kernel = torch.outer(g, g)
+def norm_blur_kernel(kernlen: int = 3, nsig: float = 6.0, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """(kernlen, kernlen) blur of L_norm: the authors' ``get_kernel(kernlen, nsig)``, sum 1.
+
+    Normal-CDF mass of ``kernlen`` equal bins spanning ``[-nsig - i/2, nsig + i/2]`` with
+    ``i = (2 nsig + 1) / kernlen``; the kernel is ``sqrt(outer(c, c))`` normalised. At the
+    defaults the bins are so wide that the weights are about 0.805 (centre), 0.046 (edge) and
+    0.0026 (corner): nearly an identity with a thin halo, not a wide Gaussian (METHOD.md §1).
+    """
+    interval = (2 * nsig + 1) / kernlen
+    x = torch.linspace(-nsig - interval / 2, nsig + interval / 2, kernlen + 1, dtype=torch.float64)
+    c = torch.diff(torch.special.ndtr(x))
+    kernel = torch.sqrt(torch.outer(c, c))
     return (kernel / kernel.sum()).to(dtype=dtype, device=device)
 
 
-def area_loss(maps: torch.Tensor, tau: float) -> torch.Tensor:
-    """L_area = |mean over batch and pixels of M - tau|, per map.
+AREA_LOSSES = ("batch", "image")
+
+
+def area_loss(maps: torch.Tensor, tau: float, *, per: str = "batch") -> torch.Tensor:
+    """L_area per map: ``per="batch"`` is the authors' |mean over batch and pixels of M - tau|;
+    ``per="image"`` **[ours]** is the mean over images of |mean over pixels of M_i - tau|.
+
+    The batch form is met by a map that is all ones on a tau share of the images and all zeros on
+    the rest; a backbone that already tells the classes apart (ours, pretrained on
+    :mod:`pro2sam.synthetic_pretrain`) finds that solution: its map became a class code (two
+    classes of ten all ones, the others all zeros) instead of a foreground map. The image form asks
+    every image for a tau share of foreground.
 
     Args:
         maps: (B, K, h, w).
+        tau: target foreground share.
+        per: "batch" or "image".
 
     Returns:
         (K,) one loss per map.
     """
-    return (maps.mean(dim=(0, 2, 3)) - tau).abs()
+    if per == "batch":
+        return (maps.mean(dim=(0, 2, 3)) - tau).abs()
+    if per == "image":
+        return (maps.mean(dim=(2, 3)) - tau).abs().mean(dim=0)
+    raise ValueError(f"area loss per {per!r}: choose from {AREA_LOSSES}")
 
 
-def norm_loss(maps: torch.Tensor, sigma: float = 6.0) -> torch.Tensor:
-    """L_norm = mean of G(M) (1 - G(M)), G a fixed 3x3 Gaussian blur with zero padding, per map.
+def norm_loss(maps: torch.Tensor) -> torch.Tensor:
+    """L_norm = mean of G(M) (1 - G(M)) per map, G the fixed 3x3 blur :func:`norm_blur_kernel`
+    with zero padding 1.
 
-    Pushes the blurred map towards 0 or 1. Args: maps (B, K, h, w). Returns (K,).
+    Pushes the (barely) blurred map towards 0 or 1. Args: maps (B, K, h, w). Returns (K,).
     """
     b, k, h, w = maps.shape
-    kernel = gaussian_kernel_3x3(sigma, dtype=maps.dtype, device=maps.device).view(1, 1, 3, 3)
+    kernel = norm_blur_kernel(dtype=maps.dtype, device=maps.device).view(1, 1, 3, 3)
     blurred = F.conv2d(maps.reshape(b * k, 1, h, w), kernel, padding=1).view(b, k, h, w)
     return (blurred * (1 - blurred)).mean(dim=(0, 2, 3))
 
@@ -452,6 +478,7 @@ def gtformer_loss(
     tau: float = 0.25,
     area_weight: float = 1.0,
     global_weight: float = 0.5,
+    area_per: str = "batch",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GTFormer's training loss (11 terms).
 
@@ -463,6 +490,7 @@ def gtformer_loss(
         tau: target mean foreground fraction (0.25 for CUB-like data, 0.35 for ImageNet-like).
         area_weight: weight of the coarse map's two terms.
         global_weight: weight of each global map's two terms.
+        area_per: "batch" (the authors') or "image" (**[ours]**), see :func:`area_loss`.
 
     Returns:
         total: scalar loss (float32).
@@ -472,8 +500,8 @@ def gtformer_loss(
     coarse = output.coarse_map.float().unsqueeze(1)
     global_maps = output.global_maps.float()
     ce = F.cross_entropy(output.logits.float(), targets)
-    area_coarse, norm_coarse = area_loss(coarse, tau)[0], norm_loss(coarse)[0]
-    area_global, norm_global = area_loss(global_maps, tau), norm_loss(global_maps)
+    area_coarse, norm_coarse = area_loss(coarse, tau, per=area_per)[0], norm_loss(coarse)[0]
+    area_global, norm_global = area_loss(global_maps, tau, per=area_per), norm_loss(global_maps)
     total = ce + area_weight * (area_coarse + norm_coarse) + global_weight * (area_global + norm_global).sum()
     terms = {"ce": ce, "area_coarse": area_coarse, "norm_coarse": norm_coarse}
     for k in range(global_maps.shape[1]):
@@ -561,6 +589,25 @@ def deit_to_gtformer_state_dict(state_dict: Mapping[str, torch.Tensor], model: G
     if report.ignored:
         _logger.info("DeiT checkpoint keys not used by GTFormer: %s", ", ".join(report.ignored))
     return mapped
+
+
+def create_deit_backbone(name: str, *, num_classes: int, **overrides) -> VisionTransformer:
+    """The plain timm DeiT (ViT, class-token head) of preset ``name``'s sizes.
+
+    Its state dict is in timm's DeiT format (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``,
+    ``blocks.N.*``, ``norm.*``, ``head.*``), the format :func:`load_backbone_checkpoint` reads:
+    what a backbone pretrained for a preset without released weights is trained as
+    (``scripts/pretrain_backbone.py``).
+
+    Args:
+        name: a key of :data:`GTFORMER_PRESETS`.
+        num_classes: classes of the pretraining task (the Linear head on the class token).
+        overrides: ``VisionTransformer`` arguments (``dynamic_img_size``, ``drop_path_rate``, ...).
+    """
+    if name not in GTFORMER_PRESETS:
+        raise ValueError(f"unknown GTFormer preset {name!r}; choose from {sorted(GTFORMER_PRESETS)}")
+    spec = {k: v for k, v in GTFORMER_PRESETS[name].items() if k != "backbone"}
+    return VisionTransformer(num_classes=num_classes, qkv_bias=True, global_pool="token", **{**spec, **overrides})
 
 
 def load_backbone_checkpoint(model: GTFormer, path: str | os.PathLike) -> BackboneLoadReport:

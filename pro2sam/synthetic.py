@@ -3,9 +3,15 @@
 Official SAM and DeiT weights and CUB / ImageNet cannot be downloaded everywhere; these scenes
 stand in for them. Each image holds one **target object**: a large class-agnostic *body* (blob,
 ellipse or star-shaped polygon of random scale, aspect, orientation, position and texture) with a
-small class-specific *part* attached to its outline (like a bird's head). Only the part's shape
-and colour decide the class, so a classifier trained on image-level labels finds the part first,
-which is the situation WSOL methods are built for. Backgrounds are textured and cluttered, and 0-3
+small class-specific *part* attached to its outline (like a bird's head). Only the part decides
+the class: its colour (red or blue) and its kind (:data:`PART_KINDS`), a shape with its own fine
+pattern in its own accent colour (a solid disc, a triangle with white stripes, a square with a
+black checker, a star with yellow rings, a cross with green dots), as a bird's head differs in
+outline and in plumage. So a classifier trained on image-level labels finds the part first,
+which is the situation WSOL methods are built for. (Generator version 1 had plain parts told
+apart by shape alone, 20-38 px at 224, and version 2 added a dark-shade pattern: a 16 px patch
+ViT trained for 30 CPU minutes learned their colour, and whether they were patterned, but not
+their shape or which pattern; version 3 gives each kind a colour cue a patch embedding sees.) Backgrounds are textured and cluttered, and 0-3
 **distractors** (bodies of the same distribution without a part) compete with the target.
 
 Colour is what separates class evidence from everything else: parts are saturated red or blue,
@@ -40,21 +46,41 @@ from PIL import Image
 __all__ = [
     "PART_SHAPES",
     "PART_COLOURS",
+    "PART_KINDS",
+    "PART_PATTERN_KINDS",
+    "ACCENT_COLOURS",
     "SYNTHETIC_CLASSES",
     "STREAMS",
     "DEFAULT_SIZE_RANGE",
     "SyntheticScene",
     "SyntheticDataset",
     "generate_scene",
+    "part_pattern",
+    "two_tone",
     "make_scene",
     "scene_label",
     "write_wsol_dataset",
 ]
 
-GENERATOR_VERSION = 2
+# 2: GT boxes one past the last pixel; 3: class parts carry a pattern in an accent colour as well
+# as a shape; 4: both.
+GENERATOR_VERSION = 4
 
-# Class = (part colour, part shape); the class index is colour-major over these two tuples.
+# Class = (part colour, part kind); the class index is colour-major over these two tuples. Each
+# kind has its own shape, its own fine pattern and the pattern's own accent colour (PART_KINDS).
 PART_SHAPES = ("disc", "triangle", "square", "star", "cross")
+# Fine patterns a class part can carry (pro2sam.synthetic_pretrain uses them all); period in px.
+PART_PATTERN_KINDS = ("solid", "stripes", "checker", "rings", "dots", "grid", "zigzag")
+PART_PATTERN_PERIOD_PX = (5.0, 7.0)
+# Second colours of patterned parts (RGB); the part's own colour is the first.
+ACCENT_COLOURS: dict[str, tuple[int, int, int]] = {
+    "white": (240, 240, 232), "black": (22, 22, 28), "yellow": (238, 212, 40), "green": (40, 190, 70),
+}  # fmt: skip
+# kind (its shape) -> (pattern, accent colour or None)
+PART_KINDS: dict[str, tuple[str, str | None]] = {
+    "disc": ("solid", None), "triangle": ("stripes", "white"), "square": ("checker", "black"),
+    "star": ("rings", "yellow"), "cross": ("dots", "green"),
+}  # fmt: skip
 PART_COLOURS: dict[str, tuple[int, int, int]] = {"red": (225, 40, 35), "blue": (35, 85, 235)}
 SYNTHETIC_CLASSES: tuple[str, ...] = tuple(f"{c}_{s}" for c in PART_COLOURS for s in PART_SHAPES)
 
@@ -214,11 +240,19 @@ def _smooth_noise(rng: np.random.Generator, size: tuple[int, int], cells: int) -
     return np.clip(cv2.resize(grid, (w, h), interpolation=cv2.INTER_CUBIC), 0, 1)
 
 
-def _pattern(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
-    """(H, W) float32 weight map in [0, 1]: stripes, spots, smooth noise or a checkerboard."""
+# The texture patterns of bodies, distractors and backgrounds (:func:`_pattern`).
+PATTERNS = ("stripes", "spots", "noise", "checker")
+
+
+def _pattern(rng: np.random.Generator, size: tuple[int, int], kind: str | None = None) -> np.ndarray:
+    """(H, W) float32 weight map in [0, 1]: stripes, spots, smooth noise or a checkerboard
+    (``kind``, one of :data:`PATTERNS`; None draws one)."""
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    kind = rng.choice(("stripes", "spots", "noise", "checker"))
+    if kind is None:
+        kind = rng.choice(PATTERNS)
+    elif kind not in PATTERNS:
+        raise ValueError(f"unknown pattern {kind!r}; choose from {PATTERNS}")
     if kind == "stripes":
         a = rng.uniform(0, np.pi)
         wave = np.sin(rng.uniform(0.15, 0.6) * (xx * np.cos(a) + yy * np.sin(a)) + rng.uniform(0, 2 * np.pi))
@@ -271,6 +305,62 @@ def _contrasting_colour(rng: np.random.Generator, background_mean: np.ndarray) -
         if np.linalg.norm(colour - background_mean) >= MIN_OBJECT_CONTRAST:
             return colour
     return np.where(background_mean > 127, 25.0, 230.0).astype(np.float32)  # dark on light, light on dark
+
+
+# ---------------------------------------------------------------- class-part patterns
+
+
+def part_pattern(
+    rng: np.random.Generator,
+    kind: str,
+    size: tuple[int, int],
+    centre: Sequence[float],
+    period_px: tuple[float, float] = PART_PATTERN_PERIOD_PX,
+) -> np.ndarray:
+    """(H, W) float32 in [0, 1], where a class part takes its second tone (1) or its base tone (0).
+
+    A fine, high-contrast pattern of period ``period_px`` (drawn uniformly from the range) at a
+    random orientation and phase: small enough to show two or more periods inside a 16 px patch,
+    so a ViT's patch embedding sees it locally. ``rings`` are centred on ``centre`` (x, y).
+
+    Args:
+        kind: one of :data:`PART_PATTERN_KINDS` (``solid``: no pattern).
+    """
+    if kind not in PART_PATTERN_KINDS:
+        raise ValueError(f"unknown part pattern {kind!r}; choose from {PART_PATTERN_KINDS}")
+    w, h = size
+    if kind == "solid":
+        return np.zeros((h, w), np.float32)
+    period = rng.uniform(*period_px)
+    angle, phase = rng.uniform(0, np.pi), rng.uniform(0, 1, 2)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    u = (xx * np.cos(angle) + yy * np.sin(angle)) / period + phase[0]
+    v = (-xx * np.sin(angle) + yy * np.cos(angle)) / period + phase[1]
+    if kind == "stripes":
+        out = (u % 1) < 0.5
+    elif kind == "checker":
+        out = (np.floor(u) + np.floor(v)) % 2 == 0
+    elif kind == "dots":
+        out = ((u % 1) - 0.5) ** 2 + ((v % 1) - 0.5) ** 2 < 0.36**2
+    elif kind == "rings":
+        out = (np.hypot(xx - centre[0], yy - centre[1]) / period + phase[0]) % 1 < 0.5
+    elif kind == "grid":
+        out = ((u % 1) < 0.3) | ((v % 1) < 0.3)
+    else:  # zigzag: stripes along a triangle wave
+        out = ((u + 0.5 * np.abs((v % 1) - 0.5)) % 1) < 0.5
+    return out.astype(np.float32)
+
+
+def two_tone(
+    rng: np.random.Generator, colour: np.ndarray, pattern: np.ndarray, second: np.ndarray | None = None
+) -> np.ndarray:
+    """(H, W, 3) float32: ``colour`` where ``pattern`` is 0, ``second`` (RGB, jittered a little)
+    where it is 1; without ``second``, a darker shade of the same hue and saturation."""
+    if second is None:
+        second = colour * rng.uniform(0.35, 0.5)
+    else:
+        second = np.asarray(second, np.float32) * rng.uniform(0.9, 1.05) + rng.uniform(-8, 8, 3)
+    return colour * (1 - pattern[..., None]) + second * pattern[..., None]
 
 
 # ---------------------------------------------------------------- scenes
@@ -369,7 +459,10 @@ def generate_scene(
         image[mask] = texture[mask]
     part_colour = np.array(PART_COLOURS[colour_name], np.float32) * rng.uniform(0.85, 1.05)
     part_colour = part_colour + rng.uniform(-10, 10, 3)
-    part_texture = part_colour + (_smooth_noise(rng, size, 4)[..., None] - 0.5) * 30
+    pattern, accent = PART_KINDS[shape]
+    pattern_map = part_pattern(rng, pattern, size, part_polygon.mean(0))
+    part_texture = two_tone(rng, part_colour, pattern_map, ACCENT_COLOURS[accent] if accent else None)
+    part_texture = part_texture + (_smooth_noise(rng, size, 4)[..., None] - 0.5) * 30
     image[part_mask] = part_texture[part_mask]
 
     image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.4, 0.9))  # soft edges, as a camera gives

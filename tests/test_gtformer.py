@@ -14,12 +14,14 @@ from timm.models.vision_transformer import Block
 from pro2sam.checkpoints import CheckpointError
 from pro2sam.gtformer import (
     GTFORMER_PRESETS,
+    area_loss,
     GTBlock,
     GTFormerOutput,
     create_gtformer,
     global_thumbnails,
     gtformer_loss,
     load_gtformer,
+    norm_blur_kernel,
     save_gtformer,
 )
 
@@ -170,6 +172,27 @@ def test_all_four_global_projections_are_distinct_and_receive_gradients(tiny, im
 # Losses
 
 
+def authors_kernel(kernlen=3, nsig=6.0):
+    """The authors' get_kernel, written out with math.erf: normal-CDF mass of kernlen bins over
+    [-nsig - i/2, nsig + i/2], i = (2 nsig + 1) / kernlen; sqrt of the outer product; sum 1."""
+    interval = (2 * nsig + 1) / kernlen
+    lo, hi = -nsig - interval / 2, nsig + interval / 2
+    edges = [lo + (hi - lo) * t / kernlen for t in range(kernlen + 1)]
+    cdf = [0.5 * (1 + math.erf(e / math.sqrt(2))) for e in edges]
+    mass = [cdf[t + 1] - cdf[t] for t in range(kernlen)]
+    kernel = np.array([[math.sqrt(a * b) for b in mass] for a in mass])
+    return kernel / kernel.sum()
+
+
+def test_norm_blur_is_the_authors_nearly_identity_kernel():
+    expected = authors_kernel()
+    # METHOD.md: about 0.805 centre, 0.046 edge, 0.0026 corner (not a wide Gaussian, not a box).
+    assert expected[1, 1] == pytest.approx(0.805, abs=5e-4)
+    assert expected[0, 1] == pytest.approx(0.046, abs=5e-4)
+    assert expected[0, 0] == pytest.approx(0.0026, abs=5e-5)
+    np.testing.assert_allclose(norm_blur_kernel(dtype=torch.float64).numpy(), expected, rtol=1e-12, atol=1e-15)
+
+
 def test_loss_terms_equal_hand_computed_values():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(2, 3))
@@ -186,9 +209,7 @@ def test_loss_terms_equal_hand_computed_values():
     total, terms = gtformer_loss(output, torch.tensor(targets), tau=tau, area_weight=1.0, global_weight=0.5)
 
     ce = np.mean([-(logits[b, t] - math.log(sum(math.exp(v) for v in logits[b]))) for b, t in enumerate(targets)])
-    g1 = [math.exp(-(o**2) / (2 * 6.0**2)) for o in (-1, 0, 1)]
-    kernel = np.array([[a * b for b in g1] for a in g1])
-    kernel /= kernel.sum()
+    kernel = authors_kernel()
 
     def area(m):
         return abs(m.mean() - tau)
@@ -218,6 +239,24 @@ def test_loss_terms_equal_hand_computed_values():
     for name, value in expected.items():
         assert terms[name].item() == pytest.approx(value, abs=1e-6), name
     assert total.item() == pytest.approx(expected_total, abs=1e-5)
+
+
+def test_area_loss_per_image_refuses_the_class_code_that_the_batch_form_accepts():
+    # Half the images all foreground, half all background: a batch mean of exactly tau = 0.5.
+    code = torch.cat([torch.ones(2, 1, 4, 4), torch.zeros(2, 1, 4, 4)])
+    assert area_loss(code, 0.5, per="batch").item() == 0.0
+    assert area_loss(code, 0.5, per="image").item() == pytest.approx(0.5)  # |1 - .5| and |0 - .5|
+    # Every image with a quarter of its pixels on: both forms are met at tau = 0.25.
+    quarter = torch.zeros(3, 2, 4, 4)
+    quarter[:, :, :2, :2] = 1
+    assert torch.equal(area_loss(quarter, 0.25, per="image"), torch.zeros(2))
+    assert torch.equal(area_loss(quarter, 0.25, per="batch"), torch.zeros(2))
+    # Per image, 0.1 and 0.3 of the pixels: batch |0.2 - 0.2| = 0, images (0.1 + 0.1) / 2.
+    mixed = torch.tensor([0.1, 0.3]).view(2, 1, 1, 1).expand(2, 1, 2, 5)
+    assert area_loss(mixed, 0.2, per="batch").item() == pytest.approx(0.0, abs=1e-7)
+    assert area_loss(mixed, 0.2, per="image").item() == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="choose from"):
+        area_loss(code, 0.5, per="pixel")
 
 
 # --------------------------------------------------------------------------------------------

@@ -45,9 +45,9 @@ def _box_iou(a, b) -> float:
 
 
 def test_shipped_weights_are_small_and_match_their_recorded_hashes():
-    sizes = sum(p.stat().st_size for p in [shipped.sam_checkpoint(), *shipped.gtformer_dir().iterdir()])
-    assert sizes <= MAX_SHIPPED_BYTES
-    assert set(shipped.verify_shipped()) == {"gtformer", "sam"}
+    files = [shipped.sam_checkpoint(), shipped.backbone_checkpoint(), *shipped.gtformer_dir().iterdir()]
+    assert sum(p.stat().st_size for p in files) <= MAX_SHIPPED_BYTES
+    assert set(shipped.verify_shipped()) == {"gtformer", "sam", "backbone"}
 
 
 def test_training_records_hold_the_commands_seeds_and_times():
@@ -71,11 +71,42 @@ def test_training_records_hold_the_commands_seeds_and_times():
     assert sum(epoch["seconds"] for epoch in gt["history"]) <= MAX_TRAINING_SECONDS
 
 
+def test_the_backbone_record_holds_its_command_and_time_and_gtformer_was_fine_tuned_from_it():
+    records = shipped.training_records()
+    backbone, gt = records["backbone"], records["gtformer"]["extra"]
+    import importlib.util
+    import shlex
+
+    spec = importlib.util.spec_from_file_location("pretrain_backbone", REPO / "scripts" / "pretrain_backbone.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = shlex.split(backbone["command"])
+    args = script.build_parser().parse_args(argv[argv.index("--output"):])
+    assert args.seed == backbone["settings"]["seed"] == 0
+    assert backbone["train_wall_seconds"] + backbone["data"]["generation_seconds"] <= MAX_TRAINING_SECONDS
+    assert backbone["sha256"] == shipped.SHIPPED_SHA256["backbone"]
+    # GTFormer's classes are not among the pretraining classes (METHOD.md §5).
+    assert not set(backbone["classes"]) & set(records["gtformer"]["class_names"])
+    assert gt["train_config"]["backbone_checkpoint"].endswith("deit_backbone_synthetic.safetensors")
+    assert "--backbone-checkpoint" in gt["command"]
+
+
+def test_the_backbone_loads_through_the_deit_checkpoint_path():
+    from pro2sam.gtformer import create_gtformer, load_backbone_checkpoint
+
+    model = create_gtformer("gtformer_synthetic_patch16_224", num_classes=10)
+    report = load_backbone_checkpoint(model, shipped.backbone_checkpoint())
+    assert any(k.startswith("blocks.") for k in report.loaded) and "patch_embed.proj.weight" in report.loaded
+    assert all(k.startswith(("global_embed.", "global_pos_embed", "head.")) for k in report.initialised)
+    assert set(report.ignored) <= {"head.weight", "head.bias"}
+
+
 def test_a_damaged_shipped_file_is_reported(tmp_path, monkeypatch):
     broken = tmp_path / "models"
     (broken / "gtformer_synthetic").mkdir(parents=True)
     for f in shipped.gtformer_dir().iterdir():
         (broken / "gtformer_synthetic" / f.name).write_bytes(f.read_bytes())
+    (broken / shipped.backbone_checkpoint().name).write_bytes(shipped.backbone_checkpoint().read_bytes())
     data = bytearray(shipped.sam_checkpoint().read_bytes())
     data[-100] ^= 0xFF
     (broken / "sam_synthetic.pth").write_bytes(bytes(data))
@@ -98,22 +129,22 @@ def test_sam_loads_like_an_official_checkpoint_and_segments_a_clicked_object(tes
     assert np.median(ious) >= 0.7
 
 
-def test_gtformer_reads_the_colour_of_the_small_part(test_scenes):
-    # Six epochs from scratch on 2 CPU cores taught it the part's colour (the class index is
-    # colour-major: 0-4 red, 5-9 blue) but hardly its shape; see pro2sam/shipped/README.md.
+def test_gtformer_tells_the_ten_classes_apart_by_their_small_part(test_scenes):
+    # Fine-tuned from the pretrained backbone, it reads the part's colour and pattern (val top-1
+    # 99.2%); see pro2sam/shipped/README.md. Chance is 0.1.
     gtformer, config = load_gtformer(shipped.gtformer_dir())
     assert config["preset"] == "gtformer_synthetic_patch16_224"
     model = Pro2SAM(gtformer, build_sam("tiny"), class_names=config["class_names"])
     probs, maps = model.classify([s.image for s in test_scenes])
     predicted, truth = probs.argmax(1), np.array([s.label for s in test_scenes])
-    assert np.mean(predicted // 5 == truth // 5) >= 0.9  # chance: 0.5
+    assert np.mean(predicted == truth) >= 0.9
     assert maps.shape == (len(test_scenes), 14, 14)
 
 
 def test_pro2sam_boxes_cover_the_whole_object(model, test_scenes):
     results = model.predict([s.image for s in test_scenes])
     hits = [_box_iou(r.box_xyxy, s.box_xyxy) >= 0.5 for r, s in zip(results, test_scenes)]
-    assert np.mean(hits) >= 0.7
+    assert np.mean(hits) >= 0.75  # 88 % on the 200 val images the settings were chosen on
 
 
 def test_command_line_names_resolve_to_the_shipped_files():

@@ -1,5 +1,6 @@
 """The synthetic WSOL world: scenes, their ground truth, and the data set on disk."""
 
+import math
 
 import cv2
 import numpy as np
@@ -12,6 +13,7 @@ from pro2sam.rle import encode_mask
 from pro2sam.synthetic import (
     SYNTHETIC_CLASSES,
     make_scene,
+    part_pattern,
     scene_label,
     write_wsol_dataset,
 )
@@ -25,9 +27,10 @@ def scenes():
 
 
 def _class_coloured(image: np.ndarray) -> np.ndarray:
-    """(H, W) bool: saturated, bright pixels (the colours only class parts have)."""
+    """(H, W) bool: saturated pixels, not too dark (the colours only class parts have, in either
+    of their two tones)."""
     hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-    return (hsv[..., 1] > 0.7 * 255) & (hsv[..., 2] > 0.5 * 255)
+    return (hsv[..., 1] > 0.6 * 255) & (hsv[..., 2] > 0.25 * 255)
 
 
 def _erode(mask: np.ndarray, px: int) -> np.ndarray:
@@ -75,8 +78,51 @@ def test_class_part_is_small_and_attached_to_the_body(scenes):
 def test_class_part_carries_the_class_colour(scenes):
     for s in scenes:
         inner = _erode(s.part_mask, 2)
-        if inner.sum() >= 10:
-            assert _class_coloured(s.image)[inner].mean() > 0.9
+        if inner.sum() >= 10:  # its colour, or the accent of its pattern: never more than half
+            assert _class_coloured(s.image)[inner].mean() > 0.2
+
+
+def test_class_part_carries_its_kinds_pattern_in_its_accent_colour():
+    # Full-size scenes: patterns of 5-7 px need parts larger than the small test images give.
+    part_hue = {"red": 0.0, "blue": 0.62}
+    # kind -> accent as (hue or None for white/black, value low/high); written out, not read from the code
+    accents = {"triangle": (None, "high"), "square": (None, "low"), "star": (0.14, None), "cross": (0.33, None)}
+
+    def hue_distance(h, target):
+        d = np.abs(h - target) % 1.0
+        return np.minimum(d, 1.0 - d)
+
+    checked = set()
+    for i in range(40):
+        s = make_scene(0, "val", i)
+        inner = _erode(s.part_mask, 2)
+        if inner.sum() < 60:
+            continue
+        colour, kind = s.class_name.split("_")
+        hsv = cv2.cvtColor(s.image, cv2.COLOR_RGB2HSV)[inner].astype(np.float64) / [180, 255, 255]
+        base = (hue_distance(hsv[:, 0], part_hue[colour]) < 0.05) & (hsv[:, 1] > 0.6)
+        if kind == "disc":  # solid: the part's colour throughout
+            assert base.mean() > 0.9, (i, kind)
+        else:
+            hue, value = accents[kind]
+            if hue is None:
+                accent = ((hsv[:, 1] < 0.35) & (hsv[:, 2] > 0.75)) if value == "high" else (hsv[:, 2] < 0.4)
+            else:
+                accent = (hue_distance(hsv[:, 0], hue) < 0.08) & (hsv[:, 1] > 0.4)
+            assert 0.2 < base.mean() < 0.9 and 0.05 < accent.mean() < 0.8, (i, kind, base.mean(), accent.mean())
+        checked.add(kind)
+    assert checked == {"disc", "triangle", "square", "star", "cross"}
+
+
+@pytest.mark.parametrize(
+    "kind, share",
+    [("solid", 0.0), ("stripes", 0.5), ("checker", 0.5), ("rings", 0.5), ("dots", math.pi * 0.36**2),
+     ("grid", 1 - 0.7**2), ("zigzag", 0.5)],
+)  # fmt: skip
+def test_part_patterns_cover_their_geometric_share_of_the_part(kind, share):
+    pattern = part_pattern(np.random.default_rng(0), kind, (300, 300), (150.0, 150.0))
+    assert pattern.shape == (300, 300) and set(np.unique(pattern)) <= {0.0, 1.0}
+    assert pattern.mean() == pytest.approx(share, abs=0.03)
 
 
 def test_distractors_are_apart_from_the_target_and_carry_no_class_part(scenes):

@@ -105,6 +105,12 @@ def test_scheduler_sets_the_scheduled_lr_on_every_step():
     assert seen[3] == pytest.approx(1e-3) and seen[11] < seen[4]
 
 
+def test_area_loss_is_batch_by_default_and_a_typo_is_refused():
+    assert TrainConfig().area_loss == "batch"  # the authors'
+    with pytest.raises(ValueError, match="area_loss must be one of"):
+        TrainConfig(area_loss="pixel")
+
+
 def test_biases_and_1d_params_are_not_decayed():
     model = create_gtformer("gtformer_test_tiny", num_classes=3)
     decayed, not_decayed = param_groups(model, 0.05)
@@ -162,7 +168,7 @@ def test_training_lowers_the_loss_and_exports_a_loadable_gtformer(ray_local, sha
     from pro2sam import Pro2SAM
     from pro2sam.pipeline.train_job import TrainJobConfig, run_train_job
 
-    cfg = TrainConfig(epochs=2, seed=0, **TINY)
+    cfg = TrainConfig(epochs=2, seed=0, area_loss="image", **TINY)
     export = run_train_job(
         TrainJobConfig(data=str(shapes_manifest), output=str(tmp_path / "out"), train=cfg, eval_data=str(shapes_manifest))
     )
@@ -175,6 +181,7 @@ def test_training_lowers_the_loss_and_exports_a_loadable_gtformer(ray_local, sha
     assert extra["train_config"] == cfg.to_dict()
     history = extra["history"]
     assert [h["epoch"] for h in history] == [1, 2] and extra["start_epoch"] == 1
+    assert {"uptime_before", "uptime_after", "job_wall_seconds", "cpus"} <= set(extra["machine"])
     assert history[1]["train_loss"] < history[0]["train_loss"]
     assert history[1]["val_loss"] < history[0]["val_loss"]
     assert all(h["lr"] == pytest.approx(1e-3) and h["images"] == 36 for h in history)

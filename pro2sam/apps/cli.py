@@ -60,7 +60,8 @@ def _add_candidate_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SAM candidates (stage 2)")
     g.add_argument("--mode", choices=("fast", "exact"), default=d["mode"], help="candidate path (default %(default)s)")
     g.add_argument("--points-per-side", type=int, default=d["points_per_side"], help="grid N x N (default %(default)s)")
-    g.add_argument("--prune", action="store_true", help="drop grid points outside the dilated coarse foreground")
+    g.add_argument("--prune", action=argparse.BooleanOptionalAction, default=d["prune_with_coarse_map"],
+                   help="drop grid points outside the dilated coarse foreground (default %(default)s)")  # fmt: skip
     g.add_argument("--pred-iou-thresh", type=float,
                    help=f"SAM predicted-IoU filter (default: {_variant_default('pred_iou_thresh')})")  # fmt: skip
     g.add_argument("--stability-score-thresh", type=float,
@@ -595,7 +596,7 @@ def _add_label_options(p: argparse.ArgumentParser, d: dict) -> None:
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    from ..gtformer import GTFORMER_PRESETS
+    from ..gtformer import AREA_LOSSES, GTFORMER_PRESETS
     from ..pipeline.train_job import TrainJobConfig
     from ..train.gtformer import TrainConfig
     from ..train.schedule import SCHEDULES
@@ -615,6 +616,9 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-epochs", type=float, default=d["warmup_epochs"], help="(default %(default)s)")
     g.add_argument("--schedule", choices=SCHEDULES, default=d["schedule"], help="(default %(default)s)")
     g.add_argument("--tau", type=float, default=d["tau"], help="area-loss target: 0.25 CUB-like, 0.35 ImageNet-like (default %(default)s)")
+    g.add_argument("--area-loss", choices=AREA_LOSSES, default=d["area_loss"],
+                   help="area loss over the batch (the authors') or per image ([ours]; for backbones that already "
+                        "tell the classes apart, see pro2sam.gtformer.area_loss) (default %(default)s)")  # fmt: skip
     g.add_argument("--seed", type=int, default=d["seed"], help="(default %(default)s)")
     g.add_argument("--loader-workers", type=int, default=d["loader_workers"], help="DataLoader processes per worker (default %(default)s)")
     g.add_argument("--no-amp", action="store_true", help="train in float32 on GPUs too")

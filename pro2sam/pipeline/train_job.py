@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -125,7 +126,8 @@ def _train_worker(config: dict[str, Any]) -> None:
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
         set_loader_epoch(train_sampler_loader, epoch, cfg.seed)
         stats = train_one_epoch(
-            model, train_loader, optimizer, scheduler, tau=cfg.tau, device=device, amp=amp, scaler=scaler
+            model, train_loader, optimizer, scheduler, tau=cfg.tau, device=device, amp=amp, scaler=scaler,
+            area_per=cfg.area_loss,
         )
         metrics: dict[str, Any] = {
             "epoch": epoch,
@@ -137,7 +139,7 @@ def _train_worker(config: dict[str, Any]) -> None:
             "images": stats.images,
         }
         if eval_loader is not None:
-            val = evaluate_accuracy(model, eval_loader, tau=cfg.tau, device=device, amp=amp)
+            val = evaluate_accuracy(model, eval_loader, tau=cfg.tau, device=device, amp=amp, area_per=cfg.area_loss)
             metrics.update(val_loss=val.loss, val_ce=val.ce, val_accuracy=val.accuracy)
         metrics["seconds"] = time.perf_counter() - started
         history.append(metrics)
@@ -187,6 +189,14 @@ def _remove(uri: str) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def _uptime() -> str:
+    """``uptime``'s line (load averages), recorded with a run: how busy the machine was."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def latest_checkpoint(run_dir: str):
@@ -314,6 +324,8 @@ def run_train_job(job: TrainJobConfig) -> str:
     except OSError as e:
         raise StorageError(f"cannot use checkpoint storage {run_dir}: {type(e).__name__}: {e}") from None
 
+    machine = {"cpus": os.cpu_count(), "uptime_before": _uptime()}
+    started = time.perf_counter()
     previous = latest_checkpoint(run_dir) if job.resume else None
     done = 0
     if previous is not None:
@@ -368,6 +380,8 @@ def run_train_job(job: TrainJobConfig) -> str:
         "start_epoch": state.history[-1]["start_epoch"] if state.history else 1,
         "history": state.history,
         "ray_train": {"storage_path": storage, "run_name": run_name, "num_workers": num_workers, "use_gpu": job.use_gpu},
+        # this call's wall time (Ray start-up included; epochs already done before a resume excluded)
+        "machine": {**machine, "job_wall_seconds": time.perf_counter() - started, "uptime_after": _uptime()},
     }
     export = _export(state, cfg, dataset, output_dir, extra)
     log.info("exported GTFormer to %s", export)

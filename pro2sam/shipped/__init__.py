@@ -1,11 +1,16 @@
-"""The small models shipped with the package: GTFormer and SAM trained on synthetic scenes.
+"""The small models shipped with the package: GTFormer and SAM trained on synthetic scenes, and the
+DeiT backbone GTFormer was fine-tuned from.
 
-Official SAM and DeiT weights and real WSOL data sets need downloads; these two models need none.
-Both were trained here, from scratch, on :mod:`pro2sam.synthetic` scenes, on 2 CPU cores in under
-30 minutes each; ``pro2sam/shipped/README.md`` gives the exact commands and seeds, and a JSON record
-beside each model holds its command, settings, loss history, wall time and SHA-256.
+Official SAM and DeiT weights and real WSOL data sets need downloads; these models need none.
+All were trained here on 2 CPU cores in under 30 minutes each; ``pro2sam/shipped/README.md``
+gives the exact commands and seeds, and a JSON record beside each model holds its command,
+settings, loss history, wall time and SHA-256.
 
-- GTFormer (preset ``gtformer_synthetic_patch16_224``) was trained by the project's own training
+- The backbone (timm DeiT format, the GTFormer preset's sizes) was pretrained by
+  ``scripts/pretrain_backbone.py`` on :mod:`pro2sam.synthetic_pretrain`, whose 144 classes are
+  not the target world's: what ImageNet is for the paper's DeiT (METHOD.md §5).
+- GTFormer (preset ``gtformer_synthetic_patch16_224``) was fine-tuned from that backbone
+  (``--backbone-checkpoint``, the path that loads real DeiT weights) by the project's own training
   job (:mod:`pro2sam.pipeline.train_job`) with image-level labels only, on the ``train`` split of
   ``pro2sam synthetic --seed 0``.
 - SAM (variant ``"synthetic"`` of :data:`pro2sam.sam.SAM_VARIANTS`, Segment
@@ -32,6 +37,7 @@ __all__ = [
     "SAM_VARIANT",
     "SYNTHETIC_SEED",
     "SHIPPED_SHA256",
+    "backbone_checkpoint",
     "gtformer_dir",
     "sam_checkpoint",
     "training_records",
@@ -52,14 +58,16 @@ SHIPPED_NAME = "shipped"
 
 _GTFORMER_DIR = "gtformer_synthetic"
 _SAM_FILE = "sam_synthetic.pth"
+_BACKBONE_FILE = "deit_backbone_synthetic.safetensors"
 
 # SAM's candidate filter thresholds for the shipped SAM, declared with its sizes in SAM_VARIANTS.
 CANDIDATE_THRESHOLDS = dict(SAM_VARIANTS[SAM_VARIANT].filter_thresholds)
 
 # SHA-256 of the shipped weights files, as the training runs wrote them.
 SHIPPED_SHA256 = {
-    "gtformer": "866a93357f3fc324dc3ac5c09d52d49bf9c9244cca8386b428a78a8aabb5bfb7",
+    "gtformer": "577adcda90dda39304bca5c00360eb6e3393a1663f9135ef395804d7ea703f8e",
     "sam": "0e5ed7f09dd24f317534fa3c112dc88b38b382b5c65300743acc6171700d9291",
+    "backbone": "8bead150e14c30187c1a8183350e50802be1cf1ad59592abb12b9af20805b87b",
 }
 
 
@@ -73,13 +81,20 @@ def sam_checkpoint() -> Path:
     return _existing(MODELS_DIR / _SAM_FILE)
 
 
+def backbone_checkpoint() -> Path:
+    """The pretrained DeiT backbone (timm keys, safetensors) the shipped GTFormer was fine-tuned
+    from, for ``pro2sam train --backbone-checkpoint``."""
+    return _existing(MODELS_DIR / _BACKBONE_FILE)
+
+
 def training_records() -> dict[str, dict]:
-    """What the two training runs recorded: ``{"gtformer": ..., "sam": ...}``. GTFormer's is its
-    export's ``config.json`` (command, recipe, data set, per-epoch history, weights' SHA-256);
-    SAM's is the JSON beside its weights."""
+    """What the training runs recorded: ``{"gtformer": ..., "sam": ..., "backbone": ...}``.
+    GTFormer's is its export's ``config.json`` (command, recipe, data set, per-epoch history,
+    weights' SHA-256); SAM's and the backbone's are the JSON beside their weights."""
     return {
         "gtformer": json.loads((gtformer_dir() / "config.json").read_text()),
         "sam": json.loads(sam_checkpoint().with_suffix(".json").read_text()),
+        "backbone": json.loads(backbone_checkpoint().with_suffix(".json").read_text()),
     }
 
 
@@ -87,13 +102,13 @@ def verify_shipped() -> dict[str, str]:
     """Check each shipped weights file against :data:`SHIPPED_SHA256`.
 
     Returns:
-        ``{"gtformer": sha256, "sam": sha256}``.
+        ``{"gtformer": sha256, "sam": sha256, "backbone": sha256}``.
 
     Raises:
         FileNotFoundError: a file is missing (a broken install).
         ValueError: a file differs from what its training run wrote.
     """
-    files = {"gtformer": gtformer_dir() / "model.safetensors", "sam": sam_checkpoint()}
+    files = {"gtformer": gtformer_dir() / "model.safetensors", "sam": sam_checkpoint(), "backbone": backbone_checkpoint()}
     out = {}
     for name, path in files.items():
         digest = sha256_file(path)

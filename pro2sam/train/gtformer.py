@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
-from ..gtformer import GTFORMER_PRESETS, GTFormer, create_gtformer, gtformer_loss
+from ..gtformer import AREA_LOSSES, GTFORMER_PRESETS, GTFormer, create_gtformer, gtformer_loss
 from ..images import decode_image
 from ..storage import fetch_to_local, read_bytes
 from .schedule import SCHEDULES, make_lr_scheduler
@@ -87,6 +87,8 @@ class TrainConfig:
         schedule: "cosine" (warm-up then cosine decay to ``min_lr``) or "constant" (warm-up then
             ``lr``), stepped every optimiser step.
         tau: target foreground fraction of the area loss (0.25 CUB-like, 0.35 ImageNet-like).
+        area_loss: "batch" (the authors': the mean over the batch) or "image" (**[ours]**: every
+            image's map), see :func:`pro2sam.gtformer.area_loss`.
         seed: seeds model initialisation, shuffling and augmentation.
         loader_workers: DataLoader worker processes per training worker (0: load in-process).
         amp: mixed precision (bfloat16, or float16 with loss scaling) when training on a GPU;
@@ -106,6 +108,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     schedule: str = "cosine"
     tau: float = 0.25
+    area_loss: str = "batch"
     seed: int = 0
     loader_workers: int = 4
     amp: bool = True
@@ -115,6 +118,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preset not in GTFORMER_PRESETS:
             raise ValueError(f"unknown GTFormer preset {self.preset!r}; choose from {sorted(GTFORMER_PRESETS)}")
+        if self.area_loss not in AREA_LOSSES:
+            raise ValueError(f"area_loss must be one of {AREA_LOSSES}, got {self.area_loss!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.epochs < 1 or self.batch_size < 1:
@@ -364,6 +369,7 @@ def train_one_epoch(
     device: torch.device,
     amp: AmpSettings | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    area_per: str = "batch",
 ) -> EpochStats:
     """One pass over ``loader`` ((B, 3, 224, 224) images, (B,) int64 labels), stepping the
     schedule every optimiser step.
@@ -382,7 +388,7 @@ def train_one_epoch(
         lr = optimizer.param_groups[0]["lr"]
         with amp.autocast():
             output = model(images)
-            loss, terms = gtformer_loss(output, labels, tau=tau)
+            loss, terms = gtformer_loss(output, labels, tau=tau, area_per=area_per)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -402,7 +408,13 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate_accuracy(
-    model: nn.Module, loader, *, tau: float, device: torch.device, amp: AmpSettings | None = None
+    model: nn.Module,
+    loader,
+    *,
+    tau: float,
+    device: torch.device,
+    amp: AmpSettings | None = None,
+    area_per: str = "batch",
 ) -> EpochStats:
     """Mean loss and top-1 accuracy over ``loader`` in eval mode (no augmentation expected)."""
     amp = amp or AmpSettings(None, device.type)
@@ -413,7 +425,7 @@ def evaluate_accuracy(
         labels = labels.to(device, non_blocking=True)
         with amp.autocast():
             output = model(images)
-            loss, terms = gtformer_loss(output, labels, tau=tau)
+            loss, terms = gtformer_loss(output, labels, tau=tau, area_per=area_per)
         b = labels.shape[0]
         loss_sum += loss.item() * b
         ce_sum += terms["ce"].item() * b
