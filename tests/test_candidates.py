@@ -161,13 +161,16 @@ def test_pruning_keeps_only_points_inside_the_dilated_coarse_foreground(tiny_sam
     assert all(any(np.allclose(p, q) for q in points) for p in candidates.point_coords)
 
 
-def test_pruning_is_off_by_default(tiny_sam):
-    assert CandidateConfig().prune_with_coarse_map is False
+def test_pruning_is_on_by_default_and_can_be_turned_off(tiny_sam):
+    # On by default since it cost no GT-known Loc on the synthetic val split (bench_quality.py).
+    assert CandidateConfig().prune_with_coarse_map is True
     coarse = np.zeros((14, 14), dtype=np.float32)
     coarse[0, 0] = 1.0
-    generator = GridCandidateGenerator(tiny_sam, CandidateConfig(points_per_side=4))
-    candidates = generator.generate(synthetic_image(64, 64, 4), coarse_map=coarse)
-    assert candidates.num_grid_points == 16
+    image = synthetic_image(64, 64, 4)
+    pruned = GridCandidateGenerator(tiny_sam, CandidateConfig(points_per_side=4)).generate(image, coarse_map=coarse)
+    assert pruned.num_grid_points < 16
+    every = CandidateConfig(points_per_side=4, prune_with_coarse_map=False)
+    assert GridCandidateGenerator(tiny_sam, every).generate(image, coarse_map=coarse).num_grid_points == 16
 
 
 def test_reference_option_resizes_to_224_and_reports_the_original_frame(tiny_sam):

@@ -131,8 +131,14 @@ def part_and_object():
 
 def test_plain_matching_takes_the_part_the_map_fires_on():
     coarse, candidates, ious = part_and_object()
-    match = match_masks(coarse, candidates, ious)
+    match = match_masks(coarse, candidates, ious, MatchConfig(part_to_object=False))
     assert match.index == 0 and not match.completed
+
+
+def test_part_to_object_is_the_default_with_the_settings_chosen_on_val():
+    # benchmarks/bench_quality.py chose them on the synthetic val split (benchmarks/README.md).
+    config = MatchConfig()
+    assert (config.part_to_object, config.containment, config.agreement) == (True, 0.6, 0.02)
 
 
 def test_part_to_object_takes_the_body_that_contains_the_best_matching_part():
