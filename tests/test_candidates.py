@@ -4,6 +4,8 @@ The tiny SAM has random weights, so these tests check that we filter exactly as 
 code does, not that the masks are good.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -197,3 +199,48 @@ def test_tiny_checkpoint_round_trips(tiny_sam, tmp_path):
     b = GridCandidateGenerator(loaded, config).generate(image)
     assert np.array_equal(a.masks, b.masks)
     assert np.array_equal(a.pred_ious, b.pred_ious)
+
+
+def test_a_small_memory_budget_decodes_in_smaller_passes_with_the_same_candidates(tiny_sam):
+    image = synthetic_image(180, 240, 0)
+    config = CandidateConfig(mode="fast", **FILTERS)
+    roomy = GridCandidateGenerator(tiny_sam, config)
+    tight = GridCandidateGenerator(tiny_sam, replace(config, memory_budget_mb=1))
+    assert tight.decoder.batch_size < roomy.decoder.batch_size == config.points_per_batch
+    a, b = roomy.generate(image), tight.generate(image)
+    assert len(a) == len(b) > 0
+    np.testing.assert_allclose(a.pred_ious, b.pred_ious, atol=PRED_IOU_ATOL)
+    assert all(mask_iou(x, y) >= 0.99 for x, y in zip(a.masks, b.masks))
+
+
+def test_a_batch_of_images_gives_each_images_own_candidates(tiny_sam):
+    """One image-encoder call for the batch; every image as if generated alone."""
+    images = [synthetic_image(h, w, seed) for h, w, seed in IMAGES]
+    generator = GridCandidateGenerator(tiny_sam, CandidateConfig(mode="fast", **FILTERS))
+    calls = []
+    handle = tiny_sam.image_encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        batch = list(generator.generate_batch(images))
+    finally:
+        handle.remove()
+    assert calls == [len(images)]
+    for image, got in zip(images, batch):
+        alone = generator.generate(image)
+        assert got.image_size == image.shape[:2] and len(got) == len(alone) > 0
+        np.testing.assert_allclose(got.pred_ious, alone.pred_ious, atol=PRED_IOU_ATOL)
+        assert all(mask_iou(x, y) >= 0.99 for x, y in zip(got.masks, alone.masks))
+
+
+def test_bfloat16_moves_masks_only_at_their_edges(tiny_sam):
+    """Filters and NMS off, so that each prompt's three masks are compared one to one."""
+    image = synthetic_image(180, 240, 0)
+    every_mask = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    fp32 = GridCandidateGenerator(tiny_sam, CandidateConfig(**every_mask)).generate(image)
+    bf16 = GridCandidateGenerator(tiny_sam, CandidateConfig(dtype="bfloat16", **every_mask)).generate(image)
+    a, b = by_prompt(fp32), by_prompt(bf16)
+    shared = sorted(a.keys() & b.keys())
+    assert len(shared) >= 0.9 * 48
+    # bfloat16 keeps 8 bits of mantissa: predicted IoUs (order 1) move by ~1e-2, and the pixels
+    # whose logit is within that of the threshold may flip
+    assert max(abs(fp32.pred_ious[a[k]] - bf16.pred_ious[b[k]]) for k in shared) < 0.05
+    assert np.median([mask_iou(fp32.masks[a[k]], bf16.masks[b[k]]) for k in shared]) >= 0.95
