@@ -13,7 +13,12 @@ Two paths compute the filters:
   its candidate set equals the official one (tests/test_candidates.py checks it).
 - ``"fast"`` (default): on SAM's low-resolution logits (256x256 for the 1024 px models) cropped to
   the image, never upsampling every mask; ``Candidates.full_resolution_mask(i)`` upsamples one
-  candidate exactly as ``Sam.postprocess_masks`` does.
+  candidate exactly as ``Sam.postprocess_masks`` does. Where a low-resolution value lies close
+  enough to a threshold that full resolution could decide otherwise (a stability score within
+  :data:`STABILITY_MARGIN` of its threshold, a pair of boxes whose IoU is within
+  :data:`BOX_IOU_MARGIN` of the NMS threshold), those few masks are upsampled and decided as the
+  exact path decides, so that both keep the same candidates (``benchmarks/bench_speed.py
+  --shipped`` measures how often the chosen mask is the official flow's).
 
 Many images: :meth:`GridCandidateGenerator.generate_batch` encodes the images of a batch in one
 image-encoder call (uint8 pixels go to the device and are normalised there), then decodes each
@@ -51,7 +56,7 @@ from segment_anything.utils.amg import (
     calculate_stability_score,
 )
 from segment_anything.utils.transforms import ResizeLongestSide
-from torchvision.ops.boxes import batched_nms
+from torchvision.ops.boxes import batched_nms, box_iou
 
 from .grid_decoder import GridDecoder
 from .sam import REFERENCE_SAM_SIZE, SAM_VARIANTS
@@ -62,6 +67,12 @@ __all__ = ["CandidateConfig", "Candidates", "DTYPES", "GridCandidateGenerator"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # The memory budget where none is given and the device is not a GPU.
 DEFAULT_MEMORY_BUDGET_MB = 4096
+# Fast path: a low-resolution stability score this close to its threshold, or a low-resolution
+# box IoU this close to the NMS threshold, is recomputed at full resolution. Low and full
+# resolution differ by up to ~0.04 in stability (the shipped SAM, 4 px per low-res cell) and by
+# about one cell per box side.
+STABILITY_MARGIN = 0.05
+BOX_IOU_MARGIN = 0.1
 
 
 @dataclass(frozen=True)
@@ -520,10 +531,8 @@ class GridCandidateGenerator:
         image, as ``Sam.postprocess_masks`` and the official generator compute them."""
         cfg = self.config
         size = self._frames.sam_image
-        # In chunks: a 256-point batch of 3 masks at 1000x1000 would be 3 GB of float32.
-        chunk = max(1, min(1 << 24, self._budget // 16) // max(1, size[0] * size[1]))
         masks, stability = [], []
-        for logits in torch.split(data["logits"], chunk):
+        for logits in torch.split(data["logits"], self._full_resolution_chunk()):
             full = self._upscale_to(logits, size)
             stability.append(calculate_stability_score(full, cfg.mask_threshold, cfg.stability_score_offset))
             masks.append(full > cfg.mask_threshold)
@@ -542,7 +551,12 @@ class GridCandidateGenerator:
         low_h, low_w = self._frames.low_res
         logits = data["logits"][:, :low_h, :low_w]
         data["masks"] = logits > cfg.mask_threshold
-        data["stability_score"] = calculate_stability_score(logits, cfg.mask_threshold, cfg.stability_score_offset)
+        stability = calculate_stability_score(logits, cfg.mask_threshold, cfg.stability_score_offset)
+        if cfg.stability_score_thresh > 0.0:
+            near = torch.nonzero((stability - cfg.stability_score_thresh).abs() <= STABILITY_MARGIN).flatten()
+            if len(near):
+                stability[near] = self._full_resolution_stability(data["logits"][near]).to(stability.dtype)
+        data["stability_score"] = stability
         self._filter_by_stability(data)
         f = self._frames
         cell = (f.sam_image[0] * f.upscale / f.sam_input[0], f.sam_image[1] * f.upscale / f.sam_input[1])
@@ -560,10 +574,42 @@ class GridCandidateGenerator:
         keeps every box, so there is no such filter here.
         """
         iou_preds = data["iou_preds"]
+        if self.config.mode == "fast":
+            self._refine_uncertain_boxes(data)
         keep = batched_nms(
             data["boxes"].float(), iou_preds, torch.zeros_like(iou_preds), iou_threshold=self.config.box_nms_thresh
         )
         data.filter(keep)
+
+    def _refine_uncertain_boxes(self, data: MaskData) -> None:
+        """Fast path: the full-resolution box of every mask in a pair whose low-resolution box
+        IoU is within :data:`BOX_IOU_MARGIN` of the NMS threshold (NMS could decide that pair
+        otherwise)."""
+        boxes = data["boxes"]
+        if len(boxes) < 2 or self.config.box_nms_thresh >= 1.0:
+            return
+        iou = box_iou(boxes.float(), boxes.float())
+        iou.fill_diagonal_(0.0)
+        near = ((iou - self.config.box_nms_thresh).abs() <= BOX_IOU_MARGIN).any(1)
+        for index in torch.split(torch.nonzero(near).flatten(), self._full_resolution_chunk()):
+            masks = self._upscale_to(data["logits"][index], self._frames.sam_image) > self.config.mask_threshold
+            boxes[index] = batched_mask_to_box(masks).to(boxes.dtype)
+
+    def _full_resolution_stability(self, logits: torch.Tensor) -> torch.Tensor:
+        """Stability scores of (N, kh, kw) low-res logits computed on their full-resolution
+        masks, as the exact path computes them."""
+        cfg = self.config
+        return torch.cat([
+            calculate_stability_score(self._upscale_to(chunk, self._frames.sam_image), cfg.mask_threshold,
+                                      cfg.stability_score_offset)
+            for chunk in torch.split(logits, self._full_resolution_chunk())
+        ])
+
+    def _full_resolution_chunk(self) -> int:
+        """Masks upscaled to the SAM image together: a 256-point batch of 3 masks at 1000x1000
+        would be 3 GB of float32."""
+        h, w = self._frames.sam_image
+        return max(1, min(1 << 24, self._budget // 16) // max(1, h * w))
 
     def _to_original_frame(self, data: MaskData) -> None:
         """The 224 option: boxes (and exact masks) from the SAM image to the original frame.

@@ -19,7 +19,7 @@ from .candidates import CandidateConfig, Candidates, GridCandidateGenerator
 from .checkpoints import OFFICIAL_SAM_CHECKPOINTS
 from .gtformer import load_gtformer
 from .images import to_rgb_array
-from .matching import MatchConfig, coarse_fallback, mask_box, match_masks
+from .matching import MatchConfig, coarse_fallback, mask_box, match_at_full_resolution, match_masks
 from .sam import DEFAULT_SAM_VARIANT, build_sam
 from .storage import sha256_file
 
@@ -291,10 +291,15 @@ class Pro2SAM:
         k = min(self.top_k, len(probs))
         top = np.argsort(-probs, kind="stable")[:k]
         names = [self.class_names[i] for i in top] if self.class_names else None
-        match = match_masks(coarse_map, candidates.masks, candidates.pred_ious, self.match_config)
-        mask = box = None
-        if match.index is not None:
-            mask = candidates.full_resolution_mask(match.index)
+        if candidates.mode == "fast":  # decided as on full-resolution masks
+            match, mask = match_at_full_resolution(
+                coarse_map, candidates.masks, candidates.pred_ious, candidates.full_resolution_mask, self.match_config
+            )
+        else:
+            match = match_masks(coarse_map, candidates.masks, candidates.pred_ious, self.match_config)
+            mask = candidates.masks[match.index] if match.index is not None else None
+        box = None
+        if mask is not None:
             box = mask_box(mask, self.match_config.min_component_area)
         if box is None:  # nothing survived, or the winner vanished at full resolution
             mask, box = coarse_fallback(coarse_map, image.shape[:2], self.match_config.fallback_threshold)

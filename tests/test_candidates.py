@@ -244,3 +244,18 @@ def test_bfloat16_moves_masks_only_at_their_edges(tiny_sam):
     # whose logit is within that of the threshold may flip
     assert max(abs(fp32.pred_ious[a[k]] - bf16.pred_ious[b[k]]) for k in shared) < 0.05
     assert np.median([mask_iou(fp32.masks[a[k]], bf16.masks[b[k]]) for k in shared]) >= 0.95
+
+
+def test_fast_path_keeps_the_exact_candidates_of_a_trained_sam():
+    """The shipped SAM leaves many masks near its stability threshold (0.8) and many
+    overlapping boxes: the fast path decides those at full resolution, as the exact path does."""
+    from pro2sam import shipped
+    from pro2sam.synthetic import make_scene
+
+    sam = build_sam(shipped.SAM_VARIANT, shipped.sam_checkpoint())
+    config = CandidateConfig.for_variant(shipped.SAM_VARIANT, points_per_side=16)
+    for index in range(3):
+        image = make_scene(shipped.SYNTHETIC_SEED, "test", index).image
+        exact = GridCandidateGenerator(sam, replace(config, mode="exact")).generate(image)
+        fast = GridCandidateGenerator(sam, config).generate(image)
+        assert by_prompt(fast).keys() == by_prompt(exact).keys() and len(exact) > 0
