@@ -16,8 +16,10 @@ Two paths compute the filters:
   candidate exactly as ``Sam.postprocess_masks`` does. Where a low-resolution value lies close
   enough to a threshold that full resolution could decide otherwise (a stability score within
   :data:`STABILITY_MARGIN` of its threshold, a pair of boxes whose IoU is within
-  :data:`BOX_IOU_MARGIN` of the NMS threshold), those few masks are upsampled and decided as the
-  exact path decides, so that both keep the same candidates (``benchmarks/bench_speed.py
+  :data:`BOX_IOU_MARGIN` of the NMS threshold), those masks are decided as the exact path decides
+  them: stability on the upsampled mask; a box from the few full-resolution lines next to the
+  low-resolution box's edges (interpolation is separable, and no line outside them can hold a
+  pixel of the mask), so that both keep the same candidates (``benchmarks/bench_speed.py
   --shipped`` measures how often the chosen mask is the official flow's).
 
 Many images: :meth:`GridCandidateGenerator.generate_batch` encodes the images of a batch in one
@@ -73,6 +75,9 @@ DEFAULT_MEMORY_BUDGET_MB = 4096
 # about one cell per box side.
 STABILITY_MARGIN = 0.05
 BOX_IOU_MARGIN = 0.1
+# Masks whose full-resolution box edges are searched for together (memory: a few full-resolution
+# lines per mask and edge).
+EDGE_SEARCH_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -228,6 +233,83 @@ def _upscale_logits(
     x = F.interpolate(logits, (kh * upscale, kw * upscale), mode="bilinear", align_corners=False)
     x = x[..., : input_size[0], : input_size[1]]
     return F.interpolate(x, out_size, mode="bilinear", align_corners=False)
+
+
+def _interpolation_matrix(
+    cells: int, upscale: int, input_size: int, out_size: int, device: torch.device
+) -> torch.Tensor:
+    """(out_size, cells) float32: the weights :func:`_upscale_logits` gives each low-res cell along
+    one axis (bilinear interpolation is separable: full = A @ logits @ B^T). Each row holds a few
+    adjacent non-negative weights that sum to one."""
+    eye = torch.eye(cells, dtype=torch.float32, device=device)[None]  # channel c: the impulse at cell c
+    x = F.interpolate(eye, cells * upscale, mode="linear", align_corners=False)[..., :input_size]
+    return F.interpolate(x, out_size, mode="linear", align_corners=False)[0].T.contiguous()
+
+
+def _first_positive_lines(
+    logits: torch.Tensor, first_cell: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """For (N, kh, kw) low-res logits whose first row of cells with a logit above ``threshold``
+    is ``first_cell`` (N,): the first row of the full-resolution logits ``rows @ logits @ cols^T``
+    with a value above ``threshold``, looked for among the rows that weigh that cell or the next;
+    -1 where none of them has one.
+
+    The rows above those weigh only cells whose logits are all at most the threshold, with
+    non-negative weights that sum to one, so none of them can exceed it. Only the few cells the
+    searched rows weigh are interpolated, along the whole width."""
+    n, kh, kw = logits.shape
+    device = logits.device
+    reached = rows > 0  # (H, kh)
+    top = reached.float().argmax(0)  # (kh,) the first full-resolution row that weighs each cell
+    bottom = rows.shape[0] - 1 - reached.flip(0).float().argmax(0)  # (kh,) the last
+    after = torch.clamp(torch.arange(kh, device=device) + 1, max=kh - 1)
+    band = int((bottom[after] - top + 1).max())
+    row_index = torch.clamp(top[first_cell][:, None] + torch.arange(band, device=device), max=rows.shape[0] - 1)
+    weights = rows[row_index]  # (N, band, kh)
+    nonzero = weights > 0
+    low = nonzero.any(1).float().argmax(1)  # (N,) the first cell the band weighs
+    high = kh - 1 - nonzero.any(1).flip(1).float().argmax(1)  # the last
+    width = int((high - low + 1).max())
+    offset = torch.arange(width, device=device)
+    cell_index = torch.clamp(low[:, None] + offset, max=kh - 1)  # (N, width)
+    weights = weights.gather(2, cell_index[:, None, :].expand(-1, band, -1))
+    weights = weights * (offset <= (high - low)[:, None])[:, None, :]  # a clamped repeat weighs 0
+    lines = logits.gather(1, cell_index[:, :, None].expand(-1, -1, kw)).float() @ cols.T  # (N, width, W)
+    hit = (weights @ lines > threshold).any(2)  # (N, band): full-resolution rows with a positive pixel
+    first = row_index.gather(1, hit.float().argmax(1, keepdim=True))[:, 0]
+    return torch.where(hit.any(1), first, torch.full_like(first, -1))
+
+
+def _full_resolution_boxes(
+    logits: torch.Tensor, upscale: int, input_size: tuple[int, int], out_size: tuple[int, int], threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive xyxy boxes of the masks ``_upscale_logits(logits) > threshold`` of (N, kh, kw)
+    low-res logits, without upsampling whole masks: each edge is looked for among the
+    full-resolution lines next to the outermost low-res cells above the threshold.
+
+    Returns:
+        boxes: (N, 4) int64, those of ``batched_mask_to_box`` on the upsampled masks up to float
+            rounding (the two axes are interpolated in another order); [0, 0, 0, 0] for a mask
+            empty at low resolution.
+        found: (N,) bool; False where an edge is not among those lines (the outermost cells fade
+            out once upsampled): upsample those masks instead.
+    """
+    n, kh, kw = logits.shape
+    rows = _interpolation_matrix(kh, upscale, input_size[0], out_size[0], logits.device)  # (H, kh)
+    cols = _interpolation_matrix(kw, upscale, input_size[1], out_size[1], logits.device)  # (W, kw)
+    positive = logits > threshold
+    any_row, any_col = positive.any(2), positive.any(1)  # (N, kh), (N, kw)
+    first_row, last_row = any_row.float().argmax(1), kh - 1 - any_row.flip(1).float().argmax(1)
+    first_col, last_col = any_col.float().argmax(1), kw - 1 - any_col.flip(1).float().argmax(1)
+    across = logits.transpose(1, 2)
+    y0 = _first_positive_lines(logits, first_row, rows, cols, threshold)
+    y1 = _first_positive_lines(logits.flip(1), kh - 1 - last_row, rows.flip(0, 1), cols, threshold)
+    x0 = _first_positive_lines(across, first_col, cols, rows, threshold)
+    x1 = _first_positive_lines(across.flip(1), kw - 1 - last_col, cols.flip(0, 1), rows, threshold)
+    edges = torch.stack([x0, y0, x1, y1], 1)
+    boxes = torch.stack([x0, y0, out_size[1] - 1 - x1, out_size[0] - 1 - y1], 1)
+    empty = ~any_row.any(1)
+    return torch.where(empty[:, None], torch.zeros_like(boxes), boxes), empty | (edges >= 0).all(1)
 
 
 def _scale_boxes(
@@ -584,15 +666,25 @@ class GridCandidateGenerator:
     def _refine_uncertain_boxes(self, data: MaskData) -> None:
         """Fast path: the full-resolution box of every mask in a pair whose low-resolution box
         IoU is within :data:`BOX_IOU_MARGIN` of the NMS threshold (NMS could decide that pair
-        otherwise)."""
+        otherwise). The box is found near the low-resolution box's edges
+        (:func:`_full_resolution_boxes`); only masks whose edges are not there are upsampled."""
         boxes = data["boxes"]
         if len(boxes) < 2 or self.config.box_nms_thresh >= 1.0:
             return
         iou = box_iou(boxes.float(), boxes.float())
         iou.fill_diagonal_(0.0)
         near = ((iou - self.config.box_nms_thresh).abs() <= BOX_IOU_MARGIN).any(1)
-        for index in torch.split(torch.nonzero(near).flatten(), self._full_resolution_chunk()):
-            masks = self._upscale_to(data["logits"][index], self._frames.sam_image) > self.config.mask_threshold
+        near = torch.nonzero(near).flatten()
+        if len(near) == 0:
+            return
+        f, threshold = self._frames, self.config.mask_threshold
+        unresolved = []
+        for index in torch.split(near, EDGE_SEARCH_CHUNK):
+            found_boxes, found = _full_resolution_boxes(data["logits"][index], f.upscale, f.sam_input, f.sam_image, threshold)
+            boxes[index[found]] = found_boxes[found].to(boxes.dtype)
+            unresolved.append(index[~found])
+        for index in torch.split(torch.cat(unresolved), self._full_resolution_chunk()):
+            masks = self._upscale_to(data["logits"][index], f.sam_image) > threshold
             boxes[index] = batched_mask_to_box(masks).to(boxes.dtype)
 
     def _full_resolution_stability(self, logits: torch.Tensor) -> torch.Tensor:

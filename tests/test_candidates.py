@@ -147,6 +147,33 @@ def test_full_resolution_mask_is_sams_postprocessed_mask(tiny_sam):
         assert np.array_equal(fast.full_resolution_mask(i)[~tied], (sams > 0)[~tied])
 
 
+@pytest.mark.parametrize("input_size, out_size", [((192, 256), (480, 640)), ((256, 171), (300, 200)), ((100, 256), (97, 250))])
+def test_full_resolution_boxes_found_at_the_edges_are_those_of_the_upsampled_masks(input_size, out_size):
+    from segment_anything.utils.amg import batched_mask_to_box
+
+    from pro2sam.candidates import _full_resolution_boxes, _upscale_logits
+
+    generator = torch.Generator().manual_seed(0)
+    kh, kw = -(-input_size[0] // 4) + 1, -(-input_size[1] // 4) + 1
+    # Smooth blobs of every size, some touching the image's edges; then three odd masks.
+    blobs = torch.randn(60, 1, kh // 4 + 1, kw // 4 + 1, generator=generator)
+    logits = torch.nn.functional.interpolate(blobs, (kh, kw), mode="bilinear")[:, 0] * 3
+    logits += 0.3 * torch.randn(60, kh, kw, generator=generator) - 3 * torch.rand(60, 1, 1, generator=generator)
+    logits[0] = -1.0  # empty
+    logits[1] = -1.0
+    logits[1, -1, -1] = 0.5  # only the padding cell past the image's corner
+    logits[2] = -1.0
+    logits[2, 3, 4] = 0.01  # one faint cell: it fades out once upsampled
+    upsampled = _upscale_logits(logits[:, None], 4, input_size, out_size)[:, 0] > 0
+
+    boxes, found = _full_resolution_boxes(logits, 4, input_size, out_size, 0.0)
+
+    assert found[0] and boxes[0].tolist() == [0, 0, 0, 0]
+    assert found.sum() >= 50  # the edge search settles nearly every mask
+    # Round-off may tie a pixel to the threshold: allow it for one mask in a hundred.
+    assert (boxes != batched_mask_to_box(upsampled))[found].any(1).sum() <= len(logits) // 100
+
+
 def test_pruning_keeps_only_points_inside_the_dilated_coarse_foreground(tiny_sam):
     coarse = np.full((14, 14), 0.1, dtype=np.float32)
     coarse[5:8, 6:9] = 0.9  # 3x3 foreground cells; dilated by one cell: rows 4..8, cols 5..9
