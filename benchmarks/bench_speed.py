@@ -11,7 +11,9 @@ of them alike:
                    (``pro2sam.matching.match_masks`` on the full-resolution masks)
     (b) exact      ``GridCandidateGenerator(mode="exact")``: filters on full-resolution masks
     (c) fast       ``GridCandidateGenerator(mode="fast")``: decodes only the embedding cells over
-                   the image, filters and matches SAM's low-res logits, upsamples only the winner
+                   the image, filters and matches SAM's low-res logits, upsamples only the
+                   near-best candidates and decides among them as on full-resolution masks
+                   (``match_at_full_resolution``, as ``Pro2SAM.choose``)
     (d) fast+prune (c) with ``prune_with_coarse_map=True``: grid points outside the dilated
                    coarse foreground are never decoded
     (f) fast bf16  (c) with ``dtype="bfloat16"`` (SAM under bfloat16 autocast)
@@ -24,8 +26,8 @@ of them alike:
 unchanged segment_anything modules, as a user of ``SamAutomaticMaskGenerator`` does.
 
 Every flow encodes each image once, as in real use, and ends with the chosen mask at full
-resolution and its box (``mask_box``); stages are timed separately (embed, decode, filter, match,
-finish = upsampling of the winner and its box). The script prints seconds per image and per
+resolution and its box (``mask_box``); stages are timed separately (embed, decode, filter, match
+(ours: with the upsampling of the near-best candidates), finish = the winner's box). The script prints seconds per image and per
 stage, milliseconds per decoded prompt, candidate counts, whether (b), (c), (d) and (f) chose the
 same mask as (a) (mask IoU, box equality) and the speed-ups against (a), with the target
 (a)/(c) >= 3.
@@ -77,7 +79,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from pro2sam.candidates import CandidateConfig, GridCandidateGenerator
 from pro2sam.grid_decoder import GridDecoder
-from pro2sam.matching import MatchConfig, coarse_fallback, mask_box, match_masks
+from pro2sam.matching import MatchConfig, coarse_fallback, mask_box, match_at_full_resolution, match_masks
 from pro2sam.sam import _make_random_masks_coherent, build_sam, use_sdpa_attention
 
 FLOWS = {
@@ -224,9 +226,15 @@ def run_ours(generator, image, coarse_map, match_config, clock):
     t0 = clock()
     cands = generator.generate(image, coarse_map=coarse_map)
     t1 = clock()
-    match = match_masks(coarse_map, cands.masks, cands.pred_ious, match_config)
+    # As Pro2SAM.choose decides: the fast path's near-best candidates rescored at full resolution.
+    if cands.mode == "fast":
+        match, chosen = match_at_full_resolution(coarse_map, cands.masks, cands.pred_ious, cands.full_resolution_mask,
+                                                 match_config)
+    else:
+        match = match_masks(coarse_map, cands.masks, cands.pred_ious, match_config)
+        chosen = cands.masks[match.index] if match.index is not None else None
     t2 = clock()
-    mask, box, fallback = finish(match, cands.full_resolution_mask, coarse_map, image.shape[:2], match_config)
+    mask, box, fallback = finish(match, lambda i: chosen, coarse_map, image.shape[:2], match_config)
     t3 = clock()
     times = {**{k: cands.timings[k] for k in ("embed", "decode")}, "filter": (t1 - t0) - cands.timings["embed"]
              - cands.timings["decode"], "match": t2 - t1, "finish": t3 - t2}
