@@ -13,7 +13,21 @@ Two paths compute the filters:
   its candidate set equals the official one (tests/test_candidates.py checks it).
 - ``"fast"`` (default): on SAM's low-resolution logits (256x256 for the 1024 px models) cropped to
   the image, never upsampling every mask; ``Candidates.full_resolution_mask(i)`` upsamples one
-  candidate exactly as ``Sam.postprocess_masks`` does.
+  candidate exactly as ``Sam.postprocess_masks`` does. Where a low-resolution value lies close
+  enough to a threshold that full resolution could decide otherwise (a stability score within
+  :data:`STABILITY_MARGIN` of its threshold, a pair of boxes whose IoU is within
+  :data:`BOX_IOU_MARGIN` of the NMS threshold), those masks are decided as the exact path decides
+  them: stability on the upsampled mask; a box from the few full-resolution lines next to the
+  low-resolution box's edges (interpolation is separable, and no line outside them can hold a
+  pixel of the mask), so that both keep the same candidates (``benchmarks/bench_speed.py
+  --shipped`` measures how often the chosen mask is the official flow's).
+
+Many images: :meth:`GridCandidateGenerator.generate_batch` encodes the images of a batch in one
+image-encoder call (uint8 pixels go to the device and are normalised there), then decodes each
+image's grid in as few passes as the memory budget allows (``CandidateConfig.memory_budget_mb``:
+the large-image OOM of ``SamAutomaticMaskGenerator`` cannot happen), filters on the device and
+hands each image's candidates out as soon as they are ready, so that matching on the CPU overlaps
+the next image's decoding. Optional: bfloat16 autocast (``dtype``) and ``torch.compile``.
 
 Frames: "original" is the image passed to :meth:`GridCandidateGenerator.generate` (H x W);
 "SAM image" is the image SAM was given (the original, or 224 x 224 with the reference option);
@@ -25,8 +39,10 @@ foreground column), the convention of ``segment_anything.utils.amg.batched_mask_
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import cv2
@@ -42,12 +58,26 @@ from segment_anything.utils.amg import (
     calculate_stability_score,
 )
 from segment_anything.utils.transforms import ResizeLongestSide
-from torchvision.ops.boxes import batched_nms
+from torchvision.ops.boxes import batched_nms, box_iou
 
 from .grid_decoder import GridDecoder
 from .sam import REFERENCE_SAM_SIZE, SAM_VARIANTS
 
-__all__ = ["CandidateConfig", "Candidates", "GridCandidateGenerator"]
+__all__ = ["CandidateConfig", "Candidates", "DTYPES", "GridCandidateGenerator"]
+
+# CandidateConfig.dtype -> the dtype SAM's networks run in (autocast).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The memory budget where none is given and the device is not a GPU.
+DEFAULT_MEMORY_BUDGET_MB = 4096
+# Fast path: a low-resolution stability score this close to its threshold, or a low-resolution
+# box IoU this close to the NMS threshold, is recomputed at full resolution. Low and full
+# resolution differ by up to ~0.04 in stability (the shipped SAM, 4 px per low-res cell) and by
+# about one cell per box side.
+STABILITY_MARGIN = 0.05
+BOX_IOU_MARGIN = 0.1
+# Masks whose full-resolution box edges are searched for together (memory: a few full-resolution
+# lines per mask and edge).
+EDGE_SEARCH_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -59,7 +89,8 @@ class CandidateConfig:
 
     Attributes:
         points_per_side: the grid has points_per_side**2 points over the whole image.
-        points_per_batch: prompts decoded together (memory vs speed; no effect on results).
+        points_per_batch: prompts decoded together (memory vs speed; no effect on results), at
+            most; fewer when the memory budget asks for it.
         pred_iou_thresh: keep masks whose predicted IoU is strictly above this.
         stability_score_thresh: keep masks whose stability score is at least this.
         stability_score_offset: logit offset of the stability score's two thresholds.
@@ -78,6 +109,17 @@ class CandidateConfig:
             authors do; filters then run in that frame and candidates are reported in the
             original frame. By default SAM sees the original image (and resizes its longest
             side itself).
+        dtype: "float32", or "bfloat16": SAM's image encoder and mask decoder run under bfloat16
+            autocast (the filters read float32 copies of the logits). Faster where the hardware
+            has bfloat16 matrix units (recent GPUs; CPUs with AVX512-BF16 or AMX); masks near a
+            threshold may flip, so check the same-answer rate (benchmarks/bench_speed.py --shipped).
+        compile: run SAM's image encoder and the per-prompt decoder pass through
+            ``torch.compile``: a cold start (the first batch, and the first of another size)
+            of seconds on small models to minutes on ViT-H, then faster batches.
+        memory_budget_mb: activation memory one batch may take on the device: bounds the prompts
+            decoded per pass (fast path: fixed per prompt; exact path: grows with the image) and
+            the images encoded per image-encoder call. None: half the GPU's memory on CUDA,
+            4096 MB elsewhere.
     """
 
     points_per_side: int = 32
@@ -92,10 +134,17 @@ class CandidateConfig:
     prune_threshold: float = 0.2
     prune_dilation: int = 1
     reference_resize_224: bool = False
+    dtype: str = "float32"
+    compile: bool = False
+    memory_budget_mb: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("fast", "exact"):
             raise ValueError(f"mode must be 'fast' or 'exact', not {self.mode!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.memory_budget_mb is not None and self.memory_budget_mb < 1:
+            raise ValueError(f"memory_budget_mb must be positive, not {self.memory_budget_mb}")
         if not 1 <= self.points_per_side <= 256:
             raise ValueError(f"points_per_side must be 1..256, not {self.points_per_side}")
         if self.points_per_batch < 1:
@@ -151,8 +200,9 @@ class Candidates:
     mode: str
     num_grid_points: int
     timings: dict[str, float] = field(default_factory=dict)
-    # (N, kh, kw) float32 CPU logits over the unpadded SAM input plus one cell of padding
-    # (bilinear upsampling near the image edge reads it), and how to upsample them.
+    # (N, kh, kw) float32 logits over the unpadded SAM input plus one cell of padding (bilinear
+    # upsampling near the image edge reads it), on SAM's device (only the winner leaves it), and
+    # how to upsample them.
     _low_res_logits: torch.Tensor | None = field(default=None, repr=False)
     _input_size: tuple[int, int] = field(default=(0, 0), repr=False)
     _upscale: int = field(default=4, repr=False)
@@ -171,9 +221,8 @@ class Candidates:
         if self.mode == "exact":
             return self.masks[i]
         logits = self._low_res_logits[i : i + 1, None]
-        return _upscale_logits(logits, self._upscale, self._input_size, self.image_size)[0, 0].gt(
-            self._mask_threshold
-        ).numpy()
+        full = _upscale_logits(logits, self._upscale, self._input_size, self.image_size)[0, 0]
+        return full.gt(self._mask_threshold).cpu().numpy()
 
 
 def _upscale_logits(
@@ -185,6 +234,83 @@ def _upscale_logits(
     x = F.interpolate(logits, (kh * upscale, kw * upscale), mode="bilinear", align_corners=False)
     x = x[..., : input_size[0], : input_size[1]]
     return F.interpolate(x, out_size, mode="bilinear", align_corners=False)
+
+
+def _interpolation_matrix(
+    cells: int, upscale: int, input_size: int, out_size: int, device: torch.device
+) -> torch.Tensor:
+    """(out_size, cells) float32: the weights :func:`_upscale_logits` gives each low-res cell along
+    one axis (bilinear interpolation is separable: full = A @ logits @ B^T). Each row holds a few
+    adjacent non-negative weights that sum to one."""
+    eye = torch.eye(cells, dtype=torch.float32, device=device)[None]  # channel c: the impulse at cell c
+    x = F.interpolate(eye, cells * upscale, mode="linear", align_corners=False)[..., :input_size]
+    return F.interpolate(x, out_size, mode="linear", align_corners=False)[0].T.contiguous()
+
+
+def _first_positive_lines(
+    logits: torch.Tensor, first_cell: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """For (N, kh, kw) low-res logits whose first row of cells with a logit above ``threshold``
+    is ``first_cell`` (N,): the first row of the full-resolution logits ``rows @ logits @ cols^T``
+    with a value above ``threshold``, looked for among the rows that weigh that cell or the next;
+    -1 where none of them has one.
+
+    The rows above those weigh only cells whose logits are all at most the threshold, with
+    non-negative weights that sum to one, so none of them can exceed it. Only the few cells the
+    searched rows weigh are interpolated, along the whole width."""
+    n, kh, kw = logits.shape
+    device = logits.device
+    reached = rows > 0  # (H, kh)
+    top = reached.float().argmax(0)  # (kh,) the first full-resolution row that weighs each cell
+    bottom = rows.shape[0] - 1 - reached.flip(0).float().argmax(0)  # (kh,) the last
+    after = torch.clamp(torch.arange(kh, device=device) + 1, max=kh - 1)
+    band = int((bottom[after] - top + 1).max())
+    row_index = torch.clamp(top[first_cell][:, None] + torch.arange(band, device=device), max=rows.shape[0] - 1)
+    weights = rows[row_index]  # (N, band, kh)
+    nonzero = weights > 0
+    low = nonzero.any(1).float().argmax(1)  # (N,) the first cell the band weighs
+    high = kh - 1 - nonzero.any(1).flip(1).float().argmax(1)  # the last
+    width = int((high - low + 1).max())
+    offset = torch.arange(width, device=device)
+    cell_index = torch.clamp(low[:, None] + offset, max=kh - 1)  # (N, width)
+    weights = weights.gather(2, cell_index[:, None, :].expand(-1, band, -1))
+    weights = weights * (offset <= (high - low)[:, None])[:, None, :]  # a clamped repeat weighs 0
+    lines = logits.gather(1, cell_index[:, :, None].expand(-1, -1, kw)).float() @ cols.T  # (N, width, W)
+    hit = (weights @ lines > threshold).any(2)  # (N, band): full-resolution rows with a positive pixel
+    first = row_index.gather(1, hit.float().argmax(1, keepdim=True))[:, 0]
+    return torch.where(hit.any(1), first, torch.full_like(first, -1))
+
+
+def _full_resolution_boxes(
+    logits: torch.Tensor, upscale: int, input_size: tuple[int, int], out_size: tuple[int, int], threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive xyxy boxes of the masks ``_upscale_logits(logits) > threshold`` of (N, kh, kw)
+    low-res logits, without upsampling whole masks: each edge is looked for among the
+    full-resolution lines next to the outermost low-res cells above the threshold.
+
+    Returns:
+        boxes: (N, 4) int64, those of ``batched_mask_to_box`` on the upsampled masks up to float
+            rounding (the two axes are interpolated in another order); [0, 0, 0, 0] for a mask
+            empty at low resolution.
+        found: (N,) bool; False where an edge is not among those lines (the outermost cells fade
+            out once upsampled): upsample those masks instead.
+    """
+    n, kh, kw = logits.shape
+    rows = _interpolation_matrix(kh, upscale, input_size[0], out_size[0], logits.device)  # (H, kh)
+    cols = _interpolation_matrix(kw, upscale, input_size[1], out_size[1], logits.device)  # (W, kw)
+    positive = logits > threshold
+    any_row, any_col = positive.any(2), positive.any(1)  # (N, kh), (N, kw)
+    first_row, last_row = any_row.float().argmax(1), kh - 1 - any_row.flip(1).float().argmax(1)
+    first_col, last_col = any_col.float().argmax(1), kw - 1 - any_col.flip(1).float().argmax(1)
+    across = logits.transpose(1, 2)
+    y0 = _first_positive_lines(logits, first_row, rows, cols, threshold)
+    y1 = _first_positive_lines(logits.flip(1), kh - 1 - last_row, rows.flip(0, 1), cols, threshold)
+    x0 = _first_positive_lines(across, first_col, cols, rows, threshold)
+    x1 = _first_positive_lines(across.flip(1), kw - 1 - last_col, cols.flip(0, 1), rows, threshold)
+    edges = torch.stack([x0, y0, x1, y1], 1)
+    boxes = torch.stack([x0, y0, out_size[1] - 1 - x1, out_size[0] - 1 - y1], 1)
+    empty = ~any_row.any(1)
+    return torch.where(empty[:, None], torch.zeros_like(boxes), boxes), empty | (edges >= 0).all(1)
 
 
 def _scale_boxes(
@@ -232,10 +358,15 @@ class GridCandidateGenerator:
     def __init__(self, sam: Sam, config: CandidateConfig | None = None):
         self.sam = sam
         self.config = config or CandidateConfig()
-        self.decoder = GridDecoder(sam)
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         # SAM's low-res logits are 4x its embedding grid.
         self._upscale = sam.image_encoder.img_size // (4 * sam.prompt_encoder.image_embedding_size[0])
+        self._budget = self._memory_budget_bytes()
+        itemsize = DTYPES[self.config.dtype].itemsize
+        self.decoder = GridDecoder(sam, compile=self.config.compile)
+        self.decoder.batch_size = self._prompts_per_pass(itemsize)
+        self._image_encoder = torch.compile(sam.image_encoder) if self.config.compile else sam.image_encoder
+        self._images_per_pass = max(1, self._budget // self._encoder_bytes_per_image(itemsize))
         self._frames: _Frames | None = None  # of the image last given to set_image
         self._embed_seconds = 0.0
         self._decode_seconds = 0.0
@@ -244,6 +375,62 @@ class GridCandidateGenerator:
     def device(self) -> torch.device:
         return self.sam.device
 
+    def _autocast(self):
+        """SAM's networks in ``config.dtype``."""
+        if self.config.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.config.dtype])
+
+    # ---------------------------------------------------------------- memory
+
+    def _memory_budget_bytes(self) -> int:
+        mb = self.config.memory_budget_mb
+        if mb is None:
+            if self.device.type == "cuda":
+                return torch.cuda.get_device_properties(self.device).total_memory // 2
+            mb = DEFAULT_MEMORY_BUDGET_MB
+        return mb << 20
+
+    def _prompts_per_pass(self, itemsize: int) -> int:
+        """Prompts per decoder pass: ``points_per_batch``, fewer if the budget asks for it."""
+        return max(1, min(self.config.points_per_batch, self._budget // self.decoder.bytes_per_prompt(itemsize)))
+
+    def _encoder_bytes_per_image(self, itemsize: int) -> int:
+        """Peak activations of one image in the image encoder (an upper estimate): a global
+        attention block's (heads, N, N) mask and scores, and a dozen (N, D) token tensors."""
+        enc = self.sam.image_encoder
+        tokens = (enc.img_size // enc.patch_embed.proj.kernel_size[0]) ** 2
+        dim = enc.patch_embed.proj.out_channels
+        heads = enc.blocks[0].attn.num_heads
+        return itemsize * (2 * heads * tokens * tokens + 16 * tokens * dim)
+
+    # ---------------------------------------------------------------- encoding
+
+    def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, _Frames]:
+        """One image -> (3, h, w) uint8 on the device, resized as ``SamPredictor.set_image``
+        does (on the CPU, PIL), and its frames."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+        original = (int(image.shape[0]), int(image.shape[1]))
+        if self.config.reference_resize_224:
+            image = cv2.resize(image, (REFERENCE_SAM_SIZE, REFERENCE_SAM_SIZE), interpolation=cv2.INTER_LINEAR)
+        resized = self.transform.apply_image(image)
+        x = torch.as_tensor(resized).permute(2, 0, 1).to(self.device, non_blocking=True)
+        frames = _Frames(
+            original=original,
+            sam_image=(int(image.shape[0]), int(image.shape[1])),
+            sam_input=(int(x.shape[-2]), int(x.shape[-1])),
+            upscale=self._upscale,
+        )
+        return x, frames
+
+    def _encode(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """(3, h, w) uint8 images on the device -> (B, C, h', w') embeddings: normalised and
+        padded there (``Sam.preprocess``), encoded in one call."""
+        x = torch.cat([self.sam.preprocess(p[None].float()) for p in pixels])
+        with self._autocast():
+            return self._image_encoder(x)
+
     @torch.inference_mode()
     def set_image(self, image: np.ndarray) -> None:
         """Encode one image with SAM's own preprocessing (as ``SamPredictor.set_image``).
@@ -251,24 +438,15 @@ class GridCandidateGenerator:
         Args:
             image: (H, W, 3) uint8 RGB, the original frame.
         """
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
         start = time.perf_counter()
-        original = (int(image.shape[0]), int(image.shape[1]))
-        if self.config.reference_resize_224:
-            image = cv2.resize(image, (REFERENCE_SAM_SIZE, REFERENCE_SAM_SIZE), interpolation=cv2.INTER_LINEAR)
-        resized = self.transform.apply_image(image)
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        self._frames = _Frames(
-            original=original,
-            sam_image=(int(image.shape[0]), int(image.shape[1])),
-            sam_input=(int(x.shape[-2]), int(x.shape[-1])),
-            upscale=self._upscale,
-        )
-        embedding = self.sam.image_encoder(self.sam.preprocess(x))
-        self.decoder.set_image_embedding(embedding)
+        pixels, self._frames = self._prepare(image)
+        self._set_embedding(self._encode([pixels]))
         self._synchronize()
         self._embed_seconds = time.perf_counter() - start
+
+    def _set_embedding(self, embedding: torch.Tensor) -> None:
+        with self._autocast():
+            self.decoder.set_image_embedding(embedding)
 
     def grid_points(self, image_size: tuple[int, int], coarse_map: np.ndarray | None = None) -> np.ndarray:
         """(P, 2) float64 (x, y) grid points in original pixels, in the official generator's
@@ -321,6 +499,43 @@ class GridCandidateGenerator:
             self.set_image(image)
         elif self._frames is None:
             raise RuntimeError("pass an image, or call set_image() first")
+        return self._candidates(coarse_map)
+
+    @torch.inference_mode()
+    def generate_batch(
+        self, images: Sequence[np.ndarray], coarse_maps: Sequence[np.ndarray | None] | None = None
+    ) -> Iterator[Candidates]:
+        """Candidate masks of several images: :meth:`generate` of each, in order, with the
+        images encoded together (as many per image-encoder call as the memory budget allows).
+
+        Args:
+            images: (H_i, W_i, 3) uint8 RGB images, any sizes.
+            coarse_maps: one (h, w) coarse map (or None) per image, for pruning.
+
+        Yields:
+            One :class:`Candidates` per image, as soon as it is ready (lazily: the next image is
+            decoded when the next one is asked for). Its ``timings["embed"]`` is its share of
+            its encoder call.
+        """
+        if coarse_maps is None:
+            coarse_maps = [None] * len(images)
+        if len(coarse_maps) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(coarse_maps)} coarse maps")
+        for first in range(0, len(images), self._images_per_pass):
+            chunk = range(first, min(len(images), first + self._images_per_pass))
+            start = time.perf_counter()
+            prepared = [self._prepare(images[i]) for i in chunk]
+            embeddings = self._encode([pixels for pixels, _ in prepared])
+            self._synchronize()
+            seconds = (time.perf_counter() - start) / len(chunk)
+            for i, (_, frames), embedding in zip(chunk, prepared, embeddings):
+                self._frames, self._embed_seconds = frames, seconds
+                self._set_embedding(embedding[None])
+                yield self._candidates(coarse_maps[i])
+
+    def _candidates(self, coarse_map: np.ndarray | None) -> Candidates:
+        """The stages after encoding, for the image of ``self._frames``: decode the grid in
+        passes, filter each, NMS, hand out."""
         start = time.perf_counter()
         self._decode_seconds = 0.0
         points = self.grid_points(self._frames.original, coarse_map)
@@ -328,12 +543,21 @@ class GridCandidateGenerator:
             return self._finalize(self._no_masks(), 0, start)
 
         data = MaskData()
-        for (batch,) in batch_iterator(self.config.points_per_batch, points):
+        for (batch,) in batch_iterator(self._points_per_batch(), points):
             data.cat(self._process_batch(batch))
         self._nms(data)
         if self._frames.sam_image != self._frames.original:
             self._to_original_frame(data)
         return self._finalize(data, len(points), start)
+
+    def _points_per_batch(self) -> int:
+        """Grid points decoded and filtered together: one decoder pass; on the exact path, fewer
+        when the image's full-resolution masks would not fit the budget."""
+        n = self.decoder.batch_size
+        if self.config.mode == "exact":
+            h, w = self._frames.sam_image
+            n = min(n, max(1, self._budget // (3 * h * w * 10)))  # 3 masks: logits, bool, stability
+        return n
 
     def _process_batch(self, points: np.ndarray) -> MaskData:
         """Decode (B, 2) grid points (original pixels); keep the masks that pass the filters."""
@@ -352,24 +576,37 @@ class GridCandidateGenerator:
         return data
 
     def _decode(self, points: np.ndarray) -> MaskData:
-        """SAM's three masks for each of (B, 2) points: (3B, kh, kw) low-res logits, predicted
-        IoUs, the prompting point and which multimask output each mask is, point-major."""
+        """SAM's three masks for each of (B, 2) points: (3B', kh, kw) float32 low-res logits over
+        the image and one cell past it, predicted IoUs, the prompting point and which multimask
+        output each mask is, point-major. With the predicted-IoU filter on, the B' points kept
+        are those with a mask that passes it: the others' masks are never upscaled."""
         f = self._frames
         # Grid points in the SAM image (differs from the original only for the 224 option).
         sam_scale = np.array([f.sam_image[1] / f.original[1], f.sam_image[0] / f.original[0]])
         coords = self.transform.apply_coords(points * sam_scale, f.sam_image)
         coords = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[:, None, :]
         labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)
+        # Embedding cells over the image and the low-res cell past it.
+        low_h, low_w = f.low_res
+        region = (low_h // 4 + 1, low_w // 4 + 1)
         start = time.perf_counter()
-        logits, iou = self.decoder.decode(coords, labels, multimask_output=True)
+        with self._autocast():
+            if self.config.pred_iou_thresh > 0.0:
+                logits, iou, kept = self.decoder.decode_masks_above(
+                    coords, labels, self.config.pred_iou_thresh, region=region
+                )
+            else:
+                logits, iou = self.decoder.decode(coords, labels, multimask_output=True, region=region)
+                kept = torch.arange(len(points), device=self.device)
         self._synchronize()
         self._decode_seconds += time.perf_counter() - start
         n_masks = logits.shape[1]
+        kept = kept.cpu().numpy()
         return MaskData(
-            logits=logits.flatten(0, 1),
-            iou_preds=iou.flatten(0, 1),
-            points=torch.as_tensor(points.repeat(n_masks, axis=0)),
-            multimask_index=torch.arange(n_masks, device=self.device).repeat(len(points)),
+            logits=logits.flatten(0, 1).float(),
+            iou_preds=iou.flatten(0, 1).float(),
+            points=torch.as_tensor(points[kept].repeat(n_masks, axis=0)),
+            multimask_index=torch.arange(n_masks, device=self.device).repeat(len(kept)),
         )
 
     def _full_resolution_masks(self, data: MaskData) -> None:
@@ -377,10 +614,8 @@ class GridCandidateGenerator:
         image, as ``Sam.postprocess_masks`` and the official generator compute them."""
         cfg = self.config
         size = self._frames.sam_image
-        # In chunks: a 256-point batch of 3 masks at 1000x1000 would be 3 GB of float32.
-        chunk = max(1, (1 << 24) // max(1, size[0] * size[1]))
         masks, stability = [], []
-        for logits in torch.split(data["logits"], chunk):
+        for logits in torch.split(data["logits"], self._full_resolution_chunk()):
             full = self._upscale_to(logits, size)
             stability.append(calculate_stability_score(full, cfg.mask_threshold, cfg.stability_score_offset))
             masks.append(full > cfg.mask_threshold)
@@ -399,7 +634,12 @@ class GridCandidateGenerator:
         low_h, low_w = self._frames.low_res
         logits = data["logits"][:, :low_h, :low_w]
         data["masks"] = logits > cfg.mask_threshold
-        data["stability_score"] = calculate_stability_score(logits, cfg.mask_threshold, cfg.stability_score_offset)
+        stability = calculate_stability_score(logits, cfg.mask_threshold, cfg.stability_score_offset)
+        if cfg.stability_score_thresh > 0.0:
+            near = torch.nonzero((stability - cfg.stability_score_thresh).abs() <= STABILITY_MARGIN).flatten()
+            if len(near):
+                stability[near] = self._full_resolution_stability(data["logits"][near]).to(stability.dtype)
+        data["stability_score"] = stability
         self._filter_by_stability(data)
         f = self._frames
         cell = (f.sam_image[0] * f.upscale / f.sam_input[0], f.sam_image[1] * f.upscale / f.sam_input[1])
@@ -417,10 +657,52 @@ class GridCandidateGenerator:
         keeps every box, so there is no such filter here.
         """
         iou_preds = data["iou_preds"]
+        if self.config.mode == "fast":
+            self._refine_uncertain_boxes(data)
         keep = batched_nms(
             data["boxes"].float(), iou_preds, torch.zeros_like(iou_preds), iou_threshold=self.config.box_nms_thresh
         )
         data.filter(keep)
+
+    def _refine_uncertain_boxes(self, data: MaskData) -> None:
+        """Fast path: the full-resolution box of every mask in a pair whose low-resolution box
+        IoU is within :data:`BOX_IOU_MARGIN` of the NMS threshold (NMS could decide that pair
+        otherwise). The box is found near the low-resolution box's edges
+        (:func:`_full_resolution_boxes`); only masks whose edges are not there are upsampled."""
+        boxes = data["boxes"]
+        if len(boxes) < 2 or self.config.box_nms_thresh >= 1.0:
+            return
+        iou = box_iou(boxes.float(), boxes.float())
+        iou.fill_diagonal_(0.0)
+        near = ((iou - self.config.box_nms_thresh).abs() <= BOX_IOU_MARGIN).any(1)
+        near = torch.nonzero(near).flatten()
+        if len(near) == 0:
+            return
+        f, threshold = self._frames, self.config.mask_threshold
+        unresolved = []
+        for index in torch.split(near, EDGE_SEARCH_CHUNK):
+            found_boxes, found = _full_resolution_boxes(data["logits"][index], f.upscale, f.sam_input, f.sam_image, threshold)
+            boxes[index[found]] = found_boxes[found].to(boxes.dtype)
+            unresolved.append(index[~found])
+        for index in torch.split(torch.cat(unresolved), self._full_resolution_chunk()):
+            masks = self._upscale_to(data["logits"][index], f.sam_image) > threshold
+            boxes[index] = batched_mask_to_box(masks).to(boxes.dtype)
+
+    def _full_resolution_stability(self, logits: torch.Tensor) -> torch.Tensor:
+        """Stability scores of (N, kh, kw) low-res logits computed on their full-resolution
+        masks, as the exact path computes them."""
+        cfg = self.config
+        return torch.cat([
+            calculate_stability_score(self._upscale_to(chunk, self._frames.sam_image), cfg.mask_threshold,
+                                      cfg.stability_score_offset)
+            for chunk in torch.split(logits, self._full_resolution_chunk())
+        ])
+
+    def _full_resolution_chunk(self) -> int:
+        """Masks upscaled to the SAM image together: a 256-point batch of 3 masks at 1000x1000
+        would be 3 GB of float32."""
+        h, w = self._frames.sam_image
+        return max(1, min(1 << 24, self._budget // 16) // max(1, h * w))
 
     def _to_original_frame(self, data: MaskData) -> None:
         """The 224 option: boxes (and exact masks) from the SAM image to the original frame.
@@ -462,7 +744,7 @@ class GridCandidateGenerator:
             image_size=f.original,
             mode=self.config.mode,
             num_grid_points=num_grid_points,
-            _low_res_logits=data["logits"].float().cpu(),
+            _low_res_logits=data["logits"],
             _input_size=f.sam_input,
             _upscale=f.upscale,
             _mask_threshold=self.config.mask_threshold,

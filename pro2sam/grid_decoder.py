@@ -84,20 +84,39 @@ class GridDecoder:
             decoder are used.
         fast: compute the per-image work once and the per-prompt work in low rank (True), or call
             SAM's own prompt encoder and mask decoder (False, for comparison).
-        batch_size: prompts decoded together; bounds memory (the fast path holds about
-            ``batch_size * N * (2K + 16 * C/8)`` floats).
+        batch_size: prompts decoded together; bounds memory (about ``batch_size *``
+            :meth:`bytes_per_prompt` of activations).
+        compile: run the fast per-prompt pass through ``torch.compile`` (its first calls
+            compile: a cold start of seconds to minutes; batch sizes that differ from the first
+            compile once more, with a dynamic batch).
     """
 
-    def __init__(self, sam: Sam, *, fast: bool = True, batch_size: int = 64):
+    def __init__(self, sam: Sam, *, fast: bool = True, batch_size: int = 64, compile: bool = False):
         self.sam = sam
         self.fast = fast
         self.batch_size = batch_size
         self._embedding: torch.Tensor | None = None
         self._shared: _ImageShared | None = None
+        self._decode_chunk = torch.compile(self._decode_fast) if compile and fast else self._decode_fast
 
     @property
     def _dtype(self) -> torch.dtype:
         return self.sam.mask_decoder.iou_token.weight.dtype
+
+    def bytes_per_prompt(self, itemsize: int = 4) -> int:
+        """Peak activation bytes one prompt adds to a batch, at ``itemsize`` bytes per value (an
+        upper estimate, for choosing ``batch_size``): fast, the low-rank coefficients (2K per
+        image token) and the upscaling tail (the first ConvTranspose's 4 * C/4 and the second's
+        16 * C/8 values per image token, each with its LayerNorm/GELU copy); official, SAM's
+        per-prompt copies of the image embedding."""
+        dec = self.sam.mask_decoder
+        h, w = self.sam.prompt_encoder.image_embedding_size
+        c = dec.transformer_dim
+        if not self.fast:
+            return 12 * h * w * c * itemsize
+        tokens = 1 + dec.num_mask_tokens + 2  # output tokens + a point and its padding point
+        k = sum(layer.cross_attn_image_to_token.num_heads * tokens + 1 for layer in dec.transformer.layers)
+        return h * w * (2 * k + 2 * c + 4 * c + 48) * itemsize
 
     @torch.inference_mode()
     def set_image_embedding(self, image_embedding: torch.Tensor) -> None:
@@ -106,6 +125,7 @@ class GridDecoder:
         self._embedding = image_embedding.to(self._dtype)
         self._image_pe = self.sam.prompt_encoder.get_dense_pe().to(self._dtype)
         self._shared = self._precompute(self._embedding) if self.fast else None
+        self._up_src_region = {}
 
     @torch.inference_mode()
     def decode(
@@ -114,6 +134,7 @@ class GridDecoder:
         point_labels: torch.Tensor,
         *,
         multimask_output: bool = True,
+        region: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode B prompts of P points each.
 
@@ -122,37 +143,70 @@ class GridDecoder:
                 ``sam.image_encoder.img_size``).
             point_labels: (B, P) int, 1 foreground / 0 background / -1 padding.
             multimask_output: three masks per prompt (True) or one.
+            region: (rows, cols): mask logits only over the top-left rows x cols cells of the
+                (h, w) embedding grid (the image; the rest is SAM's padding). The upscaling is
+                per embedding cell, so these logits are those of the whole grid, cropped.
 
         Returns:
-            low_res_logits: (B, M, 4h, 4w) mask logits over the padded input frame, M = 3 or 1.
+            low_res_logits: (B, M, 4 * rows, 4 * cols) mask logits (rows, cols = h, w without a
+                region) over the padded input frame, M = 3 or 1.
             iou_predictions: (B, M) SAM's predicted IoU.
         """
+        logits, iou, _ = self._decode(point_coords, point_labels, multimask_output, region, None)
+        return logits, iou
+
+    @torch.inference_mode()
+    def decode_masks_above(
+        self,
+        point_coords: torch.Tensor,
+        point_labels: torch.Tensor,
+        iou_threshold: float,
+        *,
+        region: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`decode` (three masks per prompt) of the prompts that have at least one mask
+        whose predicted IoU is above ``iou_threshold``; the others' masks are never upscaled
+        (the IoU head reads the output tokens only).
+
+        Returns:
+            low_res_logits: (B', 3, 4 * rows, 4 * cols) of the B' prompts kept.
+            iou_predictions: (B', 3).
+            prompt_index: (B',) int64 positions of the kept prompts in the input.
+        """
+        return self._decode(point_coords, point_labels, True, region, iou_threshold)
+
+    def _decode(self, point_coords, point_labels, multimask_output, region, iou_threshold):
         if self._embedding is None:
             raise RuntimeError("call set_image_embedding() before decode()")
+        h, w = self._embedding.shape[-2:]
+        region = (h, w) if region is None else (min(region[0], h), min(region[1], w))
         sparse, _ = self.sam.prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
         sparse = sparse.to(self._dtype)
-        logits, iou = [], []
+        logits, iou, index = [], [], []
         for start in range(0, sparse.shape[0], self.batch_size):
             chunk = sparse[start : start + self.batch_size]
             if self.fast:
-                out = self._decode_fast(chunk, multimask_output)
+                out = self._decode_chunk(chunk, multimask_output, region, iou_threshold)
             else:
-                out = self._decode_official(chunk, multimask_output)
+                out = self._decode_official(chunk, multimask_output, region, iou_threshold)
             logits.append(out[0])
             iou.append(out[1])
-        return torch.cat(logits), torch.cat(iou)
+            index.append(out[2] + start)
+        return torch.cat(logits), torch.cat(iou), torch.cat(index)
 
-    def _decode_official(self, sparse: torch.Tensor, multimask_output: bool):
+    def _decode_official(self, sparse: torch.Tensor, multimask_output: bool, region, iou_threshold):
         dec = self.sam.mask_decoder
         dense = self.sam.prompt_encoder.no_mask_embed.weight.to(self._dtype).reshape(1, -1, 1, 1)
         dense = dense.expand(sparse.shape[0], -1, *self._embedding.shape[-2:])
-        return dec(
+        masks, iou_pred = dec(
             image_embeddings=self._embedding,
             image_pe=self._image_pe,
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
         )
+        keep = _prompts_above(iou_pred, iou_threshold)
+        return masks[keep, :, : 4 * region[0], : 4 * region[1]], iou_pred[keep], keep
 
     # ---------------------------------------------------------------- per image (shared) work
 
@@ -210,7 +264,7 @@ class GridDecoder:
 
     # ---------------------------------------------------------------- per prompt work
 
-    def _decode_fast(self, sparse: torch.Tensor, multimask_output: bool):
+    def _decode_fast(self, sparse: torch.Tensor, multimask_output: bool, region, iou_threshold):
         dec = self.sam.mask_decoder
         tr = dec.transformer
         shared = self._shared
@@ -259,24 +313,35 @@ class GridDecoder:
         hs = tr.norm_final_attn(queries + attn_out)
 
         sel = slice(1, None) if multimask_output else slice(0, 1)
+        iou_pred = dec.iou_prediction_head(hs[:, 0])[:, sel]
+        keep = _prompts_above(iou_pred, iou_threshold)
+        if len(keep) < b:  # masks only for the prompts kept
+            a, coef, basis, hs, iou_pred = a[keep], coef[keep], basis[keep], hs[keep], iou_pred[keep]
         mask_ids = range(dec.num_mask_tokens)[sel]
         hyper_in = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in mask_ids], dim=1)
-        masks = self._upscale_and_predict(a, coef, basis, hyper_in)
-        iou_pred = dec.iou_prediction_head(hs[:, 0])[:, sel]
-        return masks, iou_pred
+        masks = self._upscale_and_predict(a, coef, basis, hyper_in, region)
+        return masks, iou_pred, keep
 
-    def _upscale_and_predict(self, a, coef, basis, hyper_in):
-        """``hyper_in @ output_upscaling(keys)`` with keys in low rank, channels last.
+    def _upscale_and_predict(self, a, coef, basis, hyper_in, region):
+        """``hyper_in @ output_upscaling(keys)`` with keys in low rank, channels last, over the
+        top-left ``region`` = (rows, cols) of the embedding grid (both ConvTransposes have
+        kernel = stride = 2, and LayerNorm2d and GELU act per pixel, so every embedding cell
+        upscales on its own).
 
-        Returns (B, M, 4h, 4w)."""
+        Returns (B, M, 4 * rows, 4 * cols)."""
         up = self.sam.mask_decoder.output_upscaling
-        shared = self._shared
         h, w = self._embedding.shape[-2:]
-        b, _, n = coef.shape
+        rows, cols = region
+        b = coef.shape[0]
+        if (rows, cols) != (h, w):
+            a = a.view(b, h, w)[:, :rows, :cols].reshape(b, rows * cols)
+            coef = coef.unflatten(-1, (h, w))[..., :rows, :cols].flatten(-2)
+        n = rows * cols
+        up_src, up_const = self._up_src(region), self._shared.up_const
         up_w, _ = self._upscale_1_weight()
         # the first ConvTranspose is per pixel linear, so it maps S, u and the basis separately
-        x = torch.addcmul(shared.up_const, shared.up_src, a.unsqueeze(-1))
-        x = torch.baddbmm(x, coef.transpose(1, 2), basis @ up_w)  # (B, N, 4 * C/4); not in place: autocast may change dtypes
+        x = torch.addcmul(up_const, up_src, a.unsqueeze(-1))
+        x = torch.baddbmm(x, coef.transpose(1, 2), basis @ up_w)  # (B, n, 4 * C/4); not in place: autocast may change dtypes
         c4 = up[1].weight.shape[0]
         x = x.view(b, n, 4, c4)  # pixel (i, j), sub-pixel (ki1, kj1), channel
         x = up[2](F.layer_norm(x, (c4,), up[1].weight, up[1].bias, up[1].eps))
@@ -286,8 +351,23 @@ class GridDecoder:
         x = up[4](x)  # (B * N * 4, 4 * C/8): pixel, sub-pixel, sub-sub-pixel (ki2, kj2), channel
         m = hyper_in.shape[1]
         masks = x.view(b, n * 16, c8) @ hyper_in.transpose(1, 2)  # (B, N * 16, M)
-        masks = masks.view(b, h, w, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
-        return masks.reshape(b, m, 4 * h, 4 * w)
+        masks = masks.view(b, rows, cols, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return masks.reshape(b, m, 4 * rows, 4 * cols)
+
+    def _up_src(self, region: tuple[int, int]) -> torch.Tensor:
+        """The shared first-ConvTranspose term over the region's cells, (rows * cols, 4 * C/4)."""
+        if region not in self._up_src_region:
+            h, w = self._embedding.shape[-2:]
+            up_src = self._shared.up_src
+            self._up_src_region[region] = up_src.view(h, w, -1)[: region[0], : region[1]].reshape(-1, up_src.shape[-1])
+        return self._up_src_region[region]
+
+
+def _prompts_above(iou_pred: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """(B,) int64 positions of the prompts with some predicted IoU above ``threshold`` (all for None)."""
+    if threshold is None:
+        return torch.arange(iou_pred.shape[0], device=iou_pred.device)
+    return torch.nonzero((iou_pred > threshold).any(1)).flatten()
 
 
 def _heads(x: torch.Tensor, attn: Attention) -> torch.Tensor:

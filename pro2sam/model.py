@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from .candidates import CandidateConfig, Candidates, GridCandidateGenerator
 from .checkpoints import OFFICIAL_SAM_CHECKPOINTS
 from .gtformer import load_gtformer
 from .images import to_rgb_array
-from .matching import MatchConfig, coarse_fallback, mask_box, match_masks
+from .matching import MatchConfig, coarse_fallback, mask_box, match_at_full_resolution, match_masks
 from .sam import DEFAULT_SAM_VARIANT, build_sam
 from .storage import sha256_file
 
@@ -222,9 +223,8 @@ class Pro2SAM:
         for start in range(0, len(images), batch_size):
             chunk = [to_rgb_array(img) for img in images[start : start + batch_size]]
             probs, coarse_maps = self.classify(chunk)
-            for j, (image, p, coarse) in enumerate(zip(chunk, probs, coarse_maps)):
-                label = labels[start + j] if labels is not None else None
-                results.append(self.localize(image, p, coarse, label=label))
+            chunk_labels = labels[start : start + batch_size] if labels is not None else None
+            results += self.localize_batch(chunk, probs, coarse_maps, labels=chunk_labels)
         return results
 
     def localize(self, image: np.ndarray, probs: np.ndarray, coarse_map: np.ndarray, *, label: Any = None) -> Pro2SAMResult:
@@ -235,6 +235,45 @@ class Pro2SAM:
             probs: (C,) class probabilities from :meth:`classify`.
             coarse_map: (h, w) coarse map from :meth:`classify`.
         """
+        self._check_shape(image)
+        candidates = self.generator.generate(image, coarse_map=coarse_map)
+        return self.choose(image, probs, coarse_map, candidates, label=label)
+
+    def localize_batch(
+        self,
+        images: Sequence[np.ndarray],
+        probs: Sequence[np.ndarray],
+        coarse_maps: Sequence[np.ndarray],
+        *,
+        labels: Sequence[Any] | None = None,
+    ) -> list[Pro2SAMResult]:
+        """:meth:`localize` of several images, as a GPU likes it: SAM encodes them together
+        (:meth:`GridCandidateGenerator.generate_batch`), and each image's matching and
+        upsampling (CPU work) runs in a worker thread while SAM decodes the next image.
+
+        Args:
+            images: (H_i, W_i, 3) uint8 RGB images.
+            probs, coarse_maps: :meth:`classify`'s outputs for them, one per image.
+            labels: image-level labels carried into the results, one per image, or None.
+
+        Raises:
+            ImageShapeError: an image SAM cannot take (checked before any work); any other
+                error of any image ends the batch (the labeling job then retries image by image).
+        """
+        if not len(images) == len(probs) == len(coarse_maps):
+            raise ValueError(f"got {len(images)} images, {len(probs)} probs and {len(coarse_maps)} coarse maps")
+        labels = [None] * len(images) if labels is None else labels
+        for image in images:
+            self._check_shape(image)
+        candidates = self.generator.generate_batch(images, coarse_maps)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pro2sam-choose") as matching:
+            chosen = [
+                matching.submit(self.choose, image, p, coarse, found, label=label)
+                for image, p, coarse, label, found in zip(images, probs, coarse_maps, labels, candidates)
+            ]
+            return [c.result() for c in chosen]
+
+    def _check_shape(self, image: np.ndarray) -> None:
         h, w = image.shape[:2]
         side = self.sam.image_encoder.img_size
         if min(h, w) * side / max(h, w) < 0.5:
@@ -242,8 +281,6 @@ class Pro2SAM:
                 f"image is {w}x{h}: too elongated for SAM, whose {side}-pixel input would leave its short side "
                 "under one pixel"
             )
-        candidates = self.generator.generate(image, coarse_map=coarse_map)
-        return self.choose(image, probs, coarse_map, candidates, label=label)
 
     def choose(
         self, image: np.ndarray, probs: np.ndarray, coarse_map: np.ndarray, candidates: Candidates, *, label: Any = None
@@ -254,10 +291,15 @@ class Pro2SAM:
         k = min(self.top_k, len(probs))
         top = np.argsort(-probs, kind="stable")[:k]
         names = [self.class_names[i] for i in top] if self.class_names else None
-        match = match_masks(coarse_map, candidates.masks, candidates.pred_ious, self.match_config)
-        mask = box = None
-        if match.index is not None:
-            mask = candidates.full_resolution_mask(match.index)
+        if candidates.mode == "fast":  # decided as on full-resolution masks
+            match, mask = match_at_full_resolution(
+                coarse_map, candidates.masks, candidates.pred_ious, candidates.full_resolution_mask, self.match_config
+            )
+        else:
+            match = match_masks(coarse_map, candidates.masks, candidates.pred_ious, self.match_config)
+            mask = candidates.masks[match.index] if match.index is not None else None
+        box = None
+        if mask is not None:
             box = mask_box(mask, self.match_config.min_component_area)
         if box is None:  # nothing survived, or the winner vanished at full resolution
             mask, box = coarse_fallback(coarse_map, image.shape[:2], self.match_config.fallback_threshold)

@@ -3,7 +3,9 @@
 As ``segment_anything/build_sam.py`` does for the official three, the sizes of every SAM we build
 are declared here, once (:data:`SAM_VARIANTS`), with SAM's pixel normalisation; :func:`build_sam`
 is the way in for inference (weights read without running pickled code, official files checked by
-SHA-256), :func:`sam_from_variant` for training one from scratch.
+SHA-256), :func:`sam_from_variant` for training one from scratch. For inference the image encoder's
+attention runs through ``F.scaled_dot_product_attention`` (:class:`SdpaAttention`): the same
+function, computed without segment_anything's explicit attention matrix where a fused kernel exists.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
 from .checkpoints import OFFICIAL_SAM_CHECKPOINTS, CheckpointError, load_state_dict
 
@@ -24,8 +28,10 @@ __all__ = [
     "SAM_PIXEL_STD",
     "SAM_VARIANTS",
     "SamVariant",
+    "SdpaAttention",
     "build_sam",
     "sam_from_variant",
+    "use_sdpa_attention",
 ]
 
 # Segment Anything's pixel normalisation (ImageNet mean/std in 0..255), as in build_sam.py.
@@ -157,6 +163,43 @@ def sam_from_variant(v: SamVariant) -> Sam:
     )
 
 
+class SdpaAttention(Attention):
+    """segment_anything's image-encoder attention (global or windowed, with decomposed relative
+    positions) through ``F.scaled_dot_product_attention``.
+
+    The relative-position terms ``q . R_h[kh] + q . R_w[kw]`` become the kernel's additive mask,
+    (B, heads, N, N) for N = H * W tokens, so the softmax and the product with the values run
+    fused (flash / memory-efficient kernels); the explicit path also holds the logits and their
+    softmax. Same parameters and outputs as :class:`segment_anything.modeling.image_encoder.Attention`
+    up to float rounding (the sums run in another order).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) tokens -> (B, H, W, C)."""
+        b, h, w, _ = x.shape
+        qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
+        bias = self._rel_pos_bias(q, h, w) if self.use_rel_pos else None
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # scale 1/sqrt(head_dim), as SAM's
+        return self.proj(x.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
+
+    def _rel_pos_bias(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """segment_anything's ``add_decomposed_rel_pos`` terms as a (B, heads, N, N) mask."""
+        r_q = q.reshape(-1, h, w, q.shape[-1])
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(h, h, self.rel_pos_h))
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(w, w, self.rel_pos_w))
+        return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(*q.shape[:2], h * w, h * w)
+
+
+def use_sdpa_attention(sam: Sam) -> Sam:
+    """Run ``sam``'s image-encoder attention through :class:`SdpaAttention`, in place (parameters
+    untouched); returns ``sam``."""
+    for block in sam.image_encoder.blocks:
+        if type(block.attn) is Attention:
+            block.attn.__class__ = SdpaAttention
+    return sam
+
+
 @torch.no_grad()
 def _make_random_masks_coherent(sam: Sam) -> None:
     """Adjust a randomly initialised SAM so its masks are worth filtering.
@@ -186,6 +229,7 @@ def build_sam(
     verify: bool = True,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    sdpa: bool = True,
 ) -> Sam:
     """Build a Segment Anything model in eval mode, reading weights without running pickled code.
 
@@ -205,6 +249,9 @@ def build_sam(
             counts, shapes).
         seed: seed of the random initialisation when ``checkpoint`` is None; the global torch
             random state is left untouched.
+        sdpa: the image encoder's attention through :class:`SdpaAttention` (the same outputs up
+            to float rounding, faster and lighter); False keeps segment_anything's own code (what
+            ``SamAutomaticMaskGenerator`` users run).
 
     Raises:
         ValueError: unknown variant.
@@ -223,7 +270,7 @@ def build_sam(
                 sam = sam_from_variant(spec)
                 if variant == "tiny":
                     _make_random_masks_coherent(sam)
-        return sam.to(device).eval()
+        return _inference_model(sam.to(device), sdpa)
 
     if variant in OFFICIAL_SAM_CHECKPOINTS:
         filename, sha256 = OFFICIAL_SAM_CHECKPOINTS[variant]
@@ -246,4 +293,8 @@ def build_sam(
     leftover = [n for n, t in [*sam.named_parameters(), *sam.named_buffers()] if t.is_meta]
     if leftover:
         raise CheckpointError(f"{what} {checkpoint} lacks tensors: {leftover}")
-    return sam.to(device).eval()
+    return _inference_model(sam.to(device), sdpa)
+
+
+def _inference_model(sam: Sam, sdpa: bool) -> Sam:
+    return (use_sdpa_attention(sam) if sdpa else sam).eval()

@@ -4,6 +4,8 @@ The tiny SAM has random weights, so these tests check that we filter exactly as 
 code does, not that the masks are good.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -145,6 +147,33 @@ def test_full_resolution_mask_is_sams_postprocessed_mask(tiny_sam):
         assert np.array_equal(fast.full_resolution_mask(i)[~tied], (sams > 0)[~tied])
 
 
+@pytest.mark.parametrize("input_size, out_size", [((192, 256), (480, 640)), ((256, 171), (300, 200)), ((100, 256), (97, 250))])
+def test_full_resolution_boxes_found_at_the_edges_are_those_of_the_upsampled_masks(input_size, out_size):
+    from segment_anything.utils.amg import batched_mask_to_box
+
+    from pro2sam.candidates import _full_resolution_boxes, _upscale_logits
+
+    generator = torch.Generator().manual_seed(0)
+    kh, kw = -(-input_size[0] // 4) + 1, -(-input_size[1] // 4) + 1
+    # Smooth blobs of every size, some touching the image's edges; then three odd masks.
+    blobs = torch.randn(60, 1, kh // 4 + 1, kw // 4 + 1, generator=generator)
+    logits = torch.nn.functional.interpolate(blobs, (kh, kw), mode="bilinear")[:, 0] * 3
+    logits += 0.3 * torch.randn(60, kh, kw, generator=generator) - 3 * torch.rand(60, 1, 1, generator=generator)
+    logits[0] = -1.0  # empty
+    logits[1] = -1.0
+    logits[1, -1, -1] = 0.5  # only the padding cell past the image's corner
+    logits[2] = -1.0
+    logits[2, 3, 4] = 0.01  # one faint cell: it fades out once upsampled
+    upsampled = _upscale_logits(logits[:, None], 4, input_size, out_size)[:, 0] > 0
+
+    boxes, found = _full_resolution_boxes(logits, 4, input_size, out_size, 0.0)
+
+    assert found[0] and boxes[0].tolist() == [0, 0, 0, 0]
+    assert found.sum() >= 50  # the edge search settles nearly every mask
+    # Round-off may tie a pixel to the threshold: allow it for one mask in a hundred.
+    assert (boxes != batched_mask_to_box(upsampled))[found].any(1).sum() <= len(logits) // 100
+
+
 def test_pruning_keeps_only_points_inside_the_dilated_coarse_foreground(tiny_sam):
     coarse = np.full((14, 14), 0.1, dtype=np.float32)
     coarse[5:8, 6:9] = 0.9  # 3x3 foreground cells; dilated by one cell: rows 4..8, cols 5..9
@@ -200,3 +229,63 @@ def test_tiny_checkpoint_round_trips(tiny_sam, tmp_path):
     b = GridCandidateGenerator(loaded, config).generate(image)
     assert np.array_equal(a.masks, b.masks)
     assert np.array_equal(a.pred_ious, b.pred_ious)
+
+
+def test_a_small_memory_budget_decodes_in_smaller_passes_with_the_same_candidates(tiny_sam):
+    image = synthetic_image(180, 240, 0)
+    config = CandidateConfig(mode="fast", **FILTERS)
+    roomy = GridCandidateGenerator(tiny_sam, config)
+    tight = GridCandidateGenerator(tiny_sam, replace(config, memory_budget_mb=1))
+    assert tight.decoder.batch_size < roomy.decoder.batch_size == config.points_per_batch
+    a, b = roomy.generate(image), tight.generate(image)
+    assert len(a) == len(b) > 0
+    np.testing.assert_allclose(a.pred_ious, b.pred_ious, atol=PRED_IOU_ATOL)
+    assert all(mask_iou(x, y) >= 0.99 for x, y in zip(a.masks, b.masks))
+
+
+def test_a_batch_of_images_gives_each_images_own_candidates(tiny_sam):
+    """One image-encoder call for the batch; every image as if generated alone."""
+    images = [synthetic_image(h, w, seed) for h, w, seed in IMAGES]
+    generator = GridCandidateGenerator(tiny_sam, CandidateConfig(mode="fast", **FILTERS))
+    calls = []
+    handle = tiny_sam.image_encoder.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    try:
+        batch = list(generator.generate_batch(images))
+    finally:
+        handle.remove()
+    assert calls == [len(images)]
+    for image, got in zip(images, batch):
+        alone = generator.generate(image)
+        assert got.image_size == image.shape[:2] and len(got) == len(alone) > 0
+        np.testing.assert_allclose(got.pred_ious, alone.pred_ious, atol=PRED_IOU_ATOL)
+        assert all(mask_iou(x, y) >= 0.99 for x, y in zip(got.masks, alone.masks))
+
+
+def test_bfloat16_moves_masks_only_at_their_edges(tiny_sam):
+    """Filters and NMS off, so that each prompt's three masks are compared one to one."""
+    image = synthetic_image(180, 240, 0)
+    every_mask = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    fp32 = GridCandidateGenerator(tiny_sam, CandidateConfig(**every_mask)).generate(image)
+    bf16 = GridCandidateGenerator(tiny_sam, CandidateConfig(dtype="bfloat16", **every_mask)).generate(image)
+    a, b = by_prompt(fp32), by_prompt(bf16)
+    shared = sorted(a.keys() & b.keys())
+    assert len(shared) >= 0.9 * 48
+    # bfloat16 keeps 8 bits of mantissa: predicted IoUs (order 1) move by ~1e-2, and the pixels
+    # whose logit is within that of the threshold may flip
+    assert max(abs(fp32.pred_ious[a[k]] - bf16.pred_ious[b[k]]) for k in shared) < 0.05
+    assert np.median([mask_iou(fp32.masks[a[k]], bf16.masks[b[k]]) for k in shared]) >= 0.95
+
+
+def test_fast_path_keeps_the_exact_candidates_of_a_trained_sam():
+    """The shipped SAM leaves many masks near its stability threshold (0.8) and many
+    overlapping boxes: the fast path decides those at full resolution, as the exact path does."""
+    from pro2sam import shipped
+    from pro2sam.synthetic import make_scene
+
+    sam = build_sam(shipped.SAM_VARIANT, shipped.sam_checkpoint())
+    config = CandidateConfig.for_variant(shipped.SAM_VARIANT, points_per_side=16)
+    for index in range(3):
+        image = make_scene(shipped.SYNTHETIC_SEED, "test", index).image
+        exact = GridCandidateGenerator(sam, replace(config, mode="exact")).generate(image)
+        fast = GridCandidateGenerator(sam, config).generate(image)
+        assert by_prompt(fast).keys() == by_prompt(exact).keys() and len(exact) > 0

@@ -203,3 +203,26 @@ def test_decoding_under_bf16_autocast_runs_and_stays_close(sam, image_embedding)
     # other CPUs change only the order of float32 accumulations, far below bf16's 2**-8 steps
     assert (logits.float() - reference[0]).abs().max() < 0.1 * reference[0].abs().max()
     assert ((logits.float() > 0) == (reference[0] > 0)).float().mean() > 0.98
+
+
+def test_a_region_gives_the_same_logits_as_the_whole_grid_cropped(sam, image_embedding):
+    coords, labels = random_prompts(sam, 5, 1)
+    decoder = GridDecoder(sam)
+    decoder.set_image_embedding(image_embedding)
+    whole, iou = decoder.decode(coords, labels)
+    cropped, cropped_iou = decoder.decode(coords, labels, region=(9, 13))
+    assert cropped.shape == (5, 3, 36, 52)
+    assert_same_outputs(sam, (cropped, cropped_iou), (whole[..., :36, :52], iou))
+
+
+def test_decoding_masks_above_an_iou_keeps_exactly_the_prompts_with_such_a_mask(sam, image_embedding):
+    coords, labels = random_prompts(sam, 16, 1)
+    decoder = GridDecoder(sam, batch_size=5)
+    decoder.set_image_embedding(image_embedding)
+    logits, iou = decoder.decode(coords, labels)
+    threshold = iou.max(1).values.median().item()
+    kept_logits, kept_iou, index = decoder.decode_masks_above(coords, labels, threshold)
+    expected = torch.nonzero((iou > threshold).any(1)).flatten()
+    assert 0 < len(index) < 16 and torch.equal(index, expected)
+    assert_same_outputs(sam, (kept_logits, kept_iou), (logits[index], iou[index]))
+

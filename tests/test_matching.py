@@ -167,3 +167,38 @@ def test_part_to_object_needs_containment_and_growth():
     assert match.index == 0
     with pytest.raises(ValueError, match="min_growth"):
         MatchConfig(min_growth=0.5)
+
+
+def test_full_resolution_decides_between_candidates_close_at_low_resolution():
+    """At 28x28 both candidates cover the 4x4-cell object and spill by one row or column of
+    cells (a tie); at full resolution the first spills by two columns. The one better at full
+    resolution wins, with its mask."""
+    from pro2sam.matching import match_at_full_resolution
+
+    coarse = coarse_with_object(4, 4, 7, 7)
+    low = np.stack([rect_mask((28, 28), 8, 8, 17, 15), rect_mask((28, 28), 8, 8, 15, 17)])
+    full = {0: rect_mask((224, 224), 64, 64, 159, 127), 1: rect_mask((224, 224), 64, 64, 127, 143)}
+    pred_ious = np.array([0.9, 0.8])
+    at_low = match_masks(coarse, low, pred_ious)
+    assert at_low.index == 0 and at_low.scores[1] == at_low.match_score  # a tie, broken by pred_iou
+
+    match, mask = match_at_full_resolution(coarse, low, pred_ious, full.__getitem__)
+    scored_full = match_masks(coarse, np.stack([full[0], full[1]]), pred_ious)
+    assert match.index == scored_full.index == 1
+    assert match.match_score == scored_full.match_score
+    assert np.array_equal(mask, full[1])
+
+
+def test_full_resolution_is_asked_only_for_candidates_that_could_win():
+    from pro2sam.matching import match_at_full_resolution
+
+    coarse = coarse_with_object(4, 4, 9, 9)
+    masks = np.stack([rect_mask((224, 224), 64, 64, 159, 159), rect_mask((224, 224), 0, 170, 60, 223)])
+    asked = []
+
+    def full(i):
+        asked.append(i)
+        return masks[i]
+
+    match, mask = match_at_full_resolution(coarse, masks, np.array([0.9, 0.95]), full)
+    assert match.index == 0 and asked == [0] and np.array_equal(mask, masks[0])

@@ -100,3 +100,23 @@ def test_other_similarities_are_used_when_configured(model, images):
     dice = model.with_settings(matching=MatchConfig(similarity="dice"))
     (r,) = dice.predict(images[:1])
     assert r.box_source in ("sam", "coarse_fallback")
+
+
+def test_a_batch_is_localised_as_each_image_alone(model, images):
+    arrays = [np.asarray(Image.open(p).convert("RGB")) for p in images]
+    probs, maps = model.classify(arrays)
+    together = model.localize_batch(arrays, probs, maps, labels=["a", "b", "c"])
+    for image, p, m, label, got in zip(arrays, probs, maps, "abc", together):
+        alone = model.localize(image, p, m, label=label)
+        assert (got.box_xyxy, got.box_source, got.label) == (alone.box_xyxy, alone.box_source, label)
+        assert np.array_equal(got.mask, alone.mask)
+
+
+def test_a_batch_with_an_image_sam_cannot_take_is_refused_before_any_work(model, images):
+    from pro2sam.model import ImageShapeError
+
+    good = np.asarray(Image.open(images[0]).convert("RGB"))
+    sliver = np.zeros((1, 2000, 3), np.uint8)  # its short side would be under one SAM pixel
+    probs, maps = model.classify([good, good])
+    with pytest.raises(ImageShapeError, match="too elongated"):
+        model.localize_batch([good, sliver], probs, maps)

@@ -50,3 +50,19 @@ def test_the_default_variant_is_the_official_vit_h():
     with torch.device("meta"):
         official = build_sam_vit_h()
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in official.state_dict().items()}
+
+
+def test_sdpa_attention_gives_segment_anythings_encoder_outputs():
+    # The shipped SAM: trained relative positions (a random SAM's start at zero), windowed and
+    # global blocks.
+    from pro2sam import shipped
+
+    eager = build_sam(shipped.SAM_VARIANT, shipped.sam_checkpoint(), sdpa=False)
+    sdpa = build_sam(shipped.SAM_VARIANT, shipped.sam_checkpoint())
+    assert {type(b.attn).__name__ for b in sdpa.image_encoder.blocks} == {"SdpaAttention"}
+    assert eager.image_encoder.blocks[1].attn.rel_pos_h.abs().max() > 0.1
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want, got = eager.image_encoder(x), sdpa.image_encoder(x)
+    # float32 sums in another order: ~1e-6 of the outputs' scale
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * want.abs().max().item())

@@ -277,6 +277,11 @@ def load_models(settings: LabelingSettings, *, device=None):
 class Pro2SAMLabeler:
     """Ray Data actor: loads GTFormer and SAM once, labels batches of decoded images.
 
+    A batch goes through the models together: GTFormer on the batch, SAM's image encoder on the
+    batch (one call), then each image's grid decoding on the device while the previous image is
+    matched on the CPU (:meth:`~pro2sam.model.Pro2SAM.localize_batch`). Reading and decoding the
+    next batches run meanwhile in Ray Data's CPU tasks.
+
     Nothing here is Ray-specific beyond the calling convention (``__init__`` once, then
     ``__call__(batch) -> table``).
     """
@@ -311,21 +316,44 @@ class Pro2SAMLabeler:
                         classified.append((i, p[0], c[0]))
                     except Exception as e:
                         rows[i] = self._failed(batch, i, e)
+            finite = []
             for i, p, c in classified:
-                if not np.all(np.isfinite(np.asarray(p, dtype=np.float64))):
+                if np.all(np.isfinite(np.asarray(p, dtype=np.float64))):
+                    finite.append((i, p, c))
+                else:
                     rows[i] = self._failed(batch, i, ValueError("GTFormer gave non-finite class scores"))
-                    continue
-                try:
-                    result = self.model.localize(batch["image"][i], p, c, label=text_or_none(batch["label"][i]))
+            for i, result in self._localize(batch, finite):
+                if isinstance(result, Exception):
+                    rows[i] = self._failed(batch, i, result)
+                else:
                     rows[i] = ok_row(
                         str(batch["image_id"][i]), str(batch["uri"][i]), text_or_none(batch["label"][i]), result,
                         model_ids=self.model.model_ids, run_id=self.run_id,
                         source_fingerprint=text_or_none(batch["source_fingerprint"][i]),
                     )  # fmt: skip
-                except Exception as e:
-                    rows[i] = self._failed(batch, i, e)
         table = rows_to_table(rows)
         return self.confidence.fill(table) if self.confidence is not None else table
+
+    def _localize(self, batch: dict[str, np.ndarray], classified: list) -> list[tuple[int, object]]:
+        """SAM and matching of the classified images: (i, result or the exception it raised).
+        The whole batch at once (one image-encoder call); if it fails, image by image, so that
+        one bad image is one error row."""
+        if not classified:
+            return []
+        index, probs, coarse = zip(*classified)
+        labels = [text_or_none(batch["label"][i]) for i in index]
+        try:
+            results = self.model.localize_batch([batch["image"][i] for i in index], probs, coarse, labels=labels)
+            return list(zip(index, results))
+        except Exception:
+            pass
+        out = []
+        for i, p, c, label in zip(index, probs, coarse, labels):
+            try:
+                out.append((i, self.model.localize(batch["image"][i], p, c, label=label)))
+            except Exception as e:
+                out.append((i, e))
+        return out
 
     def _error_row(self, batch: dict[str, np.ndarray], i: int, error: str, kind: str, **size) -> dict:
         return error_row(

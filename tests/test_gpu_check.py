@@ -1,0 +1,68 @@
+"""benchmarks/gpu_check.sh, the throughput check prepared for a GPU machine, runs end to end on
+the CPU (its dry run: tiny SAM, 8x8 grid, one 256x192 image) before any GPU is borrowed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+SAM_FLOWS = ("ours_bf16", "ours_fp32", "reference", "ours_bf16_compile", "ours_fp32_compile")
+
+
+def gpu_check(*args: str, python: str = sys.executable, timeout: int = 540) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": python}
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path_factory.mktemp("gpu_check") / "gpu_check.json"
+    proc = gpu_check("--device", "cpu", "--images", "1", "--json", str(out))
+    return proc, json.loads(out.read_text()) if out.exists() else {}
+
+
+@pytest.mark.timeout(600)
+def test_dry_run_succeeds_and_runs_every_flow(dry_run):
+    proc, report = dry_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert report["dry_run"] and report["config"]["sam"] == "tiny"
+    assert not report["errors"] and not report["skipped"]
+    assert set(report["flows"]) == {"gtformer", "same_answer", *SAM_FLOWS}
+
+
+@pytest.mark.timeout(600)
+def test_each_sam_flow_reports_images_per_second_memory_and_where_the_time_went(dry_run):
+    _, report = dry_run
+    for name in SAM_FLOWS:
+        flow = report["flows"][name]
+        assert flow["images"] == 1 and flow["images_per_s"] > 0
+        assert set(flow["stage_fraction"]) == {"encoder", "decoder", "filtering", "other"}
+        assert sum(flow["stage_fraction"].values()) == pytest.approx(1.0, abs=1e-6) or flow["stage_fraction"]["other"] == 0
+        assert "device_memory_peak_mb" in flow  # None without a GPU
+    for name in ("ours_bf16_compile", "ours_fp32_compile"):
+        assert report["flows"][name]["cold_start_s"] >= 0
+    assert set(report["speedup_vs_reference"]) == set(SAM_FLOWS) - {"reference"}
+    assert set(report["device_hours_per_million_images"]) == set(SAM_FLOWS)
+
+
+@pytest.mark.timeout(600)
+def test_dry_run_checks_the_same_answer_in_both_precisions(dry_run):
+    _, report = dry_run
+    same = report["flows"]["same_answer"]
+    assert set(same["same_rate"]) == {"float32", "bfloat16"}
+    assert all(0.0 <= rate <= 1.0 for rate in same["same_rate"].values())
+
+
+def test_without_the_project_installed_it_says_how_to_install_in_one_line(tmp_path):
+    bare = tmp_path / "python3"
+    bare.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'pro2sam'\" >&2\nexit 1\n")
+    bare.chmod(0o755)
+    proc = gpu_check("--device", "cpu", python=str(bare), timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "pip install -c constraints.txt -e ." in proc.stderr
