@@ -55,7 +55,7 @@ def test_each_sam_flow_reports_images_per_second_memory_and_where_the_time_went(
 def test_dry_run_checks_the_same_answer_in_both_precisions(dry_run):
     _, report = dry_run
     same = report["flows"]["same_answer"]
-    assert set(same["same_rate"]) == {"float32", "bfloat16"}
+    assert set(same["same_rate"]) == {"float32", "bfloat16", "float32, grid pruning (default)"}
     assert all(0.0 <= rate <= 1.0 for rate in same["same_rate"].values())
 
 

@@ -179,11 +179,12 @@ def test_full_resolution_decides_between_candidates_close_at_low_resolution():
     low = np.stack([rect_mask((28, 28), 8, 8, 17, 15), rect_mask((28, 28), 8, 8, 15, 17)])
     full = {0: rect_mask((224, 224), 64, 64, 159, 127), 1: rect_mask((224, 224), 64, 64, 127, 143)}
     pred_ious = np.array([0.9, 0.8])
-    at_low = match_masks(coarse, low, pred_ious)
+    plain = MatchConfig(part_to_object=False)  # the authors' rule, where full resolution decides
+    at_low = match_masks(coarse, low, pred_ious, plain)
     assert at_low.index == 0 and at_low.scores[1] == at_low.match_score  # a tie, broken by pred_iou
 
-    match, mask = match_at_full_resolution(coarse, low, pred_ious, full.__getitem__)
-    scored_full = match_masks(coarse, np.stack([full[0], full[1]]), pred_ious)
+    match, mask = match_at_full_resolution(coarse, low, pred_ious, full.__getitem__, plain)
+    scored_full = match_masks(coarse, np.stack([full[0], full[1]]), pred_ious, plain)
     assert match.index == scored_full.index == 1
     assert match.match_score == scored_full.match_score
     assert np.array_equal(mask, full[1])
@@ -200,5 +201,5 @@ def test_full_resolution_is_asked_only_for_candidates_that_could_win():
         asked.append(i)
         return masks[i]
 
-    match, mask = match_at_full_resolution(coarse, masks, np.array([0.9, 0.95]), full)
+    match, mask = match_at_full_resolution(coarse, masks, np.array([0.9, 0.95]), full, MatchConfig(part_to_object=False))
     assert match.index == 0 and asked == [0] and np.array_equal(mask, masks[0])
