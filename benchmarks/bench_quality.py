@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     from pro2sam.storage import read_bytes
     from pro2sam.synthetic import write_wsol_dataset
 
+    plain_iou = MatchConfig(part_to_object=False)  # the authors' rule, what part-to-object is compared with
+
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.skip_unseen and args.unseen_seed == shipped.SYNTHETIC_SEED:
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return rows, (time.perf_counter() - t0) / max(1, len(samples))
 
     # ---- every choice on val: SAM's filter thresholds x matching rule, then grid pruning.
-    matchings = {"plain IoU": MatchConfig(part_to_object=False)} | {
+    matchings = {"plain IoU": plain_iou} | {
         f"part-to-object (agreement {a:g}, containment {c:g})": MatchConfig(part_to_object=True, agreement=a, containment=c)
         for a in AGREEMENTS
         for c in CONTAINMENTS
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     for grid in args.grids:
         for prune in prunes:
             config = CandidateConfig(points_per_side=grid, prune_with_coarse_map=prune, mode=args.mode, **chosen_candidates)
-            compare = {"chosen": chosen_matching} | ({"plain IoU": MatchConfig(part_to_object=False)} if chosen_matching.part_to_object else {})
+            compare = {"chosen": chosen_matching} | ({"plain IoU": plain_iou} if chosen_matching.part_to_object else {})
             for name, split in tests.items():
                 rows, seconds = label(split.samples, config, compare)
                 report = evaluate_with_heldout(heldout, heldout_rows["chosen"], split, rows["chosen"])

@@ -1,6 +1,8 @@
 """The models shipped in the package: present, intact, loaded through the official code paths, and
 good at what they were trained for (on synthetic scenes neither model saw)."""
 
+import importlib.util
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,14 @@ def model():
     )
 
 
+def _script(name: str):
+    """A script of scripts/ as a module, to parse a recorded command with its own parser."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def _box_iou(a, b) -> float:
     ix = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
     iy = max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
@@ -55,12 +65,7 @@ def test_training_records_hold_the_commands_seeds_and_times():
     sam, gt = records["sam"], records["gtformer"]["extra"]
     assert "--seed" in sam["command"]
     # The recorded command still runs: the training script (moved to scripts/ since) takes its options.
-    import importlib.util
-    import shlex
-
-    spec = importlib.util.spec_from_file_location("train_sam_synthetic", REPO / "scripts" / "train_sam_synthetic.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("train_sam_synthetic")
     argv = shlex.split(sam["command"])
     args = script.build_parser().parse_args(argv[argv.index("--variant"):])
     assert args.variant == shipped.SAM_VARIANT and args.seed == sam["seed"]
@@ -74,12 +79,7 @@ def test_training_records_hold_the_commands_seeds_and_times():
 def test_the_backbone_record_holds_its_command_and_time_and_gtformer_was_fine_tuned_from_it():
     records = shipped.training_records()
     backbone, gt = records["backbone"], records["gtformer"]["extra"]
-    import importlib.util
-    import shlex
-
-    spec = importlib.util.spec_from_file_location("pretrain_backbone", REPO / "scripts" / "pretrain_backbone.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("pretrain_backbone")
     argv = shlex.split(backbone["command"])
     args = script.build_parser().parse_args(argv[argv.index("--output"):])
     assert args.seed == backbone["settings"]["seed"] == 0
