@@ -4,11 +4,12 @@ time, and what a rerun still has to do.
 Layout of an output prefix ``OUT`` (a local folder or an object-store prefix)::
 
     OUT/part-<run_id>-<n>.parquet   label files (LABEL_SCHEMA), each written whole
-    OUT/_pro2sam_lease.json         held while a run writes: one writer per output
+    OUT/_pro2sam_lease.json         held while a run writes: one writer per output (pro2sam.lease)
     OUT/.part-*.tmp                 a local label file being written (removed by the next run)
 
-What the job may touch: a *label file* is a Parquet file directly under ``OUT`` whose schema has
-the labels table's key columns (``image_id``, ``uri``, ``status``, ``run_id``); the job reads,
+What the job may touch: a *label file* is a Parquet file directly under ``OUT`` named
+``part-*.parquet`` whose footer holds the job's marker naming that file (:func:`is_label_file`):
+columns alone never make one, so a user's own copy of the table in ``OUT`` is left alone. The job reads,
 rewrites (to drop rows it relabels) and, with ``--overwrite``, deletes label files, its own
 lease and its own temporary files, and nothing else: not other files under ``OUT``, not
 sub-folders, not the folder itself.
@@ -26,8 +27,6 @@ import logging
 import os
 import posixpath
 import re
-import socket
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -41,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .labels import LABEL_SCHEMA, RETRIED_ERROR_KINDS, STATUS_ERROR, STATUS_OK
+from .lease import LEASE_NAME, LeaseLost, OutputBusy, WriterLease
 from .storage import (
     StorageError,
     filesystem,
@@ -54,6 +54,8 @@ from .storage import (
 __all__ = [
     "LEASE_NAME",
     "KEY_COLUMNS",
+    "MARKER_KEY",
+    "is_label_file",
     "OutputBusy",
     "LeaseLost",
     "LabelsOutput",
@@ -66,9 +68,12 @@ __all__ = [
 
 log = logging.getLogger("pro2sam.output")
 
-LEASE_NAME = "_pro2sam_lease.json"
-# A Parquet file directly under the output with these columns is a label file.
+# The columns every label file has, and a rerun reads (with _SCAN_COLUMNS).
 KEY_COLUMNS = ("image_id", "uri", "status", "run_id")
+# The footer entry that marks a label file: {"label_file": <format>, "name": <its own file name>,
+# "run_id": ...}. Only the job writes it; a copy of a label file under another name is not one.
+MARKER_KEY = b"pro2sam"
+_MARKER_FORMAT = 1
 # What a rerun reads of each label file to decide what is done (RerunPlanner.columns).
 _SCAN_COLUMNS = ("image_id", "status", "error_kind", "source_fingerprint")
 _PART_NAME = re.compile(r"^part-[A-Za-z0-9_.-]+\.parquet$")
@@ -80,14 +85,6 @@ _SCAN_THREADS = 32
 # a MiB apart), and one that fetches the footer again (fsspec's pyarrow engine does).
 _FOOTER_SAMPLE_BYTES = 256 * 2**10
 _RANGE_GAP_BYTES = 2**20
-
-
-class OutputBusy(StorageError):
-    """Another run holds the output's lease."""
-
-
-class LeaseLost(StorageError):
-    """This run's lease was taken over (``--force``) or could not be renewed in time."""
 
 
 # ---------------------------------------------------------------- the output folder
@@ -128,6 +125,17 @@ class LabelsOutput:
             if e.get("type") == "file" and p.endswith(".parquet") and not posixpath.basename(p).startswith(".")
         )  # fmt: skip
 
+    def _part_paths(self) -> list[str]:
+        """The Parquet files named as label files (``part-*.parquet``); the others are named in a
+        warning, never opened."""
+        paths = self.parquet_paths()
+        ours = [p for p in paths if _PART_NAME.match(posixpath.basename(p))]
+        if len(ours) < len(paths):
+            others = sorted(set(paths) - set(ours))
+            shown = ", ".join(self._uri_of(p) for p in others[:5]) + (" ..." if len(others) > 5 else "")
+            log.warning("not label files of this job, left as they are: %s", shown)
+        return ours
+
     def _open(self, path: str, columns: Sequence[str] | None = None):
         """``path`` opened for reading; a remote file with ``columns`` fetches only the byte ranges
         those columns need, in three requests (see ``_FOOTER_SAMPLE_BYTES``)."""
@@ -143,9 +151,9 @@ class LabelsOutput:
         try:
             with self._open(path, (*KEY_COLUMNS, *columns) if columns else None) as f:
                 pf = pq.ParquetFile(f)
-                names = pf.schema_arrow.names
-                if not all(c in names for c in KEY_COLUMNS):
+                if not is_label_file(posixpath.basename(path), pf):
                     return None
+                names = pf.schema_arrow.names
                 present = [c for c in columns if c in names] if columns else None
                 table = pf.read(columns=present)
         except (pa.ArrowInvalid, OSError) as e:
@@ -162,13 +170,13 @@ class LabelsOutput:
         """``columns`` of every label file, read concurrently, plus ``_file`` (its path,
         dictionary-encoded) and ``_row`` (the row's index in it). Other Parquet files are skipped
         with a warning. On object storage each file costs three range requests."""
-        paths = self.parquet_paths()
+        paths = self._part_paths()
         with ThreadPoolExecutor(max_workers=min(_SCAN_THREADS, max(1, len(paths)))) as pool:
             tables = list(pool.map(lambda p: self._read(p, columns), paths))
         out = []
         for path, table in zip(paths, tables):
             if table is None:
-                log.warning("%s is not a label file (no %s columns): left as it is", path, "/".join(KEY_COLUMNS))
+                log.warning("%s is not a label file of this job: left as it is", self._uri_of(path))
                 continue
             n = len(table)
             where = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([path], pa.string()))
@@ -213,21 +221,27 @@ class LabelsOutput:
 
     def label_files(self) -> list[str]:
         """Paths of the label files (read concurrently, footers only)."""
-        paths = self.parquet_paths()
+        paths = self._part_paths()
 
-        def is_label_file(path: str) -> bool:
-            with self._open(path) as f:  # pyarrow reads the footer alone
-                return all(c in pq.ParquetFile(f).schema_arrow.names for c in KEY_COLUMNS)
+        def ours(path: str) -> bool:
+            try:
+                with self._open(path) as f:  # pyarrow reads the footer alone
+                    return is_label_file(posixpath.basename(path), pq.ParquetFile(f))
+            except (pa.ArrowInvalid, OSError) as e:
+                raise StorageError(
+                    f"{self._uri_of(path)} is not a readable Parquet file ({type(e).__name__}: {e}); "
+                    "move it out of the output folder, then run again"
+                ) from None
 
         with ThreadPoolExecutor(max_workers=min(_SCAN_THREADS, max(1, len(paths)))) as pool:
-            return [p for p, ok in zip(paths, pool.map(is_label_file, paths)) if ok]
+            return [p for p, ok in zip(paths, pool.map(ours, paths)) if ok]
 
     def commit(self, table: pa.Table, name: str) -> str:
         """Write ``table`` as the label file ``name``, whole; return its URI."""
         if not _PART_NAME.match(name):
             raise ValueError(f"not a label file name: {name!r}")
         uri = self.file_uri(name)
-        write_bytes_atomic(uri, _parquet_bytes(table))
+        write_bytes_atomic(uri, _parquet_bytes(table, name))
         return uri
 
     def drop_rows(self, drops: dict[str, list[int]]) -> int:
@@ -243,7 +257,7 @@ class LabelsOutput:
             keep = pc.invert(pc.is_in(pa.array(range(len(table)), pa.int64()), value_set=pa.array(sorted(set(rows)), pa.int64())))
             kept = table.filter(keep)
             if len(kept):
-                write_bytes_atomic(self._uri_of(path), _parquet_bytes(kept.cast(_schema_like(kept))))
+                write_bytes_atomic(self._uri_of(path), _parquet_bytes(kept.cast(_schema_like(kept)), posixpath.basename(path)))
             else:
                 self.fs.rm(path)
             dropped += len(table) - len(kept)
@@ -268,10 +282,42 @@ class LabelsOutput:
         return self.fs.unstrip_protocol(path) if self.remote else path
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def _parquet_bytes(table: pa.Table, name: str) -> bytes:
+    """The label file ``name`` holding ``table``, with the footer entry that marks it as one."""
+    marker = json.dumps({"label_file": _MARKER_FORMAT, "name": name, "run_id": _run_id_of(name)}).encode()
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), MARKER_KEY: marker})
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue()
+
+
+def _run_id_of(name: str) -> str | None:
+    m = re.match(r"^part-(.+)-\d+\.parquet$", name)
+    return m.group(1) if m else None
+
+
+def is_label_file(name: str, pf: pq.ParquetFile) -> bool:
+    """Whether the Parquet file ``name`` (opened as ``pf``) is a label file this job wrote: its
+    name is ``part-*.parquet`` and its footer has the job's marker naming this very file.
+
+    Files of versions before the marker count when their name is the job's and their schema
+    carries :data:`~pro2sam.labels.LABEL_SCHEMA`'s column descriptions, which the job's writer
+    put there; a table copied out by a user (DuckDB, pandas) or under another name never does.
+    """
+    if not _PART_NAME.match(name):
+        return False
+    meta = pf.metadata.metadata or {}
+    if MARKER_KEY in meta:
+        try:
+            marker = json.loads(meta[MARKER_KEY])
+        except ValueError:
+            return False
+        return isinstance(marker, dict) and marker.get("name") == name
+    schema = pf.schema_arrow
+    return all(
+        c in schema.names and schema.field(c).metadata == LABEL_SCHEMA.field(c).metadata
+        for c in KEY_COLUMNS
+    )  # fmt: skip
 
 
 def _schema_like(table: pa.Table) -> pa.Schema:
@@ -443,176 +489,20 @@ def _by_file(done: pa.Table, indices: np.ndarray) -> dict[str, list[int]]:
     return dict(out)
 
 
-# ---------------------------------------------------------------- one writer per output
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class WriterLease:
-    """The output's lease: held by one run at a time, renewed by a heartbeat.
-
-    The lease is a small JSON object ``OUT/_pro2sam_lease.json`` (run id, host, pid, expiry),
-    created exclusively (local link, S3 ``If-None-Match``). Another run finds it and:
-
-    - takes it over when it has expired, or when its holder is a process of this host that is
-      gone (a killed run);
-    - refuses at once when its holder is a live process of this host;
-    - otherwise (a holder on another host: a driver pod that died?) waits up to one ``ttl_s``
-      for it to expire, and refuses if the holder renews it meanwhile.
-
-    ``force`` takes the lease whatever holds it; the run it is taken from stops at its next
-    commit (:class:`LeaseLost`).
-    """
-
-    def __init__(self, output: LabelsOutput, run_id: str, *, ttl_s: float = 60.0, force: bool = False) -> None:
-        if ttl_s <= 0:
-            raise ValueError("the lease's ttl_s must be > 0")
-        self.output = output
-        self.uri = output.file_uri(LEASE_NAME)
-        self.run_id = run_id
-        self.ttl_s = ttl_s
-        self.force = force
-        self._expires = 0.0
-        self._lost: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _payload(self) -> bytes:
-        self._expires = time.time() + self.ttl_s
-        return json.dumps(
-            {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(), "expires": self._expires}
-        ).encode()
-
-    def _holder(self) -> dict | None:
-        try:
-            with self.output.fs.open(filesystem(self.uri)[1], "rb") as f:
-                holder = json.loads(f.read())
-            return holder if isinstance(holder, dict) else {}
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {}  # not ours to make sense of: treated as expired
-
-    def _remove_if(self, holder: dict) -> None:
-        if self._holder() == holder:
-            try:
-                self.output.fs.rm(filesystem(self.uri)[1])
-            except FileNotFoundError:
-                pass
-
-    def acquire(self) -> None:
-        """Take the lease (see the class) and start renewing it.
-
-        Raises:
-            OutputBusy: another run holds it.
-            StorageError: the output cannot be written.
-        """
-        seen_expires = None
-        deadline = time.monotonic() + self.ttl_s + 5
-        while True:
-            try:
-                write_bytes_atomic(self.uri, self._payload(), exclusive=not self.force)
-                break
-            except FileExistsError:
-                pass
-            except OSError as e:
-                raise StorageError(f"cannot write to the output {self.output.uri}: {type(e).__name__}: {e}") from None
-            holder = self._holder()
-            if holder is None:
-                continue
-            who = (
-                f"run {holder.get('run_id')} (host {holder.get('host')}, pid {holder.get('pid')})"
-                if holder else "an unreadable lease"
-            )  # fmt: skip
-            expires = holder.get("expires")
-            stale = not isinstance(expires, (int, float)) or expires < time.time()
-            if not stale and holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-                if not _pid_alive(holder["pid"]):
-                    stale = True
-                else:
-                    raise OutputBusy(self._busy(who))
-            if stale:
-                log.warning("taking over the output's lease from %s, which is gone", who)
-                self._remove_if(holder)
-                continue
-            if seen_expires is not None and expires > seen_expires:
-                raise OutputBusy(self._busy(who))
-            if time.monotonic() > deadline:
-                raise OutputBusy(self._busy(who))
-            if seen_expires is None:
-                log.warning(
-                    "the output %s is leased by %s until %s; waiting for it to expire (or be renewed)",
-                    self.output.uri, who, time.strftime("%H:%M:%S", time.localtime(expires)),
-                )  # fmt: skip
-            seen_expires = expires
-            time.sleep(min(2.0, max(0.1, expires - time.time() + 0.1)))
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._heartbeat, name="pro2sam-lease", daemon=True)
-        self._thread.start()
-
-    def _busy(self, who: str) -> str:
-        return (
-            f"the output {self.output.uri} is being written by {who}; two runs on one output would "
-            "label images twice. Wait for it to finish, or pass --force if that run is dead"
-        )
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.ttl_s / 4):
-            try:
-                holder = self._holder()
-                if not holder or holder.get("run_id") != self.run_id:
-                    self._lost = f"the output's lease was taken over by {holder and holder.get('run_id')}"
-                    return
-                write_bytes_atomic(self.uri, self._payload())
-            except Exception as e:  # an outage: keep trying until the lease expires
-                log.warning("could not renew the output's lease: %s: %s", type(e).__name__, e)
-
-    def check(self) -> None:
-        """Raise :class:`LeaseLost` unless this run still holds the lease."""
-        if self._lost:
-            raise LeaseLost(f"{self._lost}; this run stops (its committed rows stay)")
-        if time.time() > self._expires:
-            raise LeaseLost("the output's lease could not be renewed in time; this run stops (its committed rows stay)")
-
-    def release(self) -> None:
-        """Stop renewing and remove the lease if this run still holds it."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-        try:
-            holder = self._holder()
-            if holder and holder.get("run_id") == self.run_id:
-                self.output.fs.rm(filesystem(self.uri)[1])
-        except Exception as e:
-            log.warning("could not remove the output's lease %s: %s", self.uri, e)
-
-    def __enter__(self) -> WriterLease:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
 # ---------------------------------------------------------------- writing label files
 
 
 class LabelWriter:
     """Collects labeled rows and commits them as label files of bounded size.
 
-    A file is committed when it reaches ``rows_per_file`` rows or ``bytes_per_file`` bytes (in
-    memory, before compression), or when ``commit_seconds`` have passed since its first row, and
-    by :meth:`commit` at the end of a run or when it is interrupted. Rows not yet committed are
-    lost by a kill; the next run labels them.
+    A file is committed when it holds ``rows_per_file`` rows (exactly: a table that would
+    overflow it is split), or ``bytes_per_file`` bytes (in memory, before compression), or when
+    ``commit_seconds`` have passed since its first row, and by :meth:`commit` at the end of a run
+    or when it is interrupted. Before each commit the lease is renewed (:meth:`WriterLease.check`),
+    so a run whose lease was taken commits nothing more. A commit that storage refuses is tried
+    again (``commit_attempts`` in all, backing off) under the same name, so a PUT that did land
+    but whose answer was lost is not written twice. Rows not yet committed are lost by a kill;
+    the next run labels them.
     """
 
     def __init__(
@@ -624,9 +514,14 @@ class LabelWriter:
         rows_per_file: int = 10_000,
         bytes_per_file: int = 128 * 2**20,
         commit_seconds: float = 300.0,
+        commit_attempts: int = 5,
+        backoff_s: float = 1.0,
     ) -> None:
+        if rows_per_file < 1 or commit_attempts < 1:
+            raise ValueError("rows_per_file and commit_attempts must be >= 1")
         self.output, self.run_id, self.lease = output, run_id, lease
         self.rows_per_file, self.bytes_per_file, self.commit_seconds = rows_per_file, bytes_per_file, commit_seconds
+        self.commit_attempts, self.backoff_s = commit_attempts, backoff_s
         self._pending: list[pa.Table] = []
         self._pending_rows = self._pending_bytes = 0
         self._since = 0.0
@@ -634,29 +529,48 @@ class LabelWriter:
         self.ok = self.error = 0
 
     def add(self, table: pa.Table) -> None:
-        if not len(table):
-            return
-        if not self._pending:
-            self._since = time.monotonic()
-        self._pending.append(table)
-        self._pending_rows += len(table)
-        self._pending_bytes += table.nbytes
-        if (
-            self._pending_rows >= self.rows_per_file
-            or self._pending_bytes >= self.bytes_per_file
-            or time.monotonic() - self._since >= self.commit_seconds
-        ):
-            self.commit()
+        """Add labeled rows; commits the files they fill (may raise as :meth:`commit`)."""
+        while len(table):
+            if not self._pending:
+                self._since = time.monotonic()
+            room = self.rows_per_file - self._pending_rows
+            piece, table = table.slice(0, room), table.slice(room)
+            self._pending.append(piece)
+            self._pending_rows += len(piece)
+            self._pending_bytes += piece.nbytes
+            if (
+                self._pending_rows >= self.rows_per_file
+                or self._pending_bytes >= self.bytes_per_file
+                or time.monotonic() - self._since >= self.commit_seconds
+            ):
+                self.commit()
 
     def commit(self) -> None:
-        """Write the pending rows as one label file (nothing if there are none)."""
+        """Write the pending rows as one label file (nothing if there are none).
+
+        Raises:
+            LeaseLost: this run no longer holds the output's lease; nothing was written.
+            StorageError: storage refused the file ``commit_attempts`` times.
+        """
         if not self._pending:
             return
-        if self.lease is not None:
-            self.lease.check()
         table = pa.concat_tables(self._pending).cast(LABEL_SCHEMA)
         name = f"part-{self.run_id}-{len(self.files):05d}.parquet"
-        self.files.append(self.output.commit(table, name))
+        for attempt in range(self.commit_attempts):
+            if self.lease is not None:
+                self.lease.check()
+            try:
+                uri = self.output.commit(table, name)
+                break
+            except Exception as e:
+                if attempt == self.commit_attempts - 1:
+                    raise StorageError(
+                        f"could not write {self.output.file_uri(name)} after {self.commit_attempts} tries: "
+                        f"{type(e).__name__}: {e}"
+                    ) from None
+                log.warning("could not write %s (%s: %s); trying again", name, type(e).__name__, e)
+                time.sleep(self.backoff_s * 2**attempt)
+        self.files.append(uri)
         statuses = table.column("status")
         self.ok += pc.sum(pc.equal(statuses, STATUS_OK)).as_py() or 0
         self.error += pc.sum(pc.equal(statuses, STATUS_ERROR)).as_py() or 0

@@ -179,13 +179,35 @@ def test_only_label_files_are_deleted_or_rewritten(tmp_path):
     assert (root / "extra" / "labels_i_kept.parquet").exists()
 
 
-def test_an_unreadable_parquet_file_is_reported_and_left_alone(tmp_path):
+def test_an_unreadable_label_file_is_reported_and_left_alone(tmp_path):
+    out = output_with(tmp_path, rows(("a", "ok", None, None)))
+    broken = Path(out.path) / "part-r0-00000.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(Exception, match="part-r0-00000.parquet is not a readable Parquet file"):
+        out.scan()
+    with pytest.raises(Exception, match="part-r0-00000.parquet is not a readable Parquet file"):
+        out.label_files()
+    assert broken.read_bytes() == b"PAR1 not really"
+
+
+def test_a_broken_parquet_file_of_the_user_is_not_opened_and_stops_nothing(tmp_path):
     out = output_with(tmp_path, rows(("a", "ok", None, None)))
     broken = Path(out.path) / "half.parquet"
     broken.write_bytes(b"PAR1 not really")
-    with pytest.raises(Exception, match="half.parquet is not a readable Parquet file"):
-        out.scan()
-    assert broken.exists()
+    assert out.scan().column("image_id").to_pylist() == ["a"]
+    assert broken.read_bytes() == b"PAR1 not really"
+
+
+def test_the_writer_fills_every_file_with_exactly_rows_per_file_rows(tmp_path):
+    out = LabelsOutput(str(tmp_path / "out"))
+    writer = LabelWriter(out, "r9", rows_per_file=4)
+    for n in (3, 10, 1, 0, 6):  # tables as the actors return them: whole blocks of any size
+        writer.add(rows(*((f"t{n}-{i}", "ok", None, None) for i in range(n))))
+    writer.commit()
+    assert [len(pq.read_table(p)) for p in out.parquet_paths()] == [4, 4, 4, 4, 4]
+    one = LabelWriter(LabelsOutput(str(tmp_path / "one")), "r1", rows_per_file=1)
+    one.add(rows(*((f"u{i}", "ok", None, None) for i in range(3))))
+    assert [len(pq.read_table(p)) for p in one.output.parquet_paths()] == [1, 1, 1] and one.pending_rows == 0
 
 
 def test_the_writer_commits_files_of_bounded_size_and_counts_what_it_wrote(tmp_path):
@@ -267,7 +289,7 @@ def test_force_takes_the_lease_and_the_old_holder_stops_at_its_next_commit(tmp_p
     writer.add(rows(("a", "ok", None, None)))
     with WriterLease(out, "second", ttl_s=0.4, force=True):
         time.sleep(0.3)  # one heartbeat of the first holder
-        with pytest.raises(LeaseLost, match="taken over by second"):
+        with pytest.raises(LeaseLost, match="taken over by run second"):
             writer.commit()
     first.release()
     assert out.parquet_paths() == [], "the old holder wrote nothing after losing the lease"
@@ -289,3 +311,126 @@ def test_no_lease_on_an_output_that_cannot_be_written(tmp_path):
     with pytest.raises(Exception, match="cannot write to the output"):
         WriterLease(LabelsOutput(str(blocker / "out")), "r").acquire()
     assert os.listdir(tmp_path) == ["a_file"]
+
+
+# ---------------------------------------------------------------- which files are label files
+
+
+def test_a_users_own_copy_of_the_labels_in_the_output_is_never_taken_for_a_label_file(tmp_path):
+    """Copies with the table's columns: DuckDB's COPY, pyarrow's write_table of what the job wrote
+    (field metadata and all), and a byte-for-byte copy under a label file's name."""
+    import duckdb
+
+    out = output_with(tmp_path, rows(("a", "ok", None, None), ("b", "error", "read", None)))
+    root = Path(out.path)
+    (label_file,) = root.glob("part-*.parquet")
+    duckdb.sql(f"COPY (SELECT * FROM '{label_file}' WHERE status = 'ok') TO '{root / 'reviewed_final.parquet'}'")
+    pq.write_table(pq.read_table(label_file), root / "copy_by_pyarrow.parquet")
+    (root / "part-mine-00000.parquet").write_bytes(label_file.read_bytes())
+    mine = {p.name: p.read_bytes() for p in root.iterdir() if p != label_file}
+
+    assert out.label_files() == [str(label_file)]
+    done = out.scan()
+    assert sorted(done.column("image_id").to_pylist()) == ["a", "b"], "each row once: the copies are not read"
+    planner = RerunPlanner(done)
+    assert planner.duplicates == 0
+    out.drop_rows(planner.drops())
+    assert out.delete_label_files() == 1
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == mine, "every copy is left as it was"
+
+
+def test_label_files_written_before_the_marker_are_still_label_files(tmp_path):
+    root = tmp_path / "out"
+    root.mkdir()
+    old = rows(("a", "ok", None, None)).cast(LABEL_SCHEMA)  # as earlier versions wrote them: no footer marker
+    pq.write_table(old, root / "part-20261101T000000-abcd1234-00000.parquet", compression="zstd")
+    assert b"pro2sam" not in (pq.ParquetFile(root / "part-20261101T000000-abcd1234-00000.parquet").metadata.metadata or {})
+    out = LabelsOutput(str(root))
+    assert [Path(p).name for p in out.label_files()] == ["part-20261101T000000-abcd1234-00000.parquet"]
+    assert out.scan().column("image_id").to_pylist() == ["a"]
+
+
+def test_a_label_file_carries_a_footer_marker_naming_itself(tmp_path):
+    out = output_with(tmp_path, rows(("a", "ok", None, None)))
+    (path,) = out.parquet_paths()
+    marker = json.loads(pq.ParquetFile(path).metadata.metadata[b"pro2sam"])
+    assert marker == {"label_file": 1, "name": "part-r1-00000.parquet", "run_id": "r1"}
+
+
+# ---------------------------------------------------------------- the lease on object storage and its oddities
+
+
+def test_the_s3_lease_holds_over_many_renewals_and_commits_and_is_removed_at_the_end(s3_bucket, s3_requests):
+    """The run of the bug report: the output listed (s3fs's listing cache filled with the lease's
+    first ETag) between renewals; every later renewal and commit must still go through."""
+    out = LabelsOutput(f"s3://{s3_bucket}/labels/long/")
+    lease = WriterLease(out, "long", ttl_s=0.8)
+    lease.acquire()
+    writer = LabelWriter(out, "long", lease=lease, rows_per_file=2)
+    start = time.monotonic()
+    n = 0
+    while time.monotonic() - start < 4 * 0.8:  # four lease periods, sixteen heartbeats
+        out.scan()
+        writer.add(rows((f"i{n}", "ok", None, None)))
+        n += 1
+        time.sleep(0.1)
+    writer.commit()
+    lease.release()
+    puts = [r for r in s3_requests.requests if r[0] == "PUT" and r[1].endswith(LEASE_NAME)]
+    assert len(puts) >= 16, f"renewed by the heartbeat and before each commit: {len(puts)} lease writes"
+    assert sorted(LabelsOutput(out.uri).scan().column("image_id").to_pylist()) == sorted(f"i{i}" for i in range(n))
+    assert not LabelsOutput(out.uri).fs.exists(f"{s3_bucket}/labels/long/{LEASE_NAME}"), "the lease is removed at the end"
+
+
+def test_force_on_s3_stops_the_displaced_run_before_its_next_commit(s3_bucket):
+    out = LabelsOutput(f"s3://{s3_bucket}/labels/forced/")
+    first = WriterLease(out, "first", ttl_s=30)
+    first.acquire()
+    writer = LabelWriter(out, "first", lease=first, rows_per_file=100)
+    writer.add(rows(("a", "ok", None, None)))
+    writer.commit()
+    writer.add(rows(("b", "ok", None, None)))
+    with WriterLease(out, "second", ttl_s=30, force=True) as second:
+        assert second.displaced == "first"
+        with pytest.raises(LeaseLost, match="taken over by run second"):
+            writer.commit()  # at once: no heartbeat of the first run has run yet
+        first.release()
+        assert json.loads(out.fs.cat_file(f"{s3_bucket}/labels/forced/{LEASE_NAME}"))["run_id"] == "second"
+    assert LabelsOutput(out.uri).scan().column("image_id").to_pylist() == ["a"], "b was not written"
+
+
+def test_a_lease_rewritten_by_another_host_is_lost_at_the_next_commit(tmp_path):
+    out = LabelsOutput(str(tmp_path / "out"))
+    with WriterLease(out, "mine", ttl_s=30) as lease:
+        other = {"run_id": "theirs", "host": "another-pod", "pid": 1, "expires": time.time() + 30}
+        (Path(out.path) / LEASE_NAME).write_text(json.dumps(other))
+        with pytest.raises(LeaseLost, match="taken over by run theirs"):
+            lease.check()
+    assert json.loads((Path(out.path) / LEASE_NAME).read_text())["run_id"] == "theirs", "their lease is left"
+
+
+def test_a_lease_that_is_a_folder_fails_in_one_line_naming_it(tmp_path):
+    out = LabelsOutput(str(tmp_path / "out"))
+    (Path(out.path) / LEASE_NAME).mkdir(parents=True)
+    with pytest.raises(Exception, match=f"lease .*{LEASE_NAME} is a folder"):
+        WriterLease(out, "r").acquire()
+    assert (Path(out.path) / LEASE_NAME).is_dir()
+
+
+def test_a_lease_with_a_nonsense_expiry_is_taken_over_naming_it(tmp_path, caplog):
+    out = LabelsOutput(str(tmp_path / "out"))
+    Path(out.path).mkdir()
+    (Path(out.path) / LEASE_NAME).write_text('{"run_id": "odd", "host": "x", "pid": 1, "expires": NaN}')
+    start = time.monotonic()
+    with WriterLease(out, "next") as lease:
+        lease.check()
+    assert time.monotonic() - start < 2
+    assert f"an unreadable lease ({Path(out.path) / LEASE_NAME})" in caplog.text
+
+
+def test_an_output_that_is_a_file_fails_the_lease_in_one_line(tmp_path):
+    target = tmp_path / "labels.txt"
+    target.write_text("mine")
+    with pytest.raises(Exception, match="is a file, not a folder"):
+        WriterLease(LabelsOutput(str(target)), "r").acquire()
+    assert target.read_text() == "mine"

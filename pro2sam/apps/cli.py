@@ -201,7 +201,8 @@ def one_line(e: BaseException) -> str:
 
 
 def _run(prog: str, work: Callable[[], int], *, resume_hint: str | None = None) -> int:
-    """Run a subcommand: its exit status, or one line and 2 (bad input), 130/143 (stopped), 1."""
+    """Run a subcommand: its exit status, or one line and 2 (bad input), 3 (a labeling run that
+    could not write all its rows), 130/143 (stopped), 1."""
     from ..checkpoints import CheckpointError
     from ..pipeline.label_job import JobInterrupted
     from ..storage import StorageError
@@ -214,7 +215,7 @@ def _run(prog: str, work: Callable[[], int], *, resume_hint: str | None = None) 
         return 128 + e.signum
     except (StorageError, ValueError, CheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return getattr(e, "exit_status", 2)  # 3: the run went on but did not write all its rows
     except Exception as e:  # a failure inside Ray: its last line, not 200 lines of remote traceback
         log.debug("%s failed", prog, exc_info=True)
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
@@ -261,7 +262,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from ..pipeline.label_job import LabelJobConfig, run_label_job
+    from ..pipeline.label_job import LabelJobConfig, RowsNotWritten, run_label_job
 
     def work() -> int:
         cfg = LabelJobConfig(
@@ -274,9 +275,14 @@ def cmd_label(args: argparse.Namespace) -> int:
             relabel_changed=args.relabel_changed,
             rows_per_file=args.rows_per_file,
             commit_seconds=args.commit_seconds,
+            lease_ttl_s=args.lease_ttl,
         )
         _stop_on_signals()
-        print(run_label_job(cfg), flush=True)
+        try:
+            print(run_label_job(cfg), flush=True)
+        except RowsNotWritten as e:
+            print(e.summary, flush=True)
+            raise
         return 0
 
     hint = f"the rows committed so far are in {args.output}; run the same command again to label the rest"
@@ -593,6 +599,10 @@ def _add_label_options(p: argparse.ArgumentParser, d: dict) -> None:
                    help="rows per Parquet file; a kill loses at most the rows not yet in a file (default %(default)s)")  # fmt: skip
     g.add_argument("--commit-seconds", type=float, default=d["commit_seconds"],
                    help="commit a file at least this often, full or not (default %(default)s)")  # fmt: skip
+    g.add_argument("--lease-ttl", type=float, default=d["lease_ttl_s"],
+                   help="seconds the output's lease lives without a renewal; renewed every quarter of it and "
+                   "before each commit. A run on another host waits this long for a dead run's lease "
+                   "(default %(default)s)")  # fmt: skip
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:

@@ -44,6 +44,7 @@ from ..storage import (
     INPUT_SCHEMA,
     MANIFEST_SUFFIXES,
     iter_inputs,
+    StorageError,
     location_contains,
 )
 from .ray_env import ensure_ray
@@ -56,6 +57,7 @@ __all__ = [
     "LabelJobConfig",
     "LabelJobSummary",
     "JobInterrupted",
+    "RowsNotWritten",
     "load_models",
     "run_label_job",
 ]
@@ -69,6 +71,23 @@ _BATCHES_PER_BLOCK = 4
 # another, so that the driver and the object store never hold millions of rows (each dataset
 # starts its actors again: seconds, against hours of labeling for this many images on a GPU).
 _ROWS_PER_DATASET = 100_000
+
+
+class RowsNotWritten(StorageError):
+    """The run ended without writing all the images it had to label: its lease was taken over or
+    could not be renewed, or storage refused a label file. What was committed stays; a rerun
+    labels the rest. ``summary`` is what the run did, ``unwritten`` how many images it did not
+    write, ``cause`` why; the command exits with :attr:`exit_status`."""
+
+    exit_status = 3
+
+    def __init__(self, summary: LabelJobSummary, unwritten: int, cause: Exception) -> None:
+        self.summary, self.unwritten, self.cause_error = summary, unwritten, cause
+        super().__init__(
+            f"{unwritten} of the {unwritten + summary.ok + summary.error} images to label were not written "
+            f"({cause}); the {summary.ok + summary.error} committed rows are in {summary.output}: "
+            "run the same command again to label the rest"
+        )
 
 
 class JobInterrupted(BaseException):
@@ -193,7 +212,7 @@ class LabelJobConfig:
         rows_per_file, commit_seconds: a label file is committed at this many rows, or this long
             after its first row, whichever comes first; a kill loses at most the rows not yet
             committed.
-        lease_ttl_s: how long the output's lease lives without a heartbeat.
+        lease_ttl_s: how long the output's lease lives without a renewal (:mod:`pro2sam.lease`).
     """
 
     input: str
@@ -212,7 +231,7 @@ class LabelJobConfig:
         self.labeling.validate()
         _need(self.rows_per_file >= 1, f"--rows-per-file {self.rows_per_file}: must be >= 1")
         _need(self.commit_seconds > 0, f"--commit-seconds {self.commit_seconds}: must be > 0")
-        _need(self.lease_ttl_s > 0, f"lease_ttl_s {self.lease_ttl_s}: must be > 0")
+        _need(self.lease_ttl_s > 0, f"--lease-ttl {self.lease_ttl_s}: must be > 0")
         # A manifest may sit in the output folder (it is read, never written); a folder may not.
         _need(
             self.input.endswith(MANIFEST_SUFFIXES) or not location_contains(self.output, self.input),
@@ -457,6 +476,8 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
         CheckpointError: a checkpoint that cannot be loaded (found on the driver, before Ray).
         StorageError: input or output storage cannot be reached or written; another run holds
             the output (:class:`~pro2sam.output.OutputBusy`).
+        RowsNotWritten: labeling went on but not every image could be committed (the lease was
+            taken over or lost, storage refused a file); its ``summary`` says what was written.
         JobInterrupted: SIGINT/SIGTERM (as raised by the caller's handler); committed rows stay.
     """
     start = time.perf_counter()
@@ -464,6 +485,9 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
     output = LabelsOutput(cfg.output)
     listing = iter_inputs(cfg.input, exclude_prefix=cfg.output)  # the input is checked here, listed below
     with WriterLease(output, cfg.run_id, ttl_s=cfg.lease_ttl_s, force=cfg.force) as lease, _TodoSpool() as todo:
+        if lease.displaced:  # let a commit the displaced run had in flight land before the output is read
+            log.warning("waiting %.0f s for run %s to stop writing", lease.ttl_s / 4, lease.displaced)
+            time.sleep(lease.ttl_s / 4)
         output.remove_temporaries()
         done = None if cfg.overwrite else output.scan(RerunPlanner.columns(relabel_changed=cfg.relabel_changed))
         planner = RerunPlanner(done, retry_errors=cfg.retry_errors, relabel_changed=cfg.relabel_changed)
@@ -502,18 +526,38 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
         writer = LabelWriter(
             output, cfg.run_id, lease=lease, rows_per_file=cfg.rows_per_file, commit_seconds=cfg.commit_seconds
         )
+        failure: Exception | None = None
         try:
             for chunk in todo.chunks(_ROWS_PER_DATASET):
                 for table in _label_stream(ray, cfg, chunk, actors, gpus, cpus):
                     writer.add(table)
+        except StorageError as e:  # a commit refused: the lease was taken or storage failed
+            failure = e
         finally:
             try:
                 writer.commit()  # what was labeled stays, also when the run is interrupted
             except Exception as e:
                 log.warning("could not commit the last %d rows: %s", writer.pending_rows, e)
+                failure = failure or e
             summary.ok, summary.error, summary.files = writer.ok, writer.error, len(writer.files)
+            summary.seconds = time.perf_counter() - start
+        if failure is not None:
+            raise RowsNotWritten(summary, todo.rows - writer.ok - writer.error, failure)
+        if lease.displaced:
+            _remove_rows_written_twice(output, lease)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _remove_rows_written_twice(output: LabelsOutput, lease: WriterLease) -> None:
+    """After a run that took the lease from a live run (``--force``): drop the rows of images
+    written twice (a commit the displaced run had in flight), so that readers that count rows
+    (DuckDB over ``*.parquet``) never count one twice."""
+    planner = RerunPlanner(output.scan(RerunPlanner.columns()))
+    if planner.duplicates:
+        lease.check()
+        dropped = output.drop_rows(planner.drops())
+        log.warning("removed %d rows that the run %s wrote as well", dropped, lease.displaced)
 
 
 class _TodoSpool:
