@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -265,3 +266,29 @@ def run_chromium(page: Path, tmp_path: Path, *args: str, fragment: str = "") -> 
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
+
+
+# ---------------------------------------------------------------- an S3-protocol server's content
+
+
+def s3_client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+def upload_file(endpoint: str, bucket: str, local: Path, key: str) -> str:
+    s3_client(endpoint).upload_file(str(local), bucket, key)
+    return f"s3://{bucket}/{key}"
+
+
+def read_s3_output(endpoint: str, prefix: str, *, allow_empty: bool = False) -> pa.Table:
+    """Every Parquet file under an s3:// prefix, read with s3fs + pyarrow (not pro2sam's own reader)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+    files = sorted(f for f in fs.find(prefix) if f.endswith(".parquet"))
+    if not files and allow_empty:
+        return pa.table({"image_id": pa.array([], pa.string()), "uri": pa.array([], pa.string())})
+    assert files, f"no Parquet files under {prefix}"
+    return pa.concat_tables(pq.read_table(f, filesystem=fs) for f in files)

@@ -24,14 +24,15 @@ import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import s3fs
 from PIL import Image
 
 from helpers import CLI_MODEL_ARGS, job_config, write_scenes
+from helpers import read_s3_output as _read_output
+from helpers import s3_client as _s3
+from helpers import upload_file as _upload_file
 
 from pro2sam.pipeline.label_job import LabelJobConfig, LabelJobSummary, run_label_job
 from pro2sam.rle import decode_mask
@@ -44,15 +45,6 @@ TINY_ARGS = CLI_MODEL_ARGS
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _s3(endpoint: str):
-    return boto3.client("s3", endpoint_url=endpoint)
-
-
-def _upload_file(endpoint: str, bucket: str, local: Path, key: str) -> str:
-    _s3(endpoint).upload_file(str(local), bucket, key)
-    return f"s3://{bucket}/{key}"
 
 
 def _upload_folder(endpoint: str, bucket: str, local: Path, prefix: str) -> str:
@@ -70,14 +62,6 @@ def _upload_images(endpoint: str, bucket: str, folder: Path, count: int) -> dict
     _s3(endpoint).put_object(Bucket=bucket, Key="images/not_an_image.jpg", Body=BAD_FILE)
     sizes[f"s3://{bucket}/images/not_an_image.jpg"] = (0, 0)
     return sizes
-
-
-def _read_output(endpoint: str, prefix: str) -> pa.Table:
-    """Every Parquet file under an s3:// prefix, read with s3fs + pyarrow (not pro2sam's own reader)."""
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
-    files = sorted(f for f in fs.find(prefix) if f.endswith(".parquet"))
-    assert files, f"no Parquet files under {prefix}"
-    return pa.concat_tables(pq.read_table(f, filesystem=fs) for f in files)
 
 
 def _sha256(path: Path) -> str:
