@@ -269,14 +269,13 @@ def iter_inputs(
     excluded = canonical_uri(exclude_prefix) if exclude_prefix else None
     try:
         fs, path = filesystem(source)
-        if fs.isfile(path):
-            if manifest_format(path):
-                entries = _read_manifest(fs, path, source, excluded)
-            else:
-                entries = iter([_local_entry(canonical_uri(source)) if not is_remote(source) else _remote_entry(fs, path)])
+        if manifest_format(path) and fs.isfile(path):
+            entries = _read_manifest(fs, path, source, excluded)
         elif fs.isdir(path):
             entries = _list_remote(fs, path) if is_remote(source) else _list_local(canonical_uri(source))
-        elif not is_remote(source) and os.path.exists(path):  # a FIFO or device: one error row
+        elif is_remote(source) and fs.isfile(path):
+            entries = iter([_remote_entry(fs, path)])
+        elif not is_remote(source) and os.path.exists(path):  # a file, FIFO or device: one row
             entries = iter([_local_entry(canonical_uri(source))])
         else:
             raise StorageError(f"input {source} does not exist (neither a folder, a manifest .csv/.parquet nor a file)")
@@ -517,29 +516,26 @@ def _with_fingerprints(chunk: list[_Entry], filesystems: dict[str, fsspec.Abstra
     manifest's rows): the one a folder listing would give. ``filesystems`` caches one filesystem
     per protocol over the listing."""
     missing = [i for i, e in enumerate(chunk) if e.fingerprint is None and e.error is None]
-    if not missing:
-        return chunk
+    uris = [chunk[i].uri for i in missing]
+    for uri in uris:
+        if is_remote(uri) and _protocol(uri) not in filesystems:
+            filesystems[_protocol(uri)] = filesystem(uri)[0]
 
     def lookup(uri: str) -> str | None:
         try:
             if not is_remote(uri):
                 st = os.stat(uri)
                 return _local_fingerprint(st) if stat.S_ISREG(st.st_mode) else None
-            protocol = _protocol(uri)
-            if protocol not in filesystems:
-                filesystems[protocol] = filesystem(uri)[0]
-            fs = filesystems[protocol]
-            info = fs.info(fs._strip_protocol(uri))
+            info = filesystems[_protocol(uri)].info(uri)
             return _remote_fingerprint(info) if info.get("type", "file") == "file" else None
         except OSError:  # missing, permission, a link loop: the read makes it an error row
             return None
 
-    uris = [chunk[i].uri for i in missing]
-    if any(is_remote(u) for u in uris):
+    if any(_protocol(uri) in filesystems for uri in uris):
         with ThreadPoolExecutor(max_workers=_FINGERPRINT_THREADS) as pool:
             found = list(pool.map(lookup, uris))
     else:
-        found = [lookup(u) for u in uris]
+        found = [lookup(uri) for uri in uris]
     chunk = list(chunk)
     for i, fingerprint in zip(missing, found):
         chunk[i] = dataclasses.replace(chunk[i], fingerprint=fingerprint)
