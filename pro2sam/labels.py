@@ -33,7 +33,7 @@ STATUS_ERROR = "error"
 # Why an image could not be labeled; a rerun labels the kinds in RETRIED_ERROR_KINDS again (the
 # cause may have passed), the others only with --retry-errors.
 ERROR_KINDS = {
-    "read": "storage could not give the bytes now (missing, permission denied, outage, timeout)",
+    "read": "storage could not give the bytes now (missing, permission denied, outage, timeout, a file caught being written)",
     "input": "the input is not a file we read (not a regular file, over the size limit, a non-UTF-8 name)",
     "image": "the bytes are not an image we can label (empty, corrupt, truncated, too many pixels, degenerate size)",
     "model": "the models failed on this image",

@@ -10,10 +10,16 @@ Where an image is (:func:`canonical_uri`) decides its id (:func:`image_id_for`):
 resolved (``file://`` stripped, ``.``/``..``/``//`` collapsed, symbolic links followed), so one file
 reached by two spellings is one image. Object-store keys are kept as listed: ``a//b`` and ``a/b``
 are two keys there.
+
+What an input is (:func:`iter_inputs`) is decided by what is there, not by its name alone: a
+folder (prefix) is listed, a file whose name ends in ``.csv`` or ``.parquet`` (in any case,
+:func:`manifest_format`) is a manifest, any other file is one image.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import hashlib
 import itertools
 import os
@@ -23,6 +29,7 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +54,8 @@ __all__ = [
     "canonical_uri",
     "location_contains",
     "image_id_for",
+    "manifest_format",
+    "is_manifest",
     "INPUT_SCHEMA",
     "LIST_BATCH_ROWS",
     "iter_inputs",
@@ -83,6 +92,10 @@ class StorageError(RuntimeError):
 
 class ReadError(StorageError):
     """One object could not be read now (missing, permission, outage): worth retrying later."""
+
+
+class _ChangedWhileRead(ReadError):
+    """The file changed while it was read (a writer is at work): the bytes are no one version of it."""
 
 
 class InputError(ValueError):
@@ -142,7 +155,12 @@ def location_contains(outer: str, inner: str) -> bool:
     a, b = canonical_uri(outer), canonical_uri(inner)
     if _protocol(a) != _protocol(b):
         return False
-    return b == a or b.startswith(a.rstrip("/") + "/")
+    return _under(b, a)
+
+
+def _under(inner: str, outer: str) -> bool:
+    """True if the canonical location ``inner`` is the canonical ``outer`` or lies under it."""
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
 IMAGE_ID_LENGTH = 20  # hex digits of an image id
@@ -151,6 +169,30 @@ IMAGE_ID_LENGTH = 20  # hex digits of an image id
 def image_id_for(uri: str) -> str:
     """A stable image id: 20 hex digits of the SHA-1 of :func:`canonical_uri`."""
     return hashlib.sha1(canonical_uri(uri).encode("utf-8", "surrogateescape")).hexdigest()[:IMAGE_ID_LENGTH]
+
+
+def manifest_format(uri: str) -> str | None:
+    """``"csv"`` or ``"parquet"`` when the name of ``uri`` ends in a manifest suffix (in any case:
+    ``LIST.CSV`` is a CSV manifest), else None. The naming rule of manifests, for the labeling
+    job's input and :func:`pro2sam.datasets.read_manifest` alike."""
+    lowered = uri.lower()
+    return next((suffix[1:] for suffix in MANIFEST_SUFFIXES if lowered.endswith(suffix)), None)
+
+
+def is_manifest(uri: str) -> bool:
+    """True if ``uri`` is a manifest: a file (not a folder: a folder named ``x.csv`` is a folder)
+    whose name :func:`manifest_format` recognises.
+
+    Raises:
+        StorageError: the storage cannot be reached.
+    """
+    if not manifest_format(uri):
+        return False
+    try:
+        fs, path = filesystem(uri)
+        return fs.isfile(path)
+    except Exception as e:
+        raise StorageError(_describe(uri, e)) from None
 
 
 def _describe(uri: str, error: BaseException) -> str:
@@ -185,17 +227,27 @@ LIST_BATCH_ROWS = 65_536
 
 
 def iter_inputs(
-    source: str, *, exclude_prefix: str | None = None, batch_rows: int = LIST_BATCH_ROWS
+    source: str,
+    *,
+    exclude_prefix: str | None = None,
+    batch_rows: int = LIST_BATCH_ROWS,
+    fingerprints: bool = False,
 ) -> Iterator[pa.RecordBatch]:
     """The images a job labels, as record batches of :data:`INPUT_SCHEMA` (one row per image, at
     most ``batch_rows`` rows each), produced as the listing goes.
 
     Args:
         source: a prefix (folder) listed recursively, hidden files skipped; or a manifest, a
-            ``.csv`` or ``.parquet`` file with a ``uri`` column and an optional ``label`` column,
-            both read as strings. Relative manifest URIs are taken relative to the manifest.
-        exclude_prefix: a prefix whose files are never inputs (the job's own output folder).
+            ``.csv`` or ``.parquet`` file (the suffix in any case) with a ``uri`` column and an
+            optional ``label`` column, both read as strings; relative manifest URIs are taken
+            relative to the manifest. Any other file is one image.
+        exclude_prefix: a prefix whose files are never inputs (the job's own output folder): a
+            folder listing skips them, a manifest that names one is refused.
         batch_rows: rows per batch.
+        fingerprints: give every row a ``source_fingerprint``, as a folder listing does: for the
+            rows of a manifest that is a ``stat`` per local file and a HEAD request per object
+            (32 at a time), so ask only when they are compared (``--relabel-changed``). A file
+            that cannot be looked up (missing, permission) is listed without one; its read says why.
 
     The source is checked when this is called; the batches come as it is read: an S3 prefix a
     page of 1,000 keys at a time (other object stores are listed whole by fsspec's ``find``), a
@@ -204,43 +256,53 @@ def iter_inputs(
     far (its id, to list an image reached twice once: a link, a repeated manifest line).
 
     Local folders: symbolic links to files are followed (the id is the target's), linked folders
-    are not entered; a FIFO, device or broken link, or a name that is not UTF-8, is listed with an
-    ``input_error`` so that it becomes an error row instead of stalling or aborting the job.
+    are not entered; a FIFO, device, broken link or link loop, or a name that is not UTF-8, is
+    listed with an ``input_error`` so that it becomes an error row instead of stalling or aborting
+    the job.
 
     Raises:
         StorageError: the source cannot be reached or does not exist (also while iterating).
-        ValueError: a malformed manifest (no ``uri`` column, a null or non-string URI, with its
-            file and line), possibly while iterating.
+        ValueError: a malformed manifest (no ``uri`` column, a null or non-string URI, a row that
+            does not parse, a URI under ``exclude_prefix``; each naming the manifest, and the line
+            where it is known), possibly while iterating.
     """
+    excluded = canonical_uri(exclude_prefix) if exclude_prefix else None
     try:
         fs, path = filesystem(source)
-        if fs.isfile(path) and path.endswith(MANIFEST_SUFFIXES):
-            entries = _read_manifest(fs, path, source)
-        elif not fs.isdir(path):
-            raise StorageError(f"input {source} does not exist (neither a folder nor a manifest .csv/.parquet)")
-        elif is_remote(source):
-            entries = _list_remote(fs, path)
+        if manifest_format(path) and fs.isfile(path):
+            entries = _read_manifest(fs, path, source, excluded)
+        elif fs.isdir(path):
+            entries = _list_remote(fs, path) if is_remote(source) else _list_local(canonical_uri(source))
+        elif is_remote(source) and fs.isfile(path):
+            entries = iter([_remote_entry(fs, path)])
+        elif not is_remote(source) and os.path.exists(path):  # a file, FIFO or device: one row
+            entries = iter([_local_entry(canonical_uri(source))])
         else:
-            entries = _list_local(canonical_uri(source))
+            raise StorageError(f"input {source} does not exist (neither a folder, a manifest .csv/.parquet nor a file)")
     except (StorageError, ValueError):
         raise
     except Exception as e:  # botocore/aiohttp/OS errors: say where, not how deep
         raise StorageError(_describe(source, e)) from None
-    excluded = canonical_uri(exclude_prefix) if exclude_prefix else None
-    return _input_batches(entries, excluded, batch_rows, source)
+    return _input_batches(entries, excluded, batch_rows, source, fingerprints)
 
 
-def list_inputs(source: str, *, exclude_prefix: str | None = None) -> pa.Table:
+def list_inputs(source: str, *, exclude_prefix: str | None = None, fingerprints: bool = False) -> pa.Table:
     """:func:`iter_inputs` as one table (for inputs that fit in memory)."""
-    return pa.Table.from_batches(list(iter_inputs(source, exclude_prefix=exclude_prefix)), schema=INPUT_SCHEMA)
+    batches = iter_inputs(source, exclude_prefix=exclude_prefix, fingerprints=fingerprints)
+    return pa.Table.from_batches(list(batches), schema=INPUT_SCHEMA)
 
 
-def _input_batches(entries: Iterator[_Entry], excluded: str | None, batch_rows: int, source: str) -> Iterator[pa.RecordBatch]:
+def _input_batches(
+    entries: Iterator[_Entry], excluded: str | None, batch_rows: int, source: str, fingerprints: bool
+) -> Iterator[pa.RecordBatch]:
     seen = SeenIds()
+    filesystems: dict[str, fsspec.AbstractFileSystem] = {}
     try:
         while chunk := list(itertools.islice(entries, batch_rows)):
             if excluded:
-                chunk = [e for e in chunk if not (e.uri == excluded or e.uri.startswith(excluded.rstrip("/") + "/"))]
+                chunk = [e for e in chunk if not _under(e.uri, excluded)]
+            if fingerprints:
+                chunk = _with_fingerprints(chunk, filesystems)
             ids = pa.array([image_id_for(e.uri) for e in chunk], pa.string())
             columns = [
                 ids,
@@ -335,9 +397,16 @@ def _list_local(root: str) -> Iterator[_Entry]:
         if child.is_dir(follow_symlinks=False):
             stack.append(_scandir(child.path))
             continue
-        if child.is_symlink() and child.is_dir(follow_symlinks=True):
+        if _is_linked_folder(child):
             continue  # linked folders are not entered (no cycles, no surprises)
-        yield _local_entry(child)
+        yield _local_entry(child.path)
+
+
+def _is_linked_folder(child: os.DirEntry) -> bool:
+    try:
+        return child.is_symlink() and child.is_dir(follow_symlinks=True)
+    except OSError:  # a link loop, or a target we may not stat: _local_entry says which
+        return False
 
 
 def _scandir(folder: str) -> Iterator[os.DirEntry]:
@@ -348,22 +417,39 @@ def _scandir(folder: str) -> Iterator[os.DirEntry]:
         raise StorageError(f"cannot list {folder}: {e}") from None
 
 
-def _local_entry(child: os.DirEntry) -> _Entry:
-    shown, name_error = _printable(child.path)
+def _local_entry(path: str) -> _Entry:
+    """The entry of one local path met by a listing (or given as the input)."""
+    shown, name_error = _printable(path)
     if name_error:
         return _Entry(shown, error=name_error)
     try:
-        st = child.stat(follow_symlinks=True)
+        st = os.stat(path)
     except FileNotFoundError:
-        return _Entry(shown, error=f"broken symbolic link: {shown} -> {os.readlink(child.path)}")
+        if not os.path.islink(path):  # removed since it was listed: its read says so
+            return _Entry(shown)
+        return _Entry(shown, error=f"broken symbolic link: {shown} -> {_link_target(path)}")
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            return _Entry(shown, error=f"symbolic link loop (too many levels of links): {shown} -> {_link_target(path)}")
         return _Entry(shown, error=f"cannot stat {shown}: {e}")
-    target, target_error = _printable(os.path.realpath(child.path))
+    target, target_error = _printable(os.path.realpath(path))
     if target_error:
         return _Entry(shown, error=target_error)
     if not stat.S_ISREG(st.st_mode):
         return _Entry(target, error=f"not a regular file ({_file_kind(st.st_mode)}): {shown}")
-    return _Entry(target, fingerprint=f"size={st.st_size} mtime_ns={st.st_mtime_ns}")
+    return _Entry(target, fingerprint=_local_fingerprint(st))
+
+
+def _link_target(path: str) -> str:
+    try:
+        return _printable(os.readlink(path))[0]
+    except OSError:
+        return "?"
+
+
+def _local_fingerprint(st: os.stat_result) -> str:
+    """What tells one version of a local file from another: its size and mtime."""
+    return f"size={st.st_size} mtime_ns={st.st_mtime_ns}"
 
 
 def _file_kind(mode: int) -> str:
@@ -380,6 +466,11 @@ def _list_remote(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[_Entry]:
             if posixpath.basename(info["name"]).startswith(".") or info.get("type", "file") != "file":
                 continue
             yield _Entry(canonical_uri(fs.unstrip_protocol(info["name"])), fingerprint=_remote_fingerprint(info))
+
+
+def _remote_entry(fs: fsspec.AbstractFileSystem, path: str) -> _Entry:
+    """The entry of one object given as the input."""
+    return _Entry(canonical_uri(fs.unstrip_protocol(path)), fingerprint=_remote_fingerprint(fs.info(path)))
 
 
 def _object_pages(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[list[dict]]:
@@ -407,6 +498,8 @@ def _object_pages(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[list[dic
 
 
 def _remote_fingerprint(info: dict) -> str | None:
+    """What tells one version of an object from another: its size and ETag (from a listing or
+    a HEAD alike)."""
     etag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
     size = info.get("size")
     if etag is None and size is None:
@@ -414,10 +507,53 @@ def _remote_fingerprint(info: dict) -> str | None:
     return f"size={size} etag={str(etag).strip(chr(34))}" if etag else f"size={size}"
 
 
-def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, source: str) -> Iterator[_Entry]:
-    """The manifest's rows, read a block at a time (a CSV block or a Parquet batch)."""
+# HEAD requests in flight at once when a manifest's rows are fingerprinted.
+_FINGERPRINT_THREADS = 32
+
+
+def _with_fingerprints(chunk: list[_Entry], filesystems: dict[str, fsspec.AbstractFileSystem]) -> list[_Entry]:
+    """``chunk`` with the fingerprint looked up for each readable-looking entry that has none (a
+    manifest's rows): the one a folder listing would give. ``filesystems`` caches one filesystem
+    per protocol over the listing."""
+    missing = [i for i, e in enumerate(chunk) if e.fingerprint is None and e.error is None]
+    uris = [chunk[i].uri for i in missing]
+    for uri in uris:
+        if is_remote(uri) and _protocol(uri) not in filesystems:
+            filesystems[_protocol(uri)] = filesystem(uri)[0]
+
+    def lookup(uri: str) -> str | None:
+        try:
+            if not is_remote(uri):
+                st = os.stat(uri)
+                return _local_fingerprint(st) if stat.S_ISREG(st.st_mode) else None
+            info = filesystems[_protocol(uri)].info(uri)
+            return _remote_fingerprint(info) if info.get("type", "file") == "file" else None
+        except OSError:  # missing, permission, a link loop: the read makes it an error row
+            return None
+
+    if any(_protocol(uri) in filesystems for uri in uris):
+        with ThreadPoolExecutor(max_workers=_FINGERPRINT_THREADS) as pool:
+            found = list(pool.map(lookup, uris))
+    else:
+        found = [lookup(uri) for uri in uris]
+    chunk = list(chunk)
+    for i, fingerprint in zip(missing, found):
+        chunk[i] = dataclasses.replace(chunk[i], fingerprint=fingerprint)
+    return chunk
+
+
+def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, source: str, excluded: str | None) -> Iterator[_Entry]:
+    """The manifest's rows, read a block at a time (a CSV block or a Parquet batch); a row under
+    ``excluded`` is refused."""
+    try:
+        yield from _manifest_rows(fs, path, source, excluded)
+    except pa.ArrowException as e:  # Arrow's parse errors name neither the file nor, mostly, the line
+        raise ValueError(f"manifest {source}: {e}") from None
+
+
+def _manifest_rows(fs: fsspec.AbstractFileSystem, path: str, source: str, excluded: str | None) -> Iterator[_Entry]:
     base = source.rsplit("/", 1)[0] if is_remote(source) else str(Path(path).parent)
-    csv = path.endswith(".csv")
+    csv = manifest_format(path) == "csv"
     with fs.open(path, "rb") as f:
         if csv:
             try:
@@ -458,7 +594,13 @@ def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, source: str) -> Ite
                     raise ValueError(f"{where(row)}: empty uri")
                 if "://" not in u and not os.path.isabs(u):
                     u = join_uri(base, u)
-                yield _Entry(canonical_uri(u), label=label)
+                uri = canonical_uri(u)
+                if excluded and _under(uri, excluded):
+                    raise ValueError(
+                        f"{where(row)}: {uri} lies in the output folder {excluded}, whose files are never "
+                        "labeled: move the images out of it or choose another output"
+                    )
+                yield _Entry(uri, label=label)
                 row += 1
 
 
@@ -511,6 +653,10 @@ def read_file(
 ) -> tuple[bytes, str | None]:
     """The bytes of one regular file or object, and its fingerprint (size and mtime or ETag).
 
+    A file whose size or mtime changed while it was read (compared before and after; for an
+    object, the size its HEAD gave against the bytes read) is read again after a pause, as a
+    failed request is: a writer may be at work.
+
     Args:
         max_bytes: refuse larger files (:class:`InputError`) before reading them.
         timeout_s: give up on a read that takes longer (:class:`ReadError`).
@@ -518,7 +664,8 @@ def read_file(
     Raises:
         FileNotFoundError: no such file or object (not retried).
         InputError: not a regular file (a FIFO, a device), or over ``max_bytes``.
-        ReadError: storage failed ``attempts`` times, or the read took over ``timeout_s``.
+        ReadError: storage failed ``attempts`` times, the file changed during each of
+            ``attempts`` reads, or the read took over ``timeout_s``.
     """
     for attempt in range(attempts):
         try:
@@ -530,10 +677,16 @@ def read_file(
                 if max_bytes is not None and size is not None and size > max_bytes:
                     raise InputError(_too_large(uri, size, max_bytes))
                 data = _read_chunks(f, uri, max_bytes, timeout_s)
+                if size is not None and len(data) != size:
+                    raise _ChangedWhileRead(f"{uri} changed while it was read: {size} bytes when opened, {len(data)} read")
                 details = getattr(f, "details", None)
                 return data, _remote_fingerprint(details) if isinstance(details, dict) else None
         except (FileNotFoundError, InputError):
             raise
+        except _ChangedWhileRead:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(backoff_s * 2**attempt)
         except PermissionError as e:
             raise ReadError(f"permission denied: {uri}: {e}") from None
         except Exception as e:
@@ -556,7 +709,15 @@ def _read_local(path: str, max_bytes: int | None, timeout_s: float | None) -> tu
             raise InputError(f"not a regular file ({_file_kind(st.st_mode)}): {path}")
         if max_bytes is not None and st.st_size > max_bytes:
             raise InputError(_too_large(path, st.st_size, max_bytes))
-        return _read_chunks(f, path, max_bytes, timeout_s), f"size={st.st_size} mtime_ns={st.st_mtime_ns}"
+        data = _read_chunks(f, path, max_bytes, timeout_s)
+        after = os.fstat(fd)
+        fingerprint = _local_fingerprint(st)
+        if len(data) != st.st_size or _local_fingerprint(after) != fingerprint:
+            raise _ChangedWhileRead(
+                f"{path} changed while it was read (still being written?): {fingerprint} before, "
+                f"{_local_fingerprint(after)} after, {len(data)} bytes read"
+            )
+        return data, fingerprint
 
 
 def _read_chunks(f, uri: str, max_bytes: int | None, timeout_s: float | None) -> bytes:

@@ -269,3 +269,12 @@ def test_open_dataset_specs(tmp_path):
     assert open_dataset(f"cub:{_cub(tmp_path / 'CUB')}:test").name == "cub"
     with pytest.raises(ValueError, match="unknown data-set spec"):
         open_dataset("imagenet")
+
+
+def test_manifest_suffixes_are_recognised_in_any_case_as_the_labeling_job_does(tmp_path):
+    _wsol_cub(tmp_path / "meta", tmp_path / "data", "a/1.jpg,1,2,10,12\n")
+    table = read_wsol_metadata(tmp_path / "meta", tmp_path / "data", "test", class_names=["cat", "dog"]).to_manifest()
+    pq.write_table(table, tmp_path / "M.PARQUET")
+    assert open_dataset(str(tmp_path / "M.PARQUET")).class_names == ["cat", "dog"]
+    _write(tmp_path / "LIST.CSV", "uri,label\n/a.jpg,cat\n")
+    assert [s.uri for s in open_dataset(str(tmp_path / "LIST.CSV")).samples] == ["/a.jpg"]

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import CLI_MODEL_ARGS, job_config, write_scenes
+from helpers import CLI_MODEL_ARGS, job_config, scene, write_scenes
 from helpers import read_s3_output as _read_output
 from helpers import s3_client as _s3
 from helpers import upload_file as _upload_file
@@ -226,6 +226,27 @@ def test_s3_csv_manifest_labels_reach_the_output(s3_server, s3_bucket, s3_models
     }
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert (summary.ok, summary.error) == (2, 0)
+
+
+@pytest.mark.timeout(300)
+def test_an_object_replaced_under_an_s3_manifest_is_relabeled_when_asked(s3_server, s3_bucket, s3_models, ray_local, tmp_path):
+    """The manifest's objects are fingerprinted by HEAD as a prefix listing would: an unchanged
+    object is not relabeled, a replaced one is."""
+    gtformer, sam, _ = s3_models
+    for path in write_scenes(tmp_path / "images", 2):
+        _upload_file(s3_server, s3_bucket, path, f"data/images/{path.name}")
+    manifest = _put_manifest(s3_server, s3_bucket, "csv", [("images/scene_000.png", None), ("images/scene_001.png", None)])
+    output = f"s3://{s3_bucket}/labels/"
+    run_label_job(job_config((gtformer, sam), manifest, output))
+    unchanged = run_label_job(job_config((gtformer, sam), manifest, output, relabel_changed=True))
+    assert (unchanged.skipped, unchanged.changed) == (2, 0)
+    buf = io.BytesIO()
+    scene(100, 60, seed=5).save(buf, format="PNG")  # another picture, another size
+    _s3(s3_server).put_object(Bucket=s3_bucket, Key="data/images/scene_000.png", Body=buf.getvalue())
+    changed = run_label_job(job_config((gtformer, sam), manifest, output, relabel_changed=True))
+    assert (changed.ok, changed.skipped, changed.changed) == (1, 1, 1)
+    widths = {r["uri"].rsplit("/", 1)[1]: r["width"] for r in _read_output(s3_server, output).to_pylist()}
+    assert widths == {"scene_000.png": 100, "scene_001.png": 72}
 
 
 @pytest.mark.timeout(60)

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from helpers import (
     cli_label_args,
+    encode,
     job_config,
     local_ray_cluster,
     output_rows,
@@ -209,6 +210,61 @@ def test_an_image_replaced_at_the_same_path_is_relabeled_when_asked(ray_local, t
     assert len(rows) == 2 and {Path(r["uri"]).name: r["width"] for r in rows}["scene_000.png"] == 100
 
 
+@pytest.mark.timeout(300)
+def test_an_image_replaced_at_the_same_path_in_a_manifest_is_relabeled_when_asked(ray_local, tiny_checkpoints, tmp_path):
+    write_scenes(tmp_path / "images", 2)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri\nimages/scene_000.png\nimages/scene_001.png\n")
+    output = tmp_path / "labels"
+    run_label_job(job_config(tiny_checkpoints, manifest, output))
+    scene(100, 60, seed=5).save(tmp_path / "images" / "scene_000.png")  # another picture, another size
+    unchanged = run_label_job(job_config(tiny_checkpoints, manifest, output))
+    assert (unchanged.skipped, unchanged.changed) == (2, 0)
+    changed = run_label_job(job_config(tiny_checkpoints, manifest, output, relabel_changed=True))
+    assert (changed.ok, changed.skipped, changed.changed) == (1, 1, 1)
+    assert "1 changed files relabeled" in str(changed)
+    rows = _rows(output)
+    assert len(rows) == 2 and {Path(r["uri"]).name: r["width"] for r in rows} == {"scene_000.png": 100, "scene_001.png": 72}
+    again = run_label_job(job_config(tiny_checkpoints, manifest, output, relabel_changed=True))
+    assert (again.skipped, again.changed) == (2, 0), "the new row carries the new file's fingerprint"
+
+
+@pytest.mark.timeout(300)
+def test_images_caught_half_written_are_read_errors_that_a_plain_rerun_relabels(ray_local, tiny_checkpoints, tmp_path, monkeypatch):
+    import pro2sam.pipeline.label_job as label_job
+
+    folder = tmp_path / "images"
+    write_scenes(folder, 1)
+    whole = encode(scene(64, 48, seed=7))
+    (folder / "rewritten.png").write_bytes(whole)  # listed whole, then emptied by a writer starting over
+    (folder / "growing.png").write_bytes(b"")  # listed empty, then half written
+    (folder / "empty.png").write_bytes(b"")  # empty, and it stays so
+
+    def writers_at_work(*args, **kwargs):  # the driver loads the models after listing, before reading
+        (folder / "rewritten.png").write_bytes(b"")
+        (folder / "growing.png").write_bytes(whole[: len(whole) // 2])
+        return load_models(*args, **kwargs)
+
+    load_models = label_job.load_models
+    monkeypatch.setattr(label_job, "load_models", writers_at_work)
+    output = tmp_path / "labels"
+    first = run_label_job(job_config(tiny_checkpoints, folder, output))
+    assert (first.ok, first.error) == (1, 3)
+    rows = {Path(r["uri"]).name: r for r in _rows(output)}
+    for name in ("rewritten.png", "growing.png"):
+        assert rows[name]["error_kind"] == "read" and "changed after it was listed" in rows[name]["error"], rows[name]
+    assert rows["empty.png"]["error_kind"] == "image" and rows["empty.png"]["error"] == "empty file (0 bytes)"
+
+    monkeypatch.undo()
+    (folder / "rewritten.png").write_bytes(whole)  # the writers finished
+    (folder / "growing.png").write_bytes(whole)
+    second = run_label_job(job_config(tiny_checkpoints, folder, output))
+    assert (second.ok, second.error, second.retried, second.skipped) == (2, 0, 2, 2)
+    rows = {Path(r["uri"]).name: (r["status"], r["error_kind"]) for r in _rows(output)}
+    assert rows == {"scene_000.png": ("ok", None), "rewritten.png": ("ok", None), "growing.png": ("ok", None),
+                    "empty.png": ("error", "image")}  # fmt: skip
+
+
 def _rows(output: Path) -> list[dict]:
     return LabelsOutput(str(output)).read_table(["uri", "status", "error", "error_kind", "width"]).to_pylist()
 
@@ -223,6 +279,7 @@ def test_a_hostile_folder_gives_one_row_per_entry_and_finishes(ray_local, tiny_c
     os.mkfifo(folder / "pipe.jpg")
     (folder / "zero.jpg").symlink_to("/dev/zero")
     (folder / "gone.jpg").symlink_to(folder / "nowhere.jpg")
+    (folder / "loop.jpg").symlink_to("loop.jpg")
     with open(os.fsencode(str(folder)) + b"/caf\xe9.png", "wb") as f:
         scene(64, 48, seed=3).save(f, format="PNG")
     (folder / "big.png").write_bytes(b"\x89PNG" + bytes(300_000))
@@ -230,12 +287,13 @@ def test_a_hostile_folder_gives_one_row_per_entry_and_finishes(ray_local, tiny_c
     output = tmp_path / "labels"
     summary = run_label_job(job_config(tiny_checkpoints, folder, output, max_bytes=200_000))
     rows = {Path(r["uri"]).name: r for r in _rows(output)}
-    assert len(rows) == 8 == summary.inputs
+    assert len(rows) == 9 == summary.inputs
     assert rows["scene_000.png"]["status"] == rows["scene_001.png"]["status"] == "ok"
     expected = {
         "pipe.jpg": ("input", "FIFO"),
         "zero": ("input", "character device"),
         "gone.jpg": ("input", "broken symbolic link"),
+        "loop.jpg": ("input", "symbolic link loop"),
         "big.png": ("input", "over the limit of 200000 bytes"),
         "thin.png": ("image", "too elongated"),
     }
@@ -244,6 +302,46 @@ def test_a_hostile_folder_gives_one_row_per_entry_and_finishes(ray_local, tiny_c
         assert words in rows[name]["error"], rows[name]["error"]
     odd = [r for n, r in rows.items() if n.startswith("caf")]
     assert odd[0]["error_kind"] == "input" and "not valid UTF-8" in odd[0]["error"]
+
+
+# ---------------------------------------------------------------- what --input is
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("given", ["upper-case manifest", "one image file"])
+def test_an_upper_case_manifest_or_one_image_file_is_labeled(ray_local, tiny_checkpoints, images, tmp_path, given):
+    if given == "one image file":
+        input_ = images / "scene_002.png"
+    else:
+        input_ = images.parent / "LIST.CSV"
+        input_.write_text("uri,label\nimages/scene_002.png,disc\n")
+    summary = run_label_job(job_config(tiny_checkpoints, input_, tmp_path / "labels"))
+    assert (summary.inputs, summary.ok, summary.error) == (1, 1, 0)
+    rows = output_rows(tmp_path / "labels")
+    assert [Path(r["uri"]).name for r in rows] == ["scene_002.png"] and rows[0]["status"] == "ok"
+
+
+@pytest.mark.timeout(120)
+def test_a_folder_named_like_a_manifest_inside_the_output_is_refused_as_any_folder_is(tiny_checkpoints, tmp_path):
+    folder = tmp_path / "labels" / "x.csv"
+    write_scenes(folder, 1)
+    with pytest.raises(ValueError, match="choose an output outside the input"):
+        run_label_job(job_config(tiny_checkpoints, folder, tmp_path / "labels"))
+    assert LabelsOutput(str(tmp_path / "labels")).parquet_paths() == [] and not (tmp_path / "labels" / LEASE_NAME).exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_manifest_naming_images_in_the_output_fails_in_one_line_before_any_work(tiny_checkpoints, images, tmp_path):
+    output = images.parent
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri\n" + "".join(f"{p}\n" for p in sorted(images.iterdir())))
+    before = tree(output)
+    proc, started_ray = run_cli(cli_label_args(tiny_checkpoints, manifest, output))
+    assert proc.returncode == 2 and not started_ray
+    assert error_line(proc).startswith(
+        f"pro2sam label: error: manifest {manifest} line 2: {images}/scene_000.png lies in the output folder {output}"
+    )
+    assert tree(output) == before, "nothing was written"
 
 
 # ---------------------------------------------------------------- fail fast, in one line, before Ray

@@ -14,10 +14,12 @@ import pytest
 
 from pro2sam.storage import (
     InputError,
+    ReadError,
     SeenIds,
     canonical_uri,
     exists,
     image_id_for,
+    is_manifest,
     iter_inputs,
     join_uri,
     list_files,
@@ -110,6 +112,18 @@ def test_listing_marks_what_cannot_be_read_instead_of_stalling(folder):
     assert good["input_error"] is None and good["source_fingerprint"].startswith("size=1 ")
 
 
+def test_a_symbolic_link_loop_is_listed_as_one_error_and_the_rest_is_listed(folder):
+    (folder / "self.png").symlink_to("self.png")
+    (folder / "sub" / "ping.png").symlink_to("pong.png")
+    (folder / "sub" / "pong.png").symlink_to("ping.png")
+    rows = {Path(r["uri"]).name: r for r in list_inputs(str(folder)).to_pylist()}
+    assert sorted(rows) == ["a.png", "b.png", "ping.png", "pong.png", "self.png"]
+    assert rows["a.png"]["input_error"] is None and rows["b.png"]["input_error"] is None
+    assert rows["self.png"]["input_error"] == f"symbolic link loop (too many levels of links): {folder}/self.png -> self.png"
+    for name in ("ping.png", "pong.png"):
+        assert rows[name]["input_error"].startswith("symbolic link loop"), rows[name]
+
+
 def test_an_excluded_output_folder_is_not_listed(folder):
     (folder / "labels").mkdir()
     (folder / "labels" / "part-x.parquet").write_bytes(b"p")
@@ -174,6 +188,97 @@ def test_a_manifest_naming_one_image_twice_lists_it_once(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"uri\n./a.png\nsub/../a.png\n{tmp_path}/a.png\nfile://{tmp_path}/a.png\n")
     assert list_inputs(str(manifest)).column("uri").to_pylist() == [str(tmp_path / "a.png")]
+
+
+def test_a_manifest_naming_an_image_in_the_excluded_output_is_refused_with_its_line(tmp_path):
+    (tmp_path / "labels").mkdir()
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri\na.png\nlabels/b.png\nlabels/c.png\n")
+    with pytest.raises(ValueError) as refused:
+        list_inputs(str(manifest), exclude_prefix=str(tmp_path / "labels"))
+    assert str(refused.value).startswith(f"manifest {manifest} line 3: {tmp_path}/labels/b.png lies in the output folder")
+
+
+def test_manifest_suffixes_are_recognised_in_any_case(tmp_path):
+    (tmp_path / "LIST.CSV").write_text("uri,label\na.png,cat\n")
+    pq.write_table(pa.table({"uri": ["b.png"]}), tmp_path / "list.Parquet")
+    assert list_inputs(str(tmp_path / "LIST.CSV")).select(["uri", "label"]).to_pylist() == [
+        {"uri": str(tmp_path / "a.png"), "label": "cat"}
+    ]
+    assert list_inputs(str(tmp_path / "list.Parquet")).column("uri").to_pylist() == [str(tmp_path / "b.png")]
+    assert is_manifest(str(tmp_path / "LIST.CSV")) and is_manifest(str(tmp_path / "list.Parquet"))
+
+
+def test_a_folder_named_like_a_manifest_is_listed_as_a_folder(tmp_path):
+    folder = tmp_path / "x.csv"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"a")
+    assert list_inputs(str(folder)).column("uri").to_pylist() == [str(folder / "a.png")]
+    assert not is_manifest(str(folder)) and not is_manifest(str(tmp_path / "missing.csv"))
+
+
+def test_a_single_image_file_is_an_input_of_one_image(folder, tmp_path):
+    link = tmp_path / "link.png"
+    link.symlink_to(folder / "a.png")
+    for given in (folder / "a.png", link):
+        rows = list_inputs(str(given)).to_pylist()
+        assert len(rows) == 1 and rows[0]["uri"] == str(folder / "a.png") and rows[0]["input_error"] is None
+        assert rows[0]["source_fingerprint"].startswith("size=1 mtime_ns=")
+    assert not is_manifest(str(folder / "a.png"))
+
+
+def test_a_single_object_is_an_input_of_one_image(s3_bucket):
+    write_bytes_atomic(f"s3://{s3_bucket}/images/a.png", b"abc")
+    rows = list_inputs(f"s3://{s3_bucket}/images/a.png").to_pylist()
+    assert [(r["uri"], r["source_fingerprint"]) for r in rows] == [
+        (f"s3://{s3_bucket}/images/a.png", f"size=3 etag={hashlib.md5(b'abc').hexdigest()}")
+    ]
+
+
+@pytest.mark.parametrize(
+    "name, content, words",
+    [
+        ("m.csv", b"uri,label\na.png,x\nb.png,y,z\n", "CSV parse error: Row #3: Expected 2 columns, got 3: b.png,y,z"),
+        ("m.csv", b"uri,label\na.png,\xff\xfe\n", "invalid UTF8"),
+        ("m.parquet", b"uri\na.png\n", "Parquet magic bytes not found"),
+    ],
+)
+def test_every_manifest_parse_error_names_the_manifest(tmp_path, name, content, words):
+    manifest = tmp_path / name
+    manifest.write_bytes(content)
+    with pytest.raises(ValueError) as refused:
+        list_inputs(str(manifest))
+    assert str(refused.value).startswith(f"manifest {manifest}: ") and words in str(refused.value)
+
+
+def test_manifest_rows_get_the_fingerprints_a_folder_listing_gives_only_when_asked(folder, tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri\nimages/a.png\nimages/sub/b.png\nimages/missing.png\n")
+    by_folder = {r["uri"]: r["source_fingerprint"] for r in list_inputs(str(folder)).to_pylist()}
+    asked = {r["uri"]: r["source_fingerprint"] for r in list_inputs(str(manifest), fingerprints=True).to_pylist()}
+    assert asked == {**by_folder, str(folder / "missing.png"): None}, "a missing file is still listed"
+    assert set(by_folder.values()) == {
+        f"size={os.stat(p).st_size} mtime_ns={os.stat(p).st_mtime_ns}" for p in (folder / "a.png", folder / "sub" / "b.png")
+    }
+    assert set(list_inputs(str(manifest)).column("source_fingerprint").to_pylist()) == {None}
+
+
+def test_manifest_rows_on_s3_get_size_and_etag_from_one_head_each_only_when_asked(s3_server, s3_bucket, s3_requests):
+    for name, body in (("a.png", b"a"), ("b.png", b"bb")):
+        write_bytes_atomic(f"s3://{s3_bucket}/images/{name}", body)
+    write_bytes_atomic(f"s3://{s3_bucket}/m.csv", b"uri\nimages/a.png\nimages/b.png\nimages/missing.png\n")
+    s3_requests.requests.clear()
+    plain = list_inputs(f"s3://{s3_bucket}/m.csv")
+    assert set(plain.column("source_fingerprint").to_pylist()) == {None}
+    assert not any(method == "HEAD" and "/images/" in path for method, path, _, _ in s3_requests.requests)
+    asked = {r["uri"]: r["source_fingerprint"] for r in list_inputs(f"s3://{s3_bucket}/m.csv", fingerprints=True).to_pylist()}
+    assert asked == {
+        f"s3://{s3_bucket}/images/a.png": f"size=1 etag={hashlib.md5(b'a').hexdigest()}",
+        f"s3://{s3_bucket}/images/b.png": f"size=2 etag={hashlib.md5(b'bb').hexdigest()}",
+        f"s3://{s3_bucket}/images/missing.png": None,
+    }
+    heads = [path for method, path, _, _ in s3_requests.requests if method == "HEAD" and "/images/" in path]
+    assert sorted(heads) == [f"/{s3_bucket}/images/{n}" for n in ("a.png", "b.png", "missing.png")]
 
 
 # ---------------------------------------------------------------- listings that stream
@@ -257,6 +362,75 @@ def test_reads_are_capped_in_bytes(tmp_path):
         read_bytes("/dev/zero", max_bytes=4096)
     data, fingerprint = read_file(str(big), max_bytes=5000)
     assert len(data) == 5000 and fingerprint.startswith("size=5000 mtime_ns=")
+
+
+class _WriterInTheMiddle:
+    """A file object whose first read lets ``writer`` change the file before the reading goes on:
+    the read of a file that another process is writing, made deterministic."""
+
+    def __init__(self, f, writer: threading.Thread):
+        self.f, self.writer = f, writer
+
+    def read(self, n):
+        chunk = self.f.read(n)
+        if not self.writer.is_alive() and self.writer.ident is None:
+            self.writer.start()
+            self.writer.join()
+        return chunk
+
+
+def _read_while(monkeypatch, write, **options):
+    """read_file of ``path`` with ``write`` (a real writer, in a thread) run after its first chunk."""
+    import pro2sam.storage as storage
+
+    monkeypatch.setattr(storage, "_READ_CHUNK", 4096)
+    read_chunks = storage._read_chunks
+    writer = threading.Thread(target=write)
+    monkeypatch.setattr(storage, "_read_chunks", lambda f, *args: read_chunks(_WriterInTheMiddle(f, writer), *args))
+    return lambda path: read_file(str(path), **options)
+
+
+def test_a_file_that_grows_while_it_is_read_is_a_read_error_not_a_short_image(tmp_path, monkeypatch):
+    path = tmp_path / "growing.png"
+    path.write_bytes(b"x" * 10_000)
+
+    def append():
+        with open(path, "ab") as f:
+            f.write(b"y" * 10_000)
+
+    with pytest.raises(ReadError, match=r"growing\.png changed while it was read \(still being written\?\): size=10000 .* after, 20000 bytes read"):
+        _read_while(monkeypatch, append, attempts=1)(path)
+
+
+def test_a_file_emptied_while_it_is_read_is_a_read_error(tmp_path, monkeypatch):
+    path = tmp_path / "rewritten.png"
+    path.write_bytes(b"x" * 10_000)
+
+    def truncate():  # what open(path, "wb") of a writer starting over does
+        with open(path, "wb"):
+            pass
+
+    with pytest.raises(ReadError, match=r"size=10000 .* before, size=0 .* after, 4096 bytes read"):
+        _read_while(monkeypatch, truncate, attempts=1)(path)
+
+
+def test_a_file_whose_writer_finishes_during_the_pause_is_read_whole(tmp_path, monkeypatch):
+    path = tmp_path / "late.png"
+    path.write_bytes(b"x" * 5000)
+
+    def finish():
+        with open(path, "ab") as f:
+            f.write(b"y" * 5000)
+
+    data, fingerprint = _read_while(monkeypatch, finish, attempts=2, backoff_s=0.01)(path)
+    assert data == b"x" * 5000 + b"y" * 5000
+    assert fingerprint == f"size=10000 mtime_ns={os.stat(path).st_mtime_ns}"
+
+
+def test_a_stably_empty_file_reads_as_no_bytes(tmp_path):
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    assert read_file(str(path), attempts=1) == (b"", f"size=0 mtime_ns={os.stat(path).st_mtime_ns}")
 
 
 def _raises(fn):

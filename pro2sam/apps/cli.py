@@ -586,14 +586,14 @@ def _add_selection_options(p: argparse.ArgumentParser, *, limit: int | None) -> 
 
 
 def _add_label_options(p: argparse.ArgumentParser, d: dict) -> None:
-    p.add_argument("--input", required=True, help="image prefix (local or fsspec URI) or manifest .csv/.parquet")
+    p.add_argument("--input", required=True, help="image prefix (local or fsspec URI), manifest .csv/.parquet file, or one image file")
     p.add_argument("--output", required=True, help="output prefix for the Parquet files (resumes if it exists)")
     _add_labeling_options(p)
     g = p.add_argument_group("the output")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the output's label files (only those; nothing else under --output is touched)")  # fmt: skip
     g.add_argument("--retry-errors", action="store_true", help="relabel every error row (by default only read failures)")
-    g.add_argument("--relabel-changed", action="store_true", help="relabel images whose file changed (size, mtime or ETag)")
+    g.add_argument("--relabel-changed", action="store_true", help="relabel images whose file changed (size, mtime or ETag; a manifest's files are looked up: a stat or HEAD each)")
     g.add_argument("--force", action="store_true", help="take the output over from a run that holds it (if that run is dead)")
     g.add_argument("--rows-per-file", type=int, default=d["rows_per_file"],
                    help="rows per Parquet file; a kill loses at most the rows not yet in a file (default %(default)s)")  # fmt: skip

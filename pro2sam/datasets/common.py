@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from ..storage import filesystem, is_remote, join_uri, list_files, read_bytes
+from ..storage import filesystem, is_remote, join_uri, list_files, manifest_format, read_bytes
 
 __all__ = ["DatasetError", "Sample", "WSOLDataset", "MANIFEST_COLUMNS", "open_dataset"]
 
@@ -300,7 +300,7 @@ def open_dataset(spec: str, *, check_files: bool = True) -> WSOLDataset:
         if kind == "ilsvrc":
             return read_ilsvrc(parts[0], parts[1], check_files=check_files)
         return read_wsol_metadata(parts[0], parts[1], parts[2], check_files=check_files)
-    if spec.endswith((".csv", ".parquet")):
+    if manifest_format(spec):
         return read_manifest(spec)
     raise ValueError(
         f"unknown data-set spec {spec!r}: use cub:ROOT:SPLIT, ilsvrc:ROOT:SPLIT, "

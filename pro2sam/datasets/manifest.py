@@ -1,4 +1,7 @@
-"""Manifests: a ``.csv`` or ``.parquet`` table with one row per box (or mask) of each image."""
+"""Manifests: a ``.csv`` or ``.parquet`` table with one row per box (or mask) of each image.
+
+What is a manifest, by name, is :func:`pro2sam.storage.manifest_format` (the suffix in any case),
+the rule the labeling job's input follows too."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from ..storage import is_remote, join_uri
+from ..storage import is_remote, join_uri, manifest_format
 from .common import (
     MANIFEST_META_KEY,
     DatasetError,
@@ -34,7 +37,7 @@ _BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 
 
 def read_manifest(uri: str, *, class_names: Sequence[str] | None = None) -> WSOLDataset:
-    """A manifest ``.csv`` or ``.parquet`` on any fsspec URI (e.g. from :meth:`WSOLDataset.to_manifest`).
+    """A manifest ``.csv`` or ``.parquet`` (any case) on any fsspec URI (e.g. from :meth:`WSOLDataset.to_manifest`).
 
     Columns: ``uri`` (relative URIs are relative to the manifest's folder), ``label`` (class name
     or integer index), optional ``x0, y0, x1, y1`` (original pixels; several rows with the same
@@ -71,7 +74,7 @@ def _read_rows(source: str) -> tuple[list[dict], dict]:
 
     data = read_data(source, missing="manifest not found")
     try:
-        if source.endswith(".parquet"):
+        if manifest_format(source) == "parquet":
             table = pq.read_table(io.BytesIO(data))
             raw = (table.schema.metadata or {}).get(MANIFEST_META_KEY)
             return table.to_pylist(), json.loads(raw) if raw else {}

@@ -42,9 +42,9 @@ from ..storage import (
     DEFAULT_MAX_BYTES,
     DEFAULT_READ_TIMEOUT_S,
     INPUT_SCHEMA,
-    MANIFEST_SUFFIXES,
-    iter_inputs,
     StorageError,
+    is_manifest,
+    iter_inputs,
     location_contains,
 )
 from .ray_env import ensure_ray
@@ -201,14 +201,17 @@ class LabelJobConfig:
     """Everything a labeling run needs. Paths may be local or any fsspec URI.
 
     Attributes:
-        input: image prefix, or a manifest (.csv / .parquet with ``uri`` and optional ``label``).
+        input: image prefix (folder), a manifest (a .csv / .parquet file, the suffix in any case,
+            with ``uri`` and optional ``label``; its images may not lie in ``output``), or one
+            image file.
         output: folder (prefix) the Parquet files go to; also what resumes.
         labeling: :class:`LabelingSettings`.
         run_id: written into every row of this run.
         overwrite: replace the output's label files (only those) instead of resuming.
         force: take the output's lease even if another run holds it.
         retry_errors: relabel every error row (by default only read failures are relabeled).
-        relabel_changed: relabel images whose file changed (size, mtime or ETag) since.
+        relabel_changed: relabel images whose file changed (size, mtime or ETag) since; a
+            manifest's files are then looked up as they are listed (a stat each, a HEAD per object).
         rows_per_file, commit_seconds: a label file is committed at this many rows, or this long
             after its first row, whichever comes first; a kill loses at most the rows not yet
             committed.
@@ -232,9 +235,10 @@ class LabelJobConfig:
         _need(self.rows_per_file >= 1, f"--rows-per-file {self.rows_per_file}: must be >= 1")
         _need(self.commit_seconds > 0, f"--commit-seconds {self.commit_seconds}: must be > 0")
         _need(self.lease_ttl_s > 0, f"--lease-ttl {self.lease_ttl_s}: must be > 0")
-        # A manifest may sit in the output folder (it is read, never written); a folder may not.
+        # A manifest may sit in the output folder (it is read, never written); a folder or an image
+        # may not. What the input is decides, not its name: a folder named x.csv is a folder.
         _need(
-            self.input.endswith(MANIFEST_SUFFIXES) or not location_contains(self.output, self.input),
+            not location_contains(self.output, self.input) or is_manifest(self.input),
             f"--output {self.output} is or contains --input {self.input}: the labels would mix with the "
             "images; choose an output outside the input",
         )
@@ -471,8 +475,8 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
     """Label every input image not yet in ``cfg.output``; return what was done.
 
     Raises:
-        ValueError: an option no run could use, output inside the input, a malformed manifest,
-            resources the cluster cannot give.
+        ValueError: an option no run could use, output inside the input, a malformed manifest
+            or one naming images in the output, resources the cluster cannot give.
         CheckpointError: a checkpoint that cannot be loaded (found on the driver, before Ray).
         StorageError: input or output storage cannot be reached or written; another run holds
             the output (:class:`~pro2sam.output.OutputBusy`).
@@ -483,7 +487,8 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
     start = time.perf_counter()
     cfg.validate()
     output = LabelsOutput(cfg.output)
-    listing = iter_inputs(cfg.input, exclude_prefix=cfg.output)  # the input is checked here, listed below
+    # The input is checked here, listed below; fingerprints of a manifest's files only to compare them.
+    listing = iter_inputs(cfg.input, exclude_prefix=cfg.output, fingerprints=cfg.relabel_changed)
     with WriterLease(output, cfg.run_id, ttl_s=cfg.lease_ttl_s, force=cfg.force) as lease, _TodoSpool() as todo:
         if lease.displaced:  # let a commit the displaced run had in flight land before the output is read
             log.warning("waiting %.0f s for run %s to stop writing", lease.ttl_s / 4, lease.displaced)

@@ -2,6 +2,11 @@
 
 They import neither torch nor the models, so the many small tasks that run them start fast; a
 failure becomes the row's ``error`` and ``error_kind``, never an exception.
+
+A file caught being written is retried by the next run (``error_kind`` ``read``), not kept as a
+bad image: one that changed while it was read (:func:`~pro2sam.storage.read_file`), and one that
+does not decode after it changed since it was listed (its fingerprint then differs from the
+listing's). A file that is stably empty or corrupt is an ``image`` error.
 """
 
 from __future__ import annotations
@@ -26,37 +31,44 @@ def read_images(
     timeout_s: float = DEFAULT_READ_TIMEOUT_S,
     threads: int = 8,
 ) -> dict[str, np.ndarray]:
-    """I/O stage: add the encoded bytes of each image; a failed read fills ``error`` and ``error_kind``."""
+    """I/O stage: add the encoded bytes of each image; a failed read fills ``error`` and ``error_kind``.
+
+    ``source_fingerprint`` becomes that of the bytes read (the listing's when the read failed),
+    and ``changed_since_listed`` says where it differs from the listing's."""
     uris = list(batch["uri"])
 
-    def fetch(i: int) -> tuple[bytes, str, str | None, str | None]:
+    def fetch(i: int) -> tuple[bytes, str, str | None, str | None, bool]:
         listed_error, fingerprint = batch["input_error"][i], batch["source_fingerprint"][i]
         fingerprint = fingerprint if isinstance(fingerprint, str) else None
         if isinstance(listed_error, str) and listed_error:
-            return b"", listed_error, "input", fingerprint
+            return b"", listed_error, "input", fingerprint, False
         try:
             data, read_fingerprint = read_file(uris[i], max_bytes=max_bytes, timeout_s=timeout_s)
-            return data, "", None, fingerprint or read_fingerprint
+            changed = None not in (fingerprint, read_fingerprint) and fingerprint != read_fingerprint
+            return data, "", None, read_fingerprint or fingerprint, changed
         except FileNotFoundError:
-            return b"", f"not found: {uris[i]}", "read", fingerprint
+            return b"", f"not found: {uris[i]}", "read", fingerprint, False
         except InputError as e:
-            return b"", str(e), "input", fingerprint
+            return b"", str(e), "input", fingerprint, False
         except StorageError as e:
-            return b"", f"read failed: {e}", "read", fingerprint
+            return b"", f"read failed: {e}", "read", fingerprint, False
 
     with ThreadPoolExecutor(max_workers=min(threads, max(1, len(uris)))) as pool:
         fetched = list(pool.map(fetch, range(len(uris))))
-    batch["data"] = _object_array([d for d, _, _, _ in fetched])
-    batch["error"] = _object_array([e for _, e, _, _ in fetched])
-    batch["error_kind"] = _object_array([k for _, _, k, _ in fetched])
-    batch["source_fingerprint"] = _object_array([f for _, _, _, f in fetched])
+    batch["data"] = _object_array([d for d, _, _, _, _ in fetched])
+    batch["error"] = _object_array([e for _, e, _, _, _ in fetched])
+    batch["error_kind"] = _object_array([k for _, _, k, _, _ in fetched])
+    batch["source_fingerprint"] = _object_array([f for _, _, _, f, _ in fetched])
+    batch["changed_since_listed"] = np.array([c for _, _, _, _, c in fetched], dtype=bool)
     return batch
 
 
 def decode_images(batch: dict[str, np.ndarray], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
-    """CPU stage: bytes -> (H, W, 3) uint8 RGB with EXIF orientation applied, or an error."""
+    """CPU stage: bytes -> (H, W, 3) uint8 RGB with EXIF orientation applied, or an error (kind
+    ``read`` for a file that changed since it was listed: it may have been read half written)."""
     images, errors, kinds = [], [], []
-    for data, error, kind in zip(batch["data"], batch["error"], batch["error_kind"]):
+    changed = batch.get("changed_since_listed", np.zeros(len(batch["data"]), bool))
+    for data, error, kind, changed_since_listed in zip(batch["data"], batch["error"], batch["error_kind"], changed):
         if error:
             images.append(NO_IMAGE)
             errors.append(error)
@@ -68,9 +80,13 @@ def decode_images(batch: dict[str, np.ndarray], *, max_pixels: int = DEFAULT_MAX
             kinds.append(None)
         except ImageDecodeError as e:
             images.append(NO_IMAGE)
-            errors.append(str(e))
-            kinds.append("image")
-    out = {k: v for k, v in batch.items() if k != "data"}
+            if changed_since_listed:
+                errors.append(f"{e}; the file changed after it was listed (still being written?): a rerun reads it again")
+                kinds.append("read")
+            else:
+                errors.append(str(e))
+                kinds.append("image")
+    out = {k: v for k, v in batch.items() if k not in ("data", "changed_since_listed")}
     out["image"] = _object_array(images)
     out["error"] = _object_array(errors)
     out["error_kind"] = _object_array(kinds)
