@@ -434,3 +434,21 @@ def test_an_output_that_is_a_file_fails_the_lease_in_one_line(tmp_path):
     with pytest.raises(Exception, match="is a file, not a folder"):
         WriterLease(LabelsOutput(str(target)), "r").acquire()
     assert target.read_text() == "mine"
+
+
+def test_the_lease_on_another_fsspec_store_is_read_fresh_and_compared_by_content(tmp_path):
+    """A store without S3's conditional requests (fsspec's memory store stands for gs://, az://):
+    read-compare-write, a renewal refused once another run wrote the lease."""
+    out = LabelsOutput(f"memory://lease-{tmp_path.name}/labels/")
+    first = WriterLease(out, "first", ttl_s=0.4)
+    first.acquire()
+    with pytest.raises(OutputBusy, match="being written by run first"):
+        WriterLease(out, "second").acquire()
+    time.sleep(1.0)  # several heartbeats
+    first.check()
+    with WriterLease(out, "third", force=True):
+        with pytest.raises(LeaseLost, match="taken over by run third"):
+            first.check()
+        first.release()
+        assert json.loads(out.fs.cat_file(f"{out.path}/{LEASE_NAME}"))["run_id"] == "third", "theirs is left"
+    assert not out.fs.exists(f"{out.path}/{LEASE_NAME}")
