@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import MISSING, fields
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "parse_args"]
 
 log = logging.getLogger("pro2sam")
 
@@ -771,23 +771,35 @@ def _add_demo_parser(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with a ``--settings`` file's values as the subcommand's defaults (an
+    option given explicitly still wins; ``args.tuned`` is the file read).
+
+    Raises:
+        SettingsError: the settings file is missing, unreadable or not one of ``pro2sam tune``.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "settings", None):
-        # The file's values become the subcommand's defaults, and the command line is parsed
-        # again: an option given explicitly still wins.
-        from ..tuning import SettingsError, load_settings
+        from ..tuning import load_settings
 
-        try:
-            tuned = load_settings(args.settings)
-        except SettingsError as e:
-            print(f"pro2sam {args.command}: error: {e}", file=sys.stderr, flush=True)
-            return 2
+        tuned = load_settings(args.settings)
         subparser = _subparsers(parser)[args.command]
         subparser.set_defaults(**_settings_defaults(tuned, subparser))
-        args = parser.parse_args(argv)
+        args = parser.parse_args(argv)  # parsed again: explicit options over the file's defaults
         args.tuned = tuned
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..tuning import SettingsError
+
+    try:
+        args = parse_args(argv)
+    except SettingsError as e:
+        command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), "")
+        print(f"pro2sam {command}: error: {e}", file=sys.stderr, flush=True)
+        return 2
     return args.func(args)
 
 
