@@ -232,3 +232,12 @@ def test_label_files_without_the_settings_column_still_read(tmp_path):
     pq.write_table(pa.Table.from_pylist([row], schema=older), tmp_path / "part-old-00000.parquet")
     df = read_labels(str(tmp_path / "part-old-00000.parquet"))
     assert "settings_sha256" in df.columns and df["settings_sha256"].isna().all()
+
+
+def test_jobs_tune_py_is_pro2sam_tune_for_ray_job_submit():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "jobs/tune.py", "--help"], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("usage: pro2sam tune") and "--heldout" in done.stdout
