@@ -91,8 +91,9 @@ class TuneSummary:
 
 
 class TuneLabeler:
-    """Ray Data actor: loads GTFormer and SAM once; for each decoded image, GTFormer once, SAM once
-    per candidate setting, and each matching rule on those candidates. Maps a batch to a table of
+    """Ray Data actor: loads GTFormer and SAM once; for each decoded image, GTFormer and SAM's image
+    encoder once, SAM's grid decoding and filters once per candidate setting, and each matching
+    rule on those candidates. Maps a batch to a table of
     labels rows (without the schema's metadata) with two more columns, ``candidates_index`` and
     ``matching_index`` (positions in the lists it was given)."""
 
@@ -123,10 +124,16 @@ class TuneLabeler:
             probs, coarse = probs[0], coarse[0]
         except Exception as e:
             return [self._error(ident, f"labeling failed: {type(e).__name__}: {e}", "model", c, m) for c, m in settings]
+        try:  # SAM's image encoder once; each candidate setting decodes that embedding
+            self.generators[0].generator.set_image(image)
+        except Exception as e:
+            return [self._error(ident, f"labeling failed: {type(e).__name__}: {e}", "model", c, m) for c, m in settings]
         rows = []
         for c, generator in enumerate(self.generators):
             try:
-                found = generator.generator.generate(image, coarse_map=coarse)
+                if c:
+                    generator.generator.adopt_image(self.generators[0].generator)
+                found = generator.generator.generate(None, coarse_map=coarse)
             except Exception as e:
                 rows += [self._error(ident, f"labeling failed: {type(e).__name__}: {e}", "model", c, m) for m in range(len(self.choosers))]
                 continue
