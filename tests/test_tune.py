@@ -241,3 +241,13 @@ def test_jobs_tune_py_is_pro2sam_tune_for_ray_job_submit():
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "jobs/tune.py", "--help"], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("usage: pro2sam tune") and "--heldout" in done.stdout
+
+
+def test_a_heldout_split_without_boxes_is_refused_in_one_line(tmp_path, capsys):
+    manifest = tmp_path / "unboxed.csv"
+    manifest.write_text("uri,label\na.png,cat\nb.png,dog\n")
+    argv = ["tune", "--heldout", str(manifest), "--output", str(tmp_path / "settings.json"), *MODELS]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no image has a box" in err
+    assert not (tmp_path / "settings.json").exists()
