@@ -251,3 +251,22 @@ def test_a_heldout_split_without_boxes_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no image has a box" in err
     assert not (tmp_path / "settings.json").exists()
+
+
+def test_predict_evaluate_and_demo_take_the_settings_as_defaults_too(tuned_on_manifest, tmp_path):
+    settings, _ = tuned_on_manifest
+    chosen = json.loads(settings.read_text())["settings"]
+    models = ["--gtformer", "shipped", "--sam", "synthetic"]
+    commands = {
+        "predict": ["predict", *models, "x.png"],
+        "evaluate": ["evaluate", "--heldout", "a.csv", "--test", "b.csv", "--output", str(tmp_path), *models],
+        "demo": ["demo", "--workdir", str(tmp_path)],
+    }
+    for name, argv in commands.items():
+        args = parse_args([*argv, "--settings", str(settings)])
+        assert args.tuned.sha256 == hashlib.sha256(settings.read_bytes()).hexdigest(), name
+        assert args.points_per_side == chosen["candidates"]["points_per_side"], name
+        if name != "demo":  # the demo has no filter or matching options: run_demo takes them from args.tuned
+            assert args.prune == chosen["candidates"]["prune_with_coarse_map"], name
+            assert args.pred_iou_thresh == chosen["candidates"]["pred_iou_thresh"], name
+            assert (args.part_to_object, args.agreement) == (chosen["matching"]["part_to_object"], chosen["matching"]["agreement"])
