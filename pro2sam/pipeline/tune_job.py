@@ -93,9 +93,9 @@ class TuneSummary:
 class TuneLabeler:
     """Ray Data actor: loads GTFormer and SAM once; for each decoded image, GTFormer and SAM's image
     encoder once, SAM's grid decoding and filters once per candidate setting, and each matching
-    rule on those candidates. Maps a batch to a table of
-    labels rows (without the schema's metadata) with two more columns, ``candidates_index`` and
-    ``matching_index`` (positions in the lists it was given)."""
+    rule on those candidates. Maps a batch to a table of labels rows (without the schema's
+    metadata; ``coarse_map`` only on fallback rows, the one place the driver needs it) with two
+    more columns, ``candidates_index`` and ``matching_index`` (positions in the lists it was given)."""
 
     def __init__(self, settings: LabelingSettings, candidates: list, matchings: list, threads: int | None = None):
         import torch
@@ -110,8 +110,7 @@ class TuneLabeler:
         rows: list[dict] = []
         for i in range(len(batch["uri"])):
             rows += self._image(batch, i)
-        table = pa.Table.from_pylist(rows, schema=_TUNE_SCHEMA)
-        return table
+        return pa.Table.from_pylist(rows, schema=_TUNE_SCHEMA)
 
     def _image(self, batch: dict[str, np.ndarray], i: int) -> list[dict]:
         ident = (str(batch["image_id"][i]), str(batch["uri"][i]), text_or_none(batch["label"][i]))
@@ -141,6 +140,8 @@ class TuneLabeler:
                 try:
                     result = chooser.choose(image, probs, coarse, found, label=ident[2])
                     row = ok_row(*ident, result, model_ids=self.model.model_ids, run_id=RUN_ID)
+                    if row["box_source"] != "coarse_fallback":  # only a fallback box is redrawn from it
+                        row["coarse_map"] = None
                 except Exception as e:
                     row = self._error(ident, f"labeling failed: {type(e).__name__}: {e}", "model", c, m)
                 rows.append({**row, "candidates_index": c, "matching_index": m})
