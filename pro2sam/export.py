@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 from .labels import LABEL_SCHEMA, STATUS_OK
 from .reading import DEFAULT_BATCH_SIZE, iter_label_batches
 from .rle import decode_mask
-from .storage import filesystem, is_remote, staged_file
+from .storage import filesystem, is_remote, make_folder, new_folder_mode, staged_file
 
 __all__ = [
     "EXPORT_COLUMNS",
@@ -408,9 +408,10 @@ def _staged_folder(output: str) -> Iterator[str]:
             "choose a new folder"
         )
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
+    make_folder(parent, output)
     staged = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     try:
+        os.chmod(staged, new_folder_mode())  # mkdtemp's 0o700 would hide the export from others
         yield staged
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
