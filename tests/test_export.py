@@ -313,6 +313,26 @@ def test_a_typo_in_where_ends_in_one_line(labels_dir, tmp_path, capsys):
     assert "\n" not in err and not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.parametrize("command", ["export", "show"])
+@pytest.mark.parametrize(
+    "where, named",
+    [
+        ("uri IN (SELECT column0 FROM read_csv('/etc/passwd', header = false, sep = ':'))", "/etc/passwd"),
+        ("uri IN (SELECT * FROM read_csv('https://example.com/uris.csv'))", "https://example.com/uris.csv"),
+    ],
+)
+def test_where_reads_the_labels_table_only_never_a_file_or_url(labels_dir, tmp_path, capsys, command, where, named):
+    from pro2sam.apps.cli import main
+
+    out = tmp_path / ("x.json" if command == "export" else "x.html")
+    argv = [command, "--input", str(labels_dir), "--output", str(out), "--where", where]
+    assert main([*argv, "--format", "coco"] if command == "export" else argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pro2sam {command}: error: the selection's SQL may use the labels table's columns only")
+    assert f'Cannot access file "{named}"' in err and "\n" not in err and "root:" not in err
+    assert not out.exists()
+
+
 def test_fiftyone_coco_importer_reads_our_boxes_and_masks(labels_dir, tmp_path):
     """FiftyOne's own COCO parser (what ``COCODetectionDataset`` uses), without its database: a
     Dataset needs MongoDB, which does not run on our machines (README, "FiftyOne")."""
