@@ -163,7 +163,7 @@ class LabelsOutput:
             raise self._unreadable(path, e) from None
         for c in columns or ():
             if c not in table.column_names:
-                table = table.append_column(c, pa.nulls(len(table), LABEL_SCHEMA.field(c).type))
+                table = table.append_column(LABEL_SCHEMA.field(c), pa.nulls(len(table), LABEL_SCHEMA.field(c).type))
         return table.select(list(columns)) if columns else table
 
     def scan(self, columns: tuple[str, ...] = _SCAN_COLUMNS) -> pa.Table:
@@ -218,7 +218,8 @@ class LabelsOutput:
                     batch = with_label_types(batch, uri)
                     for c in columns or ():
                         if c not in batch.schema.names:
-                            batch = batch.append_column(LABEL_SCHEMA.field(c), pa.nulls(batch.num_rows, LABEL_SCHEMA.field(c).type))
+                            missing = LABEL_SCHEMA.field(c)
+                            batch = batch.append_column(missing, pa.nulls(batch.num_rows, missing.type))
                     yield batch.select(list(columns)) if columns is not None else batch
         except (pa.ArrowInvalid, OSError) as e:
             raise self._unreadable(path, e) from None
