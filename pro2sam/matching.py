@@ -49,7 +49,8 @@ class MatchConfig:
         match_size: side of the square grid both maps are compared on; None uses the coarse
             map's own grid (14x14 for 224 input, the reference).
         min_component_area: a candidate needs a connected component of at least this many pixels
-            in a 224x224 frame; scaled with the mask's resolution.
+            in a 224x224 frame; scaled with the mask's resolution. The chosen mask keeps only its
+            components of at least this area, and its box is theirs (:func:`boxed_mask`).
         reject_full_frame: reject candidates whose box spans the whole image.
         fallback_threshold: threshold on the min-max normalised, upsampled coarse map for the
             coarse-map box used when no candidate survives.
