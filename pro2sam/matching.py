@@ -275,7 +275,9 @@ def _complete_to_object(
         chosen = int(keep[options[np.lexsort((areas[options], -scores[keep][options]))[0]]])
 
 
-def boxed_mask(mask: np.ndarray, min_area_at_224: float = 10.0) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
+def boxed_mask(
+    mask: np.ndarray, min_area_at_224: float = 10.0
+) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
     """The chosen mask as it is stored, and its box: the mask's components of at least the
     (scaled) minimum area, and their union box (METHOD.md §3).
 
