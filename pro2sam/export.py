@@ -352,8 +352,9 @@ def export_yolo(
     one line per object: ``class cx cy w h`` (``task="detect"``) or ``class x1 y1 x2 y2 ...``
     (``task="segment"``, one polygon through every piece of the mask, :func:`yolo_polygon`), all
     normalised to [0, 1]; ``images.txt``, the image URIs in the order of the label files;
-    ``data.yaml`` with ``path``, ``train``/``val`` (``images.txt``), ``nc`` and ``names``. Images are not copied: trainers
-    that pair ``images/`` with ``labels/`` need the images placed beside ``labels/``.
+    ``data.yaml`` with ``path``, ``train``/``val`` (``images.txt``), ``nc`` and ``names``. Images
+    are not copied: trainers that pair ``images/`` with ``labels/`` need the images placed beside
+    ``labels/``.
     """
     if task not in YOLO_TASKS:
         raise ValueError(f"YOLO task must be one of {YOLO_TASKS}, not {task!r}")
