@@ -288,24 +288,52 @@ def yolo_box(box_xyxy: Sequence[int], width: int, height: int) -> tuple[float, f
 
 
 def yolo_polygon(mask: np.ndarray) -> np.ndarray | None:
-    """(H, W) bool mask -> (N, 2) float polygon (x, y), normalised, of its largest outer contour.
+    """(H, W) bool mask -> (N, 2) float polygon (x, y), normalised, through every piece of the mask.
 
-    Points are pixel centres (index + 0.5), so the polygon lies inside the mask's box. One
-    polygon per object, as a YOLO segmentation line holds one instance; None for an empty mask.
+    A YOLO segmentation line holds one polygon per object, and the stored mask may have several
+    pieces (components; ``box_xyxy`` is the box of them all): each piece's outer contour is joined
+    to the largest one by a zero-width bridge between their closest vertices, walked there and
+    back, as Ultralytics' COCO converter joins an object's segments (``merge_multi_segment``).
+    Points are pixel centres (index + 0.5), so the polygon lies inside the mask's box. None for an
+    empty mask.
     """
     h, w = mask.shape
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return None
-    largest = max(contours, key=lambda c: (cv2.contourArea(c), len(c)))
-    points = largest.reshape(-1, 2).astype(np.float64) + 0.5
-    if len(points) < 3:  # a 1- or 2-pixel sliver: use its pixel corners so YOLO gets a polygon
-        xs, ys = points[:, 0], points[:, 1]
-        left, right, top, bottom = xs.min() - 0.5, xs.max() + 0.5, ys.min() - 0.5, ys.max() + 0.5
-        points = np.array([[left, top], [right, top], [right, bottom], [left, bottom]])
+    contours = sorted(contours, key=lambda c: (cv2.contourArea(c), len(c)), reverse=True)
+    points = _join_pieces([_piece_outline(c.reshape(-1, 2).astype(np.float64) + 0.5) for c in contours])
     points[:, 0] /= w
     points[:, 1] /= h
     return np.clip(points, 0.0, 1.0)
+
+
+def _piece_outline(points: np.ndarray) -> np.ndarray:
+    """A piece's contour (pixel centres) as a polygon: a 1- or 2-pixel sliver gets its pixel
+    corners so that it has an area."""
+    if len(points) >= 3:
+        return points
+    xs, ys = points[:, 0], points[:, 1]
+    left, right, top, bottom = xs.min() - 0.5, xs.max() + 0.5, ys.min() - 0.5, ys.max() + 0.5
+    return np.array([[left, top], [right, top], [right, bottom], [left, bottom]])
+
+
+def _join_pieces(pieces: list[np.ndarray]) -> np.ndarray:
+    """One (N, 2) polygon through every piece: walking the first, at its vertex closest to each
+    other piece it goes over to that piece, around it and back."""
+    trunk = pieces[0]
+    detours: dict[int, list[np.ndarray]] = {}
+    for piece in pieces[1:]:
+        distances = ((trunk[:, None, :] - piece[None, :, :]) ** 2).sum(-1)
+        i, j = np.unravel_index(int(np.argmin(distances)), distances.shape)
+        loop = np.roll(piece, -j, axis=0)
+        detours.setdefault(int(i), []).append(np.concatenate([loop, loop[:1]]))
+    walk = []
+    for i, vertex in enumerate(trunk):
+        walk.append(vertex[None])
+        for loop in detours.get(i, []):
+            walk += [loop, vertex[None]]
+    return np.concatenate(walk)
 
 
 def _label_file_name(uri: str, image_id: str, used: set[str]) -> str:
@@ -329,12 +357,12 @@ def export_yolo(
 
     Layout: ``labels/<image stem>.txt`` (``_<image_id>`` appended when two images share a stem),
     one line per object: ``class cx cy w h`` (``task="detect"``) or ``class x1 y1 x2 y2 ...``
-    (``task="segment"``, the mask's outer contour), all normalised to [0, 1];
-    ``images.txt``, the image URIs in the order of the label files, one a line (an image whose
-    URI holds a line break is left out with a warning naming it, and counted in
-    ``summary.unlisted``); ``data.yaml`` with ``path``,
-    ``train``/``val`` (``images.txt``), ``nc`` and ``names``. Images are not copied: trainers
-    that pair ``images/`` with ``labels/`` need the images placed beside ``labels/``.
+    (``task="segment"``, one polygon through every piece of the mask, :func:`yolo_polygon`), all
+    normalised to [0, 1]; ``images.txt``, the image URIs in the order of the label files, one a
+    line (an image whose URI holds a line break is left out with a warning naming it, and counted
+    in ``summary.unlisted``); ``data.yaml`` with ``path``, ``train``/``val`` (``images.txt``),
+    ``nc`` and ``names``. Images are not copied: trainers that pair ``images/`` with ``labels/``
+    need the images placed beside ``labels/``.
     """
     if task not in YOLO_TASKS:
         raise ValueError(f"YOLO task must be one of {YOLO_TASKS}, not {task!r}")

@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -19,7 +20,9 @@ from pro2sam.export import EXPORT_COLUMNS, LabelFilter, export_coco, export_yolo
 from pro2sam.reading import iter_label_rows
 from pro2sam.rle import decode_mask
 from pro2sam.labels import error_row, ok_row, rows_to_table
-from pro2sam.model import Pro2SAMResult
+from pro2sam.model import Pro2SAM, Pro2SAMResult
+
+from helpers import body_piece_and_speck, choose_planted
 
 CLASSES = ["bird", "cat", "dog"]
 
@@ -150,6 +153,65 @@ def test_yolo_segmentation_polygons_lie_inside_the_box(labels_dir, tmp_path):
         assert len(xy) >= 3
         assert (xy[:, 0] >= x0).all() and (xy[:, 0] <= x1 + 1).all(), name
         assert (xy[:, 1] >= y0).all() and (xy[:, 1] <= y1 + 1).all(), name
+
+
+# ---------------------------------------------------------------- a mask in pieces, as labeling stores it
+
+
+@pytest.fixture(scope="module")
+def pieces_labels(tiny_checkpoints, tmp_path_factory):
+    """A labels folder of one row labeled by stage 3 (:meth:`Pro2SAM.choose`) from a SAM mask
+    with a body, a separate piece over the minimum component area and a speck under it."""
+    gt_dir, sam_path = tiny_checkpoints
+    model = Pro2SAM.from_checkpoints(gt_dir, sam="tiny", sam_checkpoint=sam_path, device="cpu")
+    body, piece, speck = body_piece_and_speck()
+    result = choose_planted(model, [body | piece | speck])
+    folder = tmp_path_factory.mktemp("pieces") / "labels"
+    folder.mkdir()
+    row = ok_row("p", "s3://b/pieces.jpg", None, result, model_ids={"gtformer": "g", "sam": "s"}, run_id="r")
+    pq.write_table(rows_to_table([row]), folder / "part-0.parquet")
+    return folder, row, (body, piece)
+
+
+def test_coco_segmentation_of_a_mask_in_pieces_has_the_annotations_bbox(pieces_labels, tmp_path):
+    folder, row, _ = pieces_labels
+    export_coco(str(folder), str(tmp_path / "coco.json"))
+    (ann,) = json.loads((tmp_path / "coco.json").read_text())["annotations"]
+    assert ann["bbox"] == [20, 60, 140, 100]  # box_xyxy (20, 60, 159, 159): the body and the piece
+    segmentation = {"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()}
+    assert mask_utils.toBbox(segmentation).tolist() == ann["bbox"]
+    assert ann["area"] == int(mask_utils.area(segmentation)) == 100 * 100 + 8 * 8
+
+
+def test_yolo_polygon_of_a_mask_in_pieces_covers_every_piece_inside_the_box(pieces_labels, tmp_path):
+    folder, row, pieces = pieces_labels
+    export_yolo(str(folder), str(tmp_path / "yolo"), task="segment")
+    fields = (tmp_path / "yolo" / "labels" / "pieces.txt").read_text().split()
+    h, w = row["height"], row["width"]
+    xy = np.array(fields[1:], float).reshape(-1, 2) * [w, h]  # continuous pixel coordinates
+    x0, y0, x1, y1 = row["box_xyxy"]
+    assert (xy[:, 0] >= x0).all() and (xy[:, 0] <= x1 + 1).all()
+    assert (xy[:, 1] >= y0).all() and (xy[:, 1] <= y1 + 1).all()
+    drawn = np.zeros((h, w), np.uint8)  # vertices are pixel centres: index = coordinate - 0.5
+    cv2.fillPoly(drawn, [np.round(xy - 0.5).astype(np.int32)], 1)
+    for piece in pieces:
+        assert drawn[piece].mean() == 1.0
+
+
+def test_label_studio_brush_of_a_mask_in_pieces_lies_in_its_rectangle(pieces_labels, tmp_path):
+    from pro2sam.label_studio import brush_module
+
+    folder, row, _ = pieces_labels
+    _, (task,), _ = label_studio_tasks(folder, tmp_path)
+    result = {r["type"]: r for r in task["predictions"][0]["result"]}
+    h, w = row["height"], row["width"]
+    brush = brush_module().decode_rle(result["brushlabels"]["value"]["rle"]).reshape(h, w, 4)[..., 3] > 0
+    ys, xs = np.nonzero(brush)
+    rect = result["rectanglelabels"]["value"]
+    left, top = rect["x"] * w / 100, rect["y"] * h / 100
+    right, bottom = left + rect["width"] * w / 100, top + rect["height"] * h / 100
+    # pixel i spans [i, i + 1): the brush's pixels fill the rectangle to its edges, not beyond
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == pytest.approx((left, top, right, bottom))
 
 
 def exported_uris(labels_dir, tmp_path, filters):

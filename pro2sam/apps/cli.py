@@ -94,7 +94,7 @@ def _add_matching_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--match-size", type=int, default=d["match_size"],
                    help="side of the grid masks are compared on (default: the coarse map's own)")  # fmt: skip
     g.add_argument("--min-component-area", type=float, default=d["min_component_area"],
-                   help="smallest component a candidate needs, px at 224 (default %(default)s)")  # fmt: skip
+                   help="smallest component a candidate needs and the chosen mask keeps, px at 224 (default %(default)s)")  # fmt: skip
     g.add_argument("--keep-full-frame", action="store_true", help="do not reject candidates spanning the whole image")
     g.add_argument("--fallback-threshold", type=float, default=d["fallback_threshold"],
                    help="threshold of the coarse-map box used when no candidate survives (default %(default)s)")  # fmt: skip
