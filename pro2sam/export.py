@@ -23,6 +23,7 @@ Conventions:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -39,7 +40,7 @@ import pyarrow.compute as pc
 from .labels import LABEL_SCHEMA, STATUS_OK
 from .reading import DEFAULT_BATCH_SIZE, iter_label_batches
 from .rle import decode_mask
-from .storage import filesystem, is_remote, staged_file
+from .storage import filesystem, is_remote, make_folder, new_folder_mode, staged_file
 
 __all__ = [
     "EXPORT_COLUMNS",
@@ -54,6 +55,8 @@ __all__ = [
     "yolo_box",
     "yolo_polygon",
 ]
+
+log = logging.getLogger("pro2sam.export")
 
 # Everything an export needs; coarse_map (196+ floats a row) is never read.
 EXPORT_COLUMNS = [name for name in LABEL_SCHEMA.names if name not in ("coarse_map",)]
@@ -100,18 +103,22 @@ class LabelFilter:
 
 @dataclass
 class ExportSummary:
-    """What an export wrote; ``filtered`` rows were read but left out."""
+    """What an export wrote; ``filtered`` rows were read but left out by the filters,
+    ``unlisted`` rows left out because the format cannot name their image (a YOLO ``images.txt``
+    holds one URI a line, so not a URI with a line break)."""
 
     output: str
     images: int = 0
     annotations: int = 0
     filtered: int = 0
     categories: dict[int, str] = field(default_factory=dict)
+    unlisted: int = 0
 
     def __str__(self) -> str:
+        unlisted = f", {self.unlisted} left out: their URI holds a line break" if self.unlisted else ""
         return (
             f"{self.images} images, {self.annotations} annotations, {len(self.categories)} categories "
-            f"({self.filtered} rows filtered out) -> {self.output}"
+            f"({self.filtered} rows filtered out{unlisted}) -> {self.output}"
         )
 
 
@@ -351,10 +358,11 @@ def export_yolo(
     Layout: ``labels/<image stem>.txt`` (``_<image_id>`` appended when two images share a stem),
     one line per object: ``class cx cy w h`` (``task="detect"``) or ``class x1 y1 x2 y2 ...``
     (``task="segment"``, one polygon through every piece of the mask, :func:`yolo_polygon`), all
-    normalised to [0, 1]; ``images.txt``, the image URIs in the order of the label files;
-    ``data.yaml`` with ``path``, ``train``/``val`` (``images.txt``), ``nc`` and ``names``. Images
-    are not copied: trainers that pair ``images/`` with ``labels/`` need the images placed beside
-    ``labels/``.
+    normalised to [0, 1]; ``images.txt``, the image URIs in the order of the label files, one a
+    line (an image whose URI holds a line break is left out with a warning naming it, and counted
+    in ``summary.unlisted``); ``data.yaml`` with ``path``, ``train``/``val`` (``images.txt``),
+    ``nc`` and ``names``. Images are not copied: trainers that pair ``images/`` with ``labels/``
+    need the images placed beside ``labels/``.
     """
     if task not in YOLO_TASKS:
         raise ValueError(f"YOLO task must be one of {YOLO_TASKS}, not {task!r}")
@@ -377,6 +385,10 @@ def _write_yolo(
         for row in kept_rows(input, filters, summary, batch_size=batch_size):
             if row["status"] != STATUS_OK or row["box_xyxy"] is None:
                 summary.filtered += 1
+                continue
+            if row["uri"].splitlines() != [row["uri"]]:  # one line of images.txt would become two
+                log.warning("YOLO export: left out %r: its URI holds a line break, which images.txt cannot list", row["uri"])
+                summary.unlisted += 1
                 continue
             class_id = categories.of(row)
             if class_id is None:
@@ -437,9 +449,10 @@ def _staged_folder(output: str) -> Iterator[str]:
             "choose a new folder"
         )
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
+    make_folder(parent, output)
     staged = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     try:
+        os.chmod(staged, new_folder_mode())  # mkdtemp's 0o700 would hide the export from others
         yield staged
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)

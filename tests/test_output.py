@@ -456,3 +456,16 @@ def test_the_lease_on_another_fsspec_store_is_read_fresh_and_compared_by_content
         first.release()
         assert json.loads(out.fs.cat_file(f"{out.path}/{LEASE_NAME}"))["run_id"] == "third", "theirs is left"
     assert not out.fs.exists(f"{out.path}/{LEASE_NAME}")
+
+
+def test_label_files_and_the_lease_are_as_readable_as_the_umask_allows(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = output_with(tmp_path, rows(("a", "ok", None, None), ("b", "ok", None, None)))
+        with WriterLease(out, "r2", ttl_s=60.0):
+            lease_mode = (Path(out.path) / LEASE_NAME).stat().st_mode & 0o777
+            out.drop_rows({str(Path(out.path) / "part-r1-00000.parquet"): [0]})  # a rewrite
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in Path(out.path).iterdir()}
+    assert modes == {"part-r1-00000.parquet": 0o644} and lease_mode == 0o644
