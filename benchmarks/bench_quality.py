@@ -21,8 +21,10 @@ GTFormer and SAM trained on synthetic scenes) on the synthetic data set of seed
 
 Metrics on ``test`` (percent): Top-1 Cls, Top-1 Loc, Top-5 Loc, GT-known Loc, MaxBoxAccV2 (the
 coarse map's, wsolevaluation's max over tau on the split scored; Pro2SAM gives one box, "-"), mask
-mIoU, the fallback rate (share of images whose box came from the coarse map) and seconds per
-image. GTFormer runs once per image (its outputs are shared by every configuration); held-out rows
+mIoU, the fallback rate (share of images whose box came from the coarse map), Pro2SAM's "part
+held" (share of images whose chosen mask holds at least half of the class part's pixels; the
+synthetic world knows the part, :attr:`pro2sam.synthetic.SyntheticScene.part_mask`) and seconds
+per image. GTFormer runs once per image (its outputs are shared by every configuration); held-out rows
 need only GTFormer, so SAM runs on the test splits only.
 
 A second table repeats every configuration on the ``test`` split of another seed
@@ -94,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     heldout, test = open_dataset(data.spec("val")), open_dataset(data.spec("test"))
     tests = {"test": test}
+    seeds = {"test": shipped.SYNTHETIC_SEED, "unseen": args.unseen_seed}
     if not args.skip_unseen:
         unseen = write_wsol_dataset(
             args.workdir / f"data_seed{args.unseen_seed}", num_train=0, num_val=0, num_test=args.num_test,
@@ -205,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                     "prune": prune,
                     "seconds_per_image": seconds,
                     "error_rows": sum(r["status"] != "ok" for r in rows["chosen"]),
-                    "Pro2SAM": {k: pro.get(k) for k in (*PRO2SAM_KEYS, "PxAP")},
+                    "Pro2SAM": {k: pro.get(k) for k in (*PRO2SAM_KEYS, "PxAP")} | {
+                        "part_held": part_held(rows["chosen"], seeds[name], "test")
+                    },
                 })  # fmt: skip
                 gtformer_reports.setdefault(name, report)
                 if "plain IoU" in rows:
@@ -215,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{name}: grid {grid:2d} prune {'on ' if prune else 'off'}: GT-known {_fmt(pro.get('gt_known_loc'))} "
                     f"top-1 {_fmt(pro.get('top1_loc'))} BoxAccV2 (single box) {_fmt(pro.get(BOX_ACCURACY['Pro2SAM']))} "
-                    f"mIoU {_fmt(pro.get('mIoU'))} fallback {_fmt(pro.get('fallback_rate'))}% {seconds:.2f} s/image",
+                    f"mIoU {_fmt(pro.get('mIoU'))} part held {_fmt(runs[name][-1]['Pro2SAM']['part_held'])} "
+                    f"fallback {_fmt(pro.get('fallback_rate'))}% {seconds:.2f} s/image",
                     flush=True,
                 )
 
@@ -231,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{chosen_name}; grid pruning costs {prune_costs:+.1f} points of GT-known Loc on val "
         f"({'within 1 point: default on' if prune_costs <= 1.0 else 'more than 1 point: default off'}). MaxBoxAccV2: the "
         "coarse map's box accuracy at the best tau of the split scored, mean over IoU 30/50/70 (wsolevaluation's; "
-        "Pro2SAM gives one box per image: -). fallback: share of images whose box came from the coarse map."
+        "Pro2SAM gives one box per image: -). fallback: share of images whose box came from the coarse map. part held: "
+        "share of images whose chosen mask holds at least half of the class part's pixels."
     )
     tables = [intro, ""]
     for name in tests:
@@ -270,6 +277,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def part_held(rows: list[dict], seed: int, split: str) -> float:
+    """Percent of rows whose mask holds at least half of the pixels of its scene's class part
+    (``make_scene`` of the split's stream, index from the file name); error rows hold nothing."""
+    from pro2sam.rle import decode_mask
+    from pro2sam.synthetic import make_scene
+
+    held = 0
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        part = make_scene(seed, split, int(Path(row["uri"]).stem)).part_mask
+        held += (decode_mask(row["mask_rle"]) & part).sum() >= 0.5 * part.sum()
+    return 100.0 * held / max(1, len(rows))
+
+
 def _gained_lost(plain: list[dict], chosen: list[dict]) -> dict[str, int]:
     """Images right (box IoU >= 0.5) with one matching rule and not the other."""
     right = lambda records: {r["uri"] for r in records if (r.get("pro2sam_iou") or 0) >= 0.5}  # noqa: E731
@@ -300,15 +322,15 @@ def quality_table(title: str, report: dict, runs: list[dict], gtformer_seconds: 
     lines = [
         f"{title}.",
         "",
-        "| Method | grid | pruning | " + " | ".join(SUMMARY_METRICS.values()) + " | s/image |",
-        "|---|---|---|" + "---|" * len(SUMMARY_METRICS) + "---|",
-        f"| GTFormer-only (coarse map) | - | - | {cells(gt)} | {gtformer_seconds:.3f} |",
-        f"| GTFormer-only, test-tuned (for comparison only) | - | - | {cells(tuned)} | - |",
+        "| Method | grid | pruning | " + " | ".join(SUMMARY_METRICS.values()) + " | part held | s/image |",
+        "|---|---|---|" + "---|" * len(SUMMARY_METRICS) + "---|---|",
+        f"| GTFormer-only (coarse map) | - | - | {cells(gt)} | - | {gtformer_seconds:.3f} |",
+        f"| GTFormer-only, test-tuned (for comparison only) | - | - | {cells(tuned)} | - | - |",
     ]
     for r in runs:
         lines.append(
             f"| Pro2SAM | {r['grid']}x{r['grid']} | {'on' if r['prune'] else 'off'} | {cells(r['Pro2SAM'])} | "
-            f"{r['seconds_per_image'] + gtformer_seconds:.3f} |"
+            f"{_fmt(r['Pro2SAM'].get('part_held'))} | {r['seconds_per_image'] + gtformer_seconds:.3f} |"
         )
     best = max(runs, key=lambda r: r["Pro2SAM"]["gt_known_loc"] or 0)["Pro2SAM"]
     gain = (best["gt_known_loc"] or 0) - (gt.get("gt_known_loc") or 0)

@@ -26,7 +26,7 @@ of them alike:
 unchanged segment_anything modules, as a user of ``SamAutomaticMaskGenerator`` does.
 
 Every flow encodes each image once, as in real use, and ends with the chosen mask at full
-resolution and its box (``mask_box``); stages are timed separately (embed, decode, filter, match
+resolution and its box (``boxed_mask``); stages are timed separately (embed, decode, filter, match
 (ours: with the upsampling of the near-best candidates), finish = the winner's box). The script prints seconds per image and per
 stage, milliseconds per decoded prompt, candidate counts, whether (b), (c), (d) and (f) chose the
 same mask as (a) (mask IoU, box equality) and the speed-ups against (a), with the target
@@ -79,7 +79,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from pro2sam.candidates import CandidateConfig, GridCandidateGenerator
 from pro2sam.grid_decoder import GridDecoder
-from pro2sam.matching import MatchConfig, coarse_fallback, mask_box, match_at_full_resolution, match_masks
+from pro2sam.matching import MatchConfig, boxed_mask, coarse_fallback, match_at_full_resolution, match_masks
 from pro2sam.sam import _make_random_masks_coherent, build_sam, use_sdpa_attention
 
 FLOWS = {
@@ -181,14 +181,13 @@ def timed_modules(modules, clock: Clock, totals: dict[str, float], key: str):
 
 def finish(match, masks_full_res, coarse_map, image_size, match_config):
     """The chosen (H, W) mask and its box, or the coarse-map fallback (as ``Pro2SAM.localize``)."""
-    mask = box = None
+    boxed = None
     if match.index is not None:
-        mask = masks_full_res(match.index)
-        box = mask_box(mask, match_config.min_component_area)
-    if box is None:
+        boxed = boxed_mask(masks_full_res(match.index), match_config.min_component_area)
+    if boxed is None:
         mask, box = coarse_fallback(coarse_map, image_size, match_config.fallback_threshold)
         return mask, box, True
-    return mask, box, False
+    return *boxed, False
 
 
 def run_reference(sam, amg_kwargs, image, coarse_map, match_config, clock):

@@ -23,6 +23,7 @@ Conventions:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -39,7 +40,7 @@ import pyarrow.compute as pc
 from .labels import LABEL_SCHEMA, STATUS_OK
 from .reading import DEFAULT_BATCH_SIZE, iter_label_batches
 from .rle import decode_mask
-from .storage import filesystem, is_remote, staged_file
+from .storage import filesystem, is_remote, make_folder, new_folder_mode, staged_file
 
 __all__ = [
     "EXPORT_COLUMNS",
@@ -54,6 +55,8 @@ __all__ = [
     "yolo_box",
     "yolo_polygon",
 ]
+
+log = logging.getLogger("pro2sam.export")
 
 # Everything an export needs; coarse_map (196+ floats a row) is never read.
 EXPORT_COLUMNS = [name for name in LABEL_SCHEMA.names if name not in ("coarse_map",)]
@@ -100,18 +103,22 @@ class LabelFilter:
 
 @dataclass
 class ExportSummary:
-    """What an export wrote; ``filtered`` rows were read but left out."""
+    """What an export wrote; ``filtered`` rows were read but left out by the filters,
+    ``unlisted`` rows left out because the format cannot name their image (a YOLO ``images.txt``
+    holds one URI a line, so not a URI with a line break)."""
 
     output: str
     images: int = 0
     annotations: int = 0
     filtered: int = 0
     categories: dict[int, str] = field(default_factory=dict)
+    unlisted: int = 0
 
     def __str__(self) -> str:
+        unlisted = f", {self.unlisted} left out: their URI holds a line break" if self.unlisted else ""
         return (
             f"{self.images} images, {self.annotations} annotations, {len(self.categories)} categories "
-            f"({self.filtered} rows filtered out) -> {self.output}"
+            f"({self.filtered} rows filtered out{unlisted}) -> {self.output}"
         )
 
 
@@ -281,24 +288,52 @@ def yolo_box(box_xyxy: Sequence[int], width: int, height: int) -> tuple[float, f
 
 
 def yolo_polygon(mask: np.ndarray) -> np.ndarray | None:
-    """(H, W) bool mask -> (N, 2) float polygon (x, y), normalised, of its largest outer contour.
+    """(H, W) bool mask -> (N, 2) float polygon (x, y), normalised, through every piece of the mask.
 
-    Points are pixel centres (index + 0.5), so the polygon lies inside the mask's box. One
-    polygon per object, as a YOLO segmentation line holds one instance; None for an empty mask.
+    A YOLO segmentation line holds one polygon per object, and the stored mask may have several
+    pieces (components; ``box_xyxy`` is the box of them all): each piece's outer contour is joined
+    to the largest one by a zero-width bridge between their closest vertices, walked there and
+    back, as Ultralytics' COCO converter joins an object's segments (``merge_multi_segment``).
+    Points are pixel centres (index + 0.5), so the polygon lies inside the mask's box. None for an
+    empty mask.
     """
     h, w = mask.shape
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     if not contours:
         return None
-    largest = max(contours, key=lambda c: (cv2.contourArea(c), len(c)))
-    points = largest.reshape(-1, 2).astype(np.float64) + 0.5
-    if len(points) < 3:  # a 1- or 2-pixel sliver: use its pixel corners so YOLO gets a polygon
-        xs, ys = points[:, 0], points[:, 1]
-        left, right, top, bottom = xs.min() - 0.5, xs.max() + 0.5, ys.min() - 0.5, ys.max() + 0.5
-        points = np.array([[left, top], [right, top], [right, bottom], [left, bottom]])
+    contours = sorted(contours, key=lambda c: (cv2.contourArea(c), len(c)), reverse=True)
+    points = _join_pieces([_piece_outline(c.reshape(-1, 2).astype(np.float64) + 0.5) for c in contours])
     points[:, 0] /= w
     points[:, 1] /= h
     return np.clip(points, 0.0, 1.0)
+
+
+def _piece_outline(points: np.ndarray) -> np.ndarray:
+    """A piece's contour (pixel centres) as a polygon: a 1- or 2-pixel sliver gets its pixel
+    corners so that it has an area."""
+    if len(points) >= 3:
+        return points
+    xs, ys = points[:, 0], points[:, 1]
+    left, right, top, bottom = xs.min() - 0.5, xs.max() + 0.5, ys.min() - 0.5, ys.max() + 0.5
+    return np.array([[left, top], [right, top], [right, bottom], [left, bottom]])
+
+
+def _join_pieces(pieces: list[np.ndarray]) -> np.ndarray:
+    """One (N, 2) polygon through every piece: walking the first, at its vertex closest to each
+    other piece it goes over to that piece, around it and back."""
+    trunk = pieces[0]
+    detours: dict[int, list[np.ndarray]] = {}
+    for piece in pieces[1:]:
+        distances = ((trunk[:, None, :] - piece[None, :, :]) ** 2).sum(-1)
+        i, j = np.unravel_index(int(np.argmin(distances)), distances.shape)
+        loop = np.roll(piece, -j, axis=0)
+        detours.setdefault(int(i), []).append(np.concatenate([loop, loop[:1]]))
+    walk = []
+    for i, vertex in enumerate(trunk):
+        walk.append(vertex[None])
+        for loop in detours.get(i, []):
+            walk += [loop, vertex[None]]
+    return np.concatenate(walk)
 
 
 def _label_file_name(uri: str, image_id: str, used: set[str]) -> str:
@@ -322,10 +357,12 @@ def export_yolo(
 
     Layout: ``labels/<image stem>.txt`` (``_<image_id>`` appended when two images share a stem),
     one line per object: ``class cx cy w h`` (``task="detect"``) or ``class x1 y1 x2 y2 ...``
-    (``task="segment"``, the mask's outer contour), all normalised to [0, 1];
-    ``images.txt``, the image URIs in the order of the label files; ``data.yaml`` with ``path``,
-    ``train``/``val`` (``images.txt``), ``nc`` and ``names``. Images are not copied: trainers
-    that pair ``images/`` with ``labels/`` need the images placed beside ``labels/``.
+    (``task="segment"``, one polygon through every piece of the mask, :func:`yolo_polygon`), all
+    normalised to [0, 1]; ``images.txt``, the image URIs in the order of the label files, one a
+    line (an image whose URI holds a line break is left out with a warning naming it, and counted
+    in ``summary.unlisted``); ``data.yaml`` with ``path``, ``train``/``val`` (``images.txt``),
+    ``nc`` and ``names``. Images are not copied: trainers that pair ``images/`` with ``labels/``
+    need the images placed beside ``labels/``.
     """
     if task not in YOLO_TASKS:
         raise ValueError(f"YOLO task must be one of {YOLO_TASKS}, not {task!r}")
@@ -348,6 +385,10 @@ def _write_yolo(
         for row in kept_rows(input, filters, summary, batch_size=batch_size):
             if row["status"] != STATUS_OK or row["box_xyxy"] is None:
                 summary.filtered += 1
+                continue
+            if row["uri"].splitlines() != [row["uri"]]:  # one line of images.txt would become two
+                log.warning("YOLO export: left out %r: its URI holds a line break, which images.txt cannot list", row["uri"])
+                summary.unlisted += 1
                 continue
             class_id = categories.of(row)
             if class_id is None:
@@ -408,9 +449,10 @@ def _staged_folder(output: str) -> Iterator[str]:
             "choose a new folder"
         )
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
+    make_folder(parent, output)
     staged = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     try:
+        os.chmod(staged, new_folder_mode())  # mkdtemp's 0o700 would hide the export from others
         yield staged
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)

@@ -56,12 +56,17 @@ LABEL_SCHEMA = pa.schema(
         _field("topk_classes", pa.list_(pa.int32()), "GTFormer's top-k class indices, most probable first"),
         _field("topk_names", pa.list_(pa.string()), "names of topk_classes (from the GTFormer checkpoint)"),
         _field("topk_scores", pa.list_(pa.float32()), "softmax probabilities of topk_classes"),
-        _field("box_xyxy", pa.list_(pa.int32(), 4), "x0, y0, x1, y1: inclusive pixel indices in the original image"),
+        _field(
+            "box_xyxy",
+            pa.list_(pa.int32(), 4),
+            "x0, y0, x1, y1: inclusive pixel indices in the original image; the tight box of mask_rle's pixels",
+        ),
         _field("box_source", pa.string(), "'sam' (a SAM candidate) or 'coarse_fallback' (GTFormer map)"),
         _field(
             "mask_rle",
             pa.struct([pa.field("size", pa.list_(pa.int32(), 2)), pa.field("counts", pa.string())]),
-            "chosen mask as COCO compressed RLE: size [height, width], counts (pycocotools)",
+            "chosen mask as COCO compressed RLE: size [height, width], counts (pycocotools); components under the "
+            "minimum area are left out of it, as of box_xyxy",
         ),
         _field("mask_area", pa.int64(), "foreground pixels of the mask"),
         _field("match_score", pa.float32(), "similarity of the mask to the coarse map (null for the fallback)"),

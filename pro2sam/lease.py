@@ -30,7 +30,7 @@ import time
 
 import fsspec.asyn
 
-from .storage import StorageError, filesystem, is_remote, join_uri
+from .storage import StorageError, filesystem, is_remote, join_uri, new_file_mode
 
 __all__ = ["LEASE_NAME", "OutputBusy", "LeaseLost", "WriterLease"]
 
@@ -121,6 +121,7 @@ class _LocalLeaseFile(_LeaseFile):
             raise StorageError(f"cannot write to the output {folder}: it {what}") from None
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
         try:
+            os.fchmod(fd, new_file_mode())  # another user's run must be able to read whose output it is
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.link(tmp, self.path)  # fails if the lease exists: an atomic create
@@ -132,6 +133,7 @@ class _LocalLeaseFile(_LeaseFile):
         folder, name = os.path.split(os.path.abspath(self.path))
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
         try:
+            os.fchmod(fd, new_file_mode(self.path))
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             self._expect(version)

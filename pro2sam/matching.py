@@ -24,6 +24,7 @@ __all__ = [
     "match_at_full_resolution",
     "FULL_RESOLUTION_MARGIN",
     "min_component_area",
+    "boxed_mask",
     "mask_box",
     "coarse_fallback",
     "upsample_coarse_map",
@@ -48,7 +49,8 @@ class MatchConfig:
         match_size: side of the square grid both maps are compared on; None uses the coarse
             map's own grid (14x14 for 224 input, the reference).
         min_component_area: a candidate needs a connected component of at least this many pixels
-            in a 224x224 frame; scaled with the mask's resolution.
+            in a 224x224 frame; scaled with the mask's resolution. The chosen mask keeps only its
+            components of at least this area, and its box is theirs (:func:`boxed_mask`).
         reject_full_frame: reject candidates whose box spans the whole image.
         fallback_threshold: threshold on the min-max normalised, upsampled coarse map for the
             coarse-map box used when no candidate survives.
@@ -273,29 +275,47 @@ def _complete_to_object(
         chosen = int(keep[options[np.lexsort((areas[options], -scores[keep][options]))[0]]])
 
 
-def mask_box(mask: np.ndarray, min_area_at_224: float = 10.0) -> tuple[int, int, int, int] | None:
-    """Union box of the mask's components of at least the (scaled) minimum area.
+def boxed_mask(
+    mask: np.ndarray, min_area_at_224: float = 10.0
+) -> tuple[np.ndarray, tuple[int, int, int, int]] | None:
+    """The chosen mask as it is stored, and its box: the mask's components of at least the
+    (scaled) minimum area, and their union box (METHOD.md §3).
+
+    The box of the localisation leaves specks out (a stray pixel of SAM's mask would otherwise
+    stretch it), so the stored mask leaves them out too: mask and box agree, the box is the tight
+    box of the mask's pixels. When no component reaches the minimum area, every pixel is kept.
 
     Args:
         mask: (H, W) bool in original-image pixels.
         min_area_at_224: minimum component area in a 224x224 frame, scaled to (H, W).
 
     Returns:
-        ``(x0, y0, x1, y1)`` inclusive pixel indices, or None for an empty mask. When no
-        component reaches the minimum area, the box of all foreground pixels.
+        ``(kept, box)``: kept (H, W) bool, the components kept; box ``(x0, y0, x1, y1)``,
+        inclusive pixel indices of ``kept``. None for an empty mask.
     """
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return None
-    _, stats = _components(mask)
-    big = stats[stats[:, cv2.CC_STAT_AREA] >= min_component_area(mask.shape, min_area_at_224)]
-    if len(big) == 0:
-        big = stats
-    x0 = big[:, cv2.CC_STAT_LEFT].min()
-    y0 = big[:, cv2.CC_STAT_TOP].min()
-    x1 = (big[:, cv2.CC_STAT_LEFT] + big[:, cv2.CC_STAT_WIDTH]).max() - 1
-    y1 = (big[:, cv2.CC_STAT_TOP] + big[:, cv2.CC_STAT_HEIGHT]).max() - 1
-    return int(x0), int(y0), int(x1), int(y1)
+    labels, stats = _components(mask)
+    big = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] >= min_component_area(mask.shape, min_area_at_224))
+    if len(big) == 0 or len(big) == len(stats):
+        kept, big = mask, np.arange(len(stats))
+    else:
+        kept = np.isin(labels, big + 1)  # component k has label k + 1 (0 is the background)
+    s = stats[big]
+    x0 = s[:, cv2.CC_STAT_LEFT].min()
+    y0 = s[:, cv2.CC_STAT_TOP].min()
+    x1 = (s[:, cv2.CC_STAT_LEFT] + s[:, cv2.CC_STAT_WIDTH]).max() - 1
+    y1 = (s[:, cv2.CC_STAT_TOP] + s[:, cv2.CC_STAT_HEIGHT]).max() - 1
+    return kept, (int(x0), int(y0), int(x1), int(y1))
+
+
+def mask_box(mask: np.ndarray, min_area_at_224: float = 10.0) -> tuple[int, int, int, int] | None:
+    """The box of :func:`boxed_mask`: union box of the mask's components of at least the (scaled)
+    minimum area (of all foreground pixels when none reaches it); ``(x0, y0, x1, y1)`` inclusive
+    pixel indices, or None for an empty mask."""
+    boxed = boxed_mask(mask, min_area_at_224)
+    return None if boxed is None else boxed[1]
 
 
 def upsample_coarse_map(coarse_map: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:

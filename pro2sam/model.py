@@ -19,7 +19,7 @@ from .candidates import CandidateConfig, Candidates, GridCandidateGenerator
 from .checkpoints import OFFICIAL_SAM_CHECKPOINTS
 from .gtformer import load_gtformer
 from .images import to_rgb_array
-from .matching import MatchConfig, coarse_fallback, mask_box, match_at_full_resolution, match_masks
+from .matching import MatchConfig, boxed_mask, coarse_fallback, match_at_full_resolution, match_masks
 from .sam import DEFAULT_SAM_VARIANT, build_sam
 from .storage import sha256_file
 
@@ -37,7 +37,9 @@ class Pro2SAMResult:
     Attributes:
         box_xyxy: (x0, y0, x1, y1) inclusive pixel indices in the original image (after EXIF
             orientation).
-        mask: (H, W) bool, the chosen mask at original resolution.
+        mask: (H, W) bool, the chosen mask at original resolution: the chosen candidate's
+            components of at least the minimum area (:func:`pro2sam.matching.boxed_mask`), so
+            that ``box_xyxy`` is exactly the tight box of its pixels.
         box_source: "sam" (a SAM candidate was chosen) or "coarse_fallback" (none survived
             matching; box and mask come from the GTFormer coarse map).
         topk_classes / topk_scores: GTFormer's k most probable classes and their softmax scores.
@@ -298,13 +300,13 @@ class Pro2SAM:
         else:
             match = match_masks(coarse_map, candidates.masks, candidates.pred_ious, self.match_config)
             mask = candidates.masks[match.index] if match.index is not None else None
-        box = None
-        if mask is not None:
-            box = mask_box(mask, self.match_config.min_component_area)
-        if box is None:  # nothing survived, or the winner vanished at full resolution
+        # The mask is stored without the specks its box leaves out, so that the two agree.
+        boxed = None if mask is None else boxed_mask(mask, self.match_config.min_component_area)
+        if boxed is None:  # nothing survived, or the winner vanished at full resolution
             mask, box = coarse_fallback(coarse_map, image.shape[:2], self.match_config.fallback_threshold)
             source, score, pred_iou, stability = "coarse_fallback", float("nan"), float("nan"), float("nan")
         else:
+            mask, box = boxed
             source, score = "sam", match.match_score
             pred_iou = float(candidates.pred_ious[match.index])
             stability = float(candidates.stability_scores[match.index])

@@ -56,6 +56,8 @@ __all__ = [
     "KEY_COLUMNS",
     "MARKER_KEY",
     "is_label_file",
+    "check_label_columns",
+    "with_label_types",
     "OutputBusy",
     "LeaseLost",
     "LabelsOutput",
@@ -153,17 +155,15 @@ class LabelsOutput:
                 pf = pq.ParquetFile(f)
                 if not is_label_file(posixpath.basename(path), pf):
                     return None
+                check_label_columns(pf.schema_arrow, self._uri_of(path))
                 names = pf.schema_arrow.names
                 present = [c for c in columns if c in names] if columns else None
-                table = pf.read(columns=present)
+                table = with_label_types(pf.read(columns=present), self._uri_of(path))
         except (pa.ArrowInvalid, OSError) as e:
-            raise StorageError(
-                f"{self._uri_of(path)} is not a readable Parquet file "
-                f"({type(e).__name__}: {e}); move it out of the output folder, then run again"
-            ) from None
+            raise self._unreadable(path, e) from None
         for c in columns or ():
             if c not in table.column_names:
-                table = table.append_column(c, pa.nulls(len(table), LABEL_SCHEMA.field(c).type))
+                table = table.append_column(LABEL_SCHEMA.field(c), pa.nulls(len(table), LABEL_SCHEMA.field(c).type))
         return table.select(list(columns)) if columns else table
 
     def scan(self, columns: tuple[str, ...] = _SCAN_COLUMNS) -> pa.Table:
@@ -195,10 +195,19 @@ class LabelsOutput:
         drops = _by_file(done, np.flatnonzero(~_kept_rows(done)))
         files = list(dict.fromkeys(done.column("_file").to_pylist()))
         for path in files:
-            offset = 0
             dropped = pa.array(drops.get(path, []), pa.int64())
+            yield from self._file_batches(path, columns, dropped, batch_size)
+
+    def _file_batches(
+        self, path: str, columns: Sequence[str] | None, dropped: pa.Array, batch_size: int
+    ) -> Iterator[pa.RecordBatch]:
+        """One label file's batches without the rows ``dropped``, in the labels table's types; a
+        file that cannot be read whole is a :class:`StorageError` naming it."""
+        uri, offset = self._uri_of(path), 0
+        try:
             with self._open(path, columns) as f:
                 pf = pq.ParquetFile(f)
+                check_label_columns(pf.schema_arrow, uri)
                 present = [c for c in columns if c in pf.schema_arrow.names] if columns is not None else None
                 for batch in pf.iter_batches(batch_size=batch_size, columns=present):
                     n = batch.num_rows
@@ -206,10 +215,20 @@ class LabelsOutput:
                         index = pa.array(range(offset, offset + n), pa.int64())
                         batch = batch.filter(pc.invert(pc.is_in(index, value_set=dropped)))
                     offset += n
+                    batch = with_label_types(batch, uri)
                     for c in columns or ():
                         if c not in batch.schema.names:
-                            batch = batch.append_column(c, pa.nulls(batch.num_rows, LABEL_SCHEMA.field(c).type))
+                            missing = LABEL_SCHEMA.field(c)
+                            batch = batch.append_column(missing, pa.nulls(batch.num_rows, missing.type))
                     yield batch.select(list(columns)) if columns is not None else batch
+        except (pa.ArrowInvalid, OSError) as e:
+            raise self._unreadable(path, e) from None
+
+    def _unreadable(self, path: str, error: Exception) -> StorageError:
+        return StorageError(
+            f"{self._uri_of(path)} is not a readable Parquet file ({type(error).__name__}: {_first_line(error)}); "
+            "move it out of the output folder, then run again"
+        )
 
     def read_table(self, columns: Sequence[str] | None = None) -> pa.Table:
         """The labels table (``columns`` of it), one row per image, as :meth:`iter_batches`."""
@@ -228,10 +247,7 @@ class LabelsOutput:
                 with self._open(path) as f:  # pyarrow reads the footer alone
                     return is_label_file(posixpath.basename(path), pq.ParquetFile(f))
             except (pa.ArrowInvalid, OSError) as e:
-                raise StorageError(
-                    f"{self._uri_of(path)} is not a readable Parquet file ({type(e).__name__}: {e}); "
-                    "move it out of the output folder, then run again"
-                ) from None
+                raise self._unreadable(path, e) from None
 
         with ThreadPoolExecutor(max_workers=min(_SCAN_THREADS, max(1, len(paths)))) as pool:
             return [p for p, ok in zip(paths, pool.map(ours, paths)) if ok]
@@ -318,6 +334,85 @@ def is_label_file(name: str, pf: pq.ParquetFile) -> bool:
         c in schema.names and schema.field(c).metadata == LABEL_SCHEMA.field(c).metadata
         for c in KEY_COLUMNS
     )  # fmt: skip
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t) or pa.types.is_list_view(t)
+
+
+def _same_kind(actual: pa.DataType, expected: pa.DataType) -> bool:
+    """Whether a column of type ``actual`` holds what :data:`LABEL_SCHEMA`'s ``expected`` does,
+    in another width or encoding (``large_string``, ``int64``, ``double``, a dictionary, a
+    ``large_list``: what older versions or other writers give), so that a cast keeps its values."""
+    if actual == expected or pa.types.is_null(actual):
+        return True
+    if pa.types.is_dictionary(actual):
+        return _same_kind(actual.value_type, expected)
+    for kind in (_is_text, pa.types.is_integer, pa.types.is_floating):
+        if kind(expected):
+            return kind(actual)
+    if _is_list(expected):
+        return _is_list(actual) and _same_kind(actual.value_type, expected.value_type)
+    if pa.types.is_struct(expected):
+        return pa.types.is_struct(actual) and all(
+            actual.get_field_index(f.name) >= 0 and _same_kind(actual.field(f.name).type, f.type) for f in expected
+        )  # fmt: skip
+    return False
+
+
+def check_label_columns(schema: pa.Schema, where: str, *, required: Sequence[str] = ()) -> None:
+    """Refuse a file whose columns are not the labels table's: a column named as one of
+    :data:`LABEL_SCHEMA`'s but holding another kind of value, or a ``required`` column missing.
+
+    Raises:
+        ValueError: one line naming ``where`` (the file) and the column.
+    """
+    for name in required:
+        if name not in schema.names:
+            raise ValueError(f"{where} is not a labels table: it has no column {name!r} (pro2sam schema lists them)")
+    for field_ in schema:
+        if field_.name in LABEL_SCHEMA.names and not _same_kind(field_.type, LABEL_SCHEMA.field(field_.name).type):
+            raise ValueError(
+                f"{where} is not a labels table: its column {field_.name!r} holds {field_.type}, not "
+                f"{LABEL_SCHEMA.field(field_.name).type} (pro2sam schema lists the columns)"
+            )
+
+
+def with_label_types(data: pa.Table | pa.RecordBatch, where: str) -> pa.Table | pa.RecordBatch:
+    """``data`` with each of :data:`LABEL_SCHEMA`'s columns cast to its type and field (a file of an
+    older version or another writer: ``large_string``, ``int64`` ...), so that tables read from
+    files of several versions concatenate; other columns stay as they are.
+
+    Raises:
+        ValueError: a column of another kind (:func:`check_label_columns`) or whose values do not
+            fit (a box that is not 4 numbers), naming ``where`` and the column.
+    """
+    check_label_columns(data.schema, where)
+    if all(f.name not in LABEL_SCHEMA.names or f.type == LABEL_SCHEMA.field(f.name).type for f in data.schema):
+        return data
+    fields, columns = [], []
+    for field_, column in zip(data.schema, data.columns):
+        if field_.name in LABEL_SCHEMA.names:
+            field_ = LABEL_SCHEMA.field(field_.name)
+            try:
+                column = column.cast(field_.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise ValueError(
+                    f"{where}: column {field_.name!r} cannot be read as {field_.type}: {_first_line(e)}"
+                ) from None
+        fields.append(field_)
+        columns.append(column)
+    return type(data).from_arrays(columns, schema=pa.schema(fields, metadata=data.schema.metadata))
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message (Arrow's may run to several)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
 
 
 def _schema_like(table: pa.Table) -> pa.Schema:

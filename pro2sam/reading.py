@@ -8,6 +8,7 @@ that nothing here holds more than a batch unless asked for a whole DataFrame.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -15,9 +16,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .labels import LABEL_SCHEMA
-from .output import LabelsOutput
+from .output import KEY_COLUMNS, LabelsOutput, check_label_columns, with_label_types
 from .rle import decode_mask
-from .storage import filesystem, is_remote
+from .storage import StorageError, filesystem, is_remote
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -33,16 +34,19 @@ DEFAULT_BATCH_SIZE = 1024
 
 
 def parquet_files(input: str) -> list[str]:
-    """The Parquet files of a labels table: ``input`` itself if it is a file, else the label
-    files directly under the folder (:class:`pro2sam.output.LabelsOutput`), sorted, as URIs of the
-    same kind as ``input``.
+    """The Parquet files of a labels table: ``input`` itself if it is a file (its footer read to
+    check that it is one), else the label files directly under the folder
+    (:class:`pro2sam.output.LabelsOutput`), sorted, as URIs of the same kind as ``input``.
 
     Raises:
         FileNotFoundError: ``input`` does not exist or holds no label file.
+        StorageError: the file ``input`` is not a readable Parquet file (cut short, not Parquet).
+        ValueError: the file ``input`` is not a labels table (:func:`pro2sam.output.check_label_columns`).
     """
     fs, path = filesystem(input)
     if fs.isfile(path):
-        return [input]
+        with _labels_file(fs, path, input):
+            return [input]
     if not fs.isdir(path):
         raise FileNotFoundError(f"labels input {input} does not exist")
     found = LabelsOutput(input).label_files()
@@ -67,14 +71,28 @@ def iter_label_batches(
     """
     fs, path = filesystem(input)
     if fs.isfile(path):
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
+        with _labels_file(fs, path, input) as pf:
             present = [c for c in columns if c in pf.schema_arrow.names] if columns is not None else None
             for batch in pf.iter_batches(batch_size=batch_size, columns=present):
-                yield _with_columns(batch, columns)
+                yield _with_columns(with_label_types(batch, input), columns)
         return
     parquet_files(input)  # a clear error for a missing or empty folder
     yield from LabelsOutput(input).iter_batches(columns, batch_size=batch_size)
+
+
+@contextmanager
+def _labels_file(fs, path: str, input: str) -> Iterator[pq.ParquetFile]:
+    """The labels file ``input`` given by name, opened: it need not be named or marked as a label
+    file (a table copied out of an output is one), but it must be Parquet read whole, with the key
+    columns, each column of the labels table's kind. Errors name the file."""
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            check_label_columns(pf.schema_arrow, input, required=KEY_COLUMNS)
+            yield pf
+    except (pa.ArrowInvalid, OSError) as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise StorageError(f"{input} is not a readable Parquet file ({type(e).__name__}: {first})") from None
 
 
 def _with_columns(batch: pa.RecordBatch, columns: Sequence[str] | None) -> pa.RecordBatch:
@@ -82,7 +100,7 @@ def _with_columns(batch: pa.RecordBatch, columns: Sequence[str] | None) -> pa.Re
         return batch
     for c in columns:
         if c not in batch.schema.names:
-            batch = batch.append_column(c, pa.nulls(batch.num_rows, LABEL_SCHEMA.field(c).type))
+            batch = batch.append_column(LABEL_SCHEMA.field(c), pa.nulls(batch.num_rows, LABEL_SCHEMA.field(c).type))
     return batch.select(list(columns))
 
 

@@ -69,6 +69,9 @@ __all__ = [
     "sha256_file",
     "staged_file",
     "write_bytes_atomic",
+    "new_file_mode",
+    "new_folder_mode",
+    "make_folder",
     "fetch_to_local",
     "MANIFEST_SUFFIXES",
     "DEFAULT_MAX_BYTES",
@@ -112,9 +115,19 @@ def is_remote(uri: str) -> bool:
     return _protocol(uri) != "file"
 
 
+def _local_path(uri: str) -> str:
+    """A local location as a plain path: ``file://`` and fsspec's ``local://`` stripped (either
+    followed by a path: ``file:///a`` is ``/a``, ``local://a`` is ``a`` under the working folder)."""
+    scheme, sep, rest = uri.partition("://")
+    return rest if sep and _PROTOCOL_ALIASES.get(scheme.lower(), scheme.lower()) == "file" else uri
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``uri`` and the path within it."""
+    """The fsspec filesystem for ``uri`` and the path within it (for a local ``uri`` the path
+    :func:`canonical_uri` starts from, however it is spelt)."""
     protocol = _protocol(uri)
+    if protocol == "file":
+        uri = os.path.abspath(_local_path(uri))
     options: dict = {}
     if protocol == "s3":
         options["config_kwargs"] = _S3_CONFIG
@@ -132,22 +145,20 @@ def join_uri(base: str, *names: str) -> str:
         for name in names:
             base = base.rstrip("/") + "/" + name.lstrip("/")
         return base
-    return str(Path(base).joinpath(*names))
+    return str(Path(_local_path(base)).joinpath(*names))
 
 
 def canonical_uri(uri: str) -> str:
     """The one spelling of a location that ids and comparisons use.
 
-    Local: an absolute path, ``file://`` stripped, symbolic links resolved and ``.``, ``..``, ``//``
-    collapsed (``os.path.realpath``). Remote: the scheme's common name (``s3a://`` -> ``s3://``)
+    Local: an absolute path, ``file://`` (or ``local://``) stripped, symbolic links resolved and
+    ``.``, ``..``, ``//`` collapsed (``os.path.realpath``). Remote: the scheme's common name (``s3a://`` -> ``s3://``)
     and the key as given, without a trailing ``/``.
     """
     if is_remote(uri):
         rest = uri.split("://", 1)[1]
         return f"{_protocol(uri)}://{rest.rstrip('/') or rest}"
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    return os.path.realpath(uri)
+    return os.path.realpath(_local_path(uri))
 
 
 def location_contains(outer: str, inner: str) -> bool:
@@ -742,6 +753,53 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    """The process's umask (read from ``/proc`` where it can be: setting it to read it is not
+    safe while other threads create files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode(replaced: str | None = None) -> int:
+    """The mode a plain ``open(path, "w")`` gives: the mode of the file ``replaced`` if it exists
+    (a rewrite keeps it), else ``0o666`` less the umask. Files staged under a temporary name
+    (``mkstemp``: ``0o600``) get it before they take their place, so that a label file or report
+    on a shared filesystem is as readable as any other file its user writes."""
+    if replaced is not None:
+        try:
+            return stat.S_IMODE(os.stat(replaced).st_mode)
+        except OSError:
+            pass
+    return 0o666 & ~_umask()
+
+
+def new_folder_mode() -> int:
+    """The mode a plain ``os.mkdir`` gives: ``0o777`` less the umask (``mkdtemp`` gives ``0o700``)."""
+    return 0o777 & ~_umask()
+
+
+def make_folder(folder: str, uri: str) -> None:
+    """``os.makedirs(folder, exist_ok=True)`` for writing ``uri``; a file in the way, or a folder
+    that cannot be made, is one :class:`StorageError` naming it."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        blocking = folder
+        while blocking and not os.path.lexists(blocking) and os.path.dirname(blocking) != blocking:
+            blocking = os.path.dirname(blocking)
+        if os.path.exists(blocking) and not os.path.isdir(blocking):
+            raise StorageError(f"cannot write {uri}: {blocking} is a file, not a folder") from None
+        raise StorageError(f"cannot write {uri}: the folder {folder} cannot be made: {type(e).__name__}: {e}") from None
+
+
 @contextmanager
 def staged_file(uri: str) -> Iterator[str]:
     """A local path to write ``uri``'s new content to; when the block ends without an error the
@@ -759,10 +817,13 @@ def staged_file(uri: str) -> Iterator[str]:
             fs.put_file(staged, path)
         return
     folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    if os.path.isdir(path):
+        raise StorageError(f"cannot write {uri}: it is a folder, not a file")
+    make_folder(folder, uri)
     fd, staged = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
+        os.chmod(staged, new_file_mode(path))
         yield staged
         os.replace(staged, path)
     finally:
@@ -787,9 +848,10 @@ def write_bytes_atomic(uri: str, data: bytes, *, exclusive: bool = False) -> Non
         return
     if not is_remote(uri):
         folder, name = os.path.split(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
+        make_folder(folder, uri)
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
         try:
+            os.fchmod(fd, new_file_mode())
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.link(tmp, path)  # fails if path exists: an atomic create

@@ -115,6 +115,38 @@ def make_tiny_checkpoints(folder: Path, seed: int = 0) -> tuple[Path, Path]:
     return gt_dir, sam_path
 
 
+def rect_mask(shape: tuple[int, int], x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+    """(H, W) bool with the inclusive rectangle [x0..x1] x [y0..y1] set."""
+    m = np.zeros(shape, dtype=bool)
+    m[y0 : y1 + 1, x0 : x1 + 1] = True
+    return m
+
+
+def body_piece_and_speck(shape: tuple[int, int] = (224, 224)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three separate parts of one SAM mask of a (224, 224) image: a body (x 60..159, y 60..159),
+    a piece of 8x8 px (over the 10-pixel minimum component area) at x 20..27, y 100..107, and a
+    speck of 2x2 px (under it) at x 200..201, y 10..11, outside the others' box."""
+    return rect_mask(shape, 60, 60, 159, 159), rect_mask(shape, 20, 100, 27, 107), rect_mask(shape, 200, 10, 201, 11)
+
+
+def choose_planted(model, masks: list[np.ndarray]):
+    """Stage 3 of ``model`` (:meth:`pro2sam.Pro2SAM.choose`) on planted exact-mode candidates,
+    with a coarse map lit where the first of them is: the first wins."""
+    from pro2sam.candidates import Candidates
+
+    h, w = masks[0].shape
+    n = len(masks)
+    candidates = Candidates(
+        masks=np.stack(masks), pred_ious=np.full(n, 0.9, np.float32), stability_scores=np.full(n, 0.95, np.float32),
+        point_coords=np.zeros((n, 2)), multimask_index=np.zeros(n, np.int64), boxes_xyxy=np.zeros((n, 4), np.int64),
+        image_size=(h, w), mode="exact", num_grid_points=n,
+    )  # fmt: skip
+    first = np.asarray(Image.fromarray(masks[0].astype(np.uint8) * 255).resize((14, 14), Image.BILINEAR)) > 127
+    coarse = np.where(first, 0.9, 0.05).astype(np.float32)
+    probs = np.array([0.6, 0.3, 0.1], np.float32)
+    return model.choose(np.zeros((h, w, 3), np.uint8), probs, coarse, candidates)
+
+
 # ---------------------------------------------------------------- the labeling job
 
 

@@ -1,11 +1,16 @@
 """The pro2sam command, run as a user would."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
-from helpers import make_tiny_checkpoints, write_scenes
+import pytest
+from helpers import cli_label_args, make_tiny_checkpoints, write_scenes
 
+from pro2sam.output import LEASE_NAME
 from pro2sam.rle import decode_mask
 
 
@@ -41,3 +46,73 @@ def test_a_wrong_sam_file_is_reported_without_a_traceback(tmp_path):
     proc = run_cli("predict", "--gtformer", str(gt_dir), "--sam", "vit_b", "--sam-checkpoint", str(fake), str(image))
     assert proc.returncode != 0
     assert "SHA-256" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- Ctrl-C while Ray starts
+
+
+@pytest.fixture
+def label_argv(tiny_checkpoints, tmp_path):
+    """``pro2sam label`` of two scenes with the tiny models, as main() takes it, and its output."""
+    write_scenes(tmp_path / "images", 2)
+    output = tmp_path / "labels"
+    return cli_label_args(tiny_checkpoints, tmp_path / "images", output)[3:], output
+
+
+def ray_init_that(monkeypatch, init):
+    """Make the job start Ray with ``init`` (no Ray runs in this process)."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+
+
+def assert_stopped_with_the_resume_hint(status: int, err: str, output) -> None:
+    assert status == 130, err
+    assert err.strip().splitlines()[-1] == (
+        f"pro2sam label: stopped by SIGINT: the rows committed so far are in {output}; run the same command "
+        "again to label the rest"
+    )
+    assert "Traceback" not in err and not (output / LEASE_NAME).exists()
+
+
+def test_ctrl_c_inside_ray_start_up_stops_with_the_resume_hint(label_argv, monkeypatch, capsys):
+    from pro2sam.apps.cli import main
+
+    def init(*args, **kwargs):
+        raise KeyboardInterrupt  # Python's own SIGINT handler, as inside a library that reset ours
+
+    argv, output = label_argv
+    ray_init_that(monkeypatch, init)
+    assert_stopped_with_the_resume_hint(main(argv), capsys.readouterr().err, output)
+
+
+def test_sigint_that_ray_turns_into_a_start_up_error_still_stops_with_the_resume_hint(label_argv, monkeypatch, capsys):
+    """The same Ctrl-C reaches the processes Ray is starting, and ray.init fails with an error of
+    its own: the run was stopped, not broken."""
+    from pro2sam.apps.cli import main
+
+    def init(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(30)  # the handler interrupts this at once
+        except BaseException:
+            raise RuntimeError("Failed to start the GCS server: it was killed") from None
+        raise AssertionError("SIGINT never arrived")
+
+    argv, output = label_argv
+    ray_init_that(monkeypatch, init)
+    assert_stopped_with_the_resume_hint(main(argv), capsys.readouterr().err, output)
+    assert signal.getsignal(signal.SIGINT) is not None and signal.getsignal(signal.SIGINT).__name__ != "handler"
+
+
+def test_an_output_that_is_a_file_ends_in_one_line(label_argv, tmp_path, capsys):
+    from pro2sam.apps.cli import main
+
+    argv, output = label_argv
+    output.write_text("mine")
+    for target in (output, output / "sub"):
+        assert main([a if a != str(output) else str(target) for a in argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pro2sam label: error: cannot write to the output") and "\n" not in err, err
+    assert output.read_text() == "mine"

@@ -2,8 +2,11 @@
 row filters, and reading in record batches."""
 
 import json
+import os
 import re
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -17,7 +20,9 @@ from pro2sam.export import EXPORT_COLUMNS, LabelFilter, export_coco, export_yolo
 from pro2sam.reading import iter_label_rows
 from pro2sam.rle import decode_mask
 from pro2sam.labels import error_row, ok_row, rows_to_table
-from pro2sam.model import Pro2SAMResult
+from pro2sam.model import Pro2SAM, Pro2SAMResult
+
+from helpers import body_piece_and_speck, choose_planted
 
 CLASSES = ["bird", "cat", "dog"]
 
@@ -148,6 +153,65 @@ def test_yolo_segmentation_polygons_lie_inside_the_box(labels_dir, tmp_path):
         assert len(xy) >= 3
         assert (xy[:, 0] >= x0).all() and (xy[:, 0] <= x1 + 1).all(), name
         assert (xy[:, 1] >= y0).all() and (xy[:, 1] <= y1 + 1).all(), name
+
+
+# ---------------------------------------------------------------- a mask in pieces, as labeling stores it
+
+
+@pytest.fixture(scope="module")
+def pieces_labels(tiny_checkpoints, tmp_path_factory):
+    """A labels folder of one row labeled by stage 3 (:meth:`Pro2SAM.choose`) from a SAM mask
+    with a body, a separate piece over the minimum component area and a speck under it."""
+    gt_dir, sam_path = tiny_checkpoints
+    model = Pro2SAM.from_checkpoints(gt_dir, sam="tiny", sam_checkpoint=sam_path, device="cpu")
+    body, piece, speck = body_piece_and_speck()
+    result = choose_planted(model, [body | piece | speck])
+    folder = tmp_path_factory.mktemp("pieces") / "labels"
+    folder.mkdir()
+    row = ok_row("p", "s3://b/pieces.jpg", None, result, model_ids={"gtformer": "g", "sam": "s"}, run_id="r")
+    pq.write_table(rows_to_table([row]), folder / "part-0.parquet")
+    return folder, row, (body, piece)
+
+
+def test_coco_segmentation_of_a_mask_in_pieces_has_the_annotations_bbox(pieces_labels, tmp_path):
+    folder, row, _ = pieces_labels
+    export_coco(str(folder), str(tmp_path / "coco.json"))
+    (ann,) = json.loads((tmp_path / "coco.json").read_text())["annotations"]
+    assert ann["bbox"] == [20, 60, 140, 100]  # box_xyxy (20, 60, 159, 159): the body and the piece
+    segmentation = {"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()}
+    assert mask_utils.toBbox(segmentation).tolist() == ann["bbox"]
+    assert ann["area"] == int(mask_utils.area(segmentation)) == 100 * 100 + 8 * 8
+
+
+def test_yolo_polygon_of_a_mask_in_pieces_covers_every_piece_inside_the_box(pieces_labels, tmp_path):
+    folder, row, pieces = pieces_labels
+    export_yolo(str(folder), str(tmp_path / "yolo"), task="segment")
+    fields = (tmp_path / "yolo" / "labels" / "pieces.txt").read_text().split()
+    h, w = row["height"], row["width"]
+    xy = np.array(fields[1:], float).reshape(-1, 2) * [w, h]  # continuous pixel coordinates
+    x0, y0, x1, y1 = row["box_xyxy"]
+    assert (xy[:, 0] >= x0).all() and (xy[:, 0] <= x1 + 1).all()
+    assert (xy[:, 1] >= y0).all() and (xy[:, 1] <= y1 + 1).all()
+    drawn = np.zeros((h, w), np.uint8)  # vertices are pixel centres: index = coordinate - 0.5
+    cv2.fillPoly(drawn, [np.round(xy - 0.5).astype(np.int32)], 1)
+    for piece in pieces:
+        assert drawn[piece].mean() == 1.0
+
+
+def test_label_studio_brush_of_a_mask_in_pieces_lies_in_its_rectangle(pieces_labels, tmp_path):
+    from pro2sam.label_studio import brush_module
+
+    folder, row, _ = pieces_labels
+    _, (task,), _ = label_studio_tasks(folder, tmp_path)
+    result = {r["type"]: r for r in task["predictions"][0]["result"]}
+    h, w = row["height"], row["width"]
+    brush = brush_module().decode_rle(result["brushlabels"]["value"]["rle"]).reshape(h, w, 4)[..., 3] > 0
+    ys, xs = np.nonzero(brush)
+    rect = result["rectanglelabels"]["value"]
+    left, top = rect["x"] * w / 100, rect["y"] * h / 100
+    right, bottom = left + rect["width"] * w / 100, top + rect["height"] * h / 100
+    # pixel i spans [i, i + 1): the brush's pixels fill the rectangle to its edges, not beyond
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == pytest.approx((left, top, right, bottom))
 
 
 def exported_uris(labels_dir, tmp_path, filters):
@@ -313,6 +377,26 @@ def test_a_typo_in_where_ends_in_one_line(labels_dir, tmp_path, capsys):
     assert "\n" not in err and not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.parametrize("command", ["export", "show"])
+@pytest.mark.parametrize(
+    "where, named",
+    [
+        ("uri IN (SELECT column0 FROM read_csv('/etc/passwd', header = false, sep = ':'))", "/etc/passwd"),
+        ("uri IN (SELECT * FROM read_csv('https://example.com/uris.csv'))", "https://example.com/uris.csv"),
+    ],
+)
+def test_where_reads_the_labels_table_only_never_a_file_or_url(labels_dir, tmp_path, capsys, command, where, named):
+    from pro2sam.apps.cli import main
+
+    out = tmp_path / ("x.json" if command == "export" else "x.html")
+    argv = [command, "--input", str(labels_dir), "--output", str(out), "--where", where]
+    assert main([*argv, "--format", "coco"] if command == "export" else argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pro2sam {command}: error: the selection's SQL may use the labels table's columns only")
+    assert f'Cannot access file "{named}"' in err and "\n" not in err and "root:" not in err
+    assert not out.exists()
+
+
 def test_fiftyone_coco_importer_reads_our_boxes_and_masks(labels_dir, tmp_path):
     """FiftyOne's own COCO parser (what ``COCODetectionDataset`` uses), without its database: a
     Dataset needs MongoDB, which does not run on our machines (README, "FiftyOne")."""
@@ -359,3 +443,80 @@ def test_review_commands_run_on_an_s3_output_with_error_rows(labels_dir, tmp_pat
     page = tmp_path / "errors.html"
     assert main(["show", "--input", labels, "--output", str(page), "--where", "status = 'error'", "--order-by", "confidence"]) == 0
     assert re.findall(r'data-image-id="([^"]+)"', page.read_text()) == ["f.jpg"]
+
+
+# ---------------------------------------------------------------- what the exports write, and where
+
+
+def test_yolo_leaves_out_an_image_whose_uri_holds_a_line_break_naming_and_counting_it(tmp_path, capsys, caplog):
+    from pro2sam.apps.cli import main
+
+    uris = [f"s3://b/img_{i:02d}.jpg" for i in range(18)] + ["s3://b/two\nlines.jpg", "s3://b/carriage\rreturn.jpg"]
+    folder = tmp_path / "labels"
+    folder.mkdir()
+    rows = [labeled(uri, rect(20, 20, 2, 2, 9, 9), 0) for uri in uris]
+    pq.write_table(rows_to_table(rows), folder / "part-0.parquet")
+    out = tmp_path / "yolo"
+    assert main(["export", "--input", str(folder), "--format", "yolo", "--output", str(out)]) == 0
+    listed = (out / "images.txt").read_text().splitlines()
+    assert listed == uris[:18] and len(list((out / "labels").iterdir())) == 18
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [
+        "YOLO export: left out 's3://b/two\\nlines.jpg': its URI holds a line break, which images.txt cannot list",
+        "YOLO export: left out 's3://b/carriage\\rreturn.jpg': its URI holds a line break, which images.txt cannot list",
+    ]
+    err = capsys.readouterr().err
+    assert "18 images, 18 annotations, 1 categories (0 rows filtered out, 2 left out: their URI holds a line break)" in err
+
+
+def test_exports_reports_and_galleries_are_as_readable_as_the_umask_allows(labels_dir, tmp_path):
+    from pro2sam.apps.cli import main
+
+    old = os.umask(0o002)
+    try:
+        assert main(["export", "--input", str(labels_dir), "--format", "coco", "--output", str(tmp_path / "c.json")]) == 0
+        assert main(["export", "--input", str(labels_dir), "--format", "label-studio", "--output", str(tmp_path / "t.json")]) == 0
+        assert main(["export", "--input", str(labels_dir), "--format", "yolo", "--output", str(tmp_path / "yolo")]) == 0
+        assert main(["report", str(labels_dir), "--output", str(tmp_path / "qa.html")]) == 0
+        assert main(["show", "--input", str(labels_dir), "--output", str(tmp_path / "g.html")]) == 0
+    finally:
+        os.umask(old)
+    written = [p for p in tmp_path.rglob("*") if labels_dir not in p.parents and p != labels_dir]
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in written}
+    assert {"c.json", "t.json", "t.label_config.xml", "yolo/images.txt", "qa.json", "g.html"} <= set(modes)
+    assert modes == {name: 0o775 if (tmp_path / name).is_dir() else 0o664 for name in modes}
+
+
+@pytest.mark.parametrize("command", ["export", "export-yolo", "show", "report"])
+def test_an_output_under_a_file_ends_in_one_line_naming_the_file(labels_dir, tmp_path, capsys, command):
+    from pro2sam.apps.cli import main
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine")
+    target = str(blocker / "sub" / "out")
+    argv = {
+        "export": ["export", "--input", str(labels_dir), "--format", "coco", "--output", target],
+        "export-yolo": ["export", "--input", str(labels_dir), "--format", "yolo", "--output", target],
+        "show": ["show", "--input", str(labels_dir), "--output", target],
+        "report": ["report", str(labels_dir), "--output", target],
+    }[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"error: cannot write {target}: {blocker} is a file, not a folder") and "\n" not in err
+    assert blocker.read_text() == "mine"
+
+
+def test_local_uris_read_and_write_where_the_plain_paths_do(labels_dir, tmp_path):
+    from pro2sam.apps.cli import main
+
+    plain, local = tmp_path / "plain.json", tmp_path / "local.json"
+    assert main(["export", "--input", str(labels_dir), "--format", "coco", "--output", str(plain)]) == 0
+    assert main(["export", "--input", f"local://{labels_dir}", "--format", "coco", "--output", f"local://{local}",
+                 "--where", "status = 'ok'"]) == 0  # fmt: skip
+    assert main(["export", "--input", f"local://{labels_dir}", "--format", "yolo", "--output", f"local://{tmp_path}/y"]) == 0
+    assert main(["report", f"local://{labels_dir}", "--output", f"local://{tmp_path}/qa.html"]) == 0
+    assert [i["file_name"] for i in json.loads(local.read_text())["images"]] == [
+        i["file_name"] for i in json.loads(plain.read_text())["images"]
+    ]
+    assert (tmp_path / "y" / "images.txt").exists() and (tmp_path / "qa.json").exists()
+    assert not list(tmp_path.glob("local:*")) and not Path("local:").exists()

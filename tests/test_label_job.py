@@ -342,3 +342,18 @@ def test_a_killed_actor_loses_and_duplicates_no_image(ray_local, tiny_checkpoint
     assert outcome["summary"].ok == LONG_RUN_IMAGES
     rows = assert_each_input_once(output, images)
     assert all(r["status"] == "ok" for r in rows)
+
+
+# ---------------------------------------------------------------- spellings of a local folder
+
+
+@pytest.mark.timeout(300)
+def test_local_uris_label_into_the_plain_folder_and_a_plain_rerun_skips_them(ray_local, tiny_checkpoints, tmp_path):
+    images = write_scenes(tmp_path / "images", 2)
+    output = tmp_path / "labels"
+    summary = run_label_job(job_config(tiny_checkpoints, f"local://{tmp_path}/images", f"local://{output}"))
+    assert (summary.ok, summary.error) == (2, 0)
+    assert_each_input_once(output, images)  # rows name the plain paths, files lie in the plain folder
+    assert not Path("local:").exists() and not list(tmp_path.glob("local:*"))
+    again = run_label_job(job_config(tiny_checkpoints, tmp_path / "images", output))
+    assert (again.skipped, again.ok) == (2, 0)

@@ -59,8 +59,9 @@ def _duckdb_counts(endpoint: str, bucket: str) -> tuple[int, int]:
     """(rows, distinct image ids) over labels/*.parquet, the README's own query, by DuckDB."""
     import duckdb
 
-    labels = read_s3_output(endpoint, f"{bucket}/labels/")  # noqa: F841 (DuckDB reads it by its name)
-    return duckdb.sql("SELECT count(*), count(DISTINCT image_id) FROM labels").fetchall()[0]
+    con = duckdb.connect()
+    con.register("labels", read_s3_output(endpoint, f"{bucket}/labels/"))
+    return con.sql("SELECT count(*), count(DISTINCT image_id) FROM labels").fetchall()[0]
 
 
 def _assert_each_image_once(endpoint: str, bucket: str, uris: list[str]) -> None:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pro2sam.matching import MatchConfig, coarse_fallback, mask_box, match_masks, min_component_area
+from pro2sam.matching import MatchConfig, boxed_mask, coarse_fallback, mask_box, match_masks, min_component_area
 
 
 def rect_mask(shape, x0, y0, x1, y1):
@@ -112,6 +112,19 @@ def test_mask_box_ignores_specks_below_the_minimum_area():
     two = m | rect_mask((224, 224), 180, 10, 200, 30)  # second real component joins the union
     assert mask_box(two) == (50, 10, 200, 170)
     assert mask_box(np.zeros((10, 10), bool)) is None
+
+
+def test_boxed_mask_keeps_the_components_its_box_holds_and_leaves_out_the_specks():
+    body, piece = rect_mask((224, 224), 50, 60, 150, 170), rect_mask((224, 224), 180, 10, 200, 30)
+    speck = rect_mask((224, 224), 5, 5, 6, 6)  # 4 px, under the 10-pixel minimum
+    kept, box = boxed_mask(body | piece | speck)
+    assert np.array_equal(kept, body | piece) and box == (50, 10, 200, 170)
+    ys, xs = np.nonzero(kept)
+    assert box == (xs.min(), ys.min(), xs.max(), ys.max())
+    only_specks = speck | rect_mask((224, 224), 100, 100, 101, 101)  # nothing reaches it: all kept
+    assert np.array_equal(boxed_mask(only_specks)[0], only_specks)
+    assert boxed_mask(only_specks)[1] == (5, 5, 101, 101)
+    assert boxed_mask(np.zeros((10, 10), bool)) is None
 
 
 # ---------------------------------------------------------------- part-to-object completion

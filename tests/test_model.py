@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import TINY_CLASSES, write_scenes
+from helpers import TINY_CLASSES, body_piece_and_speck, choose_planted, write_scenes
 
 from pro2sam import CandidateConfig, MatchConfig, Pro2SAM
 from pro2sam.matching import mask_box
@@ -120,3 +120,17 @@ def test_a_batch_with_an_image_sam_cannot_take_is_refused_before_any_work(model,
     probs, maps = model.classify([good, good])
     with pytest.raises(ImageShapeError, match="too elongated"):
         model.localize_batch([good, sliver], probs, maps)
+
+
+def tight_box(mask):
+    ys, xs = np.nonzero(mask)
+    return (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max()))
+
+
+def test_the_stored_mask_leaves_out_the_specks_its_box_leaves_out(model):
+    body, piece, speck = body_piece_and_speck()
+    r = choose_planted(model, [body | piece | speck])
+    assert r.box_source == "sam"
+    assert r.box_xyxy == (20, 60, 159, 159)  # the body and the piece; not the speck
+    assert tight_box(r.mask) == r.box_xyxy
+    assert np.array_equal(r.mask, body | piece)

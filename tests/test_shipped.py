@@ -12,7 +12,6 @@ from pro2sam import shipped
 from pro2sam.candidates import CandidateConfig
 from pro2sam.gtformer import load_gtformer
 from pro2sam.model import Pro2SAM
-from pro2sam.candidates import CandidateConfig
 from pro2sam.sam import SAM_VARIANTS, build_sam
 from pro2sam.synthetic import make_scene
 from segment_anything import SamPredictor

@@ -482,3 +482,66 @@ def test_a_slow_read_past_its_timeout_is_a_read_error(tmp_path, monkeypatch):
     monkeypatch.setattr(storage, "_read_chunks", lambda f, *args: read_chunks(Slow(f), *args))
     with pytest.raises(storage.ReadError, match="took over 0.5 s"):
         storage.read_bytes(str(path), timeout_s=0.5, attempts=1)
+
+
+@pytest.fixture
+def group_umask():
+    """The umask of a team on a shared filesystem (group may write, others may read)."""
+    old = os.umask(0o002)
+    try:
+        yield 0o002
+    finally:
+        os.umask(old)
+
+
+def test_files_written_whole_get_the_mode_a_plain_open_gives(tmp_path, group_umask):
+    from pro2sam.storage import staged_file
+
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    expected = stat_mode(plain)
+    assert expected == 0o664
+    write_bytes_atomic(str(tmp_path / "whole"), b"x")
+    write_bytes_atomic(str(tmp_path / "exclusive"), b"x", exclusive=True)
+    with staged_file(str(tmp_path / "staged")) as staged, open(staged, "w") as f:
+        f.write("x")
+    assert {name: stat_mode(tmp_path / name) for name in ("whole", "exclusive", "staged")} == dict.fromkeys(
+        ("whole", "exclusive", "staged"), expected
+    )
+
+
+def test_a_rewritten_file_keeps_its_mode(tmp_path, group_umask):
+    target = tmp_path / "report.html"
+    write_bytes_atomic(str(target), b"old")
+    target.chmod(0o640)
+    write_bytes_atomic(str(target), b"new")
+    assert stat_mode(target) == 0o640 and target.read_bytes() == b"new"
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("spelling", ["local://{path}", "LOCAL://{path}", "file://{path}", "{path}/"])
+def test_fsspecs_local_scheme_is_the_same_place_as_the_plain_path(folder, spelling):
+    from pro2sam.storage import filesystem
+
+    uri = spelling.format(path=folder)
+    assert canonical_uri(uri) == canonical_uri(str(folder)) == str(folder)
+    assert image_id_for(uri) == image_id_for(str(folder))
+    assert filesystem(uri)[1] == str(folder)
+    assert join_uri(uri, "a.png") == str(folder / "a.png")
+    assert list_inputs(uri).column("uri").to_pylist() == list_inputs(str(folder)).column("uri").to_pylist()
+
+
+def test_writing_under_a_file_fails_in_one_line_naming_it(tmp_path):
+    from pro2sam.storage import StorageError
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine")
+    for target in (blocker / "out.json", blocker / "sub" / "out.json"):
+        with pytest.raises(StorageError, match=f"cannot write {target}: {blocker} is a file, not a folder"):
+            write_bytes_atomic(str(target), b"x")
+    with pytest.raises(StorageError, match=f"cannot write {tmp_path}: it is a folder, not a file"):
+        write_bytes_atomic(str(tmp_path), b"x")
+    assert blocker.read_text() == "mine"

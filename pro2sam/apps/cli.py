@@ -14,6 +14,7 @@ import json
 import logging
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import MISSING, fields
@@ -131,7 +132,7 @@ def _add_matching_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--match-size", type=int, default=d["match_size"],
                    help="side of the grid masks are compared on (default: the coarse map's own)")  # fmt: skip
     g.add_argument("--min-component-area", type=float, default=d["min_component_area"],
-                   help="smallest component a candidate needs, px at 224 (default %(default)s)")  # fmt: skip
+                   help="smallest component a candidate needs and the chosen mask keeps, px at 224 (default %(default)s)")  # fmt: skip
     g.add_argument("--keep-full-frame", action="store_true", help="do not reject candidates spanning the whole image")
     g.add_argument("--fallback-threshold", type=float, default=d["fallback_threshold"],
                    help="threshold of the coarse-map box used when no candidate survives (default %(default)s)")  # fmt: skip
@@ -218,14 +219,22 @@ def _labeling(args: argparse.Namespace):
 # ---------------------------------------------------------------- running a subcommand
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# The stop signals received during the running subcommand, first first.
+_received: list[int] = []
+
+
 def _stop_on_signals() -> None:
-    """Make SIGINT and SIGTERM raise :class:`~pro2sam.pipeline.label_job.JobInterrupted`."""
+    """Make SIGINT and SIGTERM raise :class:`~pro2sam.pipeline.label_job.JobInterrupted`, and
+    remember them: a library may turn the interrupt into an error of its own (Ray's start-up
+    fails when the same Ctrl-C reached the processes it was starting)."""
     from ..pipeline.label_job import JobInterrupted
 
     def handler(signum, frame):
+        _received.append(signum)
         raise JobInterrupted(signum)
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in _STOP_SIGNALS:
         signal.signal(signum, handler)
 
 
@@ -241,24 +250,45 @@ def one_line(e: BaseException) -> str:
 
 def _run(prog: str, work: Callable[[], int], *, resume_hint: str | None = None) -> int:
     """Run a subcommand: its exit status, or one line and 2 (bad input), 3 (a labeling run that
-    could not write all its rows), 130/143 (stopped), 1."""
+    could not write all its rows), 130/143 (stopped: SIGINT or Ctrl-C wherever it lands, also
+    before the handlers are in place or inside Ray's start-up; SIGTERM), 1.
+
+    The signal handlers the subcommand installs are put back when it returns."""
     from ..checkpoints import CheckpointError
     from ..pipeline.label_job import JobInterrupted
     from ..storage import StorageError
 
+    def stopped(signum: int) -> int:
+        name = signal.Signals(signum).name
+        print(f"{prog}: stopped by {name}" + (f": {resume_hint}" if resume_hint else ""), file=sys.stderr, flush=True)
+        return 128 + signum
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    in_main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in _STOP_SIGNALS} if in_main else {}
+    _received.clear()
     try:
         return work()
     except JobInterrupted as e:
-        print(f"{prog}: stopped by {e}" + (f": {resume_hint}" if resume_hint else ""), file=sys.stderr, flush=True)
-        return 128 + e.signum
-    except (StorageError, ValueError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+        return stopped(e.signum)
+    except KeyboardInterrupt:  # Python's own SIGINT handler, before ours is in place or after a library reset it
+        return stopped(signal.SIGINT)
+    except (StorageError, ValueError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError) as e:  # fmt: skip
+        if _received:
+            return stopped(_received[0])
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return getattr(e, "exit_status", 2)  # 3: the run went on but did not write all its rows
     except Exception as e:  # a failure inside Ray: its last line, not 200 lines of remote traceback
+        if _received:  # the signal made it (Ray's processes were stopped by the same Ctrl-C)
+            return stopped(_received[0])
         log.debug("%s failed", prog, exc_info=True)
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        for signum, handler in handlers.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
 
 # ---------------------------------------------------------------- subcommands

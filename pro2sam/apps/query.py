@@ -49,21 +49,41 @@ def _query(input: str, sql_of_table, read=_all_rows):
     import duckdb
 
     files = parquet_files(input)
-    con = duckdb.connect()
+    con = duckdb.connect(config={"autoinstall_known_extensions": False, "autoload_known_extensions": False})
     try:
         con.execute("SET enable_progress_bar = false")
         if is_remote(input):
             fs, _ = filesystem(input)
             con.register_filesystem(fs)
+        _lock_down(con, files)
         one_per_image = "QUALIFY row_number() OVER (PARTITION BY image_id ORDER BY status = 'ok' DESC) = 1"
         table = f"SELECT *, topk_scores[1] AS class_score FROM read_parquet($files, union_by_name = true) {one_per_image}"
         try:
             result = con.execute(sql_of_table(table), {"files": files})
+        except duckdb.PermissionException as e:  # read_csv('/etc/passwd'), an https:// URL, SET ...
+            raise ValueError(
+                f"the selection's SQL may use the labels table's columns only, not other files, URLs or settings: "
+                f"{_first_line(e)}"
+            ) from None
         except duckdb.Error as e:  # a typo in --where: say what DuckDB said, in one line
-            raise ValueError(f"the selection's SQL failed: {str(e).strip().splitlines()[0]}") from None
+            raise ValueError(f"the selection's SQL failed: {_first_line(e)}") from None
         return read(result)
     finally:
         con.close()
+
+
+def _lock_down(con, files: list[str]) -> None:
+    """Let the connection read the label files ``files`` and nothing else: no other file or URL
+    (DuckDB's external access off, the label files its only allowed paths), no extension loaded
+    or installed on demand (httpfs), and no setting changed after this (the SQL of ``--where``
+    runs inside the query)."""
+    con.execute("SET allowed_paths = $files", {"files": files})
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def select_rows(
