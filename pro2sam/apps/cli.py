@@ -31,11 +31,12 @@ def _defaults(cls) -> dict:
 # ---------------------------------------------------------------- shared option groups
 
 
-def _add_settings_option(p: argparse.ArgumentParser) -> None:
+def _add_settings_option(p: argparse.ArgumentParser, *, confidence: bool = True) -> None:
     p.add_argument("--settings", metavar="FILE",
                    help="settings file of pro2sam tune (local or URI): its SAM filters, pruning, grid, matching "
-                   "rule, fallback threshold and confidence calibration become the defaults; options given here "
-                   "still override them")  # fmt: skip
+                   "rule and fallback threshold become the defaults (options given here still override them)"
+                   + ("; its confidence calibration fills the rows' confidence unless --confidence-calibration "
+                      "is given; the rows record its SHA-256 (settings_sha256)" if confidence else ""))  # fmt: skip
 
 
 # A settings file's values -> the options they are defaults of (dest, and how the value maps).
@@ -164,8 +165,9 @@ def _matching(args: argparse.Namespace):
     )
 
 
-def _add_labeling_options(p: argparse.ArgumentParser) -> None:
-    """Models, candidates, matching, the actors' resources and the read limits."""
+def _add_labeling_options(p: argparse.ArgumentParser, *, confidence: bool = True) -> None:
+    """Models, candidates, matching, the actors' resources and the read limits; with
+    ``confidence``, the calibration file that fills the rows' confidence."""
     from ..pipeline.label_job import ReadLimits, Resources
 
     _add_model_options(p)
@@ -186,8 +188,9 @@ def _add_labeling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-bytes", type=int, default=lim["max_bytes"], help="bytes per file (default %(default)s)")
     g.add_argument("--read-timeout", type=float, default=lim["read_timeout_s"], dest="read_timeout_s",
                    help="seconds one file's read may take (default %(default)s)")  # fmt: skip
-    p.add_argument("--confidence-calibration", metavar="FILE",
-                   help="confidence.json of pro2sam evaluate (local or URI): every row gets a confidence")  # fmt: skip
+    if confidence:
+        p.add_argument("--confidence-calibration", metavar="FILE",
+                       help="confidence.json of pro2sam evaluate (local or URI): every row gets a confidence")  # fmt: skip
 
 
 def _labeling(args: argparse.Namespace):
@@ -211,7 +214,7 @@ def _labeling(args: argparse.Namespace):
             wait_for_resources_s=args.wait_for_resources_s,
         ),
         limits=ReadLimits(max_pixels=args.max_pixels, max_bytes=args.max_bytes, read_timeout_s=args.read_timeout_s),
-        confidence_calibration=args.confidence_calibration,
+        confidence_calibration=getattr(args, "confidence_calibration", None),
         tuned=getattr(args, "tuned", None),
     )
 
@@ -574,7 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     _add_candidate_options(p)
     _add_matching_options(p)
-    _add_settings_option(p)
+    _add_settings_option(p, confidence=False)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--output", "-o", default="-", help="JSON-lines output file (default stdout)")
@@ -774,7 +777,7 @@ def _add_tune_parser(sub) -> None:
                    help=f"the settings tried besides the base ones given by the options below ({sizes}; "
                    "default %(default)s)")  # fmt: skip
     p.add_argument("--no-confidence", action="store_true", help="do not fit a confidence calibration into the file")
-    _add_labeling_options(p)
+    _add_labeling_options(p, confidence=False)
     p.set_defaults(func=cmd_tune)
 
 
