@@ -206,18 +206,20 @@ def with_fallback_threshold(rows: Sequence[Mapping], threshold: float) -> list[d
 
 
 def code_version() -> dict:
-    """The package version and, where the package sits in a git work tree, its commit."""
+    """The package version and, where the package sits in a git work tree, its commit and whether
+    tracked files differ from it (``git_dirty``)."""
     from . import __version__
 
-    sha = None
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
-        )
-        sha = done.stdout.strip() or None if done.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"pro2sam": __version__, "git_sha": sha}
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    sha = git("rev-parse", "HEAD") or None
+    dirty = git("status", "--porcelain", "--untracked-files=no") if sha else None
+    return {"pro2sam": __version__, "git_sha": sha, "git_dirty": None if dirty is None else bool(dirty)}
 
 
 def settings_document(
@@ -230,6 +232,7 @@ def settings_document(
     grid: str,
     models: Mapping[str, str],
     confidence: Mapping | None = None,
+    code: Mapping | None = None,
 ) -> dict:
     """The settings file's content (JSON-ready).
 
@@ -240,6 +243,7 @@ def settings_document(
         grid: the grid's name; models: ``gtformer`` / ``sam`` ids of the models used.
         confidence: the confidence calibration fitted on the chosen setting's held-out rows
             (:meth:`pro2sam.confidence.ConfidenceModel.to_dict`), or None.
+        code: :func:`code_version` taken when the run started (default: now).
     """
     return {
         "format": SETTINGS_FORMAT,
@@ -254,7 +258,7 @@ def settings_document(
         "heldout": dict(heldout),
         "grid": grid,
         "models": dict(models),
-        "code_version": code_version(),
+        "code_version": dict(code) if code is not None else code_version(),
         "table": [dict(r) for r in table],
     }
 

@@ -88,7 +88,7 @@ def check_settings_file(path: Path, images: int, boxes: int, spec: str) -> dict:
     assert document["format"] == SETTINGS_FORMAT
     assert document["heldout"]["spec"] == spec
     assert (document["heldout"]["images"], document["heldout"]["boxes"]) == (images, boxes)
-    assert document["code_version"]["pro2sam"] and "git_sha" in document["code_version"]
+    assert document["code_version"]["pro2sam"] and {"git_sha", "git_dirty"} <= set(document["code_version"])
     table = document["table"]
     candidates, matchings, fallbacks = GRIDS["small"].size(CandidateConfig.for_variant("synthetic", points_per_side=4), MatchConfig())
     assert len(table) == candidates * matchings + fallbacks - 1

@@ -29,7 +29,7 @@ from ..datasets import WSOLDataset, open_dataset
 from ..evaluation import evaluate_predictions, index_rows
 from ..labels import LABEL_SCHEMA, error_row, ok_row
 from ..storage import write_bytes_atomic
-from ..tuning import GRIDS, OBJECTIVE, choose, settings_document, table_row, with_fallback_threshold
+from ..tuning import GRIDS, OBJECTIVE, choose, code_version, settings_document, table_row, with_fallback_threshold
 from .label_job import LabelingSettings, _ray_initialized, _resources, load_models
 from .ray_env import ensure_ray
 from .stages import decode_images, read_images, text_or_none
@@ -220,6 +220,7 @@ def run_tune_job(cfg: TuneJobConfig) -> TuneSummary:
     """
     start = time.perf_counter()
     cfg.validate()
+    code = code_version()  # the code that runs, before anything can change it
     dataset = open_dataset(cfg.heldout, images_root=cfg.images_root)
     if not dataset.has_boxes:
         raise ValueError(f"--heldout {cfg.heldout}: no image has a box; tuning needs boxes (x0,y0,x1,y1 columns, COCO bbox)")
@@ -269,6 +270,7 @@ def run_tune_job(cfg: TuneJobConfig) -> TuneSummary:
     document = settings_document(
         candidates=chosen_candidates, matching=chosen_matching, table=table, chosen=chosen,
         heldout=_heldout_description(cfg, dataset), grid=cfg.grid, models=model.model_ids, confidence=confidence,
+        code=code,
     )  # fmt: skip
     write_bytes_atomic(cfg.output, (json.dumps(document, indent=2) + "\n").encode())
     return TuneSummary(cfg.output, len(dataset.samples), len(table), table[chosen], time.perf_counter() - start)
