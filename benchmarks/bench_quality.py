@@ -6,11 +6,13 @@ Trains nothing. It evaluates the models shipped with the package (:mod:`pro2sam.
 GTFormer and SAM trained on synthetic scenes) on the synthetic data set of seed
 ``pro2sam.shipped.SYNTHETIC_SEED``, whose ``val`` and ``test`` splits neither model saw:
 
-- **every choice on ``val``** (the held-out split), never on ``test``: SAM's filter thresholds
-  (:data:`SAM_THRESHOLD_PAIRS`) x the matching rule (plain IoU, or part-to-object completion at
-  each of :data:`AGREEMENTS` x :data:`CONTAINMENTS`), by GT-known Loc at ``--choice-grid``; SAM runs once per image and
-  threshold pair, its candidates are matched under every rule. Then grid pruning is measured
-  with the chosen settings: within 1 point of GT-known Loc it should be the default;
+- **every choice on ``val``** (the held-out split), never on ``test``, with ``pro2sam tune``'s
+  grid ``"full"`` and chooser (:mod:`pro2sam.tuning`): grid pruning x SAM's filter thresholds x
+  the matching rule (plain IoU, or part-to-object completion at each agreement x containment),
+  by GT-known Loc at ``--choice-grid`` (ties to the package defaults, then plain IoU); SAM runs
+  once per image and candidate setting, its candidates are matched under every rule. What
+  pruning costs at the chosen filters and rule is reported: within 1 point of GT-known Loc it
+  should be the default;
 - **GTFormer-only**: the coarse map M_b, its box and mask cut at the threshold chosen on ``val``
   (:func:`pro2sam.evaluation.evaluate_with_heldout`);
 - **Pro2SAM** with the chosen settings, for each grid size (``--grids``, default 16) with grid
@@ -81,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     from pro2sam.sam import SAM_VARIANTS
     from pro2sam.storage import read_bytes
     from pro2sam.synthetic import write_wsol_dataset
+    from pro2sam.tuning import GRIDS, choose, table_row
 
     plain_iou = MatchConfig(part_to_object=False)  # the authors' rule, what part-to-object is compared with
 
@@ -135,34 +138,38 @@ def main(argv: list[str] | None = None) -> int:
                     rows[name].append(error_row(s.image_id, s.uri, str(s.label), f"{type(e).__name__}: {e}", kind="model", run_id="bench"))
         return rows, (time.perf_counter() - t0) / max(1, len(samples))
 
-    # ---- every choice on val: SAM's filter thresholds x matching rule, then grid pruning.
-    matchings = {"plain IoU": plain_iou} | {
-        f"part-to-object (agreement {a:g}, containment {c:g})": MatchConfig(part_to_object=True, agreement=a, containment=c)
-        for a in AGREEMENTS
-        for c in CONTAINMENTS
-    }
-    choices = []
-    for pred_iou, stability in SAM_THRESHOLD_PAIRS:
-        config = CandidateConfig(points_per_side=args.choice_grid, mode=args.mode, pred_iou_thresh=pred_iou,
-                                 stability_score_thresh=stability)  # fmt: skip
+    # ---- every choice on val: pruning x SAM's filter thresholds x matching rule, with pro2sam tune's
+    # grid ("full") and chooser (pro2sam.tuning); GT-known Loc by the evaluation's own scoring.
+    grid = GRIDS["full"]
+    base_candidates = CandidateConfig.for_variant(shipped.SAM_VARIANT, points_per_side=args.choice_grid, mode=args.mode)
+    base_matching = MatchConfig()
+    matchings = {_rule(m): m for m in grid.match_configs(base_matching)}
+    choices, keys = [], []
+    for config in grid.candidate_configs(base_candidates):
         rows, seconds = label(heldout.samples, config, matchings)
         for name, r in rows.items():
-            pro = evaluate_predictions(heldout, r)["Pro2SAM"]
-            choices.append({"pred_iou_thresh": pred_iou, "stability_score_thresh": stability, "matching": name,
-                            "gt_known_loc": pro["gt_known_loc"], "mIoU": pro.get("mIoU"), "fallback_rate": pro["fallback_rate"]})  # fmt: skip
-            print(f"val: pred_iou {pred_iou:.2f} stability {stability:.2f} {name}: GT-known {_fmt(pro['gt_known_loc'])} "
+            pro = evaluate_predictions(heldout, r, methods=("Pro2SAM",))["Pro2SAM"]
+            choices.append(table_row(config, matchings[name], pro, base_candidates=base_candidates,
+                                     base_matching=base_matching, stage="sam+matching"))  # fmt: skip
+            keys.append((config, name))
+            print(f"val: pred_iou {config.pred_iou_thresh:.2f} stability {config.stability_score_thresh:.2f} pruning "
+                  f"{'on ' if config.prune_with_coarse_map else 'off'} {name}: GT-known {_fmt(pro['gt_known_loc'])} "
                   f"mIoU {_fmt(pro.get('mIoU'))} fallback {_fmt(pro['fallback_rate'])}% ({seconds:.2f} s/image)", flush=True)  # fmt: skip
-    best = max(choices, key=lambda c: (c["gt_known_loc"], c["mIoU"] or 0))
-    chosen_candidates = dict(pred_iou_thresh=best["pred_iou_thresh"], stability_score_thresh=best["stability_score_thresh"])
-    chosen_matching = matchings[best["matching"]]
-    pruned, _ = label(heldout.samples, CandidateConfig(points_per_side=args.choice_grid, mode=args.mode,
-                      prune_with_coarse_map=True, **chosen_candidates), {"chosen": chosen_matching})  # fmt: skip
-    pruned_gt_known = evaluate_predictions(heldout, pruned["chosen"])["Pro2SAM"]["gt_known_loc"]
-    prune_costs = best["gt_known_loc"] - pruned_gt_known
+    chosen_index = choose(choices)
+    best = choices[chosen_index]
+    chosen_config, chosen_name = keys[chosen_index]
+    chosen_candidates = dict(pred_iou_thresh=chosen_config.pred_iou_thresh, stability_score_thresh=chosen_config.stability_score_thresh)
+    chosen_matching = matchings[chosen_name]
+    # What pruning costs: the same filters and rule with pruning on against off.
+    by_prune = {c.prune_with_coarse_map: choices[i]["gt_known_loc"] for i, (c, n) in enumerate(keys)
+                if n == chosen_name and (c.pred_iou_thresh, c.stability_score_thresh) == tuple(chosen_candidates.values())}  # fmt: skip
+    pruned_gt_known = by_prune.get(True)
+    prune_costs = by_prune.get(False, pruned_gt_known) - pruned_gt_known
     choice = {
         "on": f"val of seed {shipped.SYNTHETIC_SEED} ({len(heldout.samples)} images, grid {args.choice_grid})",
         "sam_filter_thresholds": chosen_candidates,
-        "matching": best["matching"],
+        "matching": chosen_name,
+        "pruning_chosen": chosen_config.prune_with_coarse_map,
         "matching_config": {k: getattr(chosen_matching, k) for k in ("part_to_object", "containment", "min_growth", "agreement")},
         "gt_known_loc": best["gt_known_loc"],
         "pruning_gt_known_loc": pruned_gt_known,
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Every choice made on val of seed {shipped.SYNTHETIC_SEED} ({len(heldout.samples)} images): GTFormer-only's "
         f"cam threshold {thresholds['cam_threshold']:.2f}; SAM's filters (predicted IoU "
         f"{chosen_candidates['pred_iou_thresh']}, stability {chosen_candidates['stability_score_thresh']}); matching: "
-        f"{best['matching']}; grid pruning costs {prune_costs:+.1f} points of GT-known Loc on val "
+        f"{chosen_name}; grid pruning costs {prune_costs:+.1f} points of GT-known Loc on val "
         f"({'within 1 point: default on' if prune_costs <= 1.0 else 'more than 1 point: default off'}). MaxBoxAccV2: the "
         "coarse map's box accuracy at the best tau of the split scored, mean over IoU 30/50/70 (wsolevaluation's; "
         "Pro2SAM gives one box per image: -). fallback: share of images whose box came from the coarse map. part held: "
@@ -292,11 +299,9 @@ def _gained_lost(plain: list[dict], chosen: list[dict]) -> dict[str, int]:
     return {"gained": len(b - a), "lost": len(a - b)}
 
 
-# Agreement thresholds of part-to-object completion tried on val.
-AGREEMENTS = (0.02, 0.05, 0.1, 0.2, 0.35)
-# Share of the best match that must lie inside the object (SAM's whole-object mask often leaves a
-# rim of the part outside).
-CONTAINMENTS = (0.6, 0.75, 0.9)
+def _rule(m) -> str:
+    """A matching rule's name in the tables."""
+    return f"part-to-object (agreement {m.agreement:g}, containment {m.containment:g})" if m.part_to_object else "plain IoU"
 
 
 GTFORMER_KEYS = tuple(k for k in SUMMARY_METRICS if k != "fallback_rate")
@@ -340,11 +345,6 @@ def quality_table(title: str, report: dict, runs: list[dict], gtformer_seconds: 
         f">= 80, Top-1 Loc >= 70 -> {'met' if met else 'NOT met'}.",
     ]
     return lines
-
-
-# SAM's (predicted IoU, stability) filter thresholds tried on val: SamAutomaticMaskGenerator's
-# defaults first, then looser ones (a small SAM's scores run lower), then the filters off.
-SAM_THRESHOLD_PAIRS = [(0.88, 0.95), (0.8, 0.9), (0.7, 0.8), (0.6, 0.8), (0.5, 0.7), (0.0, 0.0)]
 
 
 if __name__ == "__main__":

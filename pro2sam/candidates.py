@@ -444,6 +444,24 @@ class GridCandidateGenerator:
         self._synchronize()
         self._embed_seconds = time.perf_counter() - start
 
+    def adopt_image(self, other: GridCandidateGenerator) -> None:
+        """Take over the image ``other`` encoded last, so that :meth:`generate` (with ``image``
+        None) decodes it under this generator's settings without running SAM's image encoder
+        again: one encoding, several filter or pruning settings (``pro2sam tune``).
+
+        Raises:
+            ValueError: ``other`` holds another SAM, no image, or encodes differently
+                (``reference_resize_224``, ``dtype``).
+        """
+        encoding = ("reference_resize_224", "dtype")
+        if other.sam is not self.sam or other._frames is None or other.decoder.image_embedding is None:
+            raise ValueError("adopt_image needs a generator of the same SAM that holds an image")
+        if any(getattr(other.config, k) != getattr(self.config, k) for k in encoding):
+            raise ValueError(f"adopt_image needs generators that encode alike ({', '.join(encoding)})")
+        self._frames = other._frames
+        self._set_embedding(other.decoder.image_embedding)
+        self._embed_seconds = 0.0
+
     def _set_embedding(self, embedding: torch.Tensor) -> None:
         with self._autocast():
             self.decoder.set_image_embedding(embedding)

@@ -221,9 +221,15 @@ class _Split:
     """
 
     def __init__(
-        self, taus: np.ndarray, cam_threshold: float | None, interval: float, classes: Mapping[str, Sequence[int]] | None
+        self,
+        taus: np.ndarray,
+        cam_threshold: float | None,
+        interval: float,
+        classes: Mapping[str, Sequence[int]] | None,
+        methods: Sequence[str] = METHODS,
     ) -> None:
         self.taus = taus
+        self.gtformer = "GTFormer" in methods
         self.cam_threshold = cam_threshold
         self.classes = classes
         t = len(taus)
@@ -276,9 +282,10 @@ class _Split:
         if self.classes is not None:
             record["gtformer_topk_classes"] = [int(c) for c in own_topk]
         self.num_fallback += row.get("box_source") == FALLBACK_SOURCE
-        score = gtformer_score_map(row)
-        quantized = quantize_score_map(score)
-        peak = float(quantized.max())
+        if self.gtformer:
+            score = gtformer_score_map(row)
+            quantized = quantize_score_map(score)
+            peak = float(quantized.max())
         p2s_mask = _pro2sam_mask(row)
         p2s_score = p2s_mask.astype(np.float64)
         p2s_box = inclusive_to_eval_boxes(np.asarray(row["box_xyxy"]))  # in original pixels, then scaled
@@ -288,6 +295,7 @@ class _Split:
 
         if has_boxes:
             record["gt_boxes_224"] = gt_boxes.tolist()
+        if has_boxes and self.gtformer:
             extra = [self.cam_threshold] if self.cam_threshold is not None else []
             boxes = boxes_from_score_map(score, list(self.taus) + extra, multi_contour=False)
             iou = box_iou_inclusive(np.concatenate(boxes), gt_boxes).max(axis=1)
@@ -302,14 +310,18 @@ class _Split:
                 record["gtformer_box_224"] = boxes[-1][0].tolist()
                 record["gtformer_iou"] = float(iou[-1])
             self.gtf_v2.accumulate(score, gt_boxes)
+        if has_boxes:
             record["pro2sam_iou"] = self.p2s_loc.accumulate(topk, sample.label, p2s_box, gt_boxes)
             if self.own_loc:
                 self.own_loc["Pro2SAM"].accumulate(own_topk, sample.label, p2s_box, gt_boxes)
             self.p2s_box_correct += [record["pro2sam_iou"] >= d / 100 for d in IOU_THRESHOLDS]
         if gt_mask is not None:
             mask, ignore = gt_mask
-            self.gtf_pxap.accumulate(score, mask, ignore)
             self.p2s_pxap.accumulate(p2s_score, mask, ignore)
+            record["pro2sam_mask_iou"] = mask_iou(p2s_mask, mask, ignore)
+            self.p2s_iou.append(record["pro2sam_mask_iou"])
+        if gt_mask is not None and self.gtformer:
+            self.gtf_pxap.accumulate(score, mask, ignore)
             by_cut = _iou_by_cut(quantized, mask, ignore)
             per_tau = by_cut[[_cut(t, peak) for t in self.taus]]
             defined = ~np.isnan(per_tau)
@@ -317,8 +329,6 @@ class _Split:
             self.gtf_iou_n += defined
             if self.cam_threshold is not None:
                 self.gtf_iou_at.append(float(by_cut[_cut(self.cam_threshold, peak)]))
-            record["pro2sam_mask_iou"] = mask_iou(p2s_mask, mask, ignore)
-            self.p2s_iou.append(record["pro2sam_mask_iou"])
 
     def _add_wrong(self, has_boxes: bool, gt_mask) -> None:
         """An image without a prediction: in every denominator, in no numerator."""
@@ -347,7 +357,7 @@ class _Split:
         p2s: dict = dict(cls, fallback_rate=pct(self.num_fallback, n))
         curves: dict = {"taus": [float(t) for t in self.taus]}
         own: dict = {m: {} for m in self.own_loc}
-        if self.num_box:
+        if self.num_box and self.gtformer:
             for key in ("top1_loc", "top5_loc", "gt_known_loc"):
                 curves[f"GTFormer_{key}"] = (100.0 * self.v1[key] / self.num_box).tolist()
             if self.cam_threshold is not None:
@@ -356,6 +366,7 @@ class _Split:
             curves["GTFormer_box_acc"] = {
                 str(d): row.tolist() for d, row in zip(self.gtf_v2.iou_thresholds, self.gtf_v2.accuracy_per_threshold())
             }
+        if self.num_box:
             p2s.update({k: v for k, v in self.p2s_loc.compute().items() if k.endswith("_loc")})
             for d, correct in zip(IOU_THRESHOLDS, self.p2s_box_correct):
                 p2s[f"BoxAcc@{d}_single_box"] = 100.0 * float(correct) / self.num_box
@@ -364,15 +375,16 @@ class _Split:
                 if acc.num_images and (m == "Pro2SAM" or self.cam_threshold is not None):
                     own[m] = {k: v for k, v in acc.compute().items() if k in _CLASS_KEYS}
         if self.num_mask:
-            gtf["PxAP"] = self.gtf_pxap.compute()["PxAP"]
             p2s["PxAP"] = self.p2s_pxap.compute()["PxAP"]
+            p2s["mIoU"] = _nanmean_pct(self.p2s_iou)
+        if self.num_mask and self.gtformer:
+            gtf["PxAP"] = self.gtf_pxap.compute()["PxAP"]
             with np.errstate(invalid="ignore", divide="ignore"):
                 curves["GTFormer_mIoU"] = np.where(
                     self.gtf_iou_n > 0, 100.0 * self.gtf_iou_sum / np.maximum(self.gtf_iou_n, 1), np.nan
                 ).tolist()
             if self.cam_threshold is not None:
                 gtf["mIoU"] = _nanmean_pct(self.gtf_iou_at)
-            p2s["mIoU"] = _nanmean_pct(self.p2s_iou)
         return {
             "dataset": dataset.name,
             "split": dataset.split,
@@ -430,6 +442,7 @@ def evaluate_predictions(
     boxacc_taus: Mapping[int, float] | None = None,
     cam_curve_interval: float = DEFAULT_CAM_CURVE_INTERVAL,
     classes: Mapping[str, Sequence[int]] | None = None,
+    methods: Sequence[str] = METHODS,
 ) -> dict:
     """Score the labels-table rows of one split against its ground truth.
 
@@ -446,6 +459,8 @@ def evaluate_predictions(
         classes: uri -> top-k class indices (best first) of a separate classifier, used instead
             of the rows' ``topk_classes`` for every class-dependent number; an image it lacks
             has no class right. None: the rows' (GTFormer's).
+        methods: the methods scored; ``("Pro2SAM",)`` leaves GTFormer's numbers out (``GTFormer``
+            and its curves empty), which ``pro2sam tune`` does for each of its many settings.
 
     Returns:
         A JSON-ready dict: counts; ``GTFormer`` and ``Pro2SAM`` metrics (percent): ``top1_cls``,
@@ -461,7 +476,7 @@ def evaluate_predictions(
     """
     taus = cam_thresholds(cam_curve_interval)
     by_uri = index_rows(rows)
-    split = _Split(taus, cam_threshold, cam_curve_interval, classes)
+    split = _Split(taus, cam_threshold, cam_curve_interval, classes, methods)
     for sample in dataset.samples:
         split.add(sample, by_uri.get(sample.uri))
     return split.result(dataset, boxacc_taus)

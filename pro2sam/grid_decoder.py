@@ -127,6 +127,11 @@ class GridDecoder:
         self._shared = self._precompute(self._embedding) if self.fast else None
         self._up_src_region = {}
 
+    @property
+    def image_embedding(self) -> torch.Tensor | None:
+        """The embedding of :meth:`set_image_embedding`, (1, C, h, w), or None before one."""
+        return getattr(self, "_embedding", None)
+
     @torch.inference_mode()
     def decode(
         self,

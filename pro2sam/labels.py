@@ -89,6 +89,11 @@ LABEL_SCHEMA = pa.schema(
         _field("error_kind", pa.string(), "'read', 'input', 'image' or 'model' (null when ok); 'read' is retried by a rerun"),
         _field("gtformer_sha256", pa.string(), "SHA-256 of the GTFormer weights file"),
         _field("sam_model", pa.string(), "SAM variant and SHA-256 of its checkpoint"),
+        _field(
+            "settings_sha256",
+            pa.string(),
+            "SHA-256 of the settings file of pro2sam tune the row was labeled with (--settings; null without one)",
+        ),
         _field("run_id", pa.string(), "id of the job run that wrote the row", nullable=False),
     ]
 )
@@ -130,8 +135,10 @@ def ok_row(
     model_ids: dict[str, str],
     run_id: str,
     source_fingerprint: str | None = None,
+    settings_sha256: str | None = None,
 ) -> dict:
-    """A row for an image labeled by :meth:`pro2sam.Pro2SAM.localize`."""
+    """A row for an image labeled by :meth:`pro2sam.Pro2SAM.localize`; ``settings_sha256`` names
+    the settings file of ``pro2sam tune`` it was labeled with, if any."""
     return {
         "image_id": image_id,
         "uri": uri,
@@ -144,6 +151,7 @@ def ok_row(
         "error_kind": None,
         "gtformer_sha256": model_ids.get("gtformer"),
         "sam_model": model_ids.get("sam"),
+        "settings_sha256": settings_sha256,
         "run_id": run_id,
     }
 
@@ -168,6 +176,7 @@ def error_row(
     width: int | None = None,
     height: int | None = None,
     source_fingerprint: str | None = None,
+    settings_sha256: str | None = None,
 ) -> dict:
     """A row for an image that could not be labeled; ``error`` says why, ``kind`` is one of
     :data:`ERROR_KINDS`."""
@@ -187,6 +196,7 @@ def error_row(
         run_id=run_id,
         gtformer_sha256=(model_ids or {}).get("gtformer"),
         sam_model=(model_ids or {}).get("sam"),
+        settings_sha256=settings_sha256,
     )
     return row
 

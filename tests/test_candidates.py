@@ -243,6 +243,26 @@ def test_a_small_memory_budget_decodes_in_smaller_passes_with_the_same_candidate
     assert all(mask_iou(x, y) >= 0.99 for x, y in zip(a.masks, b.masks))
 
 
+def test_a_generator_that_adopts_an_encoded_image_gives_its_own_candidates_without_encoding(tiny_sam):
+    """pro2sam tune: one encoding, several filter / pruning settings decoded from it."""
+    image = synthetic_image(180, 240, 0)
+    first = GridCandidateGenerator(tiny_sam, CandidateConfig(mode="fast", **FILTERS))
+    other = GridCandidateGenerator(tiny_sam, CandidateConfig(mode="fast", pred_iou_thresh=0.0, stability_score_thresh=0.0))
+    first.set_image(image)
+    calls = []
+    handle = tiny_sam.image_encoder.register_forward_hook(lambda m, args, out: calls.append(1))
+    try:
+        other.adopt_image(first)
+        adopted = other.generate(None)
+    finally:
+        handle.remove()
+    alone = other.generate(image)
+    assert calls == [] and len(adopted) == len(alone) > 0
+    np.testing.assert_array_equal(adopted.masks, alone.masks)
+    with pytest.raises(ValueError, match="encode alike"):
+        GridCandidateGenerator(tiny_sam, CandidateConfig(reference_resize_224=True)).adopt_image(first)
+
+
 def test_a_batch_of_images_gives_each_images_own_candidates(tiny_sam):
     """One image-encoder call for the batch; every image as if generated alone."""
     images = [synthetic_image(h, w, seed) for h, w, seed in IMAGES]

@@ -104,6 +104,15 @@ def test_numbers_on_a_constructed_case():
     assert (r["num_images"], r["num_error_rows"], r["num_missing_rows"]) == (4, 1, 0)
 
 
+def test_scoring_pro2sam_alone_gives_the_same_pro2sam_numbers():
+    # pro2sam tune scores many settings with methods=("Pro2SAM",): the same code, GTFormer's part left out
+    _, _, test, rows = _box_case()
+    both = evaluate_predictions(test, rows, cam_threshold=0.5)
+    alone = evaluate_predictions(test, rows, cam_threshold=0.5, methods=("Pro2SAM",))
+    assert alone["Pro2SAM"] == both["Pro2SAM"] and alone["GTFormer"] == {k: both["GTFormer"][k] for k in ("top1_cls", "top5_cls")}
+    assert [r.get("pro2sam_iou") for r in alone["images"]] == [r.get("pro2sam_iou") for r in both["images"]]
+
+
 def test_image_without_a_row_counts_as_wrong():
     _, _, test, rows = _box_case()
     r = evaluate_predictions(test, rows[:1], cam_threshold=0.5)  # only img0 has a row

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import MISSING, fields
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "parse_args"]
 
 log = logging.getLogger("pro2sam")
 
@@ -29,6 +29,45 @@ def _defaults(cls) -> dict:
 
 
 # ---------------------------------------------------------------- shared option groups
+
+
+def _add_settings_option(p: argparse.ArgumentParser, *, confidence: bool = True) -> None:
+    p.add_argument("--settings", metavar="FILE",
+                   help="settings file of pro2sam tune (local or URI): its SAM filters, pruning, grid, matching "
+                   "rule and fallback threshold become the defaults (options given here still override them)"
+                   + ("; its confidence calibration fills the rows' confidence unless --confidence-calibration "
+                      "is given; the rows record its SHA-256 (settings_sha256)" if confidence else ""))  # fmt: skip
+
+
+# A settings file's values -> the options they are defaults of (dest, and how the value maps).
+_SETTINGS_OPTIONS = {
+    ("candidates", "points_per_side"): ("points_per_side", None),
+    ("candidates", "mode"): ("mode", None),
+    ("candidates", "pred_iou_thresh"): ("pred_iou_thresh", None),
+    ("candidates", "stability_score_thresh"): ("stability_score_thresh", None),
+    ("candidates", "prune_with_coarse_map"): ("prune", None),
+    ("matching", "similarity"): ("similarity", None),
+    ("matching", "coarse_threshold"): ("coarse_threshold", None),
+    ("matching", "match_size"): ("match_size", None),
+    ("matching", "min_component_area"): ("min_component_area", None),
+    ("matching", "reject_full_frame"): ("keep_full_frame", lambda v: not v),
+    ("matching", "fallback_threshold"): ("fallback_threshold", None),
+    ("matching", "part_to_object"): ("part_to_object", None),
+    ("matching", "containment"): ("containment", None),
+    ("matching", "min_growth"): ("min_growth", None),
+    ("matching", "agreement"): ("agreement", None),
+}
+
+
+def _settings_defaults(tuned, parser: argparse.ArgumentParser) -> dict:
+    """The option defaults a settings file gives ``parser`` (only options it has)."""
+    dests = {a.dest for a in parser._actions}
+    values = {"candidates": tuned.candidates, "matching": tuned.matching}
+    out = {}
+    for (group, key), (dest, convert) in _SETTINGS_OPTIONS.items():
+        if key in values[group] and dest in dests:
+            out[dest] = convert(values[group][key]) if convert else values[group][key]
+    return out
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -126,8 +165,9 @@ def _matching(args: argparse.Namespace):
     )
 
 
-def _add_labeling_options(p: argparse.ArgumentParser) -> None:
-    """Models, candidates, matching, the actors' resources and the read limits."""
+def _add_labeling_options(p: argparse.ArgumentParser, *, confidence: bool = True) -> None:
+    """Models, candidates, matching, the actors' resources and the read limits; with
+    ``confidence``, the calibration file that fills the rows' confidence."""
     from ..pipeline.label_job import ReadLimits, Resources
 
     _add_model_options(p)
@@ -148,8 +188,9 @@ def _add_labeling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-bytes", type=int, default=lim["max_bytes"], help="bytes per file (default %(default)s)")
     g.add_argument("--read-timeout", type=float, default=lim["read_timeout_s"], dest="read_timeout_s",
                    help="seconds one file's read may take (default %(default)s)")  # fmt: skip
-    p.add_argument("--confidence-calibration", metavar="FILE",
-                   help="confidence.json of pro2sam evaluate (local or URI): every row gets a confidence")  # fmt: skip
+    if confidence:
+        p.add_argument("--confidence-calibration", metavar="FILE",
+                       help="confidence.json of pro2sam evaluate (local or URI): every row gets a confidence")  # fmt: skip
 
 
 def _labeling(args: argparse.Namespace):
@@ -173,7 +214,8 @@ def _labeling(args: argparse.Namespace):
             wait_for_resources_s=args.wait_for_resources_s,
         ),
         limits=ReadLimits(max_pixels=args.max_pixels, max_bytes=args.max_bytes, read_timeout_s=args.read_timeout_s),
-        confidence_calibration=args.confidence_calibration,
+        confidence_calibration=getattr(args, "confidence_calibration", None),
+        tuned=getattr(args, "tuned", None),
     )
 
 
@@ -339,6 +381,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return _run("pro2sam evaluate", work, resume_hint="run the same command again to resume the labeling")
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from ..pipeline.tune_job import TuneJobConfig, run_tune_job
+
+    def work() -> int:
+        cfg = TuneJobConfig(
+            heldout=args.heldout, output=args.output, labeling=_labeling(args), grid=args.grid,
+            images_root=args.images_root, calibrate_confidence=not args.no_confidence,
+        )  # fmt: skip
+        _stop_on_signals()
+        print(run_tune_job(cfg), flush=True)
+        return 0
+
+    return _run("pro2sam tune", work)
+
+
 def _add_classifier_options(p: argparse.ArgumentParser) -> None:
     from ..classifier import GTFORMER_CLASSIFIER, ClassifierConfig
 
@@ -495,7 +552,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_demo(
             args.workdir, num_test=args.num_test, num_val=args.num_val, points_per_side=args.points_per_side,
             seed=args.seed, gtformer=args.gtformer, sam=args.sam, sam_checkpoint=args.sam_checkpoint,
-            ray_address=args.ray_address, gallery_limit=args.gallery_limit,
+            ray_address=args.ray_address, gallery_limit=args.gallery_limit, settings=getattr(args, "tuned", None),
         )  # fmt: skip
         return 0
 
@@ -520,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     _add_candidate_options(p)
     _add_matching_options(p)
+    _add_settings_option(p, confidence=False)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--output", "-o", default="-", help="JSON-lines output file (default stdout)")
@@ -539,7 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="label again from scratch (replaces only the label files)")
     p.add_argument("--cam-curve-interval", type=float, default=d["cam_curve_interval"], help="tau grid step (default %(default)s)")
     p.add_argument("--overlays", type=int, default=d["overlays"], help="overlay PNGs of best and worst cases (default %(default)s)")
+    _add_settings_option(p)
     p.set_defaults(func=cmd_evaluate)
+
+    _add_tune_parser(sub)
 
     p = sub.add_parser("train", help="train GTFormer on image-level labels (Ray Train, DDP), export a checkpoint")
     _add_train_options(p)
@@ -618,6 +679,7 @@ def _add_selection_options(p: argparse.ArgumentParser, *, limit: int | None) -> 
 def _add_label_options(p: argparse.ArgumentParser, d: dict) -> None:
     p.add_argument("--input", required=True, help="image prefix (local or fsspec URI), manifest .csv/.parquet file, or one image file")
     p.add_argument("--output", required=True, help="output prefix for the Parquet files (resumes if it exists)")
+    _add_settings_option(p)
     _add_labeling_options(p)
     g = p.add_argument_group("the output")
     g.add_argument("--overwrite", action="store_true",
@@ -692,6 +754,33 @@ def _add_synthetic_parser(sub) -> None:
     p.set_defaults(func=cmd_synthetic)
 
 
+def _add_tune_parser(sub) -> None:
+    from ..tuning import DEFAULT_GRID, GRIDS
+
+    p = sub.add_parser(
+        "tune",
+        help="choose SAM's filters, grid pruning, the matching rule and the fallback threshold on a held-out split "
+        "with boxes (Ray Data); write a settings file for label / evaluate / predict / demo --settings",
+    )
+    p.add_argument("--heldout", required=True,
+                   help="held-out images with boxes: a manifest .csv/.parquet (uri, label, x0, y0, x1, y1 in pixels; "
+                   "one row per box), coco:FILE.json (COCO instances), cub:ROOT:SPLIT, ilsvrc:ROOT:SPLIT or "
+                   "wsol:META:DATA:SPLIT (never the test split)")  # fmt: skip
+    p.add_argument("--output", required=True, help="the settings file to write (JSON; local or URI)")
+    p.add_argument("--images-root", help="folder of a COCO file's images (default: the JSON's folder)")
+    sizes = "; ".join(
+        f"{name}: {len(g.sam_filters) + 1} SAM filter pairs x pruning {'/'.join('on' if v else 'off' for v in g.prune)}, "
+        f"plain IoU + {len(g.part_to_object)} part-to-object rules, {len(g.fallback_thresholds) + 1} fallback thresholds"
+        for name, g in GRIDS.items()
+    )
+    p.add_argument("--grid", choices=sorted(GRIDS), default=DEFAULT_GRID,
+                   help=f"the settings tried besides the base ones given by the options below ({sizes}; "
+                   "default %(default)s)")  # fmt: skip
+    p.add_argument("--no-confidence", action="store_true", help="do not fit a confidence calibration into the file")
+    _add_labeling_options(p, confidence=False)
+    p.set_defaults(func=cmd_tune)
+
+
 def _add_demo_parser(sub) -> None:
     from .. import shipped
     from . import demo
@@ -711,12 +800,45 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("--sam", help="SAM variant (default: the shipped 'synthetic' SAM)")
     p.add_argument("--sam-checkpoint", help="SAM weights file (default: the shipped one, with the default --sam)")
     p.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    _add_settings_option(p)
     p.set_defaults(func=cmd_demo)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with a ``--settings`` file's values as the subcommand's defaults (an
+    option given explicitly still wins; ``args.tuned`` is the file read).
+
+    Raises:
+        SettingsError: the settings file is missing, unreadable or not one of ``pro2sam tune``.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "settings", None):
+        from ..tuning import load_settings
+
+        tuned = load_settings(args.settings)
+        subparser = _subparsers(parser)[args.command]
+        subparser.set_defaults(**_settings_defaults(tuned, subparser))
+        args = parser.parse_args(argv)  # parsed again: explicit options over the file's defaults
+        args.tuned = tuned
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from ..tuning import SettingsError
+
+    try:
+        args = parse_args(argv)
+    except SettingsError as e:
+        command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), "")
+        print(f"pro2sam {command}: error: {e}", file=sys.stderr, flush=True)
+        return 2
     return args.func(args)
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(action.choices)
 
 
 if __name__ == "__main__":

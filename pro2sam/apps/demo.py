@@ -60,6 +60,7 @@ def run_demo(
     sam_checkpoint: str | Path | None = None,
     ray_address: str | None = None,
     gallery_limit: int = DEFAULT_GALLERY_LIMIT,
+    settings=None,
 ) -> dict:
     """Generate a data set, label and score it with the Ray evaluation job, write the gallery,
     print the summary (:func:`format_summary`) to stdout and return it.
@@ -78,6 +79,9 @@ def run_demo(
             SAM; ``sam_checkpoint`` defaults to the shipped file only when ``sam`` does too).
         ray_address: Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).
         gallery_limit: at most this many test images in ``demo.html`` (best match score first).
+        settings: a settings file of ``pro2sam tune`` (:class:`~pro2sam.tuning.TunedSettings`): its
+            SAM filters, pruning and matching are used (the grid stays ``points_per_side``), and
+            the label rows carry its SHA-256. None: the package defaults.
 
     Returns:
         ``models``, ``num_test``, ``num_val``, ``points_per_side``, ``seed``, ``seconds`` (per
@@ -110,7 +114,11 @@ def run_demo(
             gtformer=str(gtformer),
             sam=sam,
             sam_checkpoint=None if sam_checkpoint is None else str(sam_checkpoint),
-            candidates=CandidateConfig.for_variant(sam, points_per_side=points_per_side),
+            candidates=(
+                settings.candidate_config(sam, points_per_side=points_per_side) if settings is not None
+                else CandidateConfig.for_variant(sam, points_per_side=points_per_side)
+            ),
+            **({"matching": settings.match_config(), "tuned": settings} if settings is not None else {}),
             resources=Resources(ray_address=ray_address),
         ),
         overwrite=True,

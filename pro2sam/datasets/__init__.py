@@ -4,10 +4,12 @@ Every reader returns a :class:`WSOLDataset`: class names in class-index order an
 :class:`Sample` per image, with the conventions of :mod:`pro2sam.datasets.common` (0-based labels,
 boxes ``(x0, y0, x1, y1)`` in original image pixels, masks as PNG URIs). One module per layout:
 :mod:`~pro2sam.datasets.cub`, :mod:`~pro2sam.datasets.ilsvrc`, :mod:`~pro2sam.datasets.wsol`
-(``clovaai/wsolevaluation``'s metadata) and :mod:`~pro2sam.datasets.manifest`;
+(``clovaai/wsolevaluation``'s metadata), :mod:`~pro2sam.datasets.manifest` and
+:mod:`~pro2sam.datasets.coco` (COCO instances JSON);
 :func:`open_dataset` picks one from a one-string spec.
 """
 
+from .coco import read_coco
 from .common import MANIFEST_COLUMNS, DatasetError, Sample, WSOLDataset, open_dataset
 from .cub import read_cub
 from .ilsvrc import read_ilsvrc
@@ -23,5 +25,6 @@ __all__ = [
     "read_ilsvrc",
     "read_wsol_metadata",
     "read_manifest",
+    "read_coco",
     "open_dataset",
 ]

@@ -276,19 +276,24 @@ def boxes_array(boxes: Sequence[Sequence[float]] | None) -> np.ndarray | None:
 # ---------------------------------------------------------------- one way in
 
 
-def open_dataset(spec: str, *, check_files: bool = True) -> WSOLDataset:
+def open_dataset(spec: str, *, check_files: bool = True, images_root: str | None = None) -> WSOLDataset:
     """A data set from a one-string spec (command lines, job configs).
 
-    ``cub:ROOT:SPLIT``, ``ilsvrc:ROOT:SPLIT``, ``wsol:METADATA_ROOT:DATA_ROOT:SPLIT``, or the path
-    or URI of a manifest ``.csv``/``.parquet``. Roots may be URIs (``cub:s3://bucket/CUB:test``):
-    the split is the last ``:`` field and scheme separators (``://``) are kept together.
+    ``cub:ROOT:SPLIT``, ``ilsvrc:ROOT:SPLIT``, ``wsol:METADATA_ROOT:DATA_ROOT:SPLIT``,
+    ``coco:FILE.json`` (COCO instances; images under ``images_root``, default the JSON's folder),
+    or the path or URI of a manifest ``.csv``/``.parquet``. Roots may be URIs
+    (``cub:s3://bucket/CUB:test``): the split is the last ``:`` field and scheme separators
+    (``://``) are kept together.
     """
+    from .coco import read_coco
     from .cub import read_cub
     from .ilsvrc import read_ilsvrc
     from .manifest import read_manifest
     from .wsol import read_wsol_metadata
 
     kind, _, rest = spec.partition(":")
+    if kind == "coco" and rest:
+        return read_coco(rest, images_root=images_root)
     if kind in ("cub", "ilsvrc", "wsol") and rest:
         parts = _split_spec(rest)
         want = 3 if kind == "wsol" else 2
@@ -304,7 +309,7 @@ def open_dataset(spec: str, *, check_files: bool = True) -> WSOLDataset:
         return read_manifest(spec)
     raise ValueError(
         f"unknown data-set spec {spec!r}: use cub:ROOT:SPLIT, ilsvrc:ROOT:SPLIT, "
-        "wsol:METADATA_ROOT:DATA_ROOT:SPLIT or a manifest .csv/.parquet"
+        "wsol:METADATA_ROOT:DATA_ROOT:SPLIT, coco:FILE.json or a manifest .csv/.parquet"
     )
 
 

@@ -254,6 +254,8 @@ def run_evaluate_job(cfg: EvaluateJobConfig) -> dict:
     report["settings"]["classifier"] = None if classifier is None else classifier.description
     report["settings"]["specs"] = {"heldout": cfg.heldout, "test": cfg.test}
     report["settings"]["label_job"] = _jsonable(asdict(cfg.labeling))
+    if cfg.labeling.tuned is not None:  # the file's name and hash, not its whole table
+        report["settings"]["label_job"]["tuned"] = {"source": cfg.labeling.tuned.source, "sha256": cfg.labeling.tuned.sha256}
     test_uris = set(datasets["test"].by_uri())
     test_rows = [r for r in rows if r["uri"] in test_uris]
     model_ids = {r.get("gtformer_sha256") for r in test_rows} | {r.get("sam_model") for r in test_rows}

@@ -37,6 +37,7 @@ from ..labels import error_row, ok_row, rows_to_table
 from ..matching import MatchConfig
 from ..output import LabelsOutput, LabelWriter, RerunPlanner, WriterLease
 from ..candidates import CandidateConfig
+from ..tuning import TunedSettings
 from ..sam import DEFAULT_SAM_VARIANT, SAM_VARIANTS
 from ..storage import (
     DEFAULT_MAX_BYTES,
@@ -168,7 +169,12 @@ class LabelingSettings:
         matching: stage 3 (:class:`~pro2sam.matching.MatchConfig`).
         resources: :class:`Resources`; limits: :class:`ReadLimits`.
         confidence_calibration: a calibration file of ``pro2sam evaluate`` (``confidence.json``,
-            local or URI): rows get a ``confidence`` (:mod:`pro2sam.confidence`); None: null.
+            local or URI): rows get a ``confidence`` (:mod:`pro2sam.confidence`); None: the
+            calibration of ``tuned`` if it has one, else null.
+        tuned: the settings file of ``pro2sam tune`` these settings were read from
+            (:class:`~pro2sam.tuning.TunedSettings`; its values are already in ``candidates`` and
+            ``matching``, where the command line did not override them): every row carries its
+            SHA-256 (``settings_sha256``). None: no settings file.
     """
 
     gtformer: str
@@ -180,6 +186,11 @@ class LabelingSettings:
     resources: Resources = field(default_factory=Resources)
     limits: ReadLimits = field(default_factory=ReadLimits)
     confidence_calibration: str | None = None
+    tuned: TunedSettings | None = None
+
+    @property
+    def settings_sha256(self) -> str | None:
+        return self.tuned.sha256 if self.tuned is not None else None
 
     def candidate_config(self) -> CandidateConfig:
         return self.candidates if self.candidates is not None else CandidateConfig.for_variant(self.sam)
@@ -316,6 +327,7 @@ class Pro2SAMLabeler:
             torch.set_num_threads(max(1, int(threads)))
         self.model = load_models(settings)
         self.run_id = run_id
+        self.settings_sha256 = settings.settings_sha256
         self.confidence = _load_confidence(settings)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -353,6 +365,7 @@ class Pro2SAMLabeler:
                         str(batch["image_id"][i]), str(batch["uri"][i]), text_or_none(batch["label"][i]), result,
                         model_ids=self.model.model_ids, run_id=self.run_id,
                         source_fingerprint=text_or_none(batch["source_fingerprint"][i]),
+                        settings_sha256=self.settings_sha256,
                     )  # fmt: skip
         table = rows_to_table(rows)
         return self.confidence.fill(table) if self.confidence is not None else table
@@ -382,7 +395,8 @@ class Pro2SAMLabeler:
         return error_row(
             str(batch["image_id"][i]), str(batch["uri"][i]), text_or_none(batch["label"][i]), error, kind=kind,
             run_id=self.run_id, model_ids=self.model.model_ids,
-            source_fingerprint=text_or_none(batch["source_fingerprint"][i]), **size,
+            source_fingerprint=text_or_none(batch["source_fingerprint"][i]), settings_sha256=self.settings_sha256,
+            **size,
         )  # fmt: skip
 
     def _failed(self, batch: dict[str, np.ndarray], i: int, e: Exception) -> dict:
@@ -394,17 +408,21 @@ class Pro2SAMLabeler:
 
 
 def _load_confidence(settings: LabelingSettings, model_ids: dict[str, str] | None = None):
-    """The run's :class:`~pro2sam.confidence.ConfidenceModel`, or None; with ``model_ids``, warn
-    when it was fitted on other models' scores."""
-    if not settings.confidence_calibration:
-        return None
+    """The run's :class:`~pro2sam.confidence.ConfidenceModel` (its calibration file, else its
+    settings file's calibration), or None; with ``model_ids``, warn when it was fitted on other
+    models' scores."""
     from ..confidence import ConfidenceModel
 
-    calibration = ConfidenceModel.load(settings.confidence_calibration)
+    if settings.confidence_calibration:
+        calibration, source = ConfidenceModel.load(settings.confidence_calibration), settings.confidence_calibration
+    elif settings.tuned is not None and settings.tuned.confidence is not None:
+        calibration, source = ConfidenceModel.from_dict(settings.tuned.confidence), settings.tuned.source
+    else:
+        return None
     if model_ids and calibration.model_ids and set(calibration.model_ids) != set(model_ids.values()):
         log.warning(
             "the confidence calibration %s was fitted on the scores of other models (%s): its confidences "
-            "may not hold for these", settings.confidence_calibration, ", ".join(calibration.model_ids),
+            "may not hold for these", source, ", ".join(calibration.model_ids),
         )  # fmt: skip
     return calibration
 

@@ -1,0 +1,276 @@
+"""The tuning job: choose the labeling settings on a held-out split with boxes (``pro2sam tune``).
+
+    held-out spec (cub / ilsvrc / wsol / boxed manifest / coco:FILE.json) -> its images
+    -> Ray Data: read bytes -> decode -> TuneLabeler actors (GTFormer once per image; SAM once per
+       image and candidate setting; every matching rule on those cached candidates)
+    -> the driver scores every setting with the evaluation's code (GT-known Loc), chooses
+       (:mod:`pro2sam.tuning`), tries the fallback threshold on the choice, fits the confidence
+    -> the settings file (JSON, written whole)
+
+The actors are those of the labeling job in all but the loop over settings: one per GPU of the
+cluster (``--actors``, ``--gpus-per-actor`` as for ``pro2sam label``), models loaded once each.
+Nothing is written but the settings file; a rerun tunes again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pyarrow as pa
+
+from ..confidence import calibrate
+from ..datasets import WSOLDataset, open_dataset
+from ..evaluation import evaluate_predictions, index_rows
+from ..labels import LABEL_SCHEMA, error_row, ok_row
+from ..storage import write_bytes_atomic
+from ..tuning import GRIDS, OBJECTIVE, choose, code_version, settings_document, table_row, with_fallback_threshold
+from .label_job import LabelingSettings, _ray_initialized, _resources, load_models
+from .ray_env import ensure_ray
+from .stages import decode_images, read_images, text_or_none
+
+__all__ = ["TuneJobConfig", "TuneSummary", "run_tune_job"]
+
+log = logging.getLogger("pro2sam.tune")
+
+RUN_ID = "tune"
+
+
+@dataclass(kw_only=True)
+class TuneJobConfig:
+    """Settings of one tuning run.
+
+    Attributes:
+        heldout: data-set spec of the held-out split with boxes (:func:`pro2sam.datasets.open_dataset`:
+            ``cub:``, ``ilsvrc:``, ``wsol:``, a boxed manifest ``.csv``/``.parquet``, ``coco:FILE.json``).
+        output: the settings file to write (local or URI).
+        labeling: the base settings (models, candidates, matching, resources, read limits); the
+            grid varies them, and they are always among the settings tried.
+        grid: name in :data:`pro2sam.tuning.GRIDS`.
+        images_root: folder of a COCO file's images (default: the JSON's folder).
+        calibrate_confidence: fit the confidence on the chosen setting's held-out rows.
+    """
+
+    heldout: str
+    output: str
+    labeling: LabelingSettings
+    grid: str = "small"
+    images_root: str | None = None
+    calibrate_confidence: bool = True
+
+    def validate(self) -> None:
+        if self.grid not in GRIDS:
+            raise ValueError(f"--grid {self.grid!r}: choose one of {', '.join(GRIDS)}")
+        self.labeling.validate()
+
+
+@dataclass
+class TuneSummary:
+    """What a run did and chose."""
+
+    output: str
+    images: int
+    settings_tried: int
+    chosen: dict
+    seconds: float
+
+    def __str__(self) -> str:
+        c = self.chosen
+        rule = c["matching"] + (f" (agreement {c['agreement']:g}, containment {c['containment']:g})" if c["agreement"] is not None else "")
+        return (
+            f"pro2sam tune: {self.settings_tried} settings tried on {self.images} held-out images in {self.seconds:.1f} s; "
+            f"chosen: SAM filters {c['pred_iou_thresh']:g} / {c['stability_score_thresh']:g}, pruning "
+            f"{'on' if c['prune_with_coarse_map'] else 'off'}, {rule}, fallback threshold {c['fallback_threshold']:g}: "
+            f"GT-known Loc {c[OBJECTIVE]:.1f} %; settings: {self.output}"
+        )
+
+
+class TuneLabeler:
+    """Ray Data actor: loads GTFormer and SAM once; for each decoded image, GTFormer and SAM's image
+    encoder once, SAM's grid decoding and filters once per candidate setting, and each matching
+    rule on those candidates. Maps a batch to a table of labels rows (without the schema's
+    metadata; ``coarse_map`` only on fallback rows, the one place the driver needs it) with two
+    more columns, ``candidates_index`` and ``matching_index`` (positions in the lists it was given)."""
+
+    def __init__(self, settings: LabelingSettings, candidates: list, matchings: list, threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(max(1, int(threads)))
+        self.model = load_models(settings)
+        self.generators = [self.model.with_settings(candidates=c) for c in candidates]
+        self.choosers = [self.model.with_settings(matching=m) for m in matchings]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        rows: list[dict] = []
+        for i in range(len(batch["uri"])):
+            rows += self._image(batch, i)
+        return pa.Table.from_pylist(rows, schema=_TUNE_SCHEMA)
+
+    def _image(self, batch: dict[str, np.ndarray], i: int) -> list[dict]:
+        ident = (str(batch["image_id"][i]), str(batch["uri"][i]), text_or_none(batch["label"][i]))
+        settings = [(c, m) for c in range(len(self.generators)) for m in range(len(self.choosers))]
+        if batch["error"][i]:
+            return [self._error(ident, str(batch["error"][i]), str(batch["error_kind"][i]), c, m) for c, m in settings]
+        image = batch["image"][i]
+        try:
+            probs, coarse = self.model.classify([image])
+            probs, coarse = probs[0], coarse[0]
+        except Exception as e:
+            return [self._error(ident, f"labeling failed: {type(e).__name__}: {e}", "model", c, m) for c, m in settings]
+        try:  # SAM's image encoder once; each candidate setting decodes that embedding
+            self.generators[0].generator.set_image(image)
+        except Exception as e:
+            return [self._error(ident, f"labeling failed: {type(e).__name__}: {e}", "model", c, m) for c, m in settings]
+        rows = []
+        for c, generator in enumerate(self.generators):
+            try:
+                if c:
+                    generator.generator.adopt_image(self.generators[0].generator)
+                found = generator.generator.generate(None, coarse_map=coarse)
+            except Exception as e:
+                rows += [self._error(ident, f"labeling failed: {type(e).__name__}: {e}", "model", c, m) for m in range(len(self.choosers))]
+                continue
+            for m, chooser in enumerate(self.choosers):
+                try:
+                    result = chooser.choose(image, probs, coarse, found, label=ident[2])
+                    row = ok_row(*ident, result, model_ids=self.model.model_ids, run_id=RUN_ID)
+                    if row["box_source"] != "coarse_fallback":  # only a fallback box is redrawn from it
+                        row["coarse_map"] = None
+                except Exception as e:
+                    row = self._error(ident, f"labeling failed: {type(e).__name__}: {e}", "model", c, m)
+                rows.append({**row, "candidates_index": c, "matching_index": m})
+        return rows
+
+    def _error(self, ident: tuple, error: str, kind: str, c: int, m: int) -> dict:
+        row = error_row(*ident, error, kind=kind, run_id=RUN_ID, model_ids=self.model.model_ids)
+        return {**row, "candidates_index": c, "matching_index": m}
+
+
+_TUNE_SCHEMA = pa.schema([*LABEL_SCHEMA.remove_metadata(), pa.field("candidates_index", pa.int32()), pa.field("matching_index", pa.int32())])
+
+
+def _heldout_inputs(dataset: WSOLDataset) -> pa.Table:
+    """The held-out images as the read stage's input (one row per image)."""
+    samples = list({s.uri: s for s in dataset.samples}.values())
+    n = len(samples)
+    return pa.table({
+        "image_id": [s.image_id for s in samples],
+        "uri": [s.uri for s in samples],
+        "label": [dataset.class_names[s.label] if 0 <= s.label < len(dataset.class_names) else str(s.label) for s in samples],
+        "input_error": pa.nulls(n, pa.string()),
+        "source_fingerprint": pa.nulls(n, pa.string()),
+    })  # fmt: skip
+
+
+def _label_every_setting(cfg: TuneJobConfig, inputs: pa.Table, candidates: list, matchings: list) -> list[dict]:
+    """Every held-out image under every (candidate, matching) setting, through Ray Data, on the
+    actors the labeling job would start (one per GPU of the cluster by default)."""
+    resources, limits = cfg.labeling.resources, cfg.labeling.limits
+    local = not (resources.ray_address or os.environ.get("RAY_ADDRESS"))
+    already = _ray_initialized()
+    ray = ensure_ray(resources.ray_address, cpus_needed=(resources.actors or 1) * (resources.cpus_per_actor or 2) + 1)
+    actors, gpus, cpus = _resources(resources, ray, local=local and not already)
+    batch_size = resources.batch_size
+    # Small blocks: each image costs many SAM passes, so spread the images over every actor.
+    ds = ray.data.from_arrow([inputs.slice(i, batch_size) for i in range(0, len(inputs), batch_size)])
+    ds = ds.map_batches(
+        read_images, batch_format="numpy", batch_size=batch_size, num_cpus=0.25,
+        fn_kwargs={"max_bytes": limits.max_bytes, "timeout_s": limits.read_timeout_s},
+    )  # fmt: skip
+    ds = ds.map_batches(decode_images, batch_format="numpy", batch_size=batch_size, fn_kwargs={"max_pixels": limits.max_pixels})
+    ds = ds.map_batches(
+        TuneLabeler,
+        fn_constructor_kwargs={"settings": cfg.labeling, "candidates": candidates, "matchings": matchings, "threads": cpus},
+        batch_format="numpy", batch_size=batch_size, concurrency=actors if actors == 1 else (1, actors),
+        num_gpus=gpus, num_cpus=cpus,
+    )  # fmt: skip
+    rows = []
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        rows += table.to_pylist()
+    return rows
+
+
+def _heldout_description(cfg: TuneJobConfig, dataset: WSOLDataset) -> dict:
+    boxed = [s for s in dataset.samples if s.boxes is not None and len(s.boxes)]
+    return {
+        "spec": cfg.heldout,
+        **({"images_root": cfg.images_root} if cfg.images_root else {}),
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "images": len(dataset.samples),
+        "images_with_boxes": len(boxed),
+        "boxes": int(sum(len(s.boxes) for s in boxed)),
+    }
+
+
+def run_tune_job(cfg: TuneJobConfig) -> TuneSummary:
+    """Label the held-out split under every setting of the grid, score, choose, write the file.
+
+    Raises:
+        ValueError: a bad option, a held-out split without boxes, resources the cluster cannot give.
+        DatasetError: malformed held-out metadata or manifest.
+        CheckpointError: a checkpoint that cannot be loaded (found on the driver, before Ray).
+        StorageError: storage cannot be reached or the settings file not written.
+    """
+    start = time.perf_counter()
+    cfg.validate()
+    code = code_version()  # the code that runs, before anything can change it
+    dataset = open_dataset(cfg.heldout, images_root=cfg.images_root)
+    if not dataset.has_boxes:
+        raise ValueError(f"--heldout {cfg.heldout}: no image has a box; tuning needs boxes (x0,y0,x1,y1 columns, COCO bbox)")
+    model = load_models(cfg.labeling, device="cpu")  # a bad checkpoint ends the run here, before Ray
+    base_candidates, base_matching = cfg.labeling.candidate_config(), cfg.labeling.matching
+    grid = GRIDS[cfg.grid]
+    candidates, matchings = grid.candidate_configs(base_candidates), grid.match_configs(base_matching)
+    log.info(
+        "tuning on %d held-out images: %d SAM passes per image x %d matching rules, then %d fallback thresholds",
+        len(dataset.samples), len(candidates), len(matchings), len(grid.fallback_values(base_matching)),
+    )  # fmt: skip
+    rows = _label_every_setting(cfg, _heldout_inputs(dataset), candidates, matchings)
+
+    by_setting: dict[tuple[int, int], list[dict]] = defaultdict(list)
+    for row in rows:
+        by_setting[row.pop("candidates_index"), row.pop("matching_index")].append(row)
+
+    def score(setting_rows: list[dict]) -> dict:
+        return evaluate_predictions(dataset, setting_rows, methods=("Pro2SAM",))
+
+    table, keys = [], []
+    for c, cand in enumerate(candidates):
+        for m, match in enumerate(matchings):
+            scores = score(by_setting.get((c, m), []))["Pro2SAM"]
+            table.append(table_row(cand, match, scores, base_candidates=base_candidates, base_matching=base_matching, stage="sam+matching"))
+            keys.append((c, m, match.fallback_threshold))
+    first = choose(table)
+    c, m, _ = keys[first]
+    for threshold in grid.fallback_values(base_matching):
+        if threshold == matchings[m].fallback_threshold:
+            continue
+        match = replace(matchings[m], fallback_threshold=threshold)
+        scores = score(with_fallback_threshold(by_setting.get((c, m), []), threshold))["Pro2SAM"]
+        table.append(table_row(candidates[c], match, scores, base_candidates=base_candidates, base_matching=base_matching, stage="fallback"))
+        keys.append((c, m, threshold))
+    chosen = choose(table)
+    c, m, threshold = keys[chosen]
+    chosen_candidates, chosen_matching = candidates[c], replace(matchings[m], fallback_threshold=threshold)
+    table[chosen]["chosen"] = True
+
+    confidence = None
+    if cfg.calibrate_confidence:
+        chosen_rows = with_fallback_threshold(by_setting.get((c, m), []), threshold)
+        records = score(chosen_rows)["images"]
+        fitted_on = f"{dataset.name}:{dataset.split}"
+        confidence = calibrate(records, index_rows(chosen_rows), fitted_on=fitted_on).to_dict()
+    document = settings_document(
+        candidates=chosen_candidates, matching=chosen_matching, table=table, chosen=chosen,
+        heldout=_heldout_description(cfg, dataset), grid=cfg.grid, models=model.model_ids, confidence=confidence,
+        code=code,
+    )  # fmt: skip
+    write_bytes_atomic(cfg.output, (json.dumps(document, indent=2) + "\n").encode())
+    return TuneSummary(cfg.output, len(dataset.samples), len(table), table[chosen], time.perf_counter() - start)
