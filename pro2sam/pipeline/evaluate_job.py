@@ -33,7 +33,6 @@ from __future__ import annotations
 import io
 import logging
 import posixpath
-import sys
 import uuid
 from dataclasses import asdict, dataclass, replace
 
