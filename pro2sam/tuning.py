@@ -40,6 +40,7 @@ from .rle import encode_mask
 
 __all__ = [
     "SETTINGS_FORMAT",
+    "SHIPPED_SETTINGS",
     "CANDIDATE_SETTINGS",
     "GRIDS",
     "DEFAULT_GRID",
@@ -56,6 +57,8 @@ __all__ = [
 ]
 
 SETTINGS_FORMAT = "pro2sam.settings/1"
+# What ``--settings`` says to mean the settings shipped with the shipped models.
+SHIPPED_SETTINGS = "shipped"
 # The CandidateConfig fields a settings file carries (the rest are speed settings of the machine).
 CANDIDATE_SETTINGS = ("points_per_side", "mode", "pred_iou_thresh", "stability_score_thresh", "prune_with_coarse_map")
 # The number the choice maximises: the share of held-out images whose box has IoU >= 0.5 with a GT box.
@@ -113,18 +116,19 @@ class TuningGrid:
 
 # "small" keeps a 200-image held-out split to minutes on a CPU with the shipped models (grid 16):
 # the variant's own filters, SamAutomaticMaskGenerator's and one between, pruning on and off, plain
-# IoU and part-to-object at three agreements x two containments. "full" is bench_quality's grid.
+# IoU and part-to-object at four agreements x five containments (from no agreement asked and 30 %
+# contained up). "full" is bench_quality's grid.
 GRIDS: dict[str, TuningGrid] = {
     "small": TuningGrid(
         sam_filters=((0.88, 0.95), (0.7, 0.8)),
         prune=(True, False),
-        part_to_object=tuple((a, c) for a in (0.02, 0.1, 0.35) for c in (0.6, 0.9)),
+        part_to_object=tuple((a, c) for a in (0.0, 0.02, 0.1, 0.35) for c in (0.3, 0.4, 0.5, 0.6, 0.9)),
         fallback_thresholds=(0.1, 0.3, 0.5),
     ),
     "full": TuningGrid(
         sam_filters=((0.88, 0.95), (0.8, 0.9), (0.7, 0.8), (0.6, 0.8), (0.5, 0.7), (0.0, 0.0)),
         prune=(True, False),
-        part_to_object=tuple((a, c) for a in (0.02, 0.05, 0.1, 0.2, 0.35) for c in (0.6, 0.75, 0.9)),
+        part_to_object=tuple((a, c) for a in (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35) for c in (0.3, 0.4, 0.5, 0.6, 0.75, 0.9)),
         fallback_thresholds=(0.05, 0.1, 0.3, 0.4, 0.5),
     ),
 }
@@ -290,13 +294,22 @@ class TunedSettings:
 
 
 def load_settings(uri: str) -> TunedSettings:
-    """Read and check a settings file of ``pro2sam tune`` (local path or URI).
+    """Read and check a settings file of ``pro2sam tune`` (local path or URI; ``"shipped"``: the
+    settings chosen for the shipped models, :func:`pro2sam.shipped.settings_file`).
 
     Raises:
         SettingsError: missing or unreadable, not JSON, not a settings file, or settings the
             package refuses; the message is one line naming the file.
     """
     from .storage import StorageError, read_bytes
+
+    if uri == SHIPPED_SETTINGS:
+        from . import shipped
+
+        try:
+            uri = str(shipped.settings_file())
+        except FileNotFoundError as e:
+            raise SettingsError(str(e)) from None
 
     def bad(why: str) -> SettingsError:
         return SettingsError(f"settings file {uri}: {why}")

@@ -148,10 +148,12 @@ def test_plain_matching_takes_the_part_the_map_fires_on():
     assert match.index == 0 and not match.completed
 
 
-def test_part_to_object_is_the_default_with_the_settings_chosen_on_val():
-    # benchmarks/bench_quality.py chose them on the synthetic val split (benchmarks/README.md).
-    config = MatchConfig()
-    assert (config.part_to_object, config.containment, config.agreement) == (True, 0.6, 0.02)
+def test_the_authors_rule_is_the_default_and_part_to_object_is_left_to_tune():
+    # Part-to-object loses where the map covers the object (benchmarks/README.md, "Which rule by
+    # default"): the package defaults to plain IoU and pro2sam tune turns completion on.
+    coarse, candidates, ious = part_and_object()
+    assert not MatchConfig().part_to_object
+    assert match_masks(coarse, candidates, ious).index == 0
 
 
 def test_part_to_object_takes_the_body_that_contains_the_best_matching_part():

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pro2sam import shipped
 from pro2sam.apps.cli import _labeling, main, parse_args
 from pro2sam.candidates import CandidateConfig
 from pro2sam.datasets import open_dataset
@@ -270,3 +271,16 @@ def test_predict_evaluate_and_demo_take_the_settings_as_defaults_too(tuned_on_ma
             assert args.prune == chosen["candidates"]["prune_with_coarse_map"], name
             assert args.pred_iou_thresh == chosen["candidates"]["pred_iou_thresh"], name
             assert (args.part_to_object, args.agreement) == (chosen["matching"]["part_to_object"], chosen["matching"]["agreement"])
+
+
+def test_shipped_names_the_settings_chosen_for_the_shipped_models_and_the_demo_uses_them(tmp_path):
+    shipped_file = shipped.settings_file()
+    digest = hashlib.sha256(shipped_file.read_bytes()).hexdigest()
+    for argv in (["demo", "--workdir", str(tmp_path)], ["label", "--input", "i", "--output", "o", "--settings", "shipped"]):
+        args = parse_args(argv)
+        assert args.settings == "shipped" and args.tuned.sha256 == digest, argv
+    document = json.loads(shipped_file.read_text())
+    # Chosen by pro2sam tune on the val split of the shipped models' own world, where the map lights the part.
+    assert document["data"]["spec"].endswith(":val") and document["settings"]["matching"]["part_to_object"] is True
+    assert parse_args(["demo", "--workdir", str(tmp_path), "--settings", "none"]).tuned is None
+    assert parse_args(["label", "--input", "i", "--output", "o"]).part_to_object is False, "the authors' rule by default"

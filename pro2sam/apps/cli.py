@@ -31,13 +31,18 @@ def _defaults(cls) -> dict:
 # ---------------------------------------------------------------- shared option groups
 
 
-def _add_settings_option(p: argparse.ArgumentParser, *, confidence: bool = True) -> None:
-    p.add_argument("--settings", metavar="FILE",
-                   help="settings file of pro2sam tune (local or URI): its SAM filters, pruning, grid, matching "
+def _add_settings_option(p: argparse.ArgumentParser, *, confidence: bool = True, default: str | None = None) -> None:
+    p.add_argument("--settings", metavar="FILE", default=default,
+                   help="settings file of pro2sam tune (local or URI; 'shipped': those chosen for the shipped "
+                   "models; 'none': the package's defaults): its SAM filters, pruning, grid, matching "
                    "rule and fallback threshold become the defaults (options given here still override them)"
                    + ("; its confidence calibration fills the rows' confidence unless --confidence-calibration "
-                      "is given; the rows record its SHA-256 (settings_sha256)" if confidence else ""))  # fmt: skip
+                      "is given; the rows record its SHA-256 (settings_sha256)" if confidence else "")
+                   + (f" (default: {default})" if default else ""))  # fmt: skip
 
+
+# What --settings says to mean no file (the package's defaults; demo's default is the shipped one).
+NO_SETTINGS = "none"
 
 # A settings file's values -> the options they are defaults of (dest, and how the value maps).
 _SETTINGS_OPTIONS = {
@@ -783,6 +788,7 @@ def _add_tune_parser(sub) -> None:
 
 def _add_demo_parser(sub) -> None:
     from .. import shipped
+    from ..tuning import SHIPPED_SETTINGS
     from . import demo
 
     p = sub.add_parser(
@@ -800,7 +806,7 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("--sam", help="SAM variant (default: the shipped 'synthetic' SAM)")
     p.add_argument("--sam-checkpoint", help="SAM weights file (default: the shipped one, with the default --sam)")
     p.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
-    _add_settings_option(p)
+    _add_settings_option(p, default=SHIPPED_SETTINGS)
     p.set_defaults(func=cmd_demo)
 
 
@@ -813,14 +819,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "settings", None) == NO_SETTINGS:
+        args.settings = None
+    args.tuned = None
     if getattr(args, "settings", None):
         from ..tuning import load_settings
 
         tuned = load_settings(args.settings)
         subparser = _subparsers(parser)[args.command]
         subparser.set_defaults(**_settings_defaults(tuned, subparser))
+        settings = args.settings
         args = parser.parse_args(argv)  # parsed again: explicit options over the file's defaults
-        args.tuned = tuned
+        args.settings, args.tuned = settings, tuned
     return args
 
 

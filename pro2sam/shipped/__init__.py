@@ -40,6 +40,7 @@ __all__ = [
     "backbone_checkpoint",
     "gtformer_dir",
     "sam_checkpoint",
+    "settings_file",
     "training_records",
     "verify_shipped",
     "SHIPPED_NAME",
@@ -59,6 +60,8 @@ SHIPPED_NAME = "shipped"
 _GTFORMER_DIR = "gtformer_synthetic"
 _SAM_FILE = "sam_synthetic.pth"
 _BACKBONE_FILE = "deit_backbone_synthetic.safetensors"
+# What pro2sam tune chose for the shipped models on the synthetic val split (README.md here).
+_SETTINGS_FILE = "settings_synthetic.json"
 
 # SAM's candidate filter thresholds for the shipped SAM, declared with its sizes in SAM_VARIANTS.
 CANDIDATE_THRESHOLDS = dict(SAM_VARIANTS[SAM_VARIANT].filter_thresholds)
@@ -85,6 +88,13 @@ def backbone_checkpoint() -> Path:
     """The pretrained DeiT backbone (timm keys, safetensors) the shipped GTFormer was fine-tuned
     from, for ``pro2sam train --backbone-checkpoint``."""
     return _existing(MODELS_DIR / _BACKBONE_FILE)
+
+
+def settings_file() -> Path:
+    """The settings ``pro2sam tune`` chose for the shipped models on the val split of
+    ``pro2sam synthetic --seed 0`` (part-to-object on: their GTFormer's map lights the class part);
+    ``--settings shipped`` reads it, and ``pro2sam demo`` uses it unless given another."""
+    return _existing(MODELS_DIR / _SETTINGS_FILE)
 
 
 def training_records() -> dict[str, dict]:
