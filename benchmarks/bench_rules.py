@@ -36,15 +36,6 @@ import torch
 import torch.nn.functional as F
 
 
-def _box_iou(a, b) -> float:
-    """IoU of two inclusive-pixel boxes (x0, y0, x1, y1)."""
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
-    inter = ix * iy
-    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
-
-
 def bounded(match_masks, kind: str, bound: float):
     """``match_masks`` whose part-to-object climb is bounded by the map (see the module's doc)."""
     from pro2sam.matching import Match
@@ -90,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from pro2sam import matching, shipped
     from pro2sam.candidates import CandidateConfig
     from pro2sam.matching import MatchConfig
+    from pro2sam.metrics import box_iou_inclusive
     from pro2sam.model import Pro2SAM
     from pro2sam.synthetic import make_scene
     from pro2sam.tuning import GRIDS
@@ -121,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, (config, kind, bound) in rules.items():
                     matching.match_masks = bounded(plain_match, kind, bound) if kind else plain_match
                     result = generator.with_settings(matching=config).choose(scene.image, probs[0], coarse, found)
-                    hits[(name, map_name)].append(_box_iou(result.box_xyxy, scene.box_xyxy) >= 0.5)
+                    hits[(name, map_name)].append(box_iou_inclusive(result.box_xyxy, scene.box_xyxy)[0, 0] >= 0.5)
                     inter = (result.mask & scene.object_mask).sum()
                     mask_iou[(name, map_name)].append(inter / (result.mask | scene.object_mask).sum())
     finally:
