@@ -128,3 +128,22 @@ def _checkpoint_cache(tmp_path_factory):
         os.environ.pop("PRO2SAM_CACHE", None)
     else:
         os.environ["PRO2SAM_CACHE"] = saved
+
+
+# Fixtures and calls that start Ray or a subprocess: the tests that use them are marked `slow`,
+# so that `pytest -m "not slow"` is a fast inner loop (CI and the README's command run everything).
+_SLOW_FIXTURES = {"ray_local", "tiny_demo", "tuned_on_manifest"}
+_SLOW_CALLS = ("subprocess", "Popen", "cli_label_args", "local_ray_cluster", "run_captured", "ray.init")
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        function = getattr(item, "function", None)
+        try:
+            source = inspect.getsource(function) if function is not None else ""
+        except (OSError, TypeError):
+            source = ""
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or any(call in source for call in _SLOW_CALLS):
+            item.add_marker(pytest.mark.slow)
