@@ -443,6 +443,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
         out = write_wsol_dataset(
             args.output, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
             image_size=(args.min_size, args.max_size), seed=args.seed, num_classes=args.num_classes,
+            regime=args.regime,
         )  # fmt: skip
         for split, count in out.counts.items():
             print(f"{split}: {count} images  {out.spec(split)}")
@@ -648,7 +649,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_synthetic_parser(sub) -> None:
-    from ..synthetic import DEFAULT_SIZE_RANGE, SYNTHETIC_CLASSES
+    from ..synthetic import DEFAULT_SIZE_RANGE, REGIMES, SYNTHETIC_CLASSES
 
     p = sub.add_parser("synthetic", help="write a synthetic WSOL data set (wsolevaluation layout), deterministic by seed")
     p.add_argument("--output", required=True, help="root folder of the data set (metadata and images)")
@@ -659,6 +660,8 @@ def _add_synthetic_parser(sub) -> None:
     p.add_argument("--max-size", type=int, default=DEFAULT_SIZE_RANGE[1], help="largest image side, px (default %(default)s)")
     p.add_argument("--num-classes", type=int, default=len(SYNTHETIC_CLASSES), help="classes in play (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--regime", choices=REGIMES, default=REGIMES[0],
+                   help="class evidence on the part alone, or over the whole object on a support (default %(default)s)")  # fmt: skip
     p.set_defaults(func=cmd_synthetic)
 
 
