@@ -322,3 +322,23 @@ def test_object_regime_data_set_records_its_regime(tmp_path):
     assert line.endswith(f",{x0},{y0},{x1 + 1},{y1 + 1}")
     mask = np.asarray(Image.open(tmp_path / "masks" / "val" / "000000.png")) > 0
     assert np.array_equal(mask, scene.object_mask)
+
+
+def test_cli_writes_an_object_regime_dataset(tmp_path):
+    import json
+
+    from pro2sam.apps.cli import main
+
+    argv = ["synthetic", "--output", str(tmp_path / "d"), "--num-train", "1", "--num-val", "1", "--num-test", "0",
+            "--min-size", "96", "--max-size", "112", "--seed", "4", "--regime", "object"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "d" / "synthetic.json").read_text())["regime"] == "object"
+    written = np.asarray(Image.open(tmp_path / "d" / "masks" / "val" / "000000.png")) > 0
+    assert np.array_equal(written, make_scene(4, "val", 0, size_range=(96, 112), regime="object").object_mask)
+
+
+def test_demo_takes_the_regime_and_defaults_to_the_part_regime():
+    from pro2sam.apps.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).regime == "part"
+    assert build_parser().parse_args(["demo", "--regime", "object"]).regime == "object"
