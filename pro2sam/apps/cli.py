@@ -466,7 +466,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_demo(
             args.workdir, num_test=args.num_test, num_val=args.num_val, points_per_side=args.points_per_side,
             seed=args.seed, gtformer=args.gtformer, sam=args.sam, sam_checkpoint=args.sam_checkpoint,
-            ray_address=args.ray_address, gallery_limit=args.gallery_limit,
+            ray_address=args.ray_address, gallery_limit=args.gallery_limit, regime=args.regime,
         )  # fmt: skip
         return 0
 
@@ -667,6 +667,7 @@ def _add_synthetic_parser(sub) -> None:
 
 def _add_demo_parser(sub) -> None:
     from .. import shipped
+    from ..synthetic import REGIMES
     from . import demo
 
     p = sub.add_parser(
@@ -680,10 +681,12 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("--points-per-side", type=int, default=demo.DEFAULT_POINTS_PER_SIDE, help="SAM grid N x N (default %(default)s)")
     p.add_argument("--seed", type=int, default=shipped.SYNTHETIC_SEED, help="synthetic data set seed (default %(default)s)")
     p.add_argument("--gallery-limit", type=int, default=demo.DEFAULT_GALLERY_LIMIT, help="images in demo.html (default %(default)s)")
-    p.add_argument("--gtformer", help="GTFormer export folder (default: the shipped model)")
+    p.add_argument("--gtformer", help="GTFormer export folder (default: the model shipped for --regime)")
     p.add_argument("--sam", help="SAM variant (default: the shipped 'synthetic' SAM)")
     p.add_argument("--sam-checkpoint", help="SAM weights file (default: the shipped one, with the default --sam)")
     p.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--regime", choices=REGIMES, default=REGIMES[0],
+                   help="synthetic world: class evidence on the part alone, or over the object on a support (default %(default)s)")  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
 
