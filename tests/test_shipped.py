@@ -17,7 +17,7 @@ from pro2sam.synthetic import make_scene
 from segment_anything import SamPredictor
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_SHIPPED_BYTES = 20 * 1024 * 1024
+MAX_SHIPPED_BYTES = 25 * 1024 * 1024  # four models of 4.7-6.9 MB (two GTFormers since the object regime)
 MAX_TRAINING_SECONDS = 30 * 60
 
 
