@@ -3,7 +3,7 @@
     python benchmarks/bench_regime_candidates.py --num-images 50 --regime object
 
 Trains nothing, needs no GTFormer. For each synthetic scene of ``--regime`` (the ``val`` stream
-of ``--seed``) the shipped SAM (:mod:`pro2sam.shipped`) prompted by the full grid (no pruning:
+of ``--seed``) the shipped SAM (:mod:`pro2sam.shipped`, or ``--sam-checkpoint``) prompted by the full grid (no pruning:
 this measures SAM, not the coarse map) gives its kept candidates, at its shipped filter
 thresholds and with the filters off. Each candidate's full-resolution mask is compared with the
 scene's ground truth:
@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--growth", type=float, default=1.5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the numbers here")
+    p.add_argument("--sam-checkpoint", help="weights of the 'synthetic' SAM variant (default: the shipped SAM)")
     args = p.parse_args(argv)
 
     import torch
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from pro2sam.synthetic import make_scene
 
     torch.set_num_threads(args.threads)
-    sam = build_sam(shipped.SAM_VARIANT, shipped.sam_checkpoint())
+    checkpoint = args.sam_checkpoint or shipped.sam_checkpoint()
+    sam = build_sam(shipped.SAM_VARIANT, checkpoint, verify=not args.sam_checkpoint)
     settings = {
         "shipped filters": CandidateConfig.for_variant(shipped.SAM_VARIANT, points_per_side=args.points_per_side,
                                                        prune_with_coarse_map=False),  # fmt: skip
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     n = args.num_images
     out = {
-        "regime": args.regime, "seed": args.seed, "images": n, "points_per_side": args.points_per_side,
+        "regime": args.regime, "seed": args.seed, "sam_checkpoint": str(checkpoint), "images": n, "points_per_side": args.points_per_side,
         "object_iou": args.object_iou, "contain": args.contain, "growth": args.growth, "seconds": seconds,
         "results": {
             name: {"object_pct": 100 * h["object"] / n, "container_pct": 100 * h["container"] / n,
