@@ -27,6 +27,13 @@ synthetic world knows the part, :attr:`pro2sam.synthetic.SyntheticScene.part_mas
 per image. GTFormer runs once per image (its outputs are shared by every configuration); held-out rows
 need only GTFormer, so SAM runs on the test splits only.
 
+``--regime object`` runs all of it in the synthetic world's second regime (class evidence over the
+object, objects on supports; :data:`pro2sam.synthetic.REGIMES`) with the GTFormer shipped for it
+(``pro2sam.shipped.gtformer_dir("object")``, or ``--gtformer``). On test, the authors' plain IoU
+rule and the package's default matching (``MatchConfig()``) are scored on the same candidates
+beside the chosen rule (METHOD.md §3: the default must not lose more than 1 point to plain IoU
+in any regime).
+
 A second table repeats every configuration on the ``test`` split of another seed
 (``--unseen-seed``, default 7), used for no choice at all: same models, same thresholds (chosen on
 the original ``val``). Writes ``quality.json`` and ``quality.md`` under ``--workdir`` and prints
@@ -66,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unseen-seed", type=int, default=7,
                    help="synthetic seed of the second table's test split, used for no choice (default %(default)s)")
     p.add_argument("--skip-unseen", action="store_true", help="only the first table")
+    p.add_argument("--regime", default="part", help="synthetic world's regime (pro2sam.synthetic.REGIMES; default %(default)s)")
+    p.add_argument("--gtformer", type=Path, help="GTFormer export (default: the one shipped for --regime)")
+    p.add_argument("--sam-filters", choices=["choose", "shipped"], default="choose",
+                   help="choose SAM's filter thresholds on val with tune's grid, or keep the shipped SAM's "
+                        "(two SAM runs per val image, pruning on and off, instead of fourteen; default %(default)s)")  # fmt: skip
     p.add_argument("--choose-only", action="store_true",
                    help="stop after the choices on val (writes choices.json): to compare models on val alone")  # fmt: skip
     args = p.parse_args(argv)
@@ -86,25 +98,28 @@ def main(argv: list[str] | None = None) -> int:
     from pro2sam.tuning import GRIDS, choose, table_row
 
     plain_iou = MatchConfig(part_to_object=False)  # the authors' rule, what part-to-object is compared with
+    package_default = MatchConfig()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.skip_unseen and args.unseen_seed == shipped.SYNTHETIC_SEED:
         p.error(f"--unseen-seed {args.unseen_seed} is the seed the models and thresholds were chosen on")
     data = write_wsol_dataset(
-        args.workdir / "data", num_train=0, num_val=args.num_val, num_test=args.num_test, seed=shipped.SYNTHETIC_SEED
-    )
+        args.workdir / "data", num_train=0, num_val=args.num_val, num_test=args.num_test, seed=shipped.SYNTHETIC_SEED,
+        regime=args.regime,
+    )  # fmt: skip
     heldout, test = open_dataset(data.spec("val")), open_dataset(data.spec("test"))
     tests = {"test": test}
     seeds = {"test": shipped.SYNTHETIC_SEED, "unseen": args.unseen_seed}
     if not args.skip_unseen:
         unseen = write_wsol_dataset(
             args.workdir / f"data_seed{args.unseen_seed}", num_train=0, num_val=0, num_test=args.num_test,
-            seed=args.unseen_seed,
+            seed=args.unseen_seed, regime=args.regime,
         )  # fmt: skip
         tests["unseen"] = open_dataset(unseen.spec("test"))
+    gtformer = args.gtformer or shipped.gtformer_dir(args.regime)
     model = Pro2SAM.from_checkpoints(
-        shipped.gtformer_dir(), sam=shipped.SAM_VARIANT, sam_checkpoint=shipped.sam_checkpoint(), device=args.device
+        gtformer, sam=shipped.SAM_VARIANT, sam_checkpoint=shipped.sam_checkpoint(), device=args.device
     )
 
     # GTFormer once per image: (image, probs, coarse map) shared by every configuration.
@@ -145,7 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     base_matching = MatchConfig()
     matchings = {_rule(m): m for m in grid.match_configs(base_matching)}
     choices, keys = [], []
-    for config in grid.candidate_configs(base_candidates):
+    candidate_configs = grid.candidate_configs(base_candidates)
+    if args.sam_filters == "shipped":  # the shipped SAM's own filters only: pruning on and off
+        shipped_pair = (base_candidates.pred_iou_thresh, base_candidates.stability_score_thresh)
+        candidate_configs = [c for c in candidate_configs if (c.pred_iou_thresh, c.stability_score_thresh) == shipped_pair]
+    for config in candidate_configs:
         rows, seconds = label(heldout.samples, config, matchings)
         for name, r in rows.items():
             pro = evaluate_predictions(heldout, r, methods=("Pro2SAM",))["Pro2SAM"]
@@ -198,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     for grid in args.grids:
         for prune in prunes:
             config = CandidateConfig(points_per_side=grid, prune_with_coarse_map=prune, mode=args.mode, **chosen_candidates)
-            compare = {"chosen": chosen_matching} | ({"plain IoU": plain_iou} if chosen_matching.part_to_object else {})
+            compare = {"chosen": chosen_matching, "plain IoU": plain_iou, "package default": package_default}
             for name, split in tests.items():
                 rows, seconds = label(split.samples, config, compare)
                 report = evaluate_with_heldout(heldout, heldout_rows["chosen"], split, rows["chosen"])
@@ -209,14 +228,21 @@ def main(argv: list[str] | None = None) -> int:
                     "seconds_per_image": seconds,
                     "error_rows": sum(r["status"] != "ok" for r in rows["chosen"]),
                     "Pro2SAM": {k: pro.get(k) for k in (*PRO2SAM_KEYS, "PxAP")} | {
-                        "part_held": part_held(rows["chosen"], seeds[name], "test")
+                        "part_held": part_held(rows["chosen"], seeds[name], "test", args.regime)
+                    },
+                    "gt_known_loc_by_matching": {
+                        m: evaluate_predictions(split, r)["Pro2SAM"]["gt_known_loc"] for m, r in rows.items()
                     },
                 })  # fmt: skip
                 gtformer_reports.setdefault(name, report)
-                if "plain IoU" in rows:
-                    gained_lost.setdefault(name, {})[f"grid {grid}, pruning {'on' if prune else 'off'}"] = _gained_lost(
-                        evaluate_predictions(split, rows["plain IoU"])["images"], report["images"]
-                    )
+                plain_images = evaluate_predictions(split, rows["plain IoU"])["images"]
+                setting = f"grid {grid}, pruning {'on' if prune else 'off'}"
+                gained_lost.setdefault(name, {})[setting] = _gained_lost(plain_images, report["images"])
+                gained_lost.setdefault(f"{name} (package default)", {})[setting] = _gained_lost(
+                    plain_images, evaluate_predictions(split, rows["package default"])["images"]
+                )
+                print(f"{name}: GT-known by matching rule on the same candidates: {runs[name][-1]['gt_known_loc_by_matching']}",
+                      flush=True)  # fmt: skip
                 print(
                     f"{name}: grid {grid:2d} prune {'on ' if prune else 'off'}: GT-known {_fmt(pro.get('gt_known_loc'))} "
                     f"top-1 {_fmt(pro.get('top1_loc'))} BoxAccV2 (single box) {_fmt(pro.get(BOX_ACCURACY['Pro2SAM']))} "
@@ -226,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
     titles = {
-        "test": f"Synthetic test split (seed {shipped.SYNTHETIC_SEED}): {len(test.samples)} images",
+        "test": f"Synthetic test split (seed {shipped.SYNTHETIC_SEED}, {args.regime} regime): {len(test.samples)} images",
         "unseen": f"Synthetic test split of seed {args.unseen_seed}, used for no choice: {args.num_test} images",
     }
     thresholds = gtformer_reports["test"]["thresholds"]
@@ -243,11 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     tables = [intro, ""]
     for name in tests:
         tables += quality_table(titles[name], gtformer_reports[name], runs[name], gtformer_seconds) + [""]
-        for setting, counts in gained_lost.get(name, {}).items():
-            tables.append(
-                f"Part-to-object against plain IoU matching ({setting}): {counts['gained']} images gained, "
-                f"{counts['lost']} lost (GT-known Loc, IoU >= 0.5)."
-            )
+        for key, rule in ((name, "The chosen rule"), (f"{name} (package default)", "The package's default matching")):
+            for setting, counts in gained_lost.get(key, {}).items():
+                tables.append(
+                    f"{rule} against plain IoU matching ({setting}): {counts['gained']} images gained, "
+                    f"{counts['lost']} lost (GT-known Loc, IoU >= 0.5)."
+                )
+        for r in runs[name]:
+            by_rule = ", ".join(f"{m} {_fmt(v)}" for m, v in r["gt_known_loc_by_matching"].items())
+            tables.append(f"GT-known Loc by matching rule (grid {r['grid']}, pruning {'on' if r['prune'] else 'off'}): {by_rule}.")
         tables.append("")
     table = "\n".join(tables)
     print()
@@ -256,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.workdir / "quality.md").write_text(table)
     record = {
         "command": " ".join(["python", *sys.argv]),
+        "regime": args.regime,
+        "gtformer": str(gtformer),
         "platform": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "num_val": len(heldout.samples),
         "num_test": len(test.samples),
@@ -277,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def part_held(rows: list[dict], seed: int, split: str) -> float:
+def part_held(rows: list[dict], seed: int, split: str, regime: str = "part") -> float:
     """Percent of rows whose mask holds at least half of the pixels of its scene's class part
     (``make_scene`` of the split's stream, index from the file name); error rows hold nothing."""
     from pro2sam.rle import decode_mask
@@ -287,7 +319,7 @@ def part_held(rows: list[dict], seed: int, split: str) -> float:
     for row in rows:
         if row["status"] != "ok":
             continue
-        part = make_scene(seed, split, int(Path(row["uri"]).stem)).part_mask
+        part = make_scene(seed, split, int(Path(row["uri"]).stem), regime=regime).part_mask
         held += (decode_mask(row["mask_rle"]) & part).sum() >= 0.5 * part.sum()
     return 100.0 * held / max(1, len(rows))
 

@@ -18,6 +18,17 @@ Colour is what separates class evidence from everything else: parts are saturate
 while bodies, distractors and background clutter are drawn with low saturation
 (:data:`MAX_CLUTTER_SATURATION`).
 
+Two **regimes** (:data:`REGIMES`, METHOD.md §5). ``"part"`` (the default, described above) is
+the extreme of part domination: the part is the only class evidence, so a classifier's map
+lights the part. In ``"object"`` the class evidence covers the object, as plumage covers a
+bird: the body takes the class's colour (saturated red or blue) and the class kind's pattern and
+accent colour at a coarser period, and the part stays on it. Each target sits on or in a larger
+**support** (:data:`SUPPORT_KINDS`: a branch across it, a table under it, a pool of water it sits
+in), dull and textured like the clutter, touching and partly surrounding the object, drawn
+before it: part of the image, not of the object's mask or box (:attr:`SyntheticScene.support_mask`).
+So SAM has an object-plus-support container to segment, as on photographs. The part regime's
+scenes are unchanged by the second regime (same seed, same bytes).
+
 Every scene is determined by ``(seed, stream, index)`` (:func:`make_scene`); labels cycle through
 the classes in shuffled blocks, so any prefix of a split is close to balanced. The streams
 ``train``/``val``/``test`` make the data set written by :func:`write_wsol_dataset`; ``sam`` is
@@ -52,6 +63,8 @@ __all__ = [
     "SYNTHETIC_CLASSES",
     "STREAMS",
     "DEFAULT_SIZE_RANGE",
+    "REGIMES",
+    "SUPPORT_KINDS",
     "SyntheticScene",
     "SyntheticDataset",
     "generate_scene",
@@ -102,6 +115,18 @@ MAX_DISTRACTORS = 3
 # Smallest RGB distance between an object's base colour and the background's mean colour.
 MIN_OBJECT_CONTRAST = 60.0
 
+# Where the class evidence lies: on the part alone, or over the whole object (module docstring).
+REGIMES = ("part", "object")
+# Object regime: what the target sits on or in.
+SUPPORT_KINDS = ("branch", "table", "water")
+# Object regime: the body's class pattern is coarser than the part's (px), so both read at 16 px.
+BODY_PATTERN_PERIOD_PX = (8.0, 12.0)
+# Object regime: the body's colour is the class colour mixed with grey by this share (kept
+# above MAX_CLUTTER_SATURATION, so no support, distractor or clutter carries class colour).
+BODY_CLASS_COLOUR_SHARE = (0.65, 0.95)
+# Keys the object regime's scene seeds apart from the part regime's (same seed, other scenes).
+_REGIME_KEY = {"object": 11}
+
 
 @dataclass(frozen=True)
 class SyntheticScene:
@@ -114,6 +139,9 @@ class SyntheticScene:
         object_mask: (H, W) bool, the whole target object (body and part).
         part_mask: (H, W) bool, the class part (a subset of ``object_mask``).
         distractor_masks: (K, H, W) bool, K = 0..3, one per distractor; disjoint from the target.
+        support_mask: (H, W) bool, the visible support the target sits on or in (object regime;
+            all False in the part regime); disjoint from ``object_mask``. None only for scenes
+            built by hand.
     """
 
     image: np.ndarray
@@ -122,6 +150,7 @@ class SyntheticScene:
     object_mask: np.ndarray
     part_mask: np.ndarray
     distractor_masks: np.ndarray
+    support_mask: np.ndarray | None = None
 
     @property
     def class_name(self) -> str:
@@ -393,6 +422,7 @@ def generate_scene(
     size: tuple[int, int] | None = None,
     size_range: tuple[int, int] = DEFAULT_SIZE_RANGE,
     num_classes: int = len(SYNTHETIC_CLASSES),
+    regime: str = "part",
 ) -> SyntheticScene:
     """Draw one scene from ``rng``.
 
@@ -402,7 +432,11 @@ def generate_scene(
         size: (W, H) of the image; None draws each side from ``size_range``.
         size_range: (smallest, largest) side in pixels, inclusive.
         num_classes: how many of :data:`SYNTHETIC_CLASSES` are in play (the first N).
+        regime: one of :data:`REGIMES`: class evidence on the part alone (``"part"``) or over
+            the whole object, which sits on a support (``"object"``).
     """
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; choose from {REGIMES}")
     if not 1 <= num_classes <= len(SYNTHETIC_CLASSES):
         raise ValueError(f"num_classes must be 1..{len(SYNTHETIC_CLASSES)}, got {num_classes}")
     if label is None:
@@ -440,8 +474,14 @@ def generate_scene(
     part_mask = _rasterize(part_polygon, size)
     object_mask = body_mask | part_mask
 
-    # distractors: bodies without a part, clear of the target and of each other
-    taken = cv2.dilate(object_mask.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
+    support_mask = np.zeros((h, w), dtype=bool)
+    if regime == "object":  # drawn first, so the object covers it where they meet
+        support_mask = _support_mask(rng, size, object_mask) & ~object_mask
+        support = _object_texture(rng, size, _contrasting_colour(rng, background_mean))
+        image[support_mask] = support[support_mask]
+
+    # distractors: bodies without a part, clear of the target (and its support) and of each other
+    taken = cv2.dilate((object_mask | support_mask).astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
     distractors = []
     for _ in range(int(rng.integers(0, MAX_DISTRACTORS + 1))):
         for _ in range(20):
@@ -454,9 +494,12 @@ def generate_scene(
                 taken |= cv2.dilate(mask.astype(np.uint8), np.ones((7, 7), np.uint8)).astype(bool)
                 break
 
-    for mask in [body_mask, *distractors]:
+    for mask in [body_mask, *distractors] if regime == "part" else distractors:
         texture = _object_texture(rng, size, _contrasting_colour(rng, background_mean))
         image[mask] = texture[mask]
+    if regime == "object":
+        body = _class_body_texture(rng, size, colour_name, shape, centre)
+        image[body_mask] = body[body_mask]
     part_colour = np.array(PART_COLOURS[colour_name], np.float32) * rng.uniform(0.85, 1.05)
     part_colour = part_colour + rng.uniform(-10, 10, 3)
     pattern, accent = PART_KINDS[shape]
@@ -478,7 +521,60 @@ def generate_scene(
         object_mask=object_mask,
         part_mask=part_mask,
         distractor_masks=np.stack(distractors) if distractors else np.zeros((0, h, w), dtype=bool),
+        support_mask=support_mask,
     )
+
+
+def _class_body_texture(
+    rng: np.random.Generator, size: tuple[int, int], colour_name: str, kind: str, centre: Sequence[float]
+) -> np.ndarray:
+    """(H, W, 3) float32: an object-regime body, the class's colour with the class kind's pattern
+    and accent (:data:`PART_KINDS`) at :data:`BODY_PATTERN_PERIOD_PX`, softly shaded."""
+    grey = np.full(3, rng.uniform(60, 160), np.float32)
+    share = rng.uniform(*BODY_CLASS_COLOUR_SHARE)
+    base = np.array(PART_COLOURS[colour_name], np.float32) * rng.uniform(0.7, 1.05)
+    base = share * base + (1 - share) * grey + rng.uniform(-10, 10, 3)
+    pattern, accent = PART_KINDS[kind]
+    pattern_map = part_pattern(rng, pattern, size, centre, period_px=BODY_PATTERN_PERIOD_PX)
+    texture = two_tone(rng, base, pattern_map, ACCENT_COLOURS[accent] if accent else None)
+    return texture + (_smooth_noise(rng, size, 4)[..., None] - 0.5) * rng.uniform(10, 40)
+
+
+def _support_mask(rng: np.random.Generator, size: tuple[int, int], object_mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool: a support (:data:`SUPPORT_KINDS`) touching ``object_mask`` and reaching well
+    beyond it, below its centre in the image (what it sits on or in). May overlap the object."""
+    w, h = size
+    ys, xs = np.nonzero(object_mask)
+    x0, y0, x1, y1 = float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())
+    bw, bh = x1 - x0 + 1, y1 - y0 + 1
+    mask = np.zeros((h, w), np.uint8)
+    kind = rng.choice(SUPPORT_KINDS)
+    if kind == "branch":  # a thick bar across the image through the object's lower half
+        angle = rng.uniform(-0.45, 0.45)
+        cy = y0 + bh * rng.uniform(0.55, 0.9)
+        cx = x0 + bw * rng.uniform(0.3, 0.7)
+        thickness = max(3, int(min(bw, bh) * rng.uniform(0.25, 0.45)))
+        reach = 2.0 * max(w, h)
+        dx, dy = np.cos(angle) * reach, np.sin(angle) * reach
+        length = rng.uniform(0.8, 1.6) * bw  # one end may stop inside the image: a branch, not a border
+        side = rng.choice((-1.0, 1.0))
+        p0 = (cx - side * dx, cy - side * dy)
+        p1 = (cx + side * np.cos(angle) * length, cy + side * np.sin(angle) * length)
+        cv2.line(mask, (int(p0[0]), int(p0[1])), (int(p1[0]), int(p1[1])), 1, thickness, cv2.LINE_8)
+    elif kind == "table":  # a top seen in perspective: the object stands on its back edge
+        top = y1 - bh * rng.uniform(0.15, 0.4)
+        bottom = min(h - 1.0, y1 + bh * rng.uniform(0.4, 1.0))
+        left, right = x0 - bw * rng.uniform(0.3, 0.9), x1 + bw * rng.uniform(0.3, 0.9)
+        spread = bw * rng.uniform(0.0, 0.3)
+        quad = np.array([[left, top], [right, top], [right + spread, bottom], [left - spread, bottom]])
+        cv2.fillPoly(mask, [np.round(quad).astype(np.int32)], 1)
+    else:  # water: a pool the object sits in, around its lower half
+        centre = (x0 + bw * rng.uniform(0.35, 0.65), y0 + bh * rng.uniform(0.7, 1.0))
+        axes = (bw * rng.uniform(0.75, 1.2), bh * rng.uniform(0.45, 0.75))
+        ellipse = _transform(_unit_body_polygon(rng), 1.0, 1.0, rng.uniform(-0.2, 0.2), (0.0, 0.0))
+        ellipse = ellipse * np.array(axes) + np.array(centre)
+        cv2.fillPoly(mask, [np.round(ellipse).astype(np.int32)], 1)
+    return mask.astype(bool)
 
 
 def scene_label(seed: int, stream: str, index: int, num_classes: int = len(SYNTHETIC_CLASSES)) -> int:
@@ -496,14 +592,19 @@ def make_scene(
     *,
     size_range: tuple[int, int] = DEFAULT_SIZE_RANGE,
     num_classes: int = len(SYNTHETIC_CLASSES),
+    regime: str = "part",
 ) -> SyntheticScene:
-    """Scene ``index`` of ``stream`` (a key of :data:`STREAMS`) for ``seed``; the same arguments
-    always give the same scene, on any machine with the same numpy and OpenCV."""
+    """Scene ``index`` of ``stream`` (a key of :data:`STREAMS`) for ``seed`` in ``regime`` (one of
+    :data:`REGIMES`); the same arguments always give the same scene, on any machine with the same
+    numpy and OpenCV. Both regimes share the labels of a seed; their scenes are drawn apart."""
     if stream not in STREAMS:
         raise ValueError(f"unknown stream {stream!r}; choose from {sorted(STREAMS)}")
-    rng = np.random.default_rng([seed, STREAMS[stream], index])
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; choose from {REGIMES}")
+    key = [seed, STREAMS[stream], index] + ([_REGIME_KEY[regime]] if regime in _REGIME_KEY else [])
+    rng = np.random.default_rng(key)
     label = scene_label(seed, stream, index, num_classes)
-    return generate_scene(rng, label=label, size_range=size_range, num_classes=num_classes)
+    return generate_scene(rng, label=label, size_range=size_range, num_classes=num_classes, regime=regime)
 
 
 # ---------------------------------------------------------------- the data set on disk
@@ -537,6 +638,7 @@ def write_wsol_dataset(
     num_classes: int = len(SYNTHETIC_CLASSES),
     jpeg_quality: int = 95,
     command: str | None = None,
+    regime: str = "part",
 ) -> SyntheticDataset:
     """Generate the splits and write them in ``clovaai/wsolevaluation``'s metadata layout.
 
@@ -562,6 +664,8 @@ def write_wsol_dataset(
             image. ``(s, s)`` gives s x s images.
         seed: with the split and index, determines every scene (:func:`make_scene`).
         num_classes: use the first N of :data:`SYNTHETIC_CLASSES`.
+        regime: one of :data:`REGIMES` (recorded in ``synthetic.json``); the ground truth is the
+            object's in both (never the support's).
         command: recorded in ``synthetic.json`` (default: this process's command line).
     """
     root = Path(root)
@@ -571,14 +675,20 @@ def write_wsol_dataset(
     lo, hi = image_size
     if not 32 <= lo <= hi:
         raise ValueError(f"image_size must be (smallest, largest) with 32 <= smallest <= largest, got {image_size}")
+    if regime not in REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; choose from {REGIMES}")
     root.mkdir(parents=True, exist_ok=True)
     (root / "class_names.txt").write_text("".join(f"{n}\n" for n in SYNTHETIC_CLASSES[:num_classes]))
     for split, count in counts.items():
-        _write_split(root, split, count, seed=seed, size_range=(lo, hi), num_classes=num_classes, quality=jpeg_quality)
+        _write_split(
+            root, split, count, seed=seed, size_range=(lo, hi), num_classes=num_classes, quality=jpeg_quality,
+            regime=regime,
+        )  # fmt: skip
     info = {
         "generator": "pro2sam.synthetic",
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
+        "regime": regime,
         "counts": counts,
         "image_size": [lo, hi],
         "class_names": list(SYNTHETIC_CLASSES[:num_classes]),
@@ -590,7 +700,15 @@ def write_wsol_dataset(
 
 
 def _write_split(
-    root: Path, split: str, count: int, *, seed: int, size_range: tuple[int, int], num_classes: int, quality: int
+    root: Path,
+    split: str,
+    count: int,
+    *,
+    seed: int,
+    size_range: tuple[int, int],
+    num_classes: int,
+    quality: int,
+    regime: str,
 ) -> None:
     with_localization = split != "train"
     (root / split).mkdir(exist_ok=True)
@@ -599,7 +717,7 @@ def _write_split(
         (root / "masks" / split).mkdir(parents=True, exist_ok=True)
     ids, labels, sizes, localization = [], [], [], []
     for i in range(count):
-        scene = make_scene(seed, split, i, size_range=size_range, num_classes=num_classes)
+        scene = make_scene(seed, split, i, size_range=size_range, num_classes=num_classes, regime=regime)
         path = f"images/{split}/{i:06d}.jpg"
         Image.fromarray(scene.image).save(root / path, quality=quality)
         w, h = scene.size

@@ -18,6 +18,7 @@ import shlex
 import sys
 
 from pro2sam.sam import SAM_VARIANTS
+from pro2sam.synthetic import REGIMES
 from pro2sam.train.sam import SamTrainConfig, train_sam
 
 
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(d.regimes),
+                   help="synthetic regimes the scenes are drawn from, in turn (default %(default)s)")  # fmt: skip
     p.add_argument("--device", default=None, help="default cuda if available")
     return p
 
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         log_every=args.log_every,
         loss_size=args.loss_size,
         variant=args.variant,
+        regimes=tuple(args.regimes),
     )
     held_out = record.get("held_out")
     if held_out:

@@ -107,3 +107,11 @@ def test_demo_runs_with_the_shipped_models_by_default(tmp_path, ray_local):
     # the shipped SAM's own filter thresholds reach the labeling actors: candidates survive
     sources = pq.read_table(summary["labels"], columns=["box_source"]).column("box_source").to_pylist()
     assert sources.count("sam") >= len(sources) // 2
+
+
+def test_demo_in_the_object_regime_uses_its_data_and_its_gtformer(tmp_path, ray_local):
+    summary, printed = run_captured(tmp_path / "demo", regime="object")
+    assert summary["regime"] == "object" and "object regime" in printed
+    assert summary["models"]["gtformer"] == str(shipped.gtformer_dir("object"))
+    assert json.loads((Path(summary["data"]) / "synthetic.json").read_text())["regime"] == "object"
+    assert summary["error_rows"] == {"test": 0, "val": 0}

@@ -204,3 +204,141 @@ def test_the_true_mask_scores_iou_one_against_the_written_ground_truth(tmp_path)
     r = evaluate_predictions(test, rows)
     assert [rec["pro2sam_iou"] for rec in r["images"]] == [1.0] * 4
     assert r["Pro2SAM"]["BoxAccV2_single_box"] == 100.0
+
+
+# ---------------------------------------------------------------- regimes
+
+# sha256 of image + object, part and distractor masks of four scenes (seed 0, default sizes), as
+# the generator wrote them before the object regime existed (main at c63b892).
+PART_REGIME_SCENE_SHA256 = {
+    ("train", 0): "525da383e1882b6ef95fd17db01fa11fcaa70bd6a01e40a8f3856884d42cd6c5",
+    ("val", 3): "774724fd2a36280afe24ade3742696f4fa4f782afa1a06b298aacbf9e5ac6f0e",
+    ("test", 1): "37b9067357d5ed94d405219701cf5e99cf5d3c5c064689a534ef45fe210e62bf",
+    ("sam", 5): "bcd90d937c7bd4cdd58298b9a886216d049e601ce93b6c019cfdfaf86a94bdd1",
+}
+
+
+def _scene_sha256(s) -> str:
+    import hashlib
+
+    arrays = (s.image, s.object_mask, s.part_mask, s.distractor_masks)
+    return hashlib.sha256(b"".join(a.tobytes() for a in arrays)).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def object_scenes():
+    return [make_scene(3, "test", i, size_range=SMALL, regime="object") for i in range(20)]
+
+
+def test_part_regime_is_the_default_and_its_scenes_are_unchanged():
+    for (stream, index), digest in PART_REGIME_SCENE_SHA256.items():
+        default, part = make_scene(0, stream, index), make_scene(0, stream, index, regime="part")
+        assert _scene_sha256(default) == _scene_sha256(part) == digest
+        assert not part.support_mask.any()
+
+
+def test_object_regime_is_deterministic_by_seed_and_apart_from_the_part_regime():
+    a, b = (make_scene(5, "train", 7, size_range=SMALL, regime="object") for _ in range(2))
+    assert _scene_sha256(a) == _scene_sha256(b) and np.array_equal(a.support_mask, b.support_mask)
+    other = make_scene(6, "train", 7, size_range=SMALL, regime="object")
+    assert other.image.shape != a.image.shape or not np.array_equal(other.image, a.image)
+    part = make_scene(5, "train", 7, size_range=SMALL)
+    assert part.label == a.label  # a seed's labels are shared, its scenes are not
+    assert part.image.shape != a.image.shape or not np.array_equal(part.image, a.image)
+
+
+def test_unknown_regime_is_refused():
+    with pytest.raises(ValueError, match="regime"):
+        make_scene(0, "test", 0, regime="plumage")
+
+
+def test_object_regime_ground_truth_is_the_object_not_its_support(object_scenes):
+    for s in object_scenes:
+        ys, xs = np.nonzero(s.object_mask)
+        assert s.box_xyxy == (xs.min(), ys.min(), xs.max(), ys.max())
+        assert not (s.part_mask & ~s.object_mask).any() and s.part_mask.any()
+        assert s.support_mask.any() and not (s.support_mask & s.object_mask).any()
+        assert not (s.distractor_masks & (s.object_mask | s.support_mask)).any()
+
+
+def test_object_regime_support_touches_the_object_and_reaches_beyond_its_box(object_scenes):
+    for s in object_scenes:
+        near = cv2.dilate(s.object_mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        assert (near & s.support_mask).any()
+        x0, y0, x1, y1 = s.box_xyxy
+        outside_box = s.support_mask.copy()
+        outside_box[y0 : y1 + 1, x0 : x1 + 1] = False
+        assert outside_box.sum() > 0.2 * s.object_mask.sum()
+
+
+def _mean_rgb(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return image[_erode(mask, 1)].astype(np.float64).mean(0)
+
+
+def _red_and_blue_shares(image: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """Shares of ``mask``'s pixels (eroded by 1) whose red, or blue, channel exceeds both others by 50."""
+    rgb = image[_erode(mask, 1)].astype(np.int32)
+    r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    return float((r - np.maximum(g, b) > 50).mean()), float((b - np.maximum(r, g) > 50).mean())
+
+
+def test_object_regime_class_colour_is_read_from_the_body_alone(object_scenes):
+    # the body without its part: red classes have red pixels and no blue ones, blue classes the reverse
+    for s in object_scenes:
+        red, blue = _red_and_blue_shares(s.image, s.body_mask)
+        own, other = (red, blue) if s.class_name.startswith("red") else (blue, red)
+        assert own > 0.3 and other < 0.05, (s.class_name, red, blue)
+
+
+def test_object_regime_body_carries_the_class_kind_accent():
+    # the kinds of one colour differ on the body alone: the share of pixels near the kind's accent
+    from pro2sam.synthetic import ACCENT_COLOURS, PART_KINDS
+
+    for i in range(10):
+        s = make_scene(1, "val", i, regime="object")
+        pixels = s.image[_erode(s.body_mask, 1)].astype(np.float64)
+        kind = s.class_name.split("_", 1)[1]
+        shares = {
+            accent: float((np.linalg.norm(pixels - np.array(rgb), axis=1) < 60).mean())
+            for accent, rgb in ACCENT_COLOURS.items()
+        }
+        own = PART_KINDS[kind][1]
+        if own is None:
+            assert max(shares.values()) < 0.1, (s.class_name, shares)
+        else:
+            assert shares[own] > 0.15 and shares[own] == max(shares.values()), (s.class_name, shares)
+
+
+def test_object_regime_data_set_records_its_regime(tmp_path):
+    import json
+
+    data = write_wsol_dataset(tmp_path, num_train=2, num_val=2, num_test=0, image_size=SMALL, seed=4, regime="object")
+    assert json.loads((tmp_path / "synthetic.json").read_text())["regime"] == "object"
+    samples = open_dataset(data.spec("val")).samples
+    assert len(samples) == 2
+    scene = make_scene(4, "val", 0, size_range=SMALL, regime="object")
+    x0, y0, x1, y1 = scene.box_xyxy
+    line = (tmp_path / "val" / "localization.txt").read_text().splitlines()[0]
+    assert line.endswith(f",{x0},{y0},{x1 + 1},{y1 + 1}")
+    mask = np.asarray(Image.open(tmp_path / "masks" / "val" / "000000.png")) > 0
+    assert np.array_equal(mask, scene.object_mask)
+
+
+def test_cli_writes_an_object_regime_dataset(tmp_path):
+    import json
+
+    from pro2sam.apps.cli import main
+
+    argv = ["synthetic", "--output", str(tmp_path / "d"), "--num-train", "1", "--num-val", "1", "--num-test", "0",
+            "--min-size", "96", "--max-size", "112", "--seed", "4", "--regime", "object"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "d" / "synthetic.json").read_text())["regime"] == "object"
+    written = np.asarray(Image.open(tmp_path / "d" / "masks" / "val" / "000000.png")) > 0
+    assert np.array_equal(written, make_scene(4, "val", 0, size_range=(96, 112), regime="object").object_mask)
+
+
+def test_demo_takes_the_regime_and_defaults_to_the_part_regime():
+    from pro2sam.apps.cli import build_parser
+
+    assert build_parser().parse_args(["demo"]).regime == "part"
+    assert build_parser().parse_args(["demo", "--regime", "object"]).regime == "object"

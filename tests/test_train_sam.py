@@ -158,3 +158,21 @@ def test_training_script_records_its_command(tmp_path):
     assert record["command"].endswith(" ".join(argv[2:])) and "train_sam_synthetic.py" in record["command"]
     assert record["seed"] == 5 and "held_out" not in record
     build_sam("tiny", out, verify=False)
+
+
+def test_object_regime_scenes_add_the_object_with_its_support_as_a_target():
+    from pro2sam.train.sam import prompt_targets
+
+    scene = make_scene(0, "sam", 1, size_range=SMALL, regime="object")
+    targets = prompt_targets(scene)
+    assert any((t == (scene.object_mask | scene.support_mask)).all() for t in targets)
+    part_scene = make_scene(0, "sam", 1, size_range=SMALL)
+    assert len(prompt_targets(part_scene)) == 2 + sum(m.any() for m in part_scene.distractor_masks)
+
+
+def test_regimes_take_turns_over_the_scene_indices():
+    data = PromptedScenes(seed=0, length=4, image_size=S, prompts_per_image=2, size_range=SMALL, regimes=("part", "object"))
+    assert not data.scene(0).support_mask.any() and data.scene(1).support_mask.any()
+    assert (data.scene(1).image == make_scene(0, "sam", 1, size_range=SMALL, regime="object").image).all()
+    with pytest.raises(ValueError, match="regimes"):
+        SamTrainConfig(regimes=("plumage",))

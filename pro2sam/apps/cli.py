@@ -41,8 +41,10 @@ def _add_settings_option(p: argparse.ArgumentParser, *, confidence: bool = True,
                    + (f" (default: {default})" if default else ""))  # fmt: skip
 
 
-# What --settings says to mean no file (the package's defaults; demo's default is the shipped one).
+# What --settings says to mean no file (the package's defaults), and demo's default: the settings
+# pro2sam tune chose for the shipped models of its --regime (pro2sam.shipped.settings_file).
 NO_SETTINGS = "none"
+DEMO_SETTINGS = "the shipped models' for --regime"
 
 # A settings file's values -> the options they are defaults of (dest, and how the value maps).
 _SETTINGS_OPTIONS = {
@@ -535,6 +537,7 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
         out = write_wsol_dataset(
             args.output, num_train=args.num_train, num_val=args.num_val, num_test=args.num_test,
             image_size=(args.min_size, args.max_size), seed=args.seed, num_classes=args.num_classes,
+            regime=args.regime,
         )  # fmt: skip
         for split, count in out.counts.items():
             print(f"{split}: {count} images  {out.spec(split)}")
@@ -558,6 +561,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             args.workdir, num_test=args.num_test, num_val=args.num_val, points_per_side=args.points_per_side,
             seed=args.seed, gtformer=args.gtformer, sam=args.sam, sam_checkpoint=args.sam_checkpoint,
             ray_address=args.ray_address, gallery_limit=args.gallery_limit, settings=getattr(args, "tuned", None),
+            regime=args.regime,
         )  # fmt: skip
         return 0
 
@@ -745,7 +749,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_synthetic_parser(sub) -> None:
-    from ..synthetic import DEFAULT_SIZE_RANGE, SYNTHETIC_CLASSES
+    from ..synthetic import DEFAULT_SIZE_RANGE, REGIMES, SYNTHETIC_CLASSES
 
     p = sub.add_parser("synthetic", help="write a synthetic WSOL data set (wsolevaluation layout), deterministic by seed")
     p.add_argument("--output", required=True, help="root folder of the data set (metadata and images)")
@@ -756,6 +760,8 @@ def _add_synthetic_parser(sub) -> None:
     p.add_argument("--max-size", type=int, default=DEFAULT_SIZE_RANGE[1], help="largest image side, px (default %(default)s)")
     p.add_argument("--num-classes", type=int, default=len(SYNTHETIC_CLASSES), help="classes in play (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--regime", choices=REGIMES, default=REGIMES[0],
+                   help="class evidence on the part alone, or over the whole object on a support (default %(default)s)")  # fmt: skip
     p.set_defaults(func=cmd_synthetic)
 
 
@@ -788,7 +794,7 @@ def _add_tune_parser(sub) -> None:
 
 def _add_demo_parser(sub) -> None:
     from .. import shipped
-    from ..tuning import SHIPPED_SETTINGS
+    from ..synthetic import REGIMES
     from . import demo
 
     p = sub.add_parser(
@@ -802,11 +808,13 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("--points-per-side", type=int, default=demo.DEFAULT_POINTS_PER_SIDE, help="SAM grid N x N (default %(default)s)")
     p.add_argument("--seed", type=int, default=shipped.SYNTHETIC_SEED, help="synthetic data set seed (default %(default)s)")
     p.add_argument("--gallery-limit", type=int, default=demo.DEFAULT_GALLERY_LIMIT, help="images in demo.html (default %(default)s)")
-    p.add_argument("--gtformer", help="GTFormer export folder (default: the shipped model)")
+    p.add_argument("--gtformer", help="GTFormer export folder (default: the model shipped for --regime)")
     p.add_argument("--sam", help="SAM variant (default: the shipped 'synthetic' SAM)")
     p.add_argument("--sam-checkpoint", help="SAM weights file (default: the shipped one, with the default --sam)")
     p.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
-    _add_settings_option(p, default=SHIPPED_SETTINGS)
+    p.add_argument("--regime", choices=REGIMES, default=REGIMES[0],
+                   help="synthetic world: class evidence on the part alone, or over the object on a support (default %(default)s)")  # fmt: skip
+    _add_settings_option(p, default=DEMO_SETTINGS)
     p.set_defaults(func=cmd_demo)
 
 
@@ -821,6 +829,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if getattr(args, "settings", None) == NO_SETTINGS:
         args.settings = None
+    elif getattr(args, "settings", None) == DEMO_SETTINGS:
+        from .. import shipped
+        from ..tuning import SettingsError
+
+        try:
+            args.settings = str(shipped.settings_file(args.regime))
+        except FileNotFoundError as e:
+            raise SettingsError(str(e)) from None
     args.tuned = None
     if getattr(args, "settings", None):
         from ..tuning import load_settings

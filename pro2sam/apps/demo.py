@@ -61,6 +61,7 @@ def run_demo(
     ray_address: str | None = None,
     gallery_limit: int = DEFAULT_GALLERY_LIMIT,
     settings=None,
+    regime: str = "part",
 ) -> dict:
     """Generate a data set, label and score it with the Ray evaluation job, write the gallery,
     print the summary (:func:`format_summary`) to stdout and return it.
@@ -74,14 +75,17 @@ def run_demo(
         points_per_side: SAM's prompt grid is N x N per image.
         seed: the synthetic world's seed; the default is the one the shipped GTFormer was trained
             on, whose ``val`` and ``test`` scenes it never saw.
-        gtformer: GTFormer export folder (default: the shipped one).
+        gtformer: GTFormer export folder (default: the one shipped for ``regime``).
         sam, sam_checkpoint: SAM variant and weights file (default: the shipped ``"synthetic"``
             SAM; ``sam_checkpoint`` defaults to the shipped file only when ``sam`` does too).
         ray_address: Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).
         gallery_limit: at most this many test images in ``demo.html`` (best match score first).
         settings: a settings file of ``pro2sam tune`` (:class:`~pro2sam.tuning.TunedSettings`): its
             SAM filters, pruning and matching are used (the grid stays ``points_per_side``), and
-            the label rows carry its SHA-256. None: the package defaults.
+            the label rows carry its SHA-256. None: the package defaults (the command line's
+            default is the settings shipped for ``regime``, :func:`pro2sam.shipped.settings_file`).
+        regime: the synthetic world's regime (:data:`pro2sam.synthetic.REGIMES`): ``"part"``
+            (class evidence on the part alone) or ``"object"`` (over the object, on a support).
 
     Returns:
         ``models``, ``num_test``, ``num_val``, ``points_per_side``, ``seed``, ``seconds`` (per
@@ -96,13 +100,14 @@ def run_demo(
     workdir = Path(workdir).resolve()
     if sam is None:
         sam, sam_checkpoint = shipped.SAM_VARIANT, sam_checkpoint or shipped.sam_checkpoint()
-    gtformer = gtformer or shipped.gtformer_dir()
+    gtformer = gtformer or shipped.gtformer_dir(regime)
     seconds = {}
     start = time.perf_counter()
 
     data = write_wsol_dataset(
-        workdir / "data", num_train=0, num_val=num_val, num_test=num_test, seed=seed, command="pro2sam demo"
-    )
+        workdir / "data", num_train=0, num_val=num_val, num_test=num_test, seed=seed, command="pro2sam demo",
+        regime=regime,
+    )  # fmt: skip
     seconds["data"] = time.perf_counter() - start
 
     evaluation = workdir / "evaluation"
@@ -143,6 +148,7 @@ def run_demo(
         "num_val": num_val,
         "points_per_side": points_per_side,
         "seed": seed,
+        "regime": regime,
         "seconds": seconds,
         "results": {m: {k: results[m].get(k) for k in (*SUMMARY_METRICS, BOX_ACCURACY[m])} for m in METHODS},
         "error_rows": {"test": report["test"]["num_error_rows"], "val": report["heldout"]["num_error_rows"]},
@@ -219,7 +225,7 @@ def format_summary(summary: dict) -> str:
             f"  GTFormer:  {models['gtformer']}",
             f"  SAM:       {sam}",
             f"  data:      {summary['num_test']} test + {summary['num_val']} held-out (val) images, seed "
-            f"{summary['seed']} ({summary['data']})",
+            f"{summary['seed']}, {summary.get('regime', 'part')} regime ({summary['data']})",
             f"  grid:      {summary['points_per_side']} x {summary['points_per_side']} SAM prompts per image",
             f"  wall time: {s['total']:.1f} s (data {s['data']:.1f} s, labeling + scoring {s['evaluation']:.1f} s, "
             f"gallery {s['gallery']:.1f} s)",

@@ -13,6 +13,9 @@ settings, loss history, wall time and SHA-256.
   (``--backbone-checkpoint``, the path that loads real DeiT weights) by the project's own training
   job (:mod:`pro2sam.pipeline.train_job`) with image-level labels only, on the ``train`` split of
   ``pro2sam synthetic --seed 0``.
+- A second GTFormer (``gtformer_dir("object")``), the same recipe on the synthetic world's object
+  regime (:data:`pro2sam.synthetic.REGIMES`: class evidence over the object, objects on supports),
+  whose map covers the object as the paper's does on CUB.
 - SAM (variant ``"synthetic"`` of :data:`pro2sam.sam.SAM_VARIANTS`, Segment
   Anything's own modules at a small size) was trained class-agnostically by
   ``scripts/train_sam_synthetic.py`` on the ``sam`` stream, which no written data set contains.
@@ -57,11 +60,12 @@ SYNTHETIC_SEED = 0
 # What ``--gtformer`` says to mean the shipped GTFormer.
 SHIPPED_NAME = "shipped"
 
-_GTFORMER_DIR = "gtformer_synthetic"
+# The GTFormer shipped for each regime of the synthetic world (pro2sam.synthetic.REGIMES).
+_GTFORMER_DIRS = {"part": "gtformer_synthetic", "object": "gtformer_synthetic_object"}
 _SAM_FILE = "sam_synthetic.pth"
 _BACKBONE_FILE = "deit_backbone_synthetic.safetensors"
-# What pro2sam tune chose for the shipped models on the synthetic val split (README.md here).
-_SETTINGS_FILE = "settings_synthetic.json"
+# What pro2sam tune chose for the shipped models on each regime's synthetic val split (README.md here).
+_SETTINGS_FILES = {"part": "settings_synthetic.json", "object": "settings_synthetic_object.json"}
 
 # SAM's candidate filter thresholds for the shipped SAM, declared with its sizes in SAM_VARIANTS.
 CANDIDATE_THRESHOLDS = dict(SAM_VARIANTS[SAM_VARIANT].filter_thresholds)
@@ -69,14 +73,18 @@ CANDIDATE_THRESHOLDS = dict(SAM_VARIANTS[SAM_VARIANT].filter_thresholds)
 # SHA-256 of the shipped weights files, as the training runs wrote them.
 SHIPPED_SHA256 = {
     "gtformer": "577adcda90dda39304bca5c00360eb6e3393a1663f9135ef395804d7ea703f8e",
+    "gtformer_object": "8d043ac851a1ab161157c1f5805b68e5db7bad9309e5388afa95f146eb6937e6",
     "sam": "0e5ed7f09dd24f317534fa3c112dc88b38b382b5c65300743acc6171700d9291",
     "backbone": "8bead150e14c30187c1a8183350e50802be1cf1ad59592abb12b9af20805b87b",
 }
 
 
-def gtformer_dir() -> Path:
-    """The shipped GTFormer export (``model.safetensors`` + ``config.json``)."""
-    return _existing(MODELS_DIR / _GTFORMER_DIR)
+def gtformer_dir(regime: str = "part") -> Path:
+    """The shipped GTFormer export (``model.safetensors`` + ``config.json``) fine-tuned on the
+    synthetic world's ``regime`` (``"part"``, the default, or ``"object"``)."""
+    if regime not in _GTFORMER_DIRS:
+        raise ValueError(f"no GTFormer shipped for regime {regime!r}; choose from {sorted(_GTFORMER_DIRS)}")
+    return _existing(MODELS_DIR / _GTFORMER_DIRS[regime])
 
 
 def sam_checkpoint() -> Path:
@@ -90,19 +98,22 @@ def backbone_checkpoint() -> Path:
     return _existing(MODELS_DIR / _BACKBONE_FILE)
 
 
-def settings_file() -> Path:
-    """The settings ``pro2sam tune`` chose for the shipped models on the val split of
-    ``pro2sam synthetic --seed 0`` (part-to-object on: their GTFormer's map lights the class part);
-    ``--settings shipped`` reads it, and ``pro2sam demo`` uses it unless given another."""
-    return _existing(MODELS_DIR / _SETTINGS_FILE)
+def settings_file(regime: str = "part") -> Path:
+    """The settings ``pro2sam tune`` chose for the shipped SAM and the GTFormer of ``regime`` on
+    the val split of ``pro2sam synthetic --seed 0 --regime REGIME``; ``--settings shipped`` reads
+    the part regime's, and ``pro2sam demo`` those of its ``--regime`` unless given others."""
+    if regime not in _SETTINGS_FILES:
+        raise ValueError(f"no settings shipped for regime {regime!r}; choose from {sorted(_SETTINGS_FILES)}")
+    return _existing(MODELS_DIR / _SETTINGS_FILES[regime])
 
 
 def training_records() -> dict[str, dict]:
-    """What the training runs recorded: ``{"gtformer": ..., "sam": ..., "backbone": ...}``.
-    GTFormer's is its export's ``config.json`` (command, recipe, data set, per-epoch history,
+    """What the training runs recorded: ``{"gtformer": ..., "gtformer_object": ..., "sam": ...,
+    "backbone": ...}``. A GTFormer's is its export's ``config.json`` (command, recipe, data set, per-epoch history,
     weights' SHA-256); SAM's and the backbone's are the JSON beside their weights."""
     return {
         "gtformer": json.loads((gtformer_dir() / "config.json").read_text()),
+        "gtformer_object": json.loads((gtformer_dir("object") / "config.json").read_text()),
         "sam": json.loads(sam_checkpoint().with_suffix(".json").read_text()),
         "backbone": json.loads(backbone_checkpoint().with_suffix(".json").read_text()),
     }
@@ -112,13 +123,18 @@ def verify_shipped() -> dict[str, str]:
     """Check each shipped weights file against :data:`SHIPPED_SHA256`.
 
     Returns:
-        ``{"gtformer": sha256, "sam": sha256, "backbone": sha256}``.
+        ``{"gtformer": sha256, "gtformer_object": sha256, "sam": sha256, "backbone": sha256}``.
 
     Raises:
         FileNotFoundError: a file is missing (a broken install).
         ValueError: a file differs from what its training run wrote.
     """
-    files = {"gtformer": gtformer_dir() / "model.safetensors", "sam": sam_checkpoint(), "backbone": backbone_checkpoint()}
+    files = {
+        "gtformer": gtformer_dir() / "model.safetensors",
+        "gtformer_object": gtformer_dir("object") / "model.safetensors",
+        "sam": sam_checkpoint(),
+        "backbone": backbone_checkpoint(),
+    }
     out = {}
     for name, path in files.items():
         digest = sha256_file(path)

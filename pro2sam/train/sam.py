@@ -45,7 +45,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 from ..sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SAM_VARIANTS, sam_from_variant
 from ..storage import sha256_file, write_bytes_atomic
-from ..synthetic import DEFAULT_SIZE_RANGE, GENERATOR_VERSION, SyntheticScene, make_scene
+from ..synthetic import DEFAULT_SIZE_RANGE, GENERATOR_VERSION, REGIMES, SyntheticScene, make_scene
 from .schedule import lr_at_step, make_optimizer
 
 __all__ = [
@@ -93,6 +93,9 @@ class SamTrainConfig:
         loss_size: side of the square frame the mask loss and the IoU targets are computed in
             (logits upsampled bilinearly, targets area-averaged then thresholded at 0.5).
             None: the input frame, as SAM does; smaller sides make each step cheaper.
+        regimes: regimes of the synthetic world (:data:`pro2sam.synthetic.REGIMES`) the scenes
+            are drawn from, in turn (scene ``i`` in ``regimes[i % len(regimes)]``). With
+            ``"object"``, the object with its support is a target too (:func:`prompt_targets`).
     """
 
     steps: int = 4000
@@ -111,8 +114,12 @@ class SamTrainConfig:
     eval_scenes: int = 64
     log_every: int = 50
     loss_size: int | None = None
+    regimes: tuple[str, ...] = ("part",)
 
     def __post_init__(self) -> None:
+        self.regimes = tuple(self.regimes)
+        if not self.regimes or any(r not in REGIMES for r in self.regimes):
+            raise ValueError(f"regimes must be a non-empty tuple of {REGIMES}, got {self.regimes}")
         if self.variant not in SAM_VARIANTS:
             raise ValueError(f"unknown SAM variant {self.variant!r}; choose from {sorted(SAM_VARIANTS)}")
         if self.steps < 1 or self.batch_size < 1 or self.prompts_per_image < 1:
@@ -128,8 +135,12 @@ class SamTrainConfig:
 
 def prompt_targets(scene: SyntheticScene) -> list[np.ndarray]:
     """The scene's segmentation targets, (H, W) bool each: the whole object, its part, each
-    distractor (empty ones, which rasterising tiny shapes can give, are skipped)."""
+    distractor and, where the object sits on a support (object regime), the object with its
+    support: a click on the object then has three right answers (part, object, object + support),
+    SA-1B's nested granularities. Empty ones, which rasterising tiny shapes can give, are skipped."""
     targets = [scene.object_mask, scene.part_mask, *scene.distractor_masks]
+    if scene.support_mask is not None and scene.support_mask.any():
+        targets.append(scene.object_mask | scene.support_mask)
     return [t for t in targets if t.any()]
 
 
@@ -157,10 +168,12 @@ class PromptedScenes(Dataset):
         size_range: tuple[int, int] = DEFAULT_SIZE_RANGE,
         scene_pool: int | None = None,
         first_index: int = 0,
+        regimes: tuple[str, ...] = ("part",),
     ) -> None:
         self.seed, self.length, self.image_size = seed, length, image_size
         self.prompts_per_image, self.size_range = prompts_per_image, tuple(size_range)
         self.scene_pool, self.first_index = scene_pool, first_index
+        self.regimes = tuple(regimes)
         self.transform = ResizeLongestSide(image_size)
         # With a pool, each scene is generated once per process and kept (generation costs tens
         # of milliseconds, about as much as a training step spends per image).
@@ -173,10 +186,12 @@ class PromptedScenes(Dataset):
         return self.first_index + (i % self.scene_pool if self.scene_pool else i)
 
     def scene(self, index: int) -> SyntheticScene:
-        """Scene ``index`` of the ``sam`` stream (kept in memory when drawing from a pool)."""
+        """Scene ``index`` of the ``sam`` stream, in regime ``regimes[index % len(regimes)]``
+        (kept in memory when drawing from a pool)."""
         scene = self._cache.get(index)
         if scene is None:
-            scene = make_scene(self.seed, "sam", index, size_range=self.size_range)
+            regime = self.regimes[index % len(self.regimes)]
+            scene = make_scene(self.seed, "sam", index, size_range=self.size_range, regime=regime)
             if self.scene_pool:
                 self._cache[index] = scene
         return scene
@@ -402,6 +417,7 @@ def train_sam(
         prompts_per_image=config.prompts_per_image,
         size_range=config.size_range,
         scene_pool=config.scene_pool,
+        regimes=config.regimes,
     )
     loader = DataLoader(
         data,
@@ -412,7 +428,8 @@ def train_sam(
         persistent_workers=config.num_workers > 0,
     )
     record = {
-        "what": f"SAM {config.variant} trained from scratch on pro2sam.synthetic 'sam' stream scenes",
+        "what": f"SAM {config.variant} trained from scratch on pro2sam.synthetic 'sam' stream scenes "
+        f"({' and '.join(config.regimes)} regime)",
         "weights": out_path.name,
         "command": command if command is not None else shlex.join(["python", *sys.argv]),
         "seed": config.seed,
@@ -462,6 +479,7 @@ def train_sam(
             prompts_per_image=config.prompts_per_image,
             size_range=config.size_range,
             first_index=HELD_OUT_START,
+            regimes=config.regimes,
         )
         record["held_out"] = evaluate_prompted(sam, held_out, device=device)
     write_record(config.steps, time.perf_counter() - start)
