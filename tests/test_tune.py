@@ -273,15 +273,16 @@ def test_predict_evaluate_and_demo_take_the_settings_as_defaults_too(tuned_on_ma
             assert (args.part_to_object, args.agreement) == (chosen["matching"]["part_to_object"], chosen["matching"]["agreement"])
 
 
-def test_shipped_names_the_settings_chosen_for_the_shipped_models_and_the_demo_uses_them(tmp_path):
-    shipped_file = shipped.settings_file()
-    digest = hashlib.sha256(shipped_file.read_bytes()).hexdigest()
+def test_shipped_names_the_settings_chosen_for_the_shipped_models_and_the_demo_uses_its_regimes(tmp_path):
     label = ["label", "--input", "i", "--output", "o", "--gtformer", "shipped"]
-    for argv in (["demo", "--workdir", str(tmp_path)], [*label, "--settings", "shipped"]):
-        args = parse_args(argv)
-        assert args.settings == "shipped" and args.tuned.sha256 == digest, argv
-    document = json.loads(shipped_file.read_text())
-    # Chosen by pro2sam tune on the val split of the shipped models' own world, where the map lights the part.
-    assert document["heldout"]["split"] == "val" and document["settings"]["matching"]["part_to_object"] is True
+    digest = {r: hashlib.sha256(shipped.settings_file(r).read_bytes()).hexdigest() for r in ("part", "object")}
+    assert parse_args([*label, "--settings", "shipped"]).tuned.sha256 == digest["part"]
+    assert parse_args(["demo", "--workdir", str(tmp_path)]).tuned.sha256 == digest["part"]
+    assert parse_args(["demo", "--workdir", str(tmp_path), "--regime", "object"]).tuned.sha256 == digest["object"]
+    # Each chosen by pro2sam tune on the val split of its own world: part-to-object where the map
+    # lights the part, the authors' rule where it covers the object.
+    part, whole = (json.loads(shipped.settings_file(r).read_text()) for r in ("part", "object"))
+    assert part["heldout"]["split"] == whole["heldout"]["split"] == "val"
+    assert part["settings"]["matching"]["part_to_object"] is True and whole["settings"]["matching"]["part_to_object"] is False
     assert parse_args(["demo", "--workdir", str(tmp_path), "--settings", "none"]).tuned is None
     assert parse_args(label).part_to_object is False, "the authors' rule by default"
