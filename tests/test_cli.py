@@ -116,3 +116,33 @@ def test_an_output_that_is_a_file_ends_in_one_line(label_argv, tmp_path, capsys)
         err = capsys.readouterr().err.strip()
         assert err.startswith("pro2sam label: error: cannot write to the output") and "\n" not in err, err
     assert output.read_text() == "mine"
+
+
+def test_the_gpu_options_reach_sams_settings_on_every_labeling_command(tmp_path):
+    from pro2sam.apps.cli import _candidates, parse_args
+
+    gpu = ["--dtype", "bfloat16", "--compile", "--memory-budget-mb", "512"]
+    models = ["--gtformer", "g", "--sam", "vit_b"]
+    commands = {
+        "label": ["label", "--input", "i", "--output", "o", *models],
+        "evaluate": ["evaluate", "--heldout", "a.csv", "--test", "b.csv", "--output", str(tmp_path), *models],
+        "tune": ["tune", "--heldout", "a.csv", "--output", "s.json", *models],
+        "predict": ["predict", *models, "x.png"],
+    }
+    for name, argv in commands.items():
+        config = _candidates(parse_args([*argv, *gpu]), "vit_b")
+        assert (config.dtype, config.compile, config.memory_budget_mb) == ("bfloat16", True, 512), name
+        config = _candidates(parse_args(argv), "vit_b")
+        assert (config.dtype, config.compile, config.memory_budget_mb) == ("float32", False, None), name
+
+
+def test_predict_runs_in_bfloat16_within_a_tiny_memory_budget(tmp_path):
+    gt_dir, sam_path = make_tiny_checkpoints(tmp_path / "models")
+    image = write_scenes(tmp_path / "images", 1)[0]
+    out = tmp_path / "labels.jsonl"
+    proc = run_cli(
+        "predict", "--gtformer", str(gt_dir), "--sam", "tiny", "--sam-checkpoint", str(sam_path), "--points-per-side", "4",
+        "--dtype", "bfloat16", "--memory-budget-mb", "1", "--device", "cpu", str(image), "-o", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["status"] for line in out.read_text().splitlines()] == ["ok"]

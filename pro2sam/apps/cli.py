@@ -101,7 +101,7 @@ def _variant_default(name: str) -> str:
 
 
 def _add_candidate_options(p: argparse.ArgumentParser) -> None:
-    from ..candidates import CandidateConfig
+    from ..candidates import DEFAULT_MEMORY_BUDGET_MB, DTYPES, CandidateConfig
 
     d = _defaults(CandidateConfig)
     g = p.add_argument_group("SAM candidates (stage 2)")
@@ -113,6 +113,14 @@ def _add_candidate_options(p: argparse.ArgumentParser) -> None:
                    help=f"SAM predicted-IoU filter (default: {_variant_default('pred_iou_thresh')})")  # fmt: skip
     g.add_argument("--stability-score-thresh", type=float,
                    help=f"SAM stability filter (default: {_variant_default('stability_score_thresh')})")  # fmt: skip
+    g.add_argument("--dtype", choices=sorted(DTYPES), default=d["dtype"],
+                   help="SAM's networks under autocast in this dtype (bfloat16: GPUs of compute capability 8 and "
+                   "up; default %(default)s)")  # fmt: skip
+    g.add_argument("--compile", action="store_true", default=d["compile"],
+                   help="torch.compile SAM's image encoder and decoder pass (a cold start of minutes, then faster)")  # fmt: skip
+    g.add_argument("--memory-budget-mb", type=int, default=d["memory_budget_mb"],
+                   help="activation memory one batch of prompts may take on the device, MB (default: half the GPU's "
+                   f"memory, {DEFAULT_MEMORY_BUDGET_MB} on a CPU)")  # fmt: skip
 
 
 def _candidates(args: argparse.Namespace, sam: str):
@@ -125,6 +133,9 @@ def _candidates(args: argparse.Namespace, sam: str):
         prune_with_coarse_map=args.prune,
         pred_iou_thresh=args.pred_iou_thresh,
         stability_score_thresh=args.stability_score_thresh,
+        dtype=args.dtype,
+        compile=args.compile,
+        memory_budget_mb=args.memory_budget_mb,
     )
 
 
