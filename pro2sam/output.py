@@ -587,6 +587,12 @@ def _by_file(done: pa.Table, indices: np.ndarray) -> dict[str, list[int]]:
 # ---------------------------------------------------------------- writing label files
 
 
+# A label file is committed at this many rows, or this long after its first row (LabelWriter; the
+# labeling job's --rows-per-file and --commit-seconds).
+ROWS_PER_FILE = 10_000
+COMMIT_SECONDS = 300.0
+
+
 class LabelWriter:
     """Collects labeled rows and commits them as label files of bounded size.
 
@@ -606,9 +612,9 @@ class LabelWriter:
         run_id: str,
         *,
         lease: WriterLease | None = None,
-        rows_per_file: int = 10_000,
+        rows_per_file: int = ROWS_PER_FILE,
         bytes_per_file: int = 128 * 2**20,
-        commit_seconds: float = 300.0,
+        commit_seconds: float = COMMIT_SECONDS,
         commit_attempts: int = 5,
         backoff_s: float = 1.0,
     ) -> None:

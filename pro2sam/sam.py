@@ -83,7 +83,7 @@ class SamVariant:
 # Every SAM we build. The official three match segment_anything/build_sam.py; "tiny" is a
 # random-weight stand-in for tests and CPU benchmarks of the pipeline (no pretrained weights);
 # "synthetic" is the small SAM trained on pro2sam.synthetic scenes and shipped with the package
-# (pro2sam.shipped, jobs/train_sam_tiny.py).
+# (pro2sam.shipped, scripts/train_sam_synthetic.py).
 SAM_VARIANTS: dict[str, SamVariant] = {
     "vit_h": SamVariant(1280, 32, 16, (7, 15, 23, 31)),
     "vit_l": SamVariant(1024, 24, 16, (5, 11, 17, 23)),

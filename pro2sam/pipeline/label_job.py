@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from ..images import DEFAULT_MAX_PIXELS
 from ..labels import error_row, ok_row, rows_to_table
 from ..matching import MatchConfig
-from ..output import LabelsOutput, LabelWriter, RerunPlanner, WriterLease
+from ..output import COMMIT_SECONDS, ROWS_PER_FILE, LabelsOutput, LabelWriter, RerunPlanner, WriterLease
 from ..candidates import CandidateConfig
 from ..tuning import TunedSettings
 from ..sam import DEFAULT_SAM_VARIANT, SAM_VARIANTS
@@ -237,8 +237,8 @@ class LabelJobConfig:
     force: bool = False
     retry_errors: bool = False
     relabel_changed: bool = False
-    rows_per_file: int = 10_000
-    commit_seconds: float = 300.0
+    rows_per_file: int = ROWS_PER_FILE
+    commit_seconds: float = COMMIT_SECONDS
     lease_ttl_s: float = 60.0
 
     def validate(self) -> None:
