@@ -161,10 +161,7 @@ class LabelsOutput:
                 table = with_label_types(pf.read(columns=present), self._uri_of(path))
         except (pa.ArrowInvalid, OSError) as e:
             raise self._unreadable(path, e) from None
-        for c in columns or ():
-            if c not in table.column_names:
-                table = table.append_column(LABEL_SCHEMA.field(c), pa.nulls(len(table), LABEL_SCHEMA.field(c).type))
-        return table.select(list(columns)) if columns else table
+        return with_label_columns(table, columns or None)
 
     def scan(self, columns: tuple[str, ...] = _SCAN_COLUMNS) -> pa.Table:
         """``columns`` of every label file, read concurrently, plus ``_file`` (its path,
@@ -215,12 +212,7 @@ class LabelsOutput:
                         index = pa.array(range(offset, offset + n), pa.int64())
                         batch = batch.filter(pc.invert(pc.is_in(index, value_set=dropped)))
                     offset += n
-                    batch = with_label_types(batch, uri)
-                    for c in columns or ():
-                        if c not in batch.schema.names:
-                            missing = LABEL_SCHEMA.field(c)
-                            batch = batch.append_column(missing, pa.nulls(batch.num_rows, missing.type))
-                    yield batch.select(list(columns)) if columns is not None else batch
+                    yield with_label_columns(with_label_types(batch, uri), columns)
         except (pa.ArrowInvalid, OSError) as e:
             raise self._unreadable(path, e) from None
 
@@ -380,6 +372,17 @@ def check_label_columns(schema: pa.Schema, where: str, *, required: Sequence[str
                 f"{where} is not a labels table: its column {field_.name!r} holds {field_.type}, not "
                 f"{LABEL_SCHEMA.field(field_.name).type} (pro2sam schema lists the columns)"
             )
+
+
+def with_label_columns(data: pa.Table | pa.RecordBatch, columns: Sequence[str] | None) -> pa.Table | pa.RecordBatch:
+    """``columns`` of ``data`` in this order, a column it lacks (a file of an older version) as
+    nulls of :data:`LABEL_SCHEMA`'s field; None: ``data`` as it is."""
+    if columns is None:
+        return data
+    for c in columns:
+        if c not in data.schema.names:
+            data = data.append_column(LABEL_SCHEMA.field(c), pa.nulls(data.num_rows, LABEL_SCHEMA.field(c).type))
+    return data.select(list(columns))
 
 
 def with_label_types(data: pa.Table | pa.RecordBatch, where: str) -> pa.Table | pa.RecordBatch:

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .labels import LABEL_SCHEMA
-from .output import KEY_COLUMNS, LabelsOutput, check_label_columns, with_label_types
+from .output import KEY_COLUMNS, LabelsOutput, check_label_columns, with_label_columns, with_label_types
 from .rle import decode_mask
 from .storage import StorageError, filesystem, is_remote
 
@@ -74,7 +74,7 @@ def iter_label_batches(
         with _labels_file(fs, path, input) as pf:
             present = [c for c in columns if c in pf.schema_arrow.names] if columns is not None else None
             for batch in pf.iter_batches(batch_size=batch_size, columns=present):
-                yield _with_columns(with_label_types(batch, input), columns)
+                yield with_label_columns(with_label_types(batch, input), columns)
         return
     parquet_files(input)  # a clear error for a missing or empty folder
     yield from LabelsOutput(input).iter_batches(columns, batch_size=batch_size)
@@ -93,15 +93,6 @@ def _labels_file(fs, path: str, input: str) -> Iterator[pq.ParquetFile]:
     except (pa.ArrowInvalid, OSError) as e:
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
         raise StorageError(f"{input} is not a readable Parquet file ({type(e).__name__}: {first})") from None
-
-
-def _with_columns(batch: pa.RecordBatch, columns: Sequence[str] | None) -> pa.RecordBatch:
-    if columns is None:
-        return batch
-    for c in columns:
-        if c not in batch.schema.names:
-            batch = batch.append_column(LABEL_SCHEMA.field(c), pa.nulls(batch.num_rows, LABEL_SCHEMA.field(c).type))
-    return batch.select(list(columns))
 
 
 def iter_label_rows(
