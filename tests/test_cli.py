@@ -106,6 +106,32 @@ def test_sigint_that_ray_turns_into_a_start_up_error_still_stops_with_the_resume
     assert signal.getsignal(signal.SIGINT) is not None and signal.getsignal(signal.SIGINT).__name__ != "handler"
 
 
+def test_sigterm_inside_ray_start_up_stops_with_the_resume_hint(label_argv, monkeypatch, capsys):
+    """ray.init puts in a SIGTERM handler of its own (sys.exit(signum)): a SIGTERM that lands
+    while Ray starts is a stop (143, the hint), not a silent exit 15."""
+    from pro2sam.apps.cli import main
+
+    def init(*args, **kwargs):
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # what ray.init installs
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler interrupts this at once
+        raise AssertionError("SIGTERM never arrived")
+
+    argv, output = label_argv
+    ray_init_that(monkeypatch, init)
+    saved = signal.getsignal(signal.SIGTERM)
+    try:
+        status, err = main(argv), capsys.readouterr().err
+    finally:
+        signal.signal(signal.SIGTERM, saved)
+    assert status == 143, err
+    assert err.strip().splitlines()[-1] == (
+        f"pro2sam label: stopped by SIGTERM: the rows committed so far are in {output}; run the same command "
+        "again to label the rest"
+    )
+    assert not (output / LEASE_NAME).exists()
+
+
 def test_an_output_that_is_a_file_ends_in_one_line(label_argv, tmp_path, capsys):
     from pro2sam.apps.cli import main
 

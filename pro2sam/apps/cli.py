@@ -272,7 +272,8 @@ def one_line(e: BaseException) -> str:
 def _run(prog: str, work: Callable[[], int], *, resume_hint: str | None = None) -> int:
     """Run a subcommand: its exit status, or one line and 2 (bad input), 3 (a labeling run that
     could not write all its rows), 130/143 (stopped: SIGINT or Ctrl-C wherever it lands, also
-    before the handlers are in place or inside Ray's start-up; SIGTERM), 1.
+    before the handlers are in place or inside Ray's start-up; SIGTERM, also inside Ray's
+    start-up, whose handler exits with the signal's number), 1.
 
     The signal handlers the subcommand installs are put back when it returns."""
     from ..checkpoints import CheckpointError
@@ -294,6 +295,10 @@ def _run(prog: str, work: Callable[[], int], *, resume_hint: str | None = None) 
         return stopped(e.signum)
     except KeyboardInterrupt:  # Python's own SIGINT handler, before ours is in place or after a library reset it
         return stopped(signal.SIGINT)
+    except SystemExit as e:
+        if e.code == signal.SIGTERM:  # Ray's driver handler while ray.init runs: sys.exit(SIGTERM)
+            return stopped(signal.SIGTERM)
+        raise
     except (StorageError, ValueError, CheckpointError, FileNotFoundError, FileExistsError, NotADirectoryError,
             IsADirectoryError) as e:  # fmt: skip
         if _received:
