@@ -120,3 +120,20 @@ def test_a_killed_driver_run_again_labels_each_image_once(tiny_checkpoints, tmp_
     rows = output_rows(output)
     assert sorted(r["uri"] for r in rows) == sorted(str(p) for p in images)
     assert all(r["status"] == "ok" for r in rows)
+
+
+@pytest.mark.timeout(300)
+def test_a_small_cluster_that_cannot_grow_fits_the_cpu_actors_default_and_starts_at_once(tiny_checkpoints, tmp_path):
+    """A fixed 2-CPU cluster (no autoscaler) and no --cpus-per-actor: the default of 2 CPUs per
+    CPU actor (plus 1 for decoding) would wait for resources that never come; it runs with 1."""
+    images = write_scenes(tmp_path / "images", 4)
+    output = tmp_path / "labels"
+    with local_ray_cluster(num_cpus=2, num_gpus=0) as (cluster, env):
+        args = cli_label_args(tiny_checkpoints, tmp_path / "images", output, "--ray-address", cluster.address)
+        start = time.monotonic()
+        proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the cluster has 2 CPUs: 1 CPU(s) per labeling actor" in proc.stderr
+    assert "waiting" not in proc.stderr, "fitted at once, not waited for"
+    assert sorted(r["uri"] for r in output_rows(output)) == sorted(str(p) for p in images)
+    assert time.monotonic() - start < 200

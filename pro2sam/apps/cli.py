@@ -195,7 +195,8 @@ def _add_labeling_options(p: argparse.ArgumentParser, *, confidence: bool = True
     g = p.add_argument_group("resources")
     g.add_argument("--actors", type=int, help="labeling actors (default: one per GPU of the cluster, else 1)")
     g.add_argument("--gpus-per-actor", type=float, help="GPUs per actor (default 1 on a GPU cluster, else 0)")
-    g.add_argument("--cpus-per-actor", type=float, help="CPUs per actor (default 1 with a GPU, else 2)")
+    g.add_argument("--cpus-per-actor", type=float,
+                   help="CPUs per actor (default 1 with a GPU, else 2, or 1 where the cluster has fewer than 3 CPUs)")  # fmt: skip
     g.add_argument("--batch-size", type=int, default=r["batch_size"], help="images per model batch (default %(default)s)")
     g.add_argument("--ray-address", help="Ray cluster address (default $RAY_ADDRESS, else a local Ray)")
     g.add_argument("--wait-for-resources", type=float, default=r["wait_for_resources_s"], dest="wait_for_resources_s",

@@ -445,6 +445,11 @@ def _resources(cfg: Resources, ray, *, local: bool) -> tuple[int, float, float]:
     # The actors' CPUs plus one for reading and decoding, or the pipeline starves. A local Ray
     # must fit every actor; a cluster must fit one to start, and the actor pool grows with it.
     starting = actors if local else 1
+    if cfg.cpus_per_actor is None and not gpus and starting * cpus + 1 > cluster.get("CPU", 0) >= starting + 1:
+        # A CPU actor's default (2) fitted to a small machine or cluster rather than waited for:
+        # what --cpus-per-actor 1 would do at once.
+        cpus = float(int((cluster["CPU"] - 1) // starting))
+        log.info("the cluster has %g CPUs: %g CPU(s) per labeling actor (--cpus-per-actor to choose)", cluster["CPU"], cpus)
     need = {"CPU": starting * cpus + 1, "GPU": starting * gpus}
     if not gpus and not cluster_gpus and cfg.gpus_per_actor is None and not local:
         log.warning(
