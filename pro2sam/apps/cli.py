@@ -287,6 +287,9 @@ def _run(prog: str, work: Callable[[], int], *, resume_hint: str | None = None) 
         return 128 + signum
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # asyncio logs the connection errors of aiohttp tasks nobody awaits (s3fs while object storage
+    # is down) with a traceback each; the run reports what it could not do in its own lines.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     in_main = threading.current_thread() is threading.main_thread()
     handlers = {s: signal.getsignal(s) for s in _STOP_SIGNALS} if in_main else {}
     _received.clear()
