@@ -308,6 +308,23 @@ def load_models(settings: LabelingSettings, *, device=None):
     )
 
 
+def classify_batch(model, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray] | Exception]:
+    """GTFormer on a batch of images at once: (class scores, coarse map) of each, or the exception
+    of an image that breaks the batch (the batch is then run one image at a time to find it)."""
+    try:
+        probs, coarse = model.classify(images)
+        return list(zip(probs, coarse))
+    except Exception:
+        out: list[tuple[np.ndarray, np.ndarray] | Exception] = []
+        for image in images:
+            try:
+                p, c = model.classify([image])
+                out.append((p[0], c[0]))
+            except Exception as e:
+                out.append(e)
+        return out
+
+
 class Pro2SAMLabeler:
     """Ray Data actor: loads GTFormer and SAM once, labels batches of decoded images.
 
@@ -340,17 +357,12 @@ class Pro2SAMLabeler:
             else:
                 good.append(i)
         if good:
-            try:
-                probs, coarse = self.model.classify([batch["image"][i] for i in good])
-                classified = list(zip(good, probs, coarse))
-            except Exception:  # isolate the image that breaks the batch
-                classified = []
-                for i in good:
-                    try:
-                        p, c = self.model.classify([batch["image"][i]])
-                        classified.append((i, p[0], c[0]))
-                    except Exception as e:
-                        rows[i] = self._failed(batch, i, e)
+            classified = []
+            for i, out in zip(good, classify_batch(self.model, [batch["image"][i] for i in good])):
+                if isinstance(out, Exception):
+                    rows[i] = self._failed(batch, i, out)
+                else:
+                    classified.append((i, *out))
             finite = []
             for i, p, c in classified:
                 if np.all(np.isfinite(np.asarray(p, dtype=np.float64))):

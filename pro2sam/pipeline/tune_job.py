@@ -30,7 +30,7 @@ from ..evaluation import evaluate_predictions, index_rows
 from ..labels import LABEL_SCHEMA, error_row, ok_row
 from ..storage import write_bytes_atomic
 from ..tuning import GRIDS, OBJECTIVE, choose, code_version, settings_document, table_row, with_fallback_threshold
-from .label_job import LabelingSettings, _ray_initialized, _resources, load_models
+from .label_job import LabelingSettings, _ray_initialized, _resources, classify_batch, load_models
 from .ray_env import ensure_ray
 from .stages import decode_images, read_images, text_or_none
 
@@ -107,22 +107,24 @@ class TuneLabeler:
         self.choosers = [self.model.with_settings(matching=m) for m in matchings]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        good = [i for i in range(len(batch["uri"])) if not batch["error"][i]]
+        # GTFormer once per batch, as the labeling job runs it (the same scores, the same choices).
+        classified = dict(zip(good, classify_batch(self.model, [batch["image"][i] for i in good])))
         rows: list[dict] = []
         for i in range(len(batch["uri"])):
-            rows += self._image(batch, i)
+            rows += self._image(batch, i, classified.get(i))
         return pa.Table.from_pylist(rows, schema=_TUNE_SCHEMA)
 
-    def _image(self, batch: dict[str, np.ndarray], i: int) -> list[dict]:
+    def _image(self, batch: dict[str, np.ndarray], i: int, classified) -> list[dict]:
         ident = (str(batch["image_id"][i]), str(batch["uri"][i]), text_or_none(batch["label"][i]))
         settings = [(c, m) for c in range(len(self.generators)) for m in range(len(self.choosers))]
         if batch["error"][i]:
             return [self._error(ident, str(batch["error"][i]), str(batch["error_kind"][i]), c, m) for c, m in settings]
         image = batch["image"][i]
-        try:
-            probs, coarse = self.model.classify([image])
-            probs, coarse = probs[0], coarse[0]
-        except Exception as e:
+        if isinstance(classified, Exception):
+            e = classified
             return [self._error(ident, f"labeling failed: {type(e).__name__}: {e}", "model", c, m) for c, m in settings]
+        probs, coarse = classified
         try:  # SAM's image encoder once; each candidate setting decodes that embedding
             self.generators[0].generator.set_image(image)
         except Exception as e:
