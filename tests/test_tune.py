@@ -286,3 +286,17 @@ def test_shipped_names_the_settings_chosen_for_the_shipped_models_and_the_demo_u
     assert part["settings"]["matching"]["part_to_object"] is True and whole["settings"]["matching"]["part_to_object"] is False
     assert parse_args(["demo", "--workdir", str(tmp_path), "--settings", "none"]).tuned is None
     assert parse_args(label).part_to_object is False, "the authors' rule by default"
+
+
+def test_a_settings_file_on_object_storage_is_read_as_a_local_one(s3_bucket, tmp_path):
+    """Teams keep the file beside their data: --settings s3://... as the README's example."""
+    from pro2sam.storage import write_bytes_atomic
+
+    data = shipped.settings_file().read_bytes()
+    uri = f"s3://{s3_bucket}/tuning/settings.json"
+    write_bytes_atomic(uri, data)
+    args = parse_args(["label", "--input", "i", "--output", "o", "--gtformer", "shipped", "--settings", uri])
+    assert args.tuned.sha256 == hashlib.sha256(data).hexdigest()
+    assert args.part_to_object == json.loads(data)["settings"]["matching"]["part_to_object"]
+    with pytest.raises(SettingsError, match=f"settings file s3://{s3_bucket}/tuning/missing.json: not found"):
+        load_settings(f"s3://{s3_bucket}/tuning/missing.json")
