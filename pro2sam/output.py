@@ -495,7 +495,7 @@ class RerunPlanner:
         self._retry = error & (retry_errors | retried_kind)  # per done row
 
     def decide(self, inputs: pa.Table | pa.RecordBatch) -> pa.Table | pa.RecordBatch:
-        """The rows of ``inputs`` (of :data:`~pro2sam.storage.INPUT_SCHEMA`, each image once over
+        """The rows of ``inputs`` (of :data:`~pro2sam.inputs.INPUT_SCHEMA`, each image once over
         all calls) still to label; counts the others and remembers the rows to drop."""
         if not len(self._keys) or not inputs.num_rows:
             return inputs
@@ -543,7 +543,7 @@ def plan_rerun(
 
     Args:
         done: :meth:`LabelsOutput.scan` of the output; None: nothing is done (``--overwrite``).
-        inputs: :func:`pro2sam.storage.list_inputs` of the input.
+        inputs: :func:`pro2sam.inputs.list_inputs` of the input.
         retry_errors, relabel_changed: as in :class:`RerunPlanner`.
     """
     planner = RerunPlanner(done, retry_errors=retry_errors, relabel_changed=relabel_changed)

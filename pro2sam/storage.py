@@ -1,5 +1,5 @@
-"""Object storage through fsspec: where an image is, listing inputs, reading bytes safely,
-writing files whole, fetching checkpoints.
+"""Object storage through fsspec: where an image is and its id, reading bytes safely, writing
+files whole, fetching checkpoints. Listing what a job labels is :mod:`pro2sam.inputs`.
 
 Local paths and any fsspec URI (``s3://``, ``gs://``, ``az://``, ...) work alike. S3 follows the
 usual conventions (AWS_* environment variables, profiles, ``AWS_ENDPOINT_URL`` for S3-compatible
@@ -10,18 +10,11 @@ Where an image is (:func:`canonical_uri`) decides its id (:func:`image_id_for`):
 resolved (``file://`` stripped, ``.``/``..``/``//`` collapsed, symbolic links followed), so one file
 reached by two spellings is one image. Object-store keys are kept as listed: ``a//b`` and ``a/b``
 are two keys there.
-
-What an input is (:func:`iter_inputs`) is decided by what is there, not by its name alone: a
-folder (prefix) is listed, a file whose name ends in ``.csv`` or ``.parquet`` (in any case,
-:func:`manifest_format`) is a manifest, any other file is one image.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import errno
 import hashlib
-import itertools
 import os
 import posixpath
 import shutil
@@ -29,18 +22,13 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
-import fsspec.asyn
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
 
 __all__ = [
     "StorageError",
@@ -54,12 +42,6 @@ __all__ = [
     "canonical_uri",
     "location_contains",
     "image_id_for",
-    "manifest_format",
-    "is_manifest",
-    "INPUT_SCHEMA",
-    "LIST_BATCH_ROWS",
-    "iter_inputs",
-    "list_inputs",
     "IMAGE_ID_LENGTH",
     "id_keys",
     "sorted_positions",
@@ -73,14 +55,12 @@ __all__ = [
     "new_folder_mode",
     "make_folder",
     "fetch_to_local",
-    "MANIFEST_SUFFIXES",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_READ_TIMEOUT_S",
 ]
 
 # Short timeouts and bounded retries: a dead endpoint must end the job, not stall it.
 _S3_CONFIG = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
-MANIFEST_SUFFIXES = (".csv", ".parquet")
 _PROTOCOL_ALIASES = {"s3a": "s3", "s3n": "s3", "gcs": "gs", "local": "file"}
 
 # Per-image read limits: larger files and slower reads become error rows, never a stalled job.
@@ -182,153 +162,10 @@ def image_id_for(uri: str) -> str:
     return hashlib.sha1(canonical_uri(uri).encode("utf-8", "surrogateescape")).hexdigest()[:IMAGE_ID_LENGTH]
 
 
-def manifest_format(uri: str) -> str | None:
-    """``"csv"`` or ``"parquet"`` when the name of ``uri`` ends in a manifest suffix (in any case:
-    ``LIST.CSV`` is a CSV manifest), else None. The naming rule of manifests, for the labeling
-    job's input and :func:`pro2sam.datasets.read_manifest` alike."""
-    lowered = uri.lower()
-    return next((suffix[1:] for suffix in MANIFEST_SUFFIXES if lowered.endswith(suffix)), None)
-
-
-def is_manifest(uri: str) -> bool:
-    """True if ``uri`` is a manifest: a file (not a folder: a folder named ``x.csv`` is a folder)
-    whose name :func:`manifest_format` recognises.
-
-    Raises:
-        StorageError: the storage cannot be reached.
-    """
-    if not manifest_format(uri):
-        return False
-    try:
-        fs, path = filesystem(uri)
-        return fs.isfile(path)
-    except Exception as e:
-        raise StorageError(_describe(uri, e)) from None
-
-
 def _describe(uri: str, error: BaseException) -> str:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     where = f" (endpoint {endpoint})" if endpoint and uri.startswith("s3") else ""
     return f"cannot access {uri}{where}: {type(error).__name__}: {error}"
-
-
-# ---------------------------------------------------------------- listing inputs
-
-INPUT_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("label", pa.string()),
-        pa.field("source_fingerprint", pa.string()),  # size and mtime or ETag, when listing knows it
-        pa.field("input_error", pa.string()),  # why this input cannot be read at all (it becomes an error row)
-    ]
-)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    uri: str
-    fingerprint: str | None = None
-    error: str | None = None
-    label: str | None = None
-
-
-# Rows per record batch of a listing: what the driver holds of the listing at a time.
-LIST_BATCH_ROWS = 65_536
-
-
-def iter_inputs(
-    source: str,
-    *,
-    exclude_prefix: str | None = None,
-    batch_rows: int = LIST_BATCH_ROWS,
-    fingerprints: bool = False,
-) -> Iterator[pa.RecordBatch]:
-    """The images a job labels, as record batches of :data:`INPUT_SCHEMA` (one row per image, at
-    most ``batch_rows`` rows each), produced as the listing goes.
-
-    Args:
-        source: a prefix (folder) listed recursively, hidden files skipped; or a manifest, a
-            ``.csv`` or ``.parquet`` file (the suffix in any case) with a ``uri`` column and an
-            optional ``label`` column, both read as strings; relative manifest URIs are taken
-            relative to the manifest. Any other file is one image.
-        exclude_prefix: a prefix whose files are never inputs (the job's own output folder): a
-            folder listing skips them, a manifest that names one is refused.
-        batch_rows: rows per batch.
-        fingerprints: give every row a ``source_fingerprint``, as a folder listing does: for the
-            rows of a manifest that is a ``stat`` per local file and a HEAD request per object
-            (32 at a time), so ask only when they are compared (``--relabel-changed``). A file
-            that cannot be looked up (missing, permission) is listed without one; its read says why.
-
-    The source is checked when this is called; the batches come as it is read: an S3 prefix a
-    page of 1,000 keys at a time (other object stores are listed whole by fsspec's ``find``), a
-    manifest a block at a time, a local folder one directory entry at a time (depth first, in
-    directory order). Besides the batch being built, the listing holds 20 bytes per image met so
-    far (its id, to list an image reached twice once: a link, a repeated manifest line).
-
-    Local folders: symbolic links to files are followed (the id is the target's), linked folders
-    are not entered; a FIFO, device, broken link or link loop, or a name that is not UTF-8, is
-    listed with an ``input_error`` so that it becomes an error row instead of stalling or aborting
-    the job.
-
-    Raises:
-        StorageError: the source cannot be reached or does not exist (also while iterating).
-        ValueError: a malformed manifest (no ``uri`` column, a null or non-string URI, a row that
-            does not parse, a URI under ``exclude_prefix``; each naming the manifest, and the line
-            where it is known), possibly while iterating.
-    """
-    excluded = canonical_uri(exclude_prefix) if exclude_prefix else None
-    try:
-        fs, path = filesystem(source)
-        if manifest_format(path) and fs.isfile(path):
-            entries = _read_manifest(fs, path, source, excluded)
-        elif fs.isdir(path):
-            entries = _list_remote(fs, path) if is_remote(source) else _list_local(canonical_uri(source))
-        elif is_remote(source) and fs.isfile(path):
-            entries = iter([_remote_entry(fs, path)])
-        elif not is_remote(source) and os.path.exists(path):  # a file, FIFO or device: one row
-            entries = iter([_local_entry(canonical_uri(source))])
-        else:
-            raise StorageError(f"input {source} does not exist (neither a folder, a manifest .csv/.parquet nor a file)")
-    except (StorageError, ValueError):
-        raise
-    except Exception as e:  # botocore/aiohttp/OS errors: say where, not how deep
-        raise StorageError(_describe(source, e)) from None
-    return _input_batches(entries, excluded, batch_rows, source, fingerprints)
-
-
-def list_inputs(source: str, *, exclude_prefix: str | None = None, fingerprints: bool = False) -> pa.Table:
-    """:func:`iter_inputs` as one table (for inputs that fit in memory)."""
-    batches = iter_inputs(source, exclude_prefix=exclude_prefix, fingerprints=fingerprints)
-    return pa.Table.from_batches(list(batches), schema=INPUT_SCHEMA)
-
-
-def _input_batches(
-    entries: Iterator[_Entry], excluded: str | None, batch_rows: int, source: str, fingerprints: bool
-) -> Iterator[pa.RecordBatch]:
-    seen = SeenIds()
-    filesystems: dict[str, fsspec.AbstractFileSystem] = {}
-    try:
-        while chunk := list(itertools.islice(entries, batch_rows)):
-            if excluded:
-                chunk = [e for e in chunk if not _under(e.uri, excluded)]
-            if fingerprints:
-                chunk = _with_fingerprints(chunk, filesystems)
-            ids = pa.array([image_id_for(e.uri) for e in chunk], pa.string())
-            columns = [
-                ids,
-                pa.array([e.uri for e in chunk], pa.string()),
-                pa.array([e.label for e in chunk], pa.string()),
-                pa.array([e.fingerprint for e in chunk], pa.string()),
-                pa.array([e.error for e in chunk], pa.string()),
-            ]
-            batch = pa.record_batch(columns, schema=INPUT_SCHEMA).filter(pa.array(seen.first_seen(ids)))
-            if batch.num_rows:
-                yield batch
-    except (StorageError, ValueError):
-        raise
-    except Exception as e:
-        raise StorageError(_describe(source, e)) from None
 
 
 def id_keys(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -385,79 +222,6 @@ class SeenIds:
         return new
 
 
-def _printable(path: str) -> tuple[str, str | None]:
-    """``path`` as a valid UTF-8 string, and an error if its name was not UTF-8 on disk."""
-    try:
-        path.encode("utf-8")
-        return path, None
-    except UnicodeEncodeError:
-        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
-        return shown, f"the file name is not valid UTF-8 ({shown}); rename the file to label it"
-
-
-def _list_local(root: str) -> Iterator[_Entry]:
-    # Depth first, one open directory per level: a folder of millions of files is never held.
-    stack = [_scandir(root)]
-    while stack:
-        child = next(stack[-1], None)
-        if child is None:
-            stack.pop()
-            continue
-        if child.name.startswith("."):
-            continue
-        if child.is_dir(follow_symlinks=False):
-            stack.append(_scandir(child.path))
-            continue
-        if _is_linked_folder(child):
-            continue  # linked folders are not entered (no cycles, no surprises)
-        yield _local_entry(child.path)
-
-
-def _is_linked_folder(child: os.DirEntry) -> bool:
-    try:
-        return child.is_symlink() and child.is_dir(follow_symlinks=True)
-    except OSError:  # a link loop, or a target we may not stat: _local_entry says which
-        return False
-
-
-def _scandir(folder: str) -> Iterator[os.DirEntry]:
-    try:
-        with os.scandir(folder) as it:
-            yield from it
-    except PermissionError as e:
-        raise StorageError(f"cannot list {folder}: {e}") from None
-
-
-def _local_entry(path: str) -> _Entry:
-    """The entry of one local path met by a listing (or given as the input)."""
-    shown, name_error = _printable(path)
-    if name_error:
-        return _Entry(shown, error=name_error)
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if not os.path.islink(path):  # removed since it was listed: its read says so
-            return _Entry(shown)
-        return _Entry(shown, error=f"broken symbolic link: {shown} -> {_link_target(path)}")
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return _Entry(shown, error=f"symbolic link loop (too many levels of links): {shown} -> {_link_target(path)}")
-        return _Entry(shown, error=f"cannot stat {shown}: {e}")
-    target, target_error = _printable(os.path.realpath(path))
-    if target_error:
-        return _Entry(shown, error=target_error)
-    if not stat.S_ISREG(st.st_mode):
-        return _Entry(target, error=f"not a regular file ({_file_kind(st.st_mode)}): {shown}")
-    return _Entry(target, fingerprint=_local_fingerprint(st))
-
-
-def _link_target(path: str) -> str:
-    try:
-        return _printable(os.readlink(path))[0]
-    except OSError:
-        return "?"
-
-
 def _local_fingerprint(st: os.stat_result) -> str:
     """What tells one version of a local file from another: its size and mtime."""
     return f"size={st.st_size} mtime_ns={st.st_mtime_ns}"
@@ -471,43 +235,6 @@ def _file_kind(mode: int) -> str:
     return "not a file"
 
 
-def _list_remote(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[_Entry]:
-    for page in _object_pages(fs, path):
-        for info in page:
-            if posixpath.basename(info["name"]).startswith(".") or info.get("type", "file") != "file":
-                continue
-            yield _Entry(canonical_uri(fs.unstrip_protocol(info["name"])), fingerprint=_remote_fingerprint(info))
-
-
-def _remote_entry(fs: fsspec.AbstractFileSystem, path: str) -> _Entry:
-    """The entry of one object given as the input."""
-    return _Entry(canonical_uri(fs.unstrip_protocol(path)), fingerprint=_remote_fingerprint(fs.info(path)))
-
-
-def _object_pages(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[list[dict]]:
-    """The objects under ``path`` in key order, a page at a time, as fsspec info dicts.
-
-    S3 (s3fs) is paged through ListObjectsV2, 1,000 keys a request, so that a prefix of millions
-    of keys is never held whole; other stores are listed whole by fsspec's ``find``.
-    """
-    call_s3 = getattr(fs, "_call_s3", None)  # s3fs's one way to send a request, retries included
-    if call_s3 is None:
-        yield [info for _, info in sorted(fs.find(path, detail=True).items())]
-        return
-    bucket, _, key = path.strip("/").partition("/")
-    request = {"Bucket": bucket, "Prefix": key + "/" if key else ""}
-    while True:
-        page = fsspec.asyn.sync(fs.loop, call_s3, "list_objects_v2", **request)
-        yield [
-            {"name": f"{bucket}/{o['Key']}", "size": o.get("Size"), "ETag": o.get("ETag"),
-             "type": "directory" if o["Key"].endswith("/") else "file"}
-            for o in page.get("Contents", [])
-        ]  # fmt: skip
-        if not page.get("IsTruncated"):
-            return
-        request["ContinuationToken"] = page["NextContinuationToken"]
-
-
 def _remote_fingerprint(info: dict) -> str | None:
     """What tells one version of an object from another: its size and ETag (from a listing or
     a HEAD alike)."""
@@ -516,115 +243,6 @@ def _remote_fingerprint(info: dict) -> str | None:
     if etag is None and size is None:
         return None
     return f"size={size} etag={str(etag).strip(chr(34))}" if etag else f"size={size}"
-
-
-# HEAD requests in flight at once when a manifest's rows are fingerprinted.
-_FINGERPRINT_THREADS = 32
-
-
-def _with_fingerprints(chunk: list[_Entry], filesystems: dict[str, fsspec.AbstractFileSystem]) -> list[_Entry]:
-    """``chunk`` with the fingerprint looked up for each readable-looking entry that has none (a
-    manifest's rows): the one a folder listing would give. ``filesystems`` caches one filesystem
-    per protocol over the listing."""
-    missing = [i for i, e in enumerate(chunk) if e.fingerprint is None and e.error is None]
-    uris = [chunk[i].uri for i in missing]
-    for uri in uris:
-        if is_remote(uri) and _protocol(uri) not in filesystems:
-            filesystems[_protocol(uri)] = filesystem(uri)[0]
-
-    def lookup(uri: str) -> str | None:
-        try:
-            if not is_remote(uri):
-                st = os.stat(uri)
-                return _local_fingerprint(st) if stat.S_ISREG(st.st_mode) else None
-            info = filesystems[_protocol(uri)].info(uri)
-            return _remote_fingerprint(info) if info.get("type", "file") == "file" else None
-        except OSError:  # missing, permission, a link loop: the read makes it an error row
-            return None
-
-    if any(_protocol(uri) in filesystems for uri in uris):
-        with ThreadPoolExecutor(max_workers=_FINGERPRINT_THREADS) as pool:
-            found = list(pool.map(lookup, uris))
-    else:
-        found = [lookup(uri) for uri in uris]
-    chunk = list(chunk)
-    for i, fingerprint in zip(missing, found):
-        chunk[i] = dataclasses.replace(chunk[i], fingerprint=fingerprint)
-    return chunk
-
-
-def _read_manifest(fs: fsspec.AbstractFileSystem, path: str, source: str, excluded: str | None) -> Iterator[_Entry]:
-    """The manifest's rows, read a block at a time (a CSV block or a Parquet batch); a row under
-    ``excluded`` is refused."""
-    try:
-        yield from _manifest_rows(fs, path, source, excluded)
-    except pa.ArrowException as e:  # Arrow's parse errors name neither the file nor, mostly, the line
-        raise ValueError(f"manifest {source}: {e}") from None
-
-
-def _manifest_rows(fs: fsspec.AbstractFileSystem, path: str, source: str, excluded: str | None) -> Iterator[_Entry]:
-    base = source.rsplit("/", 1)[0] if is_remote(source) else str(Path(path).parent)
-    csv = manifest_format(path) == "csv"
-    with fs.open(path, "rb") as f:
-        if csv:
-            try:
-                header = pa_csv.open_csv(f).schema.names
-            except pa.ArrowInvalid as e:
-                if "empty" not in str(e).lower():
-                    raise
-                header = []
-            f.seek(0)
-        else:
-            pf = pq.ParquetFile(f)
-            header = pf.schema_arrow.names
-        if "uri" not in header:
-            raise ValueError(f"manifest {source} has no 'uri' column (columns: {header})")
-        if not csv:
-            uri_type = pf.schema_arrow.field("uri").type
-            if not (pa.types.is_string(uri_type) or pa.types.is_large_string(uri_type)):
-                raise ValueError(f"manifest {source}: column 'uri' must hold strings, not {uri_type}")
-        columns = [c for c in ("uri", "label") if c in header]
-        if csv:
-            # Every column as text: labels like 001 or 1e3 stay what the user wrote.
-            batches = pa_csv.open_csv(
-                f,
-                read_options=pa_csv.ReadOptions(block_size=4 * 2**20),
-                convert_options=pa_csv.ConvertOptions(
-                    column_types={c: pa.string() for c in columns}, include_columns=columns,
-                    strings_can_be_null=True, null_values=[""],
-                ),
-            )  # fmt: skip
-            where = lambda i: f"manifest {source} line {i + 2}"  # noqa: E731 (line 1 is the header)
-        else:
-            batches = pf.iter_batches(batch_size=LIST_BATCH_ROWS, columns=columns)
-            where = lambda i: f"manifest {source} row {i + 1}"  # noqa: E731
-        row = 0
-        for batch in batches:
-            for u, label in zip(batch.column("uri").to_pylist(), _manifest_labels(batch, source)):
-                if u is None or not u.strip():
-                    raise ValueError(f"{where(row)}: empty uri")
-                if "://" not in u and not os.path.isabs(u):
-                    u = join_uri(base, u)
-                uri = canonical_uri(u)
-                if excluded and _under(uri, excluded):
-                    raise ValueError(
-                        f"{where(row)}: {uri} lies in the output folder {excluded}, whose files are never "
-                        "labeled: move the images out of it or choose another output"
-                    )
-                yield _Entry(uri, label=label)
-                row += 1
-
-
-def _manifest_labels(batch: pa.RecordBatch, source: str) -> list[str | None]:
-    if "label" not in batch.schema.names:
-        return [None] * batch.num_rows
-    column = batch.column("label")
-    t = column.type
-    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t):
-        return column.to_pylist()
-    if pa.types.is_integer(t) or pa.types.is_dictionary(t):
-        return [None if v is None else str(v) for v in column.to_pylist()]
-    raise ValueError(f"manifest {source}: column 'label' must hold strings (or integers), not {t}")
 
 
 # ---------------------------------------------------------------- reading and writing objects
@@ -902,3 +520,15 @@ def fetch_to_local(uri: str | os.PathLike, *, cache_dir: str | os.PathLike | Non
             raise
     shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# The listing moved to pro2sam.inputs; these names are still found here.
+_MOVED_TO_INPUTS = ("INPUT_SCHEMA", "LIST_BATCH_ROWS", "MANIFEST_SUFFIXES", "iter_inputs", "list_inputs", "manifest_format", "is_manifest")
+
+
+def __getattr__(name: str):
+    if name in _MOVED_TO_INPUTS:
+        from . import inputs
+
+        return getattr(inputs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from ..storage import filesystem, is_remote, join_uri, list_files, manifest_format, read_bytes
+from ..inputs import manifest_format
+from ..storage import filesystem, is_remote, join_uri, list_files, read_bytes
 
 __all__ = ["DatasetError", "Sample", "WSOLDataset", "MANIFEST_COLUMNS", "open_dataset"]
 

@@ -1,6 +1,6 @@
 """Manifests: a ``.csv`` or ``.parquet`` table with one row per box (or mask) of each image.
 
-What is a manifest, by name, is :func:`pro2sam.storage.manifest_format` (the suffix in any case),
+What is a manifest, by name, is :func:`pro2sam.inputs.manifest_format` (the suffix in any case),
 the rule the labeling job's input follows too."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from ..storage import is_remote, join_uri, manifest_format
+from ..inputs import manifest_format
+from ..storage import is_remote, join_uri
 from .common import (
     MANIFEST_META_KEY,
     DatasetError,

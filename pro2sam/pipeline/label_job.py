@@ -39,15 +39,8 @@ from ..output import COMMIT_SECONDS, ROWS_PER_FILE, LabelsOutput, LabelWriter, R
 from ..candidates import CandidateConfig
 from ..tuning import TunedSettings
 from ..sam import DEFAULT_SAM_VARIANT, SAM_VARIANTS
-from ..storage import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_READ_TIMEOUT_S,
-    INPUT_SCHEMA,
-    StorageError,
-    is_manifest,
-    iter_inputs,
-    location_contains,
-)
+from ..inputs import INPUT_SCHEMA, is_manifest, iter_inputs
+from ..storage import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S, StorageError, location_contains
 from .ray_env import ensure_ray
 from .stages import decode_images, read_images, text_or_none
 
