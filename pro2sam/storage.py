@@ -48,6 +48,7 @@ __all__ = [
     "SeenIds",
     "read_bytes",
     "read_file",
+    "read_range",
     "sha256_file",
     "staged_file",
     "write_bytes_atomic",
@@ -323,6 +324,47 @@ def read_file(
                 raise ReadError(_describe(uri, e)) from None
             time.sleep(backoff_s * 2**attempt)
     raise AssertionError("unreachable")
+
+
+def read_range(
+    uri: str, start: int, end: int, *, timeout_s: float | None = None, attempts: int = 3, backoff_s: float = 0.5
+) -> bytes:
+    """Bytes ``start`` to ``end`` (exclusive) of a file or object, in one read (one range request
+    for an object); fewer when the file is shorter.
+
+    Raises:
+        FileNotFoundError: no such file or object (not retried).
+        ReadError: storage failed ``attempts`` times, or the read took over ``timeout_s``.
+    """
+    for attempt in range(attempts):
+        try:
+            if not is_remote(uri):
+                with open(canonical_uri(uri), "rb") as f:
+                    f.seek(start)
+                    return _read_chunks(_Bounded(f, end - start), uri, None, timeout_s)
+            fs, path = filesystem(uri)
+            return fs.cat_file(path, start=start, end=end)
+        except FileNotFoundError:
+            raise
+        except PermissionError as e:
+            raise ReadError(f"permission denied: {uri}: {e}") from None
+        except Exception as e:
+            if attempt == attempts - 1 or isinstance(e, ReadError):
+                raise ReadError(_describe(uri, e)) from None
+            time.sleep(backoff_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+class _Bounded:
+    """A file read no further than ``left`` bytes."""
+
+    def __init__(self, f, left: int) -> None:
+        self.f, self.left = f, left
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(min(n, self.left)) if self.left > 0 else b""
+        self.left -= len(data)
+        return data
 
 
 def _too_large(uri: str, size: int, max_bytes: int) -> str:

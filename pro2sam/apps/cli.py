@@ -372,6 +372,7 @@ def cmd_label(args: argparse.Namespace) -> int:
             force=args.force,
             retry_errors=args.retry_errors,
             relabel_changed=args.relabel_changed,
+            shard_label=None if args.shard_label == "none" else args.shard_label,
             rows_per_file=args.rows_per_file,
             commit_seconds=args.commit_seconds,
             lease_ttl_s=args.lease_ttl,
@@ -706,7 +707,13 @@ def _add_selection_options(p: argparse.ArgumentParser, *, limit: int | None) -> 
 
 
 def _add_label_options(p: argparse.ArgumentParser, d: dict) -> None:
-    p.add_argument("--input", required=True, help="image prefix (local or fsspec URI), manifest .csv/.parquet file, or one image file")
+    p.add_argument("--input", required=True,
+                   help="image prefix (local or fsspec URI), manifest .csv/.parquet file, WebDataset shard .tar, "
+                   "folder or brace pattern of shards (s3://b/shards/{000000..000009}.tar), Parquet file of "
+                   "image bytes (an 'image' column), or one image file")  # fmt: skip
+    p.add_argument("--shard-label", default=d["shard_label"],
+                   help="the member of a shard's sample its label is read from: an extension (cls, txt) or "
+                   "json:FIELD; 'none' for no label (default %(default)s)")  # fmt: skip
     p.add_argument("--output", required=True, help="output prefix for the Parquet files (resumes if it exists)")
     _add_settings_option(p)
     _add_labeling_options(p)

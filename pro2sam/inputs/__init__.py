@@ -2,9 +2,19 @@
 :data:`INPUT_SCHEMA` (one row per image: its id, location, label, fingerprint, and why it cannot
 be read where the listing already knows).
 
-What an input is (:func:`iter_inputs`) is decided by what is there, not by its name alone: a
-folder (prefix) is listed (:mod:`.files`), a file whose name ends in ``.csv`` or ``.parquet`` (in
-any case, :func:`manifest_format`) is a manifest (:mod:`.manifests`), any other file is one image.
+Sources: loose files and prefixes (:mod:`.files`), manifests of URIs (:mod:`.manifests`),
+WebDataset tar shards (:mod:`.webdataset`) and Parquet tables of image bytes
+(:mod:`.parquet_images`). What an input is (:func:`iter_inputs`) is decided by what is there, not
+by its name alone:
+
+- a name with braces (``s3://b/shards/{000000..000009}.tar``) is a list of shards;
+- a folder (prefix) is listed, and each file found is what it is by the rules below (a ``.tar``
+  file a shard, a ``.parquet`` table of images its rows, any other file one image);
+- a file whose name ends in ``.tar`` (in any case) is a shard: each of its samples is an image;
+- a ``.parquet`` file whose ``image`` column holds bytes or ``{bytes, path}`` structs is a table
+  of images, each row an image; any other ``.csv`` or ``.parquet`` file (in any case,
+  :func:`manifest_format`) is a manifest;
+- any other file is one image.
 """
 
 from __future__ import annotations
@@ -19,7 +29,10 @@ import pyarrow as pa
 from ..storage import SeenIds, StorageError, _describe, _under, canonical_uri, filesystem, image_id_for, is_remote
 from .base import INPUT_SCHEMA, LIST_BATCH_ROWS, Entry
 from .files import list_local, list_remote, local_entry, remote_entry, with_fingerprints
-from .manifests import MANIFEST_SUFFIXES, is_manifest, manifest_format, read_manifest_entries
+from .manifests import MANIFEST_SUFFIXES, manifest_format, read_manifest_entries
+from .manifests import is_manifest as _named_manifest
+from .parquet_images import image_rows, is_image_table
+from .webdataset import DEFAULT_SHARD_LABEL, expand_braces, is_shard_name, shard_entries
 
 __all__ = [
     "INPUT_SCHEMA",
@@ -27,8 +40,10 @@ __all__ = [
     "MANIFEST_SUFFIXES",
     "iter_inputs",
     "list_inputs",
+    "DEFAULT_SHARD_LABEL",
     "manifest_format",
     "is_manifest",
+    "is_image_table",
 ]
 
 
@@ -38,6 +53,7 @@ def iter_inputs(
     exclude_prefix: str | None = None,
     batch_rows: int = LIST_BATCH_ROWS,
     fingerprints: bool = False,
+    shard_label: str | None = DEFAULT_SHARD_LABEL,
 ) -> Iterator[pa.RecordBatch]:
     """The images a job labels, as record batches of :data:`INPUT_SCHEMA` (one row per image, at
     most ``batch_rows`` rows each), produced as the listing goes.
@@ -46,7 +62,8 @@ def iter_inputs(
         source: a prefix (folder) listed recursively, hidden files skipped; or a manifest, a
             ``.csv`` or ``.parquet`` file (the suffix in any case) with a ``uri`` column and an
             optional ``label`` column, both read as strings; relative manifest URIs are taken
-            relative to the manifest. Any other file is one image.
+            relative to the manifest; or a WebDataset shard ``.tar``, a brace pattern of shards,
+            a Parquet table of images (the module's rules). Any other file is one image.
         exclude_prefix: a prefix whose files are never inputs (the job's own output folder): a
             folder listing skips them, a manifest that names one is refused.
         batch_rows: rows per batch.
@@ -54,12 +71,18 @@ def iter_inputs(
             rows of a manifest that is a ``stat`` per local file and a HEAD request per object
             (32 at a time), so ask only when they are compared (``--relabel-changed``). A file
             that cannot be looked up (missing, permission) is listed without one; its read says why.
+            A shard's samples and a table's rows carry the shard's or the table's.
+        shard_label: the member of a shard's sample its label is read from
+            (:func:`.webdataset.shard_entries`).
 
     The source is checked when this is called; the batches come as it is read: an S3 prefix a
     page of 1,000 keys at a time (other object stores are listed whole by fsspec's ``find``), a
     manifest a block at a time, a local folder one directory entry at a time (depth first, in
     directory order). Besides the batch being built, the listing holds 20 bytes per image met so
     far (its id, to list an image reached twice once: a link, a repeated manifest line).
+
+    A shard is read as a stream of tar headers (its bytes pass through, none is held); a table
+    of images by its label and path columns, a row group at a time.
 
     Local folders: symbolic links to files are followed (the id is the target's), linked folders
     are not entered; a FIFO, device, broken link or link loop, or a name that is not UTF-8, is
@@ -75,14 +98,17 @@ def iter_inputs(
     excluded = canonical_uri(exclude_prefix) if exclude_prefix else None
     try:
         fs, path = filesystem(source)
-        if manifest_format(path) and fs.isfile(path):
+        if "{" in source and "}" in source and not fs.exists(path):
+            entries = _expand(_brace_entries(source), excluded, shard_label)
+        elif manifest_format(path) and fs.isfile(path) and not (manifest_format(path) == "parquet" and is_image_table(source)):
             entries = read_manifest_entries(fs, path, source, excluded)
         elif fs.isdir(path):
-            entries = list_remote(fs, path) if is_remote(source) else list_local(canonical_uri(source))
+            listed = list_remote(fs, path) if is_remote(source) else list_local(canonical_uri(source))
+            entries = _expand(listed, excluded, shard_label)
         elif is_remote(source) and fs.isfile(path):
-            entries = iter([remote_entry(fs, path)])
+            entries = _expand(iter([remote_entry(fs, path)]), excluded, shard_label)
         elif not is_remote(source) and os.path.exists(path):  # a file, FIFO or device: one row
-            entries = iter([local_entry(canonical_uri(source))])
+            entries = _expand(iter([local_entry(canonical_uri(source))]), excluded, shard_label)
         else:
             raise StorageError(f"input {source} does not exist (neither a folder, a manifest .csv/.parquet nor a file)")
     except (StorageError, ValueError):
@@ -92,9 +118,42 @@ def iter_inputs(
     return _input_batches(entries, excluded, batch_rows, source, fingerprints)
 
 
-def list_inputs(source: str, *, exclude_prefix: str | None = None, fingerprints: bool = False) -> pa.Table:
+def _brace_entries(pattern: str) -> Iterator[Entry]:
+    """The shards a brace pattern names, as a listing meets them; the first must exist (a
+    pattern that names nothing is a typo), a later missing one is one error input."""
+    names = expand_braces(pattern)
+    fs, first = filesystem(names[0])
+    if not fs.isfile(first):
+        raise StorageError(f"input {pattern}: its first shard {names[0]} does not exist")
+    for name in names:
+        if not is_remote(name):
+            yield local_entry(canonical_uri(name))
+            continue
+        fs, path = filesystem(name)
+        try:
+            yield remote_entry(fs, path)
+        except FileNotFoundError:
+            yield Entry(canonical_uri(name), error=f"not found: {name}")
+
+
+def _expand(entries: Iterator[Entry], excluded: str | None, shard_label: str | None) -> Iterator[Entry]:
+    """A listing's files, each what it is: a shard's samples, a table of images' rows, else itself."""
+    for entry in entries:
+        if entry.error is not None or (excluded and _under(entry.uri, excluded)):
+            yield entry
+        elif is_shard_name(entry.uri):
+            yield from shard_entries(entry, label=shard_label)
+        elif manifest_format(entry.uri) == "parquet" and is_image_table(entry.uri):
+            yield from image_rows(entry)
+        else:
+            yield entry
+
+
+def list_inputs(
+    source: str, *, exclude_prefix: str | None = None, fingerprints: bool = False, shard_label: str | None = DEFAULT_SHARD_LABEL
+) -> pa.Table:
     """:func:`iter_inputs` as one table (for inputs that fit in memory)."""
-    batches = iter_inputs(source, exclude_prefix=exclude_prefix, fingerprints=fingerprints)
+    batches = iter_inputs(source, exclude_prefix=exclude_prefix, fingerprints=fingerprints, shard_label=shard_label)
     return pa.Table.from_batches(list(batches), schema=INPUT_SCHEMA)
 
 
@@ -116,6 +175,10 @@ def _input_batches(
                 pa.array([e.label for e in chunk], pa.string()),
                 pa.array([e.fingerprint for e in chunk], pa.string()),
                 pa.array([e.error for e in chunk], pa.string()),
+                pa.array([e.container_kind for e in chunk], pa.string()),
+                pa.array([e.container for e in chunk], pa.string()),
+                pa.array([e.member_offset for e in chunk], pa.int64()),
+                pa.array([e.member_size for e in chunk], pa.int64()),
             ]
             batch = pa.record_batch(columns, schema=INPUT_SCHEMA).filter(pa.array(seen.first_seen(ids)))
             if batch.num_rows:
@@ -125,3 +188,13 @@ def _input_batches(
     except Exception as e:
         raise StorageError(_describe(source, e)) from None
 
+
+
+def is_manifest(uri: str) -> bool:
+    """True if ``uri`` is a manifest: a file (not a folder: a folder named ``x.csv`` is a folder)
+    whose name :func:`manifest_format` recognises and that is not a table of images.
+
+    Raises:
+        StorageError: the storage cannot be reached.
+    """
+    return _named_manifest(uri) and not is_image_table(uri)

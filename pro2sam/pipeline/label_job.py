@@ -39,7 +39,7 @@ from ..output import COMMIT_SECONDS, ROWS_PER_FILE, LabelsOutput, LabelWriter, R
 from ..candidates import CandidateConfig
 from ..tuning import TunedSettings
 from ..sam import DEFAULT_SAM_VARIANT, SAM_VARIANTS
-from ..inputs import INPUT_SCHEMA, is_manifest, iter_inputs
+from ..inputs import DEFAULT_SHARD_LABEL, INPUT_SCHEMA, is_manifest, iter_inputs
 from ..storage import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S, StorageError, location_contains
 from .ray_env import ensure_ray
 from .stages import decode_images, read_images, text_or_none
@@ -65,6 +65,10 @@ _BATCHES_PER_BLOCK = 4
 # another, so that the driver and the object store never hold millions of rows (each dataset
 # starts its actors again: seconds, against hours of labeling for this many images on a GPU).
 _ROWS_PER_DATASET = 100_000
+# Rows per read task of a WebDataset shard's samples or a Parquet table's rows: neighbouring
+# members come in one range request, and a row group (Hugging Face exports hold 100 images each)
+# is read about once.
+_MEMBER_READ_ROWS = 256
 
 
 class RowsNotWritten(StorageError):
@@ -206,8 +210,9 @@ class LabelJobConfig:
 
     Attributes:
         input: image prefix (folder), a manifest (a .csv / .parquet file, the suffix in any case,
-            with ``uri`` and optional ``label``; its images may not lie in ``output``), or one
-            image file.
+            with ``uri`` and optional ``label``; its images may not lie in ``output``), a
+            WebDataset shard, a folder or brace pattern of shards, a Parquet table of image bytes,
+            or one image file (:func:`pro2sam.inputs.iter_inputs` says how it is told).
         output: folder (prefix) the Parquet files go to; also what resumes.
         labeling: :class:`LabelingSettings`.
         run_id: written into every row of this run.
@@ -216,6 +221,8 @@ class LabelJobConfig:
         retry_errors: relabel every error row (by default only read failures are relabeled).
         relabel_changed: relabel images whose file changed (size, mtime or ETag) since; a
             manifest's files are then looked up as they are listed (a stat each, a HEAD per object).
+        shard_label: the member of a WebDataset sample its label is read from (``cls``, ``txt``,
+            ``json:FIELD``), None for none.
         rows_per_file, commit_seconds: a label file is committed at this many rows, or this long
             after its first row, whichever comes first; a kill loses at most the rows not yet
             committed.
@@ -230,6 +237,7 @@ class LabelJobConfig:
     force: bool = False
     retry_errors: bool = False
     relabel_changed: bool = False
+    shard_label: str | None = DEFAULT_SHARD_LABEL
     rows_per_file: int = ROWS_PER_FILE
     commit_seconds: float = COMMIT_SECONDS
     lease_ttl_s: float = 60.0
@@ -516,7 +524,9 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
     cfg.validate()
     output = LabelsOutput(cfg.output)
     # The input is checked here, listed below; fingerprints of a manifest's files only to compare them.
-    listing = iter_inputs(cfg.input, exclude_prefix=cfg.output, fingerprints=cfg.relabel_changed)
+    listing = iter_inputs(
+        cfg.input, exclude_prefix=cfg.output, fingerprints=cfg.relabel_changed, shard_label=cfg.shard_label
+    )
     with WriterLease(output, cfg.run_id, ttl_s=cfg.lease_ttl_s, force=cfg.force) as lease, _TodoSpool() as todo:
         if lease.displaced:  # let a commit the displaced run had in flight land before the output is read
             log.warning("waiting %.0f s for run %s to stop writing", lease.ttl_s / 4, lease.displaced)
@@ -643,10 +653,12 @@ def _label_stream(ray, cfg: LabelJobConfig, todo: pa.Table, actors: int, gpus: f
     rows = _BATCHES_PER_BLOCK * batch_size
     blocks = [todo.slice(i, rows) for i in range(0, len(todo), rows)]
     ds = ray.data.from_arrow(blocks)
+    # The rows of one shard or table of images are read together: more of them per read task.
+    held = todo.column("container_kind").null_count < len(todo)
     ds = ds.map_batches(
         read_images,
         batch_format="numpy",
-        batch_size=batch_size,
+        batch_size=_MEMBER_READ_ROWS if held else batch_size,
         num_cpus=0.25,
         fn_kwargs={"max_bytes": limits.max_bytes, "timeout_s": limits.read_timeout_s},
     )

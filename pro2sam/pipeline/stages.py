@@ -16,6 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from ..inputs.parquet_images import read_rows
+from ..inputs.webdataset import read_members
 from ..storage import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S, InputError, StorageError, read_file
 
 __all__ = ["read_images", "decode_images", "text_or_none", "NO_IMAGE"]
@@ -33,34 +35,86 @@ def read_images(
 ) -> dict[str, np.ndarray]:
     """I/O stage: add the encoded bytes of each image; a failed read fills ``error`` and ``error_kind``.
 
+    A loose file is read whole; the members of one WebDataset shard, and the rows of one Parquet
+    table of images, in the batch are read together (``container``, ``member_offset``,
+    ``member_size`` of :data:`~pro2sam.inputs.INPUT_SCHEMA`).
+
     ``source_fingerprint`` becomes that of the bytes read (the listing's when the read failed),
     and ``changed_since_listed`` says where it differs from the listing's."""
     uris = list(batch["uri"])
+    n = len(uris)
+    kinds = batch.get("container_kind", np.full(n, None, object))
 
-    def fetch(i: int) -> tuple[bytes, str, str | None, str | None, bool]:
-        listed_error, fingerprint = batch["input_error"][i], batch["source_fingerprint"][i]
-        fingerprint = fingerprint if isinstance(fingerprint, str) else None
-        if isinstance(listed_error, str) and listed_error:
-            return b"", listed_error, "input", fingerprint, False
+    def listed(i: int) -> tuple[str | None, str | None]:
+        error, fingerprint = batch["input_error"][i], batch["source_fingerprint"][i]
+        return (error if isinstance(error, str) and error else None), (fingerprint if isinstance(fingerprint, str) else None)
+
+    def fetch(i: int) -> list[tuple[int, _Fetched]]:
+        listed_error, fingerprint = listed(i)
+        if listed_error:
+            return [(i, (b"", listed_error, "input", fingerprint, False))]
         try:
             data, read_fingerprint = read_file(uris[i], max_bytes=max_bytes, timeout_s=timeout_s)
             changed = None not in (fingerprint, read_fingerprint) and fingerprint != read_fingerprint
-            return data, "", None, read_fingerprint or fingerprint, changed
+            return [(i, (data, "", None, read_fingerprint or fingerprint, changed))]
         except FileNotFoundError:
-            return b"", f"not found: {uris[i]}", "read", fingerprint, False
+            return [(i, (b"", f"not found: {uris[i]}", "read", fingerprint, False))]
         except InputError as e:
-            return b"", str(e), "input", fingerprint, False
+            return [(i, (b"", str(e), "input", fingerprint, False))]
         except StorageError as e:
-            return b"", f"read failed: {e}", "read", fingerprint, False
+            return [(i, (b"", f"read failed: {e}", "read", fingerprint, False))]
 
-    with ThreadPoolExecutor(max_workers=min(threads, max(1, len(uris)))) as pool:
-        fetched = list(pool.map(fetch, range(len(uris))))
+    def fetch_members(kind: str, container: str, rows: list[int]) -> list[tuple[int, _Fetched]]:
+        """The rows of one shard or table of images, read together (their fingerprint: the
+        container's, as listed)."""
+        out = []
+        try:
+            if kind == "tar":
+                sizes = [int(batch["member_size"][i]) for i in rows]
+                small = [i for i, size in zip(rows, sizes) if size <= max_bytes]
+                out += [(i, (b"", f"member is {size} bytes, over the limit of {max_bytes} bytes per image: {uris[i]}",
+                             "input", listed(i)[1], False)) for i, size in zip(rows, sizes) if size > max_bytes]  # fmt: skip
+                offsets = [int(batch["member_offset"][i]) for i in small]
+                datas = read_members(container, offsets, [int(batch["member_size"][i]) for i in small], timeout_s=timeout_s)
+                return out + [(i, (data, "", None, listed(i)[1], False)) for i, data in zip(small, datas)]
+            datas = read_rows(container, [int(batch["member_offset"][i]) for i in rows])
+            for i, data in zip(rows, datas):
+                if data is None:
+                    out.append((i, (b"", f"no image bytes in {uris[i]} (a null image)", "input", listed(i)[1], False)))
+                elif len(data) > max_bytes:
+                    out.append((i, (b"", f"image is {len(data)} bytes, over the limit of {max_bytes} bytes per image: {uris[i]}",
+                                    "input", listed(i)[1], False)))  # fmt: skip
+                else:
+                    out.append((i, (data, "", None, listed(i)[1], False)))
+            return out
+        except FileNotFoundError:
+            return [(i, (b"", f"not found: {container} (holding {uris[i]})", "read", listed(i)[1], False)) for i in rows]
+        except (StorageError, IndexError) as e:
+            return [(i, (b"", f"read failed: {e}", "read", listed(i)[1], False)) for i in rows]
+
+    tasks, groups = [], {}
+    for i in range(n):
+        kind = kinds[i]
+        if isinstance(kind, str) and kind and listed(i)[0] is None:
+            groups.setdefault((kind, str(batch["container"][i])), []).append(i)
+        else:
+            tasks.append(lambda i=i: fetch(i))
+    tasks += [lambda k=k, rows=rows: fetch_members(*k, rows) for k, rows in groups.items()]
+    fetched: list[_Fetched | None] = [None] * n
+    with ThreadPoolExecutor(max_workers=min(threads, max(1, len(tasks)))) as pool:
+        for results in pool.map(lambda task: task(), tasks):
+            for i, result in results:
+                fetched[i] = result
     batch["data"] = _object_array([d for d, _, _, _, _ in fetched])
     batch["error"] = _object_array([e for _, e, _, _, _ in fetched])
     batch["error_kind"] = _object_array([k for _, _, k, _, _ in fetched])
     batch["source_fingerprint"] = _object_array([f for _, _, _, f, _ in fetched])
     batch["changed_since_listed"] = np.array([c for _, _, _, _, c in fetched], dtype=bool)
     return batch
+
+
+# (bytes, error, error kind, fingerprint, changed since listed) of one row's read
+_Fetched = tuple[bytes, str, "str | None", "str | None", bool]
 
 
 def decode_images(batch: dict[str, np.ndarray], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
