@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import encode, scene, upload_file
 
-from pro2sam.inputs import list_inputs
+from pro2sam.inputs import iter_inputs, list_inputs
 from pro2sam.inputs.webdataset import expand_braces
 from pro2sam.pipeline.stages import decode_images, read_images
 
@@ -99,7 +99,19 @@ def test_a_brace_pattern_whose_first_shard_is_missing_is_one_clear_error(shards)
 
     folder, _ = shards
     with pytest.raises(StorageError, match="first shard .*000007.tar does not exist"):
-        list_inputs(f"{folder}/{{000007..000009}}.tar")
+        iter_inputs(f"{folder}/{{000007..000009}}.tar")  # when called, before a batch is asked for
+
+
+def test_many_shards_read_at_once_list_their_samples_in_listing_order(tmp_path):
+    keys = [f"s{n:02d}" for n in range(20)]
+    for n, (key, exts) in enumerate(samples(keys).items()):
+        write_shard(tmp_path / "many" / f"{n:06d}.tar", members_of({key: exts}))
+    (tmp_path / "many" / "zz_loose.png").write_bytes(encode(scene(64, 48, seed=0)))
+    listed = list_inputs(f"{tmp_path}/many").column("uri").to_pylist()
+    expected = [f"{tmp_path}/many/{n:06d}.tar#{key}" for n, key in enumerate(keys)] + [f"{tmp_path}/many/zz_loose.png"]
+    assert sorted(listed) == expected and len(listed) == len(expected)
+    pattern = list_inputs(f"{tmp_path}/many/{{000000..000019}}.tar").column("uri").to_pylist()
+    assert pattern == expected[:-1], "a pattern's shards in the pattern's order"
 
 
 def test_a_shard_label_is_read_from_the_member_asked_for(shards):

@@ -19,9 +19,11 @@ by its name alone:
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import fsspec
 import pyarrow as pa
@@ -81,8 +83,9 @@ def iter_inputs(
     directory order). Besides the batch being built, the listing holds 20 bytes per image met so
     far (its id, to list an image reached twice once: a link, a repeated manifest line).
 
-    A shard is read as a stream of tar headers (its bytes pass through, none is held); a table
-    of images by its label and path columns, a row group at a time.
+    A shard is read as a stream of tar headers (its bytes pass through, none is held;
+    :data:`SHARDS_AHEAD` shards at once); a table of images by its label and path columns, a row
+    group at a time.
 
     Local folders: symbolic links to files are followed (the id is the target's), linked folders
     are not entered; a FIFO, device, broken link or link loop, or a name that is not UTF-8, is
@@ -99,7 +102,7 @@ def iter_inputs(
     try:
         fs, path = filesystem(source)
         if "{" in source and "}" in source and not fs.exists(path):
-            entries = _expand(_brace_entries(source), excluded, shard_label)
+            entries = _expand(_brace_entries(source, expand_braces(source)), excluded, shard_label)
         elif manifest_format(path) and fs.isfile(path) and not (manifest_format(path) == "parquet" and is_image_table(source)):
             entries = read_manifest_entries(fs, path, source, excluded)
         elif fs.isdir(path):
@@ -118,13 +121,16 @@ def iter_inputs(
     return _input_batches(entries, excluded, batch_rows, source, fingerprints)
 
 
-def _brace_entries(pattern: str) -> Iterator[Entry]:
-    """The shards a brace pattern names, as a listing meets them; the first must exist (a
-    pattern that names nothing is a typo), a later missing one is one error input."""
-    names = expand_braces(pattern)
+def _brace_entries(pattern: str, names: list[str]) -> Iterator[Entry]:
+    """The shards ``names`` of a brace pattern, as a listing meets them; the first must exist (a
+    pattern that names nothing is a typo: checked now), a later missing one is one error input."""
     fs, first = filesystem(names[0])
     if not fs.isfile(first):
         raise StorageError(f"input {pattern}: its first shard {names[0]} does not exist")
+    return _shard_entries_named(names)
+
+
+def _shard_entries_named(names: list[str]) -> Iterator[Entry]:
     for name in names:
         if not is_remote(name):
             yield local_entry(canonical_uri(name))
@@ -136,17 +142,44 @@ def _brace_entries(pattern: str) -> Iterator[Entry]:
             yield Entry(canonical_uri(name), error=f"not found: {name}")
 
 
+# Shards read at once while a listing goes: their headers stream through the driver in threads,
+# the samples come out in listing order (a shard's samples are held until its turn: small, ~100
+# bytes each).
+SHARDS_AHEAD = 8
+
+
 def _expand(entries: Iterator[Entry], excluded: str | None, shard_label: str | None) -> Iterator[Entry]:
-    """A listing's files, each what it is: a shard's samples, a table of images' rows, else itself."""
-    for entry in entries:
-        if entry.error is not None or (excluded and _under(entry.uri, excluded)):
-            yield entry
-        elif is_shard_name(entry.uri):
-            yield from shard_entries(entry, label=shard_label)
-        elif manifest_format(entry.uri) == "parquet" and is_image_table(entry.uri):
-            yield from image_rows(entry)
-        else:
-            yield entry
+    """A listing's files, each what it is: a shard's samples, a table of images' rows, else itself;
+    up to :data:`SHARDS_AHEAD` shards are read at once, in order."""
+    pending: collections.deque[Future | list[Entry]] = collections.deque()
+
+    def ready() -> Iterator[Entry]:
+        while pending and (len(pending) > SHARDS_AHEAD or not isinstance(pending[0], Future) or pending[0].done()):
+            first = pending.popleft()
+            yield from first.result() if isinstance(first, Future) else first
+
+    with ThreadPoolExecutor(max_workers=SHARDS_AHEAD) as pool:
+        try:
+            for entry in entries:
+                if entry.error is not None or (excluded and _under(entry.uri, excluded)):
+                    pending.append([entry])
+                elif is_shard_name(entry.uri):
+                    pending.append(pool.submit(lambda e=entry: list(shard_entries(e, label=shard_label))))
+                elif manifest_format(entry.uri) == "parquet" and is_image_table(entry.uri):
+                    while pending:  # a table's rows stream in order, after what came before
+                        first = pending.popleft()
+                        yield from first.result() if isinstance(first, Future) else first
+                    yield from image_rows(entry)
+                else:
+                    pending.append([entry])
+                yield from ready()
+            while pending:
+                first = pending.popleft()
+                yield from first.result() if isinstance(first, Future) else first
+        finally:
+            for waiting in pending:
+                if isinstance(waiting, Future):
+                    waiting.cancel()
 
 
 def list_inputs(
