@@ -86,6 +86,20 @@ def test_the_read_stage_gives_each_sample_its_image_member_exactly(shards):
     assert set(read["error"]) == {""}
 
 
+def test_an_over_large_member_is_an_input_error_and_a_shard_gone_since_listed_a_read_error(shards):
+    folder, by_location = shards
+    table = list_inputs(str(folder))
+    smallest = min(len(m["png"]) for m in by_location.values())
+    decoded = read_and_decode(table, max_bytes=smallest)
+    kinds = [None if len(m["png"]) <= smallest else "input" for m in by_location.values()]
+    assert list(decoded["error_kind"]) == kinds and kinds.count("input") == 5
+    assert all("over the limit" in e for e, k in zip(decoded["error"], kinds) if k)
+    (folder / "000001.tar").unlink()
+    decoded = read_and_decode(table)
+    assert list(decoded["error_kind"]) == [None] * 3 + ["read"] * 3, "a rerun reads them again"
+    assert all("not found" in e for e in decoded["error"][3:])
+
+
 def test_a_brace_pattern_names_the_same_samples_as_the_folder(shards):
     folder, by_location = shards
     assert expand_braces("s3://b/{000008..000011}.tar") == [f"s3://b/{n:06d}.tar" for n in (8, 9, 10, 11)]

@@ -25,6 +25,9 @@ __all__ = ["read_images", "decode_images", "text_or_none", "NO_IMAGE"]
 # The image of a row whose bytes could not be read or decoded.
 NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
 
+# (bytes, error, error kind, fingerprint, changed since listed) of one row's read
+_Fetched = tuple[bytes, str, "str | None", "str | None", bool]
+
 
 def read_images(
     batch: dict[str, np.ndarray],
@@ -111,10 +114,6 @@ def read_images(
     batch["source_fingerprint"] = _object_array([f for _, _, _, f, _ in fetched])
     batch["changed_since_listed"] = np.array([c for _, _, _, _, c in fetched], dtype=bool)
     return batch
-
-
-# (bytes, error, error kind, fingerprint, changed since listed) of one row's read
-_Fetched = tuple[bytes, str, "str | None", "str | None", bool]
 
 
 def decode_images(batch: dict[str, np.ndarray], *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, np.ndarray]:
