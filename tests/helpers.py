@@ -10,6 +10,7 @@ import shutil
 import signal
 import struct
 import sys
+import tarfile
 import tempfile
 import zlib
 from contextlib import contextmanager
@@ -324,3 +325,41 @@ def read_s3_output(endpoint: str, prefix: str, *, allow_empty: bool = False) -> 
         return pa.table({"image_id": pa.array([], pa.string()), "uri": pa.array([], pa.string())})
     assert files, f"no Parquet files under {prefix}"
     return pa.concat_tables(pq.read_table(f, filesystem=fs) for f in files)
+
+
+# ---------------------------------------------------------------- WebDataset shards and Parquet of image bytes
+
+
+def write_shard(path: Path, members: list[tuple[str, bytes]]) -> bytes:
+    """A tar shard of ``members`` (name, bytes) in order, as webdataset's TarWriter writes one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path.read_bytes()
+
+
+def samples(keys: list[str], *, seed: int = 0) -> dict[str, dict[str, bytes]]:
+    """One PNG scene (64x48) and a class label per key: {key: {extension: bytes}}."""
+    return {
+        key: {"png": encode(scene(64, 48, seed=seed + i)), "cls": str(i % 3).encode(), "json": f'{{"name": "n{i}"}}'.encode()}
+        for i, key in enumerate(keys)
+    }
+
+
+def members_of(found: dict[str, dict[str, bytes]]) -> list[tuple[str, bytes]]:
+    return [(f"{key}.{ext}", data) for key, exts in found.items() for ext, data in exts.items()]
+
+
+def hf_table(n: int, *, layout: str = "struct") -> tuple[pa.Table, list[bytes]]:
+    """``n`` PNG scenes as Hugging Face ``datasets`` exports an ``Image()`` column ({bytes, path}
+    structs) with a ``ClassLabel`` (int64) ``label``, or with plain ``binary`` images."""
+    images = [encode(scene(64, 48, seed=100 + i)) for i in range(n)]
+    if layout == "struct":
+        column = pa.array([{"bytes": b, "path": f"img_{i:03d}.png"} for i, b in enumerate(images)],
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())]))  # fmt: skip
+    else:
+        column = pa.array(images, pa.binary())
+    return pa.table({"image": column, "label": pa.array([i % 3 for i in range(n)], pa.int64())}), images

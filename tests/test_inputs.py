@@ -4,42 +4,17 @@ the labeling job lists and reads them (real tar files written with tarfile, real
 from __future__ import annotations
 
 import hashlib
-import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import encode, scene, upload_file
+from helpers import encode, hf_table, members_of, samples, scene, upload_file, write_shard
 
 from pro2sam.inputs import iter_inputs, list_inputs
 from pro2sam.inputs.webdataset import expand_braces
 from pro2sam.pipeline.stages import decode_images, read_images
-
-
-def write_shard(path: Path, members: list[tuple[str, bytes]]) -> bytes:
-    """A tar shard of ``members`` (name, bytes) in order, as webdataset's TarWriter writes one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path.read_bytes()
-
-
-def samples(keys: list[str], *, seed: int = 0) -> dict[str, dict[str, bytes]]:
-    """One PNG scene (64x48) and a class label per key: {key: {extension: bytes}}."""
-    return {
-        key: {"png": encode(scene(64, 48, seed=seed + i)), "cls": str(i % 3).encode(), "json": f'{{"name": "n{i}"}}'.encode()}
-        for i, key in enumerate(keys)
-    }
-
-
-def members_of(found: dict[str, dict[str, bytes]]) -> list[tuple[str, bytes]]:
-    return [(f"{key}.{ext}", data) for key, exts in found.items() for ext, data in exts.items()]
 
 
 def sha1_id(location: str) -> str:
@@ -210,18 +185,6 @@ def test_shard_members_come_from_s3_in_one_range_request(s3_server, s3_bucket, s
 
 
 # ---------------------------------------------------------------- Parquet tables of images
-
-
-def hf_table(n: int, *, layout: str = "struct") -> tuple[pa.Table, list[bytes]]:
-    """``n`` PNG scenes as Hugging Face ``datasets`` exports an ``Image()`` column ({bytes, path}
-    structs) with a ``ClassLabel`` (int64) ``label``, or with plain ``binary`` images."""
-    images = [encode(scene(64, 48, seed=100 + i)) for i in range(n)]
-    if layout == "struct":
-        column = pa.array([{"bytes": b, "path": f"img_{i:03d}.png"} for i, b in enumerate(images)],
-                          pa.struct([("bytes", pa.binary()), ("path", pa.string())]))  # fmt: skip
-    else:
-        column = pa.array(images, pa.binary())
-    return pa.table({"image": column, "label": pa.array([i % 3 for i in range(n)], pa.int64())}), images
 
 
 def test_a_parquet_table_of_images_lists_one_input_per_row_and_reads_its_bytes(tmp_path):

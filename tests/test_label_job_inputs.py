@@ -15,14 +15,17 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import (
     cli_label_args,
+    hf_table,
     job_config,
+    members_of,
     output_rows,
     parse_summary,
     private_ray_tmpdir,
     read_s3_output,
+    samples,
     upload_file,
+    write_shard,
 )
-from test_inputs import hf_table, members_of, samples, write_shard
 
 from pro2sam.pipeline.label_job import run_label_job
 
