@@ -54,6 +54,7 @@ def inputs(*specs) -> pa.Table:
             "label": [None] * len(specs),
             "source_fingerprint": [f for _, f in specs],
             "input_error": [None] * len(specs),
+            **{name: [None] * len(specs) for name in ("container_kind", "container", "member_offset", "member_size")},
         },
         schema=INPUT_SCHEMA,
     )
