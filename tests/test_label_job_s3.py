@@ -389,12 +389,19 @@ def test_ray_job_submit_labels_every_image_once(s3_server, s3_bucket, s3_models,
         assert "authentication failed" in (wrong.stdout + wrong.stderr).lower(), wrong.stdout + wrong.stderr
 
         job_id = f"pro2sam-label-{uuid.uuid4().hex[:8]}"
-        submit = head.ray(
-            "job", "submit", "--address", head.address, "--submission-id", job_id, "--working-dir", str(REPO), "--",
-            "python", "jobs/label.py", "--input", f"s3://{s3_bucket}/images/", "--output", output,
-            "--gtformer", gtformer, "--sam-checkpoint", sam, "--batch-size", "2", *TINY_ARGS,
-            timeout=300,
-        )  # fmt: skip
+        # The head answers before its job agent is up on a loaded machine ("No available agent to
+        # submit job, please try again later"); nothing is submitted then, so asking again is safe.
+        deadline = time.monotonic() + 120
+        while True:
+            submit = head.ray(
+                "job", "submit", "--address", head.address, "--submission-id", job_id, "--working-dir", str(REPO), "--",
+                "python", "jobs/label.py", "--input", f"s3://{s3_bucket}/images/", "--output", output,
+                "--gtformer", gtformer, "--sam-checkpoint", sam, "--batch-size", "2", *TINY_ARGS,
+                timeout=300,
+            )  # fmt: skip
+            if "no available agent" not in (submit.stdout + submit.stderr).lower() or time.monotonic() > deadline:
+                break
+            time.sleep(5)
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
         status = head.ray("job", "status", "--address", head.address, job_id)
         assert "succeeded" in (status.stdout + status.stderr).lower(), status.stdout + status.stderr
