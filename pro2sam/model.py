@@ -153,12 +153,11 @@ class Pro2SAM:
             sam_checkpoint: the SAM weights file. Official variants are checked against the
                 SHA-256 of the official release unless ``verify=False``.
             candidates: grid and filter settings; None: ``CandidateConfig``'s defaults with the
-                variant's own filter thresholds (:meth:`CandidateConfig.for_variant`).
+                variant's own filter thresholds and grid (:meth:`CandidateConfig.resolve`).
         """
         gt_model, gt_config = load_gtformer(gtformer)
         sam_model = build_sam(sam, sam_checkpoint, verify=verify)
-        if candidates is None:
-            candidates = CandidateConfig.for_variant(sam)
+        candidates = CandidateConfig.resolve(sam, candidates)
         settings = GTFormerSettings.from_config(gt_config)
         ids = {"gtformer": str(gt_config.get("sha256", "")), "sam": f"{sam}:{_sam_weights_id(sam, sam_checkpoint, verify)}"}
         return cls(
