@@ -223,8 +223,9 @@ def _tau_index(taus: np.ndarray, tau: float, what: str) -> int:
 # ---------------------------------------------------------------- one image
 
 
-# The per-image record of a split (``images`` of :class:`SplitResult`), in its field order; an
-# image has the fields that apply to it (no row: no classes or boxes; no GT boxes: no IoU).
+# The per-image record of a split (``images`` of :class:`SplitResult`), in its field order (the
+# scorers fill it in their own order); an image has the fields that apply to it (no row: no
+# classes or boxes; no GT boxes: no IoU).
 IMAGE_RECORD_FIELDS = (
     "image_id", "uri", "label", "status", "error",
     "top1", "top5", "topk_classes", "gtformer_topk_classes",
@@ -363,9 +364,8 @@ class GTFormerScorer:
 
     def own_class_scores(self, counts: _Counts) -> dict:
         """The class-dependent numbers with GTFormer's own classes (needs ``cam_threshold``)."""
-        if not (counts.num_with_boxes and self.own_loc is not None and self.own_loc.num_images):
-            return {}
-        if self.cam_threshold is None:
+        own = self.own_loc
+        if self.cam_threshold is None or not (counts.num_with_boxes and own is not None and own.num_images):
             return {}
         return {k: v for k, v in self.own_loc.compute().items() if k in _CLASS_KEYS}
 
@@ -518,7 +518,7 @@ class _Split:
                 record["gt_boxes_224"] = gt_boxes.tolist()
             for scorer in self.scorers.values():
                 scorer.add(image, row, record)
-        self.images.append({k: record[k] for k in IMAGE_RECORD_FIELDS if k in record})
+        self.images.append({**{k: record[k] for k in IMAGE_RECORD_FIELDS if k in record}, **record})
 
     def result(self, dataset: WSOLDataset, boxacc_taus: Mapping[int, float] | None) -> SplitResult:
         counts = self.counts
