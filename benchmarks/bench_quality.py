@@ -52,6 +52,7 @@ import sys
 import time
 from pathlib import Path
 
+from pro2sam.evaluation import EvaluationReport
 from pro2sam.report import BOX_ACCURACY, SUMMARY_METRICS
 
 
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     for config in candidate_configs:
         rows, seconds = label(heldout.samples, config, matchings)
         for name, r in rows.items():
-            pro = evaluate_predictions(heldout, r, methods=("Pro2SAM",))["Pro2SAM"]
+            pro = evaluate_predictions(heldout, r, methods=("Pro2SAM",)).results["Pro2SAM"]
             choices.append(table_row(config, matchings[name], pro, base_candidates=base_candidates,
                                      base_matching=base_matching, stage="sam+matching"))  # fmt: skip
             keys.append((config, name))
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, split in tests.items():
                 rows, seconds = label(split.samples, config, compare)
                 report = evaluate_with_heldout(heldout, heldout_rows["chosen"], split, rows["chosen"])
-                pro = report["results"]["Pro2SAM"]
+                pro = report.results["Pro2SAM"]
                 runs[name].append({
                     "grid": grid,
                     "prune": prune,
@@ -231,15 +232,15 @@ def main(argv: list[str] | None = None) -> int:
                         "part_held": part_held(rows["chosen"], seeds[name], "test", args.regime)
                     },
                     "gt_known_loc_by_matching": {
-                        m: evaluate_predictions(split, r)["Pro2SAM"]["gt_known_loc"] for m, r in rows.items()
+                        m: evaluate_predictions(split, r).results["Pro2SAM"]["gt_known_loc"] for m, r in rows.items()
                     },
                 })  # fmt: skip
                 gtformer_reports.setdefault(name, report)
-                plain_images = evaluate_predictions(split, rows["plain IoU"])["images"]
+                plain_images = evaluate_predictions(split, rows["plain IoU"]).images
                 setting = f"grid {grid}, pruning {'on' if prune else 'off'}"
-                gained_lost.setdefault(name, {})[setting] = _gained_lost(plain_images, report["images"])
+                gained_lost.setdefault(name, {})[setting] = _gained_lost(plain_images, report.images)
                 gained_lost.setdefault(f"{name} (package default)", {})[setting] = _gained_lost(
-                    plain_images, evaluate_predictions(split, rows["package default"])["images"]
+                    plain_images, evaluate_predictions(split, rows["package default"]).images
                 )
                 print(f"{name}: GT-known by matching rule on the same candidates: {runs[name][-1]['gt_known_loc_by_matching']}",
                       flush=True)  # fmt: skip
@@ -255,10 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         "test": f"Synthetic test split (seed {shipped.SYNTHETIC_SEED}, {args.regime} regime): {len(test.samples)} images",
         "unseen": f"Synthetic test split of seed {args.unseen_seed}, used for no choice: {args.num_test} images",
     }
-    thresholds = gtformer_reports["test"]["thresholds"]
+    thresholds = gtformer_reports["test"].thresholds
     intro = (
         f"Every choice made on val of seed {shipped.SYNTHETIC_SEED} ({len(heldout.samples)} images): GTFormer-only's "
-        f"cam threshold {thresholds['cam_threshold']:.2f}; SAM's filters (predicted IoU "
+        f"cam threshold {thresholds.cam_threshold:.2f}; SAM's filters (predicted IoU "
         f"{chosen_candidates['pred_iou_thresh']}, stability {chosen_candidates['stability_score_thresh']}); matching: "
         f"{chosen_name}; grid pruning costs {prune_costs:+.1f} points of GT-known Loc on val "
         f"({'within 1 point: default on' if prune_costs <= 1.0 else 'more than 1 point: default off'}). MaxBoxAccV2: the "
@@ -299,10 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         "gtformer_seconds_per_image": gtformer_seconds,
     }
     for name, report in gtformer_reports.items():
-        gt = report["results"]["GTFormer"]
+        gt = report.results["GTFormer"]
         record[name] = {
             "GTFormer": {k: gt.get(k) for k in (*GTFORMER_KEYS, BOX_ACCURACY["GTFormer"], "PxAP")},
-            "GTFormer_test_tuned": (report.get("test_tuned") or {}).get("GTFormer", {}),
+            "GTFormer_test_tuned": report.test_tuned.gtformer if report.test_tuned else {},
             "runs": runs[name],
         }
     (args.workdir / "quality.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
@@ -342,11 +343,11 @@ PRO2SAM_KEYS = (*(k for k in SUMMARY_METRICS if k != "MaxBoxAccV2"), BOX_ACCURAC
 TARGETS = {"gt_known_loc": 85.0, "gain": 10.0, "top1_cls": 80.0, "top1_loc": 70.0}
 
 
-def quality_table(title: str, report: dict, runs: list[dict], gtformer_seconds: float) -> list[str]:
+def quality_table(title: str, report: EvaluationReport, runs: list[dict], gtformer_seconds: float) -> list[str]:
     """Markdown lines of one table: GTFormer-only (held-out thresholds, then test-tuned) and each
     Pro2SAM run, with the target check of the best run by GT-known Loc."""
-    gt = report["results"]["GTFormer"]
-    tuned = (report.get("test_tuned") or {}).get("GTFormer", {})
+    gt = report.results["GTFormer"]
+    tuned = report.test_tuned.gtformer if report.test_tuned else {}
 
     def cells(metrics: dict) -> str:
         return " | ".join(_fmt(metrics.get(k)) for k in SUMMARY_METRICS)

@@ -158,12 +158,22 @@ class CandidateConfig:
     @classmethod
     def for_variant(cls, variant: str, **settings) -> CandidateConfig:
         """The settings for a SAM variant: ``settings`` (None values are left out), with the
-        variant's own filter thresholds (:attr:`SamVariant.filter_thresholds`) where not given,
-        and the defaults above for the rest."""
+        variant's own filter thresholds and grid (:attr:`SamVariant.filter_thresholds`,
+        :attr:`SamVariant.points_per_side`) where not given, and the defaults above for the rest."""
         if variant not in SAM_VARIANTS:
             raise ValueError(f"unknown SAM variant {variant!r}; choose from {', '.join(sorted(SAM_VARIANTS))}")
+        spec = SAM_VARIANTS[variant]
+        own = dict(spec.filter_thresholds)
+        if spec.points_per_side is not None:
+            own["points_per_side"] = spec.points_per_side
         given = {k: v for k, v in settings.items() if v is not None}
-        return cls(**{**dict(SAM_VARIANTS[variant].filter_thresholds), **given})
+        return cls(**{**own, **given})
+
+    @classmethod
+    def resolve(cls, variant: str, candidates: CandidateConfig | None) -> CandidateConfig:
+        """What an optional ``candidates`` means: itself where given; None: the variant's
+        defaults (:meth:`for_variant`)."""
+        return candidates if candidates is not None else cls.for_variant(variant)
 
 
 @dataclass

@@ -185,11 +185,11 @@ def _gtformer(path: str | os.PathLike):
     """(class-logits model, transform, description) of a GTFormer export."""
     from torchvision import transforms
 
-    from .gtformer import load_gtformer
+    from .gtformer import GTFormerSettings, load_gtformer
 
     gtformer, config = load_gtformer(path)
-    size = int(config.get("img_size", 224))
-    mean, std = config.get("mean", (0.485, 0.456, 0.406)), config.get("std", (0.229, 0.224, 0.225))
+    settings = GTFormerSettings.from_config(config)
+    size, mean, std = settings.img_size, settings.mean, settings.std
     transform = transforms.Compose([
         transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.ToTensor(),

@@ -38,7 +38,11 @@ held-out split by :func:`choose_thresholds` and applied to the test split
 (:func:`evaluate_with_heldout`); numbers with thresholds tuned on test itself are reported only
 beside them, under ``test_tuned``. Rows with ``status == 'error'`` and images without a row count
 as wrong for every metric. Accuracies, PxAP, mIoU and rates are percentages.
-:mod:`pro2sam.report` writes the result as Markdown, JSON and overlay PNGs.
+
+One pass over a split hands each image to one scorer per method (:class:`GTFormerScorer`,
+:class:`Pro2SAMScorer`, as wsolevaluation keeps one evaluator per kind of output); the results are
+typed (:class:`SplitResult`, :class:`EvaluationReport`) and ``to_json()`` gives ``report.json``'s
+layout. :mod:`pro2sam.report` writes the result as Markdown, JSON and overlay PNGs.
 """
 
 from __future__ import annotations
@@ -79,6 +83,12 @@ __all__ = [
     "GTFORMER_CLASSES",
     "DEFAULT_CAM_CURVE_INTERVAL",
     "Thresholds",
+    "IMAGE_RECORD_FIELDS",
+    "GTFormerScorer",
+    "Pro2SAMScorer",
+    "SplitResult",
+    "TestTuned",
+    "EvaluationReport",
     "index_rows",
     "load_gt_mask",
     "gtformer_score_map",
@@ -210,14 +220,251 @@ def _tau_index(taus: np.ndarray, tau: float, what: str) -> int:
     return i
 
 
+# ---------------------------------------------------------------- one image
+
+
+# The per-image record of a split (``images`` of :class:`SplitResult`), in its field order (the
+# scorers fill it in their own order); an image has the fields that apply to it (no row: no
+# classes or boxes; no GT boxes: no IoU).
+IMAGE_RECORD_FIELDS = (
+    "image_id", "uri", "label", "status", "error",
+    "top1", "top5", "topk_classes", "gtformer_topk_classes",
+    "pro2sam_box_224", "pro2sam_box_xyxy", "gt_boxes_224",
+    "gtformer_box_224", "gtformer_iou", "pro2sam_iou", "pro2sam_mask_iou",
+)  # fmt: skip
+
+
+@dataclass
+class _Image:
+    """One image of a split as every scorer sees it: its ground truth in the 224 frame and the
+    classes it is scored with.
+
+    Attributes:
+        label: GT class.
+        has_boxes: the sample has GT boxes (an image without a row counts in the box denominators).
+        boxes: (K, 4) GT boxes in the 224 frame, wsolevaluation's convention; None without boxes
+            or, for an image without a row, without a known size.
+        mask: (224, 224) bool GT foreground; None without masks. ``ignore`` likewise (or None).
+        topk: (<=5,) classes scored (a separate classifier's where given), best first.
+        own_topk: (<=5,) GTFormer's classes from the row (the same as ``topk`` without classifier).
+        top1, top5: ``topk`` has the label first / among the five.
+    """
+
+    label: int
+    has_boxes: bool
+    boxes: np.ndarray | None
+    mask: np.ndarray | None
+    ignore: np.ndarray | None
+    topk: np.ndarray | None = None
+    own_topk: np.ndarray | None = None
+    top1: bool = False
+    top5: bool = False
+
+
+# ---------------------------------------------------------------- one scorer per method
+
+
+class GTFormerScorer:
+    """GTFormer's numbers on one split, from the rows' coarse maps: its largest-contour box and its
+    mask at every tau of the grid (the curves), and at ``cam_threshold`` where given.
+
+    Args:
+        taus: (T,) the tau grid (:func:`~pro2sam.metrics.cam_thresholds`).
+        cam_threshold: tau of the box and mask scored as the method's own (None: curves only).
+        interval: step of ``taus``.
+        own_classes: also count Top-1 / Top-5 Loc with the rows' own classes (a separate
+            classifier gives ``_Image.topk``).
+    """
+
+    name = "GTFormer"
+
+    def __init__(self, taus: np.ndarray, cam_threshold: float | None, interval: float, own_classes: bool) -> None:
+        self.taus, self.cam_threshold = taus, cam_threshold
+        t = len(taus)
+        # largest-contour box at every tau: counts of GT-known / Top-1 / Top-5 Loc
+        self.loc_by_tau = {k: np.zeros(t, dtype=np.int64) for k in ("gt_known_loc", "top1_loc", "top5_loc")}
+        self.loc = LocalizationAccumulator()  # at cam_threshold
+        self.own_loc = LocalizationAccumulator() if own_classes else None
+        self.box_acc = MaxBoxAccEvaluator(cam_curve_interval=interval)
+        self.pxap = PxAPEvaluator(cam_curve_interval=interval)
+        self.iou_sum = np.zeros(t)
+        self.iou_n = np.zeros(t, dtype=np.int64)
+        self.iou_at: list[float] = []  # mask IoU at cam_threshold, per image
+
+    def add(self, image: _Image, row: Mapping, record: dict) -> None:
+        """Score one ok row; write its box and IoU at ``cam_threshold`` into ``record``."""
+        score = gtformer_score_map(row)
+        quantized = quantize_score_map(score)
+        peak = float(quantized.max())
+        if image.boxes is not None:
+            extra = [self.cam_threshold] if self.cam_threshold is not None else []
+            boxes = boxes_from_score_map(score, list(self.taus) + extra, multi_contour=False)
+            iou = box_iou_inclusive(np.concatenate(boxes), image.boxes).max(axis=1)
+            correct = iou[: len(self.taus)] >= LOC_IOU_THRESHOLD
+            self.loc_by_tau["gt_known_loc"] += correct
+            self.loc_by_tau["top1_loc"] += correct & image.top1
+            self.loc_by_tau["top5_loc"] += correct & image.top5
+            if self.cam_threshold is not None:
+                self.loc.accumulate(image.topk, image.label, boxes[-1][0], image.boxes)
+                if self.own_loc is not None:
+                    self.own_loc.accumulate(image.own_topk, image.label, boxes[-1][0], image.boxes)
+                record["gtformer_box_224"] = boxes[-1][0].tolist()
+                record["gtformer_iou"] = float(iou[-1])
+            self.box_acc.accumulate(score, image.boxes)
+        if image.mask is not None:
+            self.pxap.accumulate(score, image.mask, image.ignore)
+            by_cut = _iou_by_cut(quantized, image.mask, image.ignore)
+            per_tau = by_cut[[_cut(t, peak) for t in self.taus]]
+            defined = ~np.isnan(per_tau)
+            self.iou_sum[defined] += per_tau[defined]
+            self.iou_n += defined
+            if self.cam_threshold is not None:
+                self.iou_at.append(float(by_cut[_cut(self.cam_threshold, peak)]))
+
+    def add_wrong(self, image: _Image) -> None:
+        """An image without a prediction: in every denominator, in no numerator."""
+        if image.has_boxes:
+            for acc in (self.loc, self.own_loc, self.box_acc):
+                if acc is not None:
+                    acc.num_images += 1
+        if image.mask is not None:
+            self.pxap.accumulate(np.zeros(image.mask.shape, dtype=np.float64), image.mask, image.ignore)
+            iou_nothing = mask_iou(np.zeros_like(image.mask), image.mask, image.ignore)
+            if not math.isnan(iou_nothing):
+                self.iou_n += 1
+                self.iou_at.append(iou_nothing)
+
+    def scores(self, counts: _Counts, boxacc_taus: Mapping[int, float] | None) -> dict:
+        """The method's numbers (percent), after the classification ones of ``counts``."""
+        out = counts.class_scores()
+        if counts.num_with_boxes:
+            if self.cam_threshold is not None:
+                out.update({k: v for k, v in self.loc.compute().items() if k.endswith("_loc")})
+            out.update(_box_accuracy(self.box_acc, boxacc_taus, self.taus))
+        if counts.num_with_masks:
+            out["PxAP"] = self.pxap.compute()["PxAP"]
+            if self.cam_threshold is not None:
+                out["mIoU"] = _nanmean_pct(self.iou_at)
+        return out
+
+    def curves(self, counts: _Counts) -> dict:
+        """``GTFormer_<metric>`` -> the metric (percent) at every tau of the grid."""
+        curves: dict = {}
+        if counts.num_with_boxes:
+            for key in ("top1_loc", "top5_loc", "gt_known_loc"):
+                curves[f"GTFormer_{key}"] = (100.0 * self.loc_by_tau[key] / counts.num_with_boxes).tolist()
+            accuracy = self.box_acc.accuracy_per_threshold()
+            curves["GTFormer_box_acc"] = {str(d): row.tolist() for d, row in zip(self.box_acc.iou_thresholds, accuracy)}
+        if counts.num_with_masks:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                curves["GTFormer_mIoU"] = np.where(
+                    self.iou_n > 0, 100.0 * self.iou_sum / np.maximum(self.iou_n, 1), np.nan
+                ).tolist()
+        return curves
+
+    def own_class_scores(self, counts: _Counts) -> dict:
+        """The class-dependent numbers with GTFormer's own classes (needs ``cam_threshold``)."""
+        own = self.own_loc
+        if self.cam_threshold is None or not (counts.num_with_boxes and own is not None and own.num_images):
+            return {}
+        return {k: v for k, v in self.own_loc.compute().items() if k in _CLASS_KEYS}
+
+
+class Pro2SAMScorer:
+    """Pro2SAM's numbers on one split, from the rows' ``box_xyxy`` and ``mask_rle`` (no threshold).
+
+    Args:
+        own_classes: also count Top-1 / Top-5 Loc with the rows' own (GTFormer's) classes.
+    """
+
+    name = "Pro2SAM"
+
+    def __init__(self, interval: float, own_classes: bool) -> None:
+        self.loc = LocalizationAccumulator()
+        self.own_loc = LocalizationAccumulator() if own_classes else None
+        self.box_correct = np.zeros(len(IOU_THRESHOLDS), dtype=np.int64)  # its one box, per delta
+        self.pxap = PxAPEvaluator(cam_curve_interval=interval)
+        self.iou: list[float] = []  # mask IoU per image
+        self.num_fallback = 0
+
+    def add(self, image: _Image, row: Mapping, record: dict) -> None:
+        """Score one ok row; write its box in the 224 frame and its IoUs into ``record``."""
+        self.num_fallback += row.get("box_source") == FALLBACK_SOURCE
+        mask = _pro2sam_mask(row)
+        box = inclusive_to_eval_boxes(np.asarray(row["box_xyxy"]))  # in original pixels, then scaled
+        box = scale_boxes_to_frame(box, (row["width"], row["height"]))[0]
+        record["pro2sam_box_224"] = box.tolist()
+        record["pro2sam_box_xyxy"] = [int(v) for v in row["box_xyxy"]]
+        if image.boxes is not None:
+            record["pro2sam_iou"] = self.loc.accumulate(image.topk, image.label, box, image.boxes)
+            if self.own_loc is not None:
+                self.own_loc.accumulate(image.own_topk, image.label, box, image.boxes)
+            self.box_correct += [record["pro2sam_iou"] >= d / 100 for d in IOU_THRESHOLDS]
+        if image.mask is not None:
+            self.pxap.accumulate(mask.astype(np.float64), image.mask, image.ignore)
+            record["pro2sam_mask_iou"] = mask_iou(mask, image.mask, image.ignore)
+            self.iou.append(record["pro2sam_mask_iou"])
+
+    def add_wrong(self, image: _Image) -> None:
+        """An image without a prediction: in every denominator, in no numerator."""
+        if image.has_boxes:
+            for acc in (self.loc, self.own_loc):
+                if acc is not None:
+                    acc.num_images += 1
+        if image.mask is not None:
+            self.pxap.accumulate(np.zeros(image.mask.shape, dtype=np.float64), image.mask, image.ignore)
+            iou_nothing = mask_iou(np.zeros_like(image.mask), image.mask, image.ignore)
+            if not math.isnan(iou_nothing):
+                self.iou.append(iou_nothing)
+
+    def scores(self, counts: _Counts, boxacc_taus: Mapping[int, float] | None = None) -> dict:
+        """The method's numbers (percent), after the classification ones of ``counts``."""
+        out = dict(counts.class_scores(), fallback_rate=_pct(self.num_fallback, counts.num_images))
+        if counts.num_with_boxes:
+            out.update({k: v for k, v in self.loc.compute().items() if k.endswith("_loc")})
+            for d, correct in zip(IOU_THRESHOLDS, self.box_correct):
+                out[f"BoxAcc@{d}_single_box"] = 100.0 * float(correct) / counts.num_with_boxes
+            out["BoxAccV2_single_box"] = float(np.mean([out[f"BoxAcc@{d}_single_box"] for d in IOU_THRESHOLDS]))
+        if counts.num_with_masks:
+            out["PxAP"] = self.pxap.compute()["PxAP"]
+            out["mIoU"] = _nanmean_pct(self.iou)
+        return out
+
+    def curves(self, counts: _Counts) -> dict:
+        return {}  # one box and mask per image: nothing to sweep
+
+    def own_class_scores(self, counts: _Counts) -> dict:
+        """The class-dependent numbers with GTFormer's own classes."""
+        if not (counts.num_with_boxes and self.own_loc is not None and self.own_loc.num_images):
+            return {}
+        return {k: v for k, v in self.own_loc.compute().items() if k in _CLASS_KEYS}
+
+
 # ---------------------------------------------------------------- one split
 
 
+@dataclass
+class _Counts:
+    """What a split holds, and the classification counts every method shares (the class scores
+    are the same whichever box is scored)."""
+
+    num_images: int = 0
+    num_with_boxes: int = 0
+    num_with_masks: int = 0
+    num_error_rows: int = 0
+    num_missing_rows: int = 0
+    top1_cls: int = 0
+    top5_cls: int = 0
+
+    def class_scores(self) -> dict:
+        return {"top1_cls": _pct(self.top1_cls, self.num_images), "top5_cls": _pct(self.top5_cls, self.num_images)}
+
+
 class _Split:
-    """Counts of one split; one pass over the images fills every curve.
+    """One pass over a split's images, handing each to one scorer per method.
 
     ``classes`` (uri -> top-k classes of a separate classifier) replaces the rows' GTFormer
-    classes in every class-dependent count; GTFormer's own are then counted too (``own_loc``).
+    classes in every class-dependent count; GTFormer's own are then counted too.
     """
 
     def __init__(
@@ -228,190 +475,233 @@ class _Split:
         classes: Mapping[str, Sequence[int]] | None,
         methods: Sequence[str] = METHODS,
     ) -> None:
-        self.taus = taus
-        self.gtformer = "GTFormer" in methods
-        self.cam_threshold = cam_threshold
-        self.classes = classes
-        t = len(taus)
-        self.num_images = self.num_box = self.num_mask = 0
-        self.num_error = self.num_missing = self.num_fallback = 0
-        self.top1_cls = self.top5_cls = 0
-        # GTFormer, largest-contour box at every tau: counts of GT-known / Top-1 / Top-5 Loc
-        self.v1 = {k: np.zeros(t, dtype=np.int64) for k in ("gt_known_loc", "top1_loc", "top5_loc")}
-        self.v1_at = LocalizationAccumulator()
-        self.gtf_v2 = MaxBoxAccEvaluator(cam_curve_interval=interval)
-        self.gtf_pxap = PxAPEvaluator(cam_curve_interval=interval)
-        self.gtf_iou_sum = np.zeros(t)
-        self.gtf_iou_n = np.zeros(t, dtype=np.int64)
-        self.gtf_iou_at: list[float] = []
-        self.p2s_loc = LocalizationAccumulator()
-        self.p2s_box_correct = np.zeros(len(IOU_THRESHOLDS), dtype=np.int64)  # its one box, per delta
-        self.p2s_pxap = PxAPEvaluator(cam_curve_interval=interval)
-        self.p2s_iou: list[float] = []
-        # with a separate classifier: the same boxes scored with GTFormer's own classes
-        self.own_loc = {m: LocalizationAccumulator() for m in METHODS} if classes is not None else {}
+        self.taus, self.cam_threshold, self.classes = taus, cam_threshold, classes
+        own = classes is not None
+        self.scorers: dict[str, GTFormerScorer | Pro2SAMScorer] = {}
+        if "GTFormer" in methods:
+            self.scorers["GTFormer"] = GTFormerScorer(taus, cam_threshold, interval, own)
+        self.scorers["Pro2SAM"] = Pro2SAMScorer(interval, own)
+        self.counts = _Counts()
         self.images: list[dict] = []
 
     def add(self, sample: Sample, row: Mapping | None) -> None:
-        self.num_images += 1
+        counts = self.counts
+        counts.num_images += 1
         ok = row is not None and row.get("status") == STATUS_OK
         record: dict = {"image_id": sample.image_id, "uri": sample.uri, "label": sample.label}
         record["status"] = "missing" if row is None else row.get("status")
-        self.images.append(record)
         if row is None:
-            self.num_missing += 1
+            counts.num_missing_rows += 1
         elif not ok:
-            self.num_error += 1
+            counts.num_error_rows += 1
             record["error"] = row.get("error")
         has_boxes = sample.boxes is not None and len(sample.boxes) > 0
         size = sample.size or ((row["width"], row["height"]) if ok else None)
         gt_boxes = scale_boxes_to_frame(sample.boxes, size) if has_boxes and size else None
         gt_mask = load_gt_mask(sample)
-        self.num_box += has_boxes
-        self.num_mask += gt_mask is not None
+        counts.num_with_boxes += has_boxes
+        counts.num_with_masks += gt_mask is not None
+        image = _Image(sample.label, has_boxes, gt_boxes, *(gt_mask or (None, None)))
         if not ok:
-            self._add_wrong(has_boxes, gt_mask)
-            return
+            for scorer in self.scorers.values():
+                scorer.add_wrong(image)
+        else:
+            image.own_topk = _topk(row["topk_classes"])
+            image.topk = image.own_topk if self.classes is None else _topk(self.classes.get(sample.uri))
+            image.top1, image.top5 = bool(image.topk[0] == sample.label), bool((image.topk == sample.label).any())
+            counts.top1_cls += image.top1
+            counts.top5_cls += image.top5
+            record.update(top1=image.top1, top5=image.top5, topk_classes=[int(c) for c in image.topk])
+            if self.classes is not None:
+                record["gtformer_topk_classes"] = [int(c) for c in image.own_topk]
+            if has_boxes:
+                record["gt_boxes_224"] = gt_boxes.tolist()
+            for scorer in self.scorers.values():
+                scorer.add(image, row, record)
+        self.images.append({**{k: record[k] for k in IMAGE_RECORD_FIELDS if k in record}, **record})
 
-        own_topk = _topk(row["topk_classes"])
-        topk = own_topk if self.classes is None else _topk(self.classes.get(sample.uri))
-        top1, top5 = bool(topk[0] == sample.label), bool((topk == sample.label).any())
-        self.top1_cls += top1
-        self.top5_cls += top5
-        record.update(top1=top1, top5=top5, topk_classes=[int(c) for c in topk])
-        if self.classes is not None:
-            record["gtformer_topk_classes"] = [int(c) for c in own_topk]
-        self.num_fallback += row.get("box_source") == FALLBACK_SOURCE
-        if self.gtformer:
-            score = gtformer_score_map(row)
-            quantized = quantize_score_map(score)
-            peak = float(quantized.max())
-        p2s_mask = _pro2sam_mask(row)
-        p2s_score = p2s_mask.astype(np.float64)
-        p2s_box = inclusive_to_eval_boxes(np.asarray(row["box_xyxy"]))  # in original pixels, then scaled
-        p2s_box = scale_boxes_to_frame(p2s_box, (row["width"], row["height"]))[0]
-        record["pro2sam_box_224"] = p2s_box.tolist()
-        record["pro2sam_box_xyxy"] = [int(v) for v in row["box_xyxy"]]
-
-        if has_boxes:
-            record["gt_boxes_224"] = gt_boxes.tolist()
-        if has_boxes and self.gtformer:
-            extra = [self.cam_threshold] if self.cam_threshold is not None else []
-            boxes = boxes_from_score_map(score, list(self.taus) + extra, multi_contour=False)
-            iou = box_iou_inclusive(np.concatenate(boxes), gt_boxes).max(axis=1)
-            correct = iou[: len(self.taus)] >= LOC_IOU_THRESHOLD
-            self.v1["gt_known_loc"] += correct
-            self.v1["top1_loc"] += correct & top1
-            self.v1["top5_loc"] += correct & top5
-            if self.cam_threshold is not None:
-                self.v1_at.accumulate(topk, sample.label, boxes[-1][0], gt_boxes)
-                if self.own_loc:
-                    self.own_loc["GTFormer"].accumulate(own_topk, sample.label, boxes[-1][0], gt_boxes)
-                record["gtformer_box_224"] = boxes[-1][0].tolist()
-                record["gtformer_iou"] = float(iou[-1])
-            self.gtf_v2.accumulate(score, gt_boxes)
-        if has_boxes:
-            record["pro2sam_iou"] = self.p2s_loc.accumulate(topk, sample.label, p2s_box, gt_boxes)
-            if self.own_loc:
-                self.own_loc["Pro2SAM"].accumulate(own_topk, sample.label, p2s_box, gt_boxes)
-            self.p2s_box_correct += [record["pro2sam_iou"] >= d / 100 for d in IOU_THRESHOLDS]
-        if gt_mask is not None:
-            mask, ignore = gt_mask
-            self.p2s_pxap.accumulate(p2s_score, mask, ignore)
-            record["pro2sam_mask_iou"] = mask_iou(p2s_mask, mask, ignore)
-            self.p2s_iou.append(record["pro2sam_mask_iou"])
-        if gt_mask is not None and self.gtformer:
-            self.gtf_pxap.accumulate(score, mask, ignore)
-            by_cut = _iou_by_cut(quantized, mask, ignore)
-            per_tau = by_cut[[_cut(t, peak) for t in self.taus]]
-            defined = ~np.isnan(per_tau)
-            self.gtf_iou_sum[defined] += per_tau[defined]
-            self.gtf_iou_n += defined
-            if self.cam_threshold is not None:
-                self.gtf_iou_at.append(float(by_cut[_cut(self.cam_threshold, peak)]))
-
-    def _add_wrong(self, has_boxes: bool, gt_mask) -> None:
-        """An image without a prediction: in every denominator, in no numerator."""
-        if has_boxes:
-            for acc in (self.v1_at, self.p2s_loc, *self.own_loc.values()):
-                acc.num_images += 1
-            self.gtf_v2.num_images += 1
-        if gt_mask is not None:
-            mask, ignore = gt_mask
-            nothing = np.zeros(mask.shape, dtype=np.float64)
-            for evaluator in (self.gtf_pxap, self.p2s_pxap):
-                evaluator.accumulate(nothing, mask, ignore)
-            iou_nothing = mask_iou(np.zeros_like(mask), mask, ignore)
-            if not math.isnan(iou_nothing):
-                self.gtf_iou_n += 1
-                self.gtf_iou_at.append(iou_nothing)
-                self.p2s_iou.append(iou_nothing)
-
-    # ---------------------------------------------------------------- results
-
-    def result(self, dataset: WSOLDataset, boxacc_taus: Mapping[int, float] | None) -> dict:
-        n = self.num_images
-        pct = (lambda c, d: 100.0 * c / d if d else None)
-        cls = {"top1_cls": pct(self.top1_cls, n), "top5_cls": pct(self.top5_cls, n)}
-        gtf: dict = dict(cls)
-        p2s: dict = dict(cls, fallback_rate=pct(self.num_fallback, n))
+    def result(self, dataset: WSOLDataset, boxacc_taus: Mapping[int, float] | None) -> SplitResult:
+        counts = self.counts
+        results = {m: counts.class_scores() for m in METHODS}  # a method not scored: its classes only
         curves: dict = {"taus": [float(t) for t in self.taus]}
-        own: dict = {m: {} for m in self.own_loc}
-        if self.num_box and self.gtformer:
-            for key in ("top1_loc", "top5_loc", "gt_known_loc"):
-                curves[f"GTFormer_{key}"] = (100.0 * self.v1[key] / self.num_box).tolist()
-            if self.cam_threshold is not None:
-                gtf.update({k: v for k, v in self.v1_at.compute().items() if k.endswith("_loc")})
-            gtf.update(_box_accuracy(self.gtf_v2, boxacc_taus, self.taus))
-            curves["GTFormer_box_acc"] = {
-                str(d): row.tolist() for d, row in zip(self.gtf_v2.iou_thresholds, self.gtf_v2.accuracy_per_threshold())
-            }
-        if self.num_box:
-            p2s.update({k: v for k, v in self.p2s_loc.compute().items() if k.endswith("_loc")})
-            for d, correct in zip(IOU_THRESHOLDS, self.p2s_box_correct):
-                p2s[f"BoxAcc@{d}_single_box"] = 100.0 * float(correct) / self.num_box
-            p2s["BoxAccV2_single_box"] = float(np.mean([p2s[f"BoxAcc@{d}_single_box"] for d in IOU_THRESHOLDS]))
-            for m, acc in self.own_loc.items():
-                if acc.num_images and (m == "Pro2SAM" or self.cam_threshold is not None):
-                    own[m] = {k: v for k, v in acc.compute().items() if k in _CLASS_KEYS}
-        if self.num_mask:
-            p2s["PxAP"] = self.p2s_pxap.compute()["PxAP"]
-            p2s["mIoU"] = _nanmean_pct(self.p2s_iou)
-        if self.num_mask and self.gtformer:
-            gtf["PxAP"] = self.gtf_pxap.compute()["PxAP"]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                curves["GTFormer_mIoU"] = np.where(
-                    self.gtf_iou_n > 0, 100.0 * self.gtf_iou_sum / np.maximum(self.gtf_iou_n, 1), np.nan
-                ).tolist()
-            if self.cam_threshold is not None:
-                gtf["mIoU"] = _nanmean_pct(self.gtf_iou_at)
+        for name, scorer in self.scorers.items():
+            results[name] = scorer.scores(counts, boxacc_taus)
+            curves.update(scorer.curves(counts))
+        own = None
+        if self.classes is not None:
+            own = {m: (self.scorers[m].own_class_scores(counts) if m in self.scorers else {}) for m in METHODS}
+        return SplitResult(
+            dataset=dataset.name,
+            split=dataset.split,
+            num_images=counts.num_images,
+            num_with_boxes=counts.num_with_boxes,
+            num_with_masks=counts.num_with_masks,
+            num_error_rows=counts.num_error_rows,
+            num_missing_rows=counts.num_missing_rows,
+            cam_threshold=self.cam_threshold,
+            boxacc_taus={str(k): float(v) for k, v in (boxacc_taus or {}).items()} or None,
+            results=results,
+            with_gtformer_classes=own,
+            curves=curves,
+            images=self.images,
+        )
+
+
+# ---------------------------------------------------------------- the typed results
+
+
+@dataclass
+class SplitResult:
+    """The scores of one split (:func:`evaluate_predictions`).
+
+    Attributes:
+        dataset, split: the split scored.
+        num_images, num_with_boxes, num_with_masks: images scored, and those with GT boxes / masks.
+        num_error_rows, num_missing_rows: images with an error row / without a row (counted wrong).
+        cam_threshold: GTFormer's tau for its box and mask (None: curves only).
+        boxacc_taus: IoU delta (as a string) -> tau chosen on another split, or None.
+        results: method (:data:`METHODS`) -> metric -> percent; the metric names are those of
+            :func:`evaluate_predictions`. A method not scored has its classification numbers only.
+        with_gtformer_classes: with a separate classifier, method -> the class-dependent numbers
+            with GTFormer's own classes; else None.
+        curves: ``taus`` and GTFormer's Loc, box accuracy and mIoU at every tau.
+        images: one record per sample, fields as :data:`IMAGE_RECORD_FIELDS`.
+    """
+
+    dataset: str
+    split: str
+    num_images: int
+    num_with_boxes: int
+    num_with_masks: int
+    num_error_rows: int
+    num_missing_rows: int
+    cam_threshold: float | None
+    boxacc_taus: dict[str, float] | None
+    results: dict[str, dict]
+    with_gtformer_classes: dict[str, dict] | None
+    curves: dict
+    images: list[dict]
+
+    def counts(self) -> dict:
+        """The split's name and counts, as in JSON."""
         return {
-            "dataset": dataset.name,
-            "split": dataset.split,
-            "num_images": n,
-            "num_with_boxes": self.num_box,
-            "num_with_masks": self.num_mask,
-            "num_error_rows": self.num_error,
-            "num_missing_rows": self.num_missing,
-            "cam_threshold": self.cam_threshold,
-            "boxacc_taus": {str(k): float(v) for k, v in (boxacc_taus or {}).items()} or None,
-            "GTFormer": gtf,
-            "Pro2SAM": p2s,
-            "with_gtformer_classes": own or None,
-            "curves": curves,
-            "images": self.images,
+            "dataset": self.dataset,
+            "split": self.split,
+            "num_images": self.num_images,
+            "num_with_boxes": self.num_with_boxes,
+            "num_with_masks": self.num_with_masks,
+            "num_error_rows": self.num_error_rows,
+            "num_missing_rows": self.num_missing_rows,
         }
+
+    def to_json(self, *, images: bool = True, methods: bool = True) -> dict:
+        """A JSON-ready dict: the counts, ``cam_threshold``, ``boxacc_taus``, one key per method
+        (``methods``), ``with_gtformer_classes`` (``methods``), ``curves`` and ``images``."""
+        out = dict(self.counts(), cam_threshold=self.cam_threshold, boxacc_taus=self.boxacc_taus)
+        if methods:
+            out.update({m: self.results[m] for m in METHODS}, with_gtformer_classes=self.with_gtformer_classes)
+        out["curves"] = self.curves
+        if images:
+            out["images"] = self.images
+        return out
+
+
+@dataclass
+class TestTuned:
+    """GTFormer with thresholds chosen on the test split itself, for comparison only.
+
+    Attributes:
+        thresholds: those chosen on test.
+        gtformer: GTFormer's numbers (percent) at them, read off the test curves.
+    """
+
+    __test__ = False  # not a pytest class
+
+    thresholds: Thresholds
+    gtformer: dict
+
+    def to_json(self) -> dict:
+        return {"thresholds": self.thresholds.to_dict(), "GTFormer": self.gtformer}
+
+
+@dataclass
+class EvaluationReport:
+    """The report of :func:`evaluate_with_heldout`: thresholds chosen on ``heldout``, applied to ``test``.
+
+    Attributes:
+        dataset, test_split, heldout_split: what was scored.
+        thresholds: chosen on the held-out split.
+        heldout: the held-out split (its counts and curves are reported; its methods' numbers not).
+        test: the test split at ``thresholds``; its ``results`` are the report's.
+        classes_from: what gave the class scores (a separate classifier or :data:`GTFORMER_CLASSES`).
+        test_tuned: GTFormer at thresholds chosen on test (None: test has no boxes or masks).
+        settings: how every number was made (frame, grids, conventions); the evaluation job adds
+            its own (specs, label job, model ids).
+        confidence: the confidence calibrated on held-out and scored on test (None without boxes).
+        overlays: the overlay PNGs written (set by the job after ``report.json``; None before).
+    """
+
+    dataset: str
+    test_split: str
+    heldout_split: str
+    thresholds: Thresholds
+    heldout: SplitResult
+    test: SplitResult
+    classes_from: str
+    test_tuned: TestTuned | None
+    settings: dict
+    confidence: dict | None
+    overlays: list[str] | None = None
+
+    @property
+    def results(self) -> dict[str, dict]:
+        """Method -> its numbers on test (percent)."""
+        return self.test.results
+
+    @property
+    def results_with_gtformer_classes(self) -> dict[str, dict] | None:
+        return self.test.with_gtformer_classes
+
+    @property
+    def images(self) -> list[dict]:
+        """The test split's per-image records."""
+        return self.test.images
+
+    def to_json(self, *, images: bool = True) -> dict:
+        """The report as a JSON-ready dict (``report.json`` is this without ``images``)."""
+        out = {
+            "dataset": self.dataset,
+            "test_split": self.test_split,
+            "heldout_split": self.heldout_split,
+            "thresholds": self.thresholds.to_dict(),
+            "results": {m: self.results[m] for m in METHODS},
+            "results_with_gtformer_classes": self.results_with_gtformer_classes,
+            "classes_from": self.classes_from,
+            "test_tuned": None if self.test_tuned is None else self.test_tuned.to_json(),
+            "heldout": self.heldout.to_json(images=False),
+            "test": self.test.to_json(images=False, methods=False),
+            "settings": self.settings,
+            "confidence": self.confidence,
+        }
+        if images:
+            out["images"] = self.images
+        if self.overlays is not None:
+            out["overlays"] = self.overlays
+        return out
 
 
 # The numbers that depend on the class scores (the box alone decides the rest).
 _CLASS_KEYS = ("top1_cls", "top5_cls", "top1_loc", "top5_loc")
 
 
+def _pct(count: float, total: int) -> float | None:
+    return 100.0 * count / total if total else None
+
+
 def _topk(classes) -> np.ndarray:
     """The first five of a top-k list, best first; [-1] (no class right) when there is none."""
     topk = np.asarray(classes if classes is not None and len(classes) else [-1]).reshape(-1)
     return topk[:5]
-
 
 def _nanmean_pct(values: Sequence[float]) -> float | None:
     values = [v for v in values if not math.isnan(v)]
@@ -443,7 +733,7 @@ def evaluate_predictions(
     cam_curve_interval: float = DEFAULT_CAM_CURVE_INTERVAL,
     classes: Mapping[str, Sequence[int]] | None = None,
     methods: Sequence[str] = METHODS,
-) -> dict:
+) -> SplitResult:
     """Score the labels-table rows of one split against its ground truth.
 
     Args:
@@ -463,7 +753,8 @@ def evaluate_predictions(
             and its curves empty), which ``pro2sam tune`` does for each of its many settings.
 
     Returns:
-        A JSON-ready dict: counts; ``GTFormer`` and ``Pro2SAM`` metrics (percent): ``top1_cls``,
+        A :class:`SplitResult` (``to_json()`` for JSON): counts; ``results``, ``GTFormer`` and
+        ``Pro2SAM``'s metrics (percent): ``top1_cls``,
         ``top5_cls``, ``top1_loc``, ``top5_loc``, ``gt_known_loc``; GTFormer's ``MaxBoxAcc@30/50/70``,
         ``MaxBoxAccV2`` and ``best_tau`` (max over tau on this split), with ``boxacc_taus`` also
         ``BoxAcc@30/50/70@heldout_tau`` and ``BoxAccV2@heldout_tau``; Pro2SAM's
@@ -482,7 +773,7 @@ def evaluate_predictions(
     return split.result(dataset, boxacc_taus)
 
 
-def choose_thresholds(heldout: Mapping) -> Thresholds:
+def choose_thresholds(heldout: SplitResult) -> Thresholds:
     """GTFormer's thresholds from a held-out result of :func:`evaluate_predictions`.
 
     ``cam_threshold`` is the first tau of best GT-known Loc (largest-contour box, IoU 0.5); the
@@ -492,9 +783,9 @@ def choose_thresholds(heldout: Mapping) -> Thresholds:
     Raises:
         ValueError: the held-out split has neither boxes nor masks.
     """
-    curves = heldout["curves"]
+    curves = heldout.curves
     taus = np.asarray(curves["taus"])
-    where = f"{heldout['dataset']}:{heldout['split']}"
+    where = f"{heldout.dataset}:{heldout.split}"
     if "GTFormer_gt_known_loc" in curves:
         cam = float(taus[int(np.argmax(curves["GTFormer_gt_known_loc"]))])
         per_delta = {int(d): float(taus[int(np.argmax(acc))]) for d, acc in curves["GTFormer_box_acc"].items()}
@@ -505,17 +796,13 @@ def choose_thresholds(heldout: Mapping) -> Thresholds:
     raise ValueError(f"held-out split {where} has neither boxes nor masks to choose thresholds on")
 
 
-def _strip(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k not in ("images",)}
-
-
-def _at_tau(result: Mapping, tau: float) -> dict:
+def _at_tau(result: SplitResult, tau: float) -> dict:
     """GTFormer's numbers at grid threshold ``tau``, read off the curves (no second pass).
 
     MaxBoxAccV2 is left out: it takes no threshold from anywhere and is in the main results."""
-    curves = result["curves"]
+    curves = result.curves
     i = _tau_index(np.asarray(curves["taus"]), tau, "cam_threshold")
-    out = {k: result["GTFormer"].get(k) for k in ("top1_cls", "top5_cls", "PxAP")}
+    out = {k: result.results["GTFormer"].get(k) for k in ("top1_cls", "top5_cls", "PxAP")}
     for key in ("top1_loc", "top5_loc", "gt_known_loc", "mIoU"):
         if f"GTFormer_{key}" in curves:
             out[key] = curves[f"GTFormer_{key}"][i]
@@ -531,7 +818,7 @@ def evaluate_with_heldout(
     cam_curve_interval: float = DEFAULT_CAM_CURVE_INTERVAL,
     test_classes: Mapping[str, Sequence[int]] | None = None,
     classes_from: str | None = None,
-) -> dict:
+) -> EvaluationReport:
     """The report: thresholds chosen on ``heldout``, applied to ``test``; test-tuned numbers beside.
 
     Args:
@@ -543,7 +830,7 @@ def evaluate_with_heldout(
     splits have boxes, and scored on ``test``.
 
     Returns:
-        A JSON-ready dict: ``thresholds`` (:meth:`Thresholds.to_dict`, with ``chosen_on``),
+        An :class:`EvaluationReport`; its ``to_json()``: ``thresholds`` (:meth:`Thresholds.to_dict`, with ``chosen_on``),
         ``results`` (test at the held-out thresholds: ``GTFormer``, ``Pro2SAM``; GTFormer's
         ``MaxBoxAccV2`` is the max over tau on test itself, as wsolevaluation defines it),
         ``results_with_gtformer_classes`` (with ``test_classes``, else None), ``classes_from``,
@@ -564,32 +851,30 @@ def evaluate_with_heldout(
         cam_curve_interval=cam_curve_interval, classes=test_classes,
     )  # fmt: skip
     tuned = None
-    if test_result["num_with_boxes"] or test_result["num_with_masks"]:
+    if test_result.num_with_boxes or test_result.num_with_masks:
         tuned_thresholds = choose_thresholds(test_result)
-        tuned = {"thresholds": tuned_thresholds.to_dict(), "GTFormer": _at_tau(test_result, tuned_thresholds.cam_threshold)}
+        tuned = TestTuned(tuned_thresholds, _at_tau(test_result, tuned_thresholds.cam_threshold))
     if test_classes is not None:
         classes_from = classes_from or "a separate classifier"
     confidence = None
-    if held["num_with_boxes"] and test_result["num_with_boxes"]:
-        model = calibrate(held["images"], index_rows(heldout_rows), fitted_on=f"{heldout.name}:{heldout.split}")
-        in_sample = score_confidence(model, held["images"], index_rows(heldout_rows))
+    if held.num_with_boxes and test_result.num_with_boxes:
+        model = calibrate(held.images, index_rows(heldout_rows), fitted_on=f"{heldout.name}:{heldout.split}")
+        in_sample = score_confidence(model, held.images, index_rows(heldout_rows))
         confidence = {
             "calibration": model.to_dict(),
             "heldout": {k: v for k, v in in_sample.items() if k != "curve"},
-            "test": score_confidence(model, test_result["images"], index_rows(test_rows)),
+            "test": score_confidence(model, test_result.images, index_rows(test_rows)),
         }
-    return {
-        "dataset": test.name,
-        "test_split": test.split,
-        "heldout_split": heldout.split,
-        "thresholds": thresholds.to_dict(),
-        "results": {m: test_result[m] for m in METHODS},
-        "results_with_gtformer_classes": test_result["with_gtformer_classes"],
-        "classes_from": classes_from or GTFORMER_CLASSES,
-        "test_tuned": tuned,
-        "heldout": _strip(held),
-        "test": {k: v for k, v in _strip(test_result).items() if k not in (*METHODS, "with_gtformer_classes")},
-        "settings": {
+    return EvaluationReport(
+        dataset=test.name,
+        test_split=test.split,
+        heldout_split=heldout.split,
+        thresholds=thresholds,
+        heldout=held,
+        test=test_result,
+        classes_from=classes_from or GTFORMER_CLASSES,
+        test_tuned=tuned,
+        settings={
             "frame": list(EVAL_FRAME),
             "cam_curve_interval": cam_curve_interval,
             "loc_iou_threshold": LOC_IOU_THRESHOLD,
@@ -607,6 +892,5 @@ def evaluate_with_heldout(
             "confidence": "P(box IoU >= 0.5) from match score, predicted IoU, stability, class score, fallback and "
             "mask area, logistic regression fitted on the held-out split; images without one rank last",
         },
-        "confidence": confidence,
-        "images": test_result["images"],
-    }
+        confidence=confidence,
+    )

@@ -37,7 +37,9 @@ __all__ = ["TAG_NAMES", "LOCAL_FILES_URL", "ImageLocations", "brush_module", "br
 # from_name / to_name of the results; the labeling config written beside the tasks uses them.
 TAG_NAMES = {"image": "image", "box": "box", "mask": "mask"}
 # How Label Studio serves local files (LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true and
-# LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=<root>): the path relative to the root, URL-quoted.
+# LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=<root>): the path relative to the root, URL-quoted. It
+# answers 404 until a project has a "Local files" storage on a sub-folder of the root holding the
+# file (README; scripts/check_label_studio.py).
 LOCAL_FILES_URL = "/data/local-files/?d="
 # Scores kept in each task's data, for Label Studio's filters and columns.
 _SCORES = ("confidence", "match_score", "pred_iou", "stability_score", "class_score")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from .candidates import CandidateConfig, Candidates, GridCandidateGenerator
 from .checkpoints import OFFICIAL_SAM_CHECKPOINTS
-from .gtformer import load_gtformer
+from .gtformer import DEFAULT_SETTINGS, GTFormerSettings, load_gtformer
 from .images import to_rgb_array
 from .matching import MatchConfig, boxed_mask, coarse_fallback, match_at_full_resolution, match_masks
 from .sam import DEFAULT_SAM_VARIANT, build_sam
@@ -109,9 +109,9 @@ class Pro2SAM:
         sam: torch.nn.Module,
         *,
         class_names: Sequence[str] | None = None,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
-        input_size: int = 224,
+        mean: Sequence[float] = DEFAULT_SETTINGS.mean,
+        std: Sequence[float] = DEFAULT_SETTINGS.std,
+        input_size: int = DEFAULT_SETTINGS.img_size,
         candidates: CandidateConfig | None = None,
         matching: MatchConfig | None = None,
         top_k: int = 5,
@@ -153,20 +153,20 @@ class Pro2SAM:
             sam_checkpoint: the SAM weights file. Official variants are checked against the
                 SHA-256 of the official release unless ``verify=False``.
             candidates: grid and filter settings; None: ``CandidateConfig``'s defaults with the
-                variant's own filter thresholds (:meth:`CandidateConfig.for_variant`).
+                variant's own filter thresholds and grid (:meth:`CandidateConfig.resolve`).
         """
         gt_model, gt_config = load_gtformer(gtformer)
         sam_model = build_sam(sam, sam_checkpoint, verify=verify)
-        if candidates is None:
-            candidates = CandidateConfig.for_variant(sam)
+        candidates = CandidateConfig.resolve(sam, candidates)
+        settings = GTFormerSettings.from_config(gt_config)
         ids = {"gtformer": str(gt_config.get("sha256", "")), "sam": f"{sam}:{_sam_weights_id(sam, sam_checkpoint, verify)}"}
         return cls(
             gt_model,
             sam_model,
             class_names=gt_config.get("class_names"),
-            mean=gt_config.get("mean", (0.485, 0.456, 0.406)),
-            std=gt_config.get("std", (0.229, 0.224, 0.225)),
-            input_size=int(gt_config.get("img_size", 224)),
+            mean=settings.mean,
+            std=settings.std,
+            input_size=settings.img_size,
             candidates=candidates,
             matching=matching,
             top_k=top_k,

@@ -1,7 +1,8 @@
 """The evaluation report as files: a Markdown table in the paper's layout, JSON, per-image JSONL,
 and overlay PNGs of the best and worst test images.
 
-The input is the dict of :func:`pro2sam.evaluation.evaluate_with_heldout`; nothing here scores.
+The input is the :class:`~pro2sam.evaluation.EvaluationReport` of
+:func:`pro2sam.evaluation.evaluate_with_heldout`; nothing here scores.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .datasets import Sample
-from .evaluation import METHODS
+from .evaluation import METHODS, EvaluationReport
 from .images import decode_image
 from .metrics import EVAL_FRAME
 from .storage import read_bytes
@@ -54,20 +55,20 @@ def _fmt(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.1f}"
 
 
-def report_markdown(report: Mapping) -> str:
+def report_markdown(report: EvaluationReport) -> str:
     """The report as a Markdown table in the layout of the paper's Table 1, with a note on where
     each number's threshold and classes came from."""
-    results = report["results"]
+    results = report.results
     with_masks = any("PxAP" in results[m] for m in METHODS)
     columns = {"top1_loc": "Top-1 Loc", "top5_loc": "Top-5 Loc", "gt_known_loc": "GT-known Loc",
                "MaxBoxAccV2": "MaxBoxAccV2", "BoxAccV2": "BoxAccV2 ‡"}  # fmt: skip
     if with_masks:
         columns.update(PxAP="PxAP", mIoU="mIoU")
-    test_split, t = report["test_split"], report["thresholds"]
+    test_split, t = report.test_split, report.thresholds
     lines = [
-        f"**{report['dataset']}**, split `{test_split}`: "
-        f"{report['test']['num_images']} images ({report['test']['num_error_rows']} error rows, "
-        f"{report['test']['num_missing_rows']} without a row, counted wrong).",
+        f"**{report.dataset}**, split `{test_split}`: "
+        f"{report.test.num_images} images ({report.test.num_error_rows} error rows, "
+        f"{report.test.num_missing_rows} without a row, counted wrong).",
         "",
         "| Method | " + " | ".join(columns.values()) + " |",
         "|" + "---|" * (len(columns) + 1),
@@ -76,28 +77,28 @@ def report_markdown(report: Mapping) -> str:
     for m in METHODS:
         values = {**results[m], "BoxAccV2": results[m].get(BOX_ACCURACY[m])}
         lines.append("| " + " | ".join([names[m]] + [_fmt(values.get(k)) for k in columns]) + " |")
-    tuned = report.get("test_tuned")
+    tuned = report.test_tuned
     if tuned:
-        row = [f"{names['GTFormer']}, test-tuned †"] + [_fmt(tuned["GTFormer"].get(k)) for k in columns]
+        row = [f"{names['GTFormer']}, test-tuned †"] + [_fmt(tuned.gtformer.get(k)) for k in columns]
         lines.append("| " + " | ".join(row) + " |")
     best = results["GTFormer"].get("best_tau") or {}
     best_taus = ", ".join(f"{v:.2f} at IoU {k}%" for k, v in best.items())
-    taus = ", ".join(f"{v:.2f} at IoU {k}%" for k, v in t["boxacc_taus"].items())
+    taus = ", ".join(f"{v:.2f} at IoU {k}%" for k, v in t.boxacc_taus.items())
     notes = [
-        f"Thresholds chosen on the held-out split `{t['chosen_on']}` (by {t['selected_by']}) and applied to "
-        f"`{test_split}`: GTFormer's cam threshold {t['cam_threshold']:.2f} (its box and mask: Loc, mIoU). "
+        f"Thresholds chosen on the held-out split `{t.chosen_on}` (by {t.selected_by}) and applied to "
+        f"`{test_split}`: GTFormer's cam threshold {t.cam_threshold:.2f} (its box and mask: Loc, mIoU). "
         "Pro2SAM's box and mask need no threshold.",
         f"MaxBoxAccV2 (wsolevaluation's): per IoU 30/50/70 the best box accuracy over tau on `{test_split}` itself, "
         f"one tau for the whole split (the metric is threshold-free by design; taus {best_taus or 'none'}), "
         "mean over IoU; Pro2SAM has no score map to sweep (-).",
         "‡ BoxAccV2: mean over IoU 30/50/70 of box accuracy with no threshold taken from the test split: "
-        + (f"GTFormer's map at the taus chosen on `{t['chosen_on']}` ({taus}); " if taus
-           else f"GTFormer: none (`{t['chosen_on']}` has no boxes to choose taus on); ")
+        + (f"GTFormer's map at the taus chosen on `{t.chosen_on}` ({taus}); " if taus
+           else f"GTFormer: none (`{t.chosen_on}` has no boxes to choose taus on); ")
         + "Pro2SAM's one box per image.",
-        f"Classes (Top-1 / Top-5 Loc and Cls) from {report.get('classes_from', 'GTFormer')}: Top-1 / Top-5 Cls "
+        f"Classes (Top-1 / Top-5 Loc and Cls) from {report.classes_from}: Top-1 / Top-5 Cls "
         f"{_fmt(results['Pro2SAM'].get('top1_cls'))} / {_fmt(results['Pro2SAM'].get('top5_cls'))}.",
     ]  # fmt: skip
-    own = report.get("results_with_gtformer_classes") or {}
+    own = report.results_with_gtformer_classes or {}
     if own:
         locs = [f"{names[m]} Top-1 / Top-5 Loc {_fmt(own[m].get('top1_loc'))} / {_fmt(own[m].get('top5_loc'))}"
                 for m in METHODS if m in own]  # fmt: skip
@@ -110,7 +111,7 @@ def report_markdown(report: Mapping) -> str:
         f"Pro2SAM's box came from the coarse-map fallback (no SAM candidate survived) for "
         f"{_fmt(results['Pro2SAM'].get('fallback_rate'))}% of the images."
     )
-    confidence = report.get("confidence")
+    confidence = report.confidence
     if confidence:
         test, fitted_on = confidence["test"], confidence["calibration"]["fitted_on"]
         shares = " / ".join(test["risk_coverage"])
@@ -121,15 +122,14 @@ def report_markdown(report: Mapping) -> str:
             + " / ".join(_fmt(v) for v in test["risk_coverage"].values()) + " (`risk_coverage.png`)."
         )
     if tuned:
-        tt = tuned["thresholds"]
         notes.append(
             f"† test-tuned: thresholds chosen on `{test_split}` itself (cam threshold "
-            f"{tt['cam_threshold']:.2f}), shown only for comparison; not a valid result."
+            f"{tuned.thresholds.cam_threshold:.2f}), shown only for comparison; not a valid result."
         )
     return "\n".join([*lines, "", *(f"- {n}" for n in notes)]) + "\n"
 
 
-def select_overlay_cases(report: Mapping, count: int) -> list[tuple[str, dict]]:
+def select_overlay_cases(report: EvaluationReport, count: int) -> list[tuple[str, dict]]:
     """The best and worst test images by Pro2SAM's IoU (box IoU, else mask IoU), ok rows only.
 
     Returns:
@@ -139,7 +139,7 @@ def select_overlay_cases(report: Mapping, count: int) -> list[tuple[str, dict]]:
         v = r.get("pro2sam_iou", r.get("pro2sam_mask_iou"))
         return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
-    scored = sorted((r for r in report["images"] if score(r) is not None), key=lambda r: -score(r))
+    scored = sorted((r for r in report.images if score(r) is not None), key=lambda r: -score(r))
     n_best = min((count + 1) // 2, len(scored))
     best = scored[:n_best]
     worst = [r for r in scored[::-1] if r not in best][: count - n_best]
@@ -152,7 +152,7 @@ def overlay_png(record: Mapping, sample: Sample, row: Mapping) -> bytes:
     (cyan), in original pixels; small images enlarged to at least 256 px, a caption with the IoU.
 
     Args:
-        record: the image's record in ``report["images"]``.
+        record: the image's record in ``report.images``.
         sample: its ground truth.
         row: its labels-table row.
     """
@@ -182,14 +182,14 @@ def overlay_name(kind: str, rank: int, image_id: str) -> str:
     return f"{kind}_{rank:02d}_{safe[-80:]}.png"
 
 
-def report_json(report: Mapping) -> str:
+def report_json(report: EvaluationReport) -> str:
     """The report as JSON (NaN written as null), per-image records left out."""
-    return json.dumps(_clean({k: v for k, v in report.items() if k != "images"}), indent=2)
+    return json.dumps(_clean(report.to_json(images=False)), indent=2)
 
 
-def image_records_jsonl(report: Mapping) -> str:
+def image_records_jsonl(report: EvaluationReport) -> str:
     """The per-image records of the test split, one JSON line each (NaN written as null)."""
-    return "".join(json.dumps(_clean(r)) + "\n" for r in report["images"])
+    return "".join(json.dumps(_clean(r)) + "\n" for r in report.images)
 
 
 def _clean(value):

@@ -62,6 +62,8 @@ class SamVariant:
             ``SamAutomaticMaskGenerator``'s defaults do not suit it (see
             :meth:`pro2sam.candidates.CandidateConfig.for_variant`); empty for the official
             variants.
+        points_per_side: this variant's default prompt grid (N x N) where it differs from
+            ``CandidateConfig``'s (SamAutomaticMaskGenerator's 32); None: that one.
     """
 
     encoder_embed_dim: int
@@ -78,6 +80,7 @@ class SamVariant:
     iou_head_hidden_dim: int = 256
     mask_in_chans: int = 16
     filter_thresholds: tuple[tuple[str, float], ...] = ()
+    points_per_side: int | None = None
 
 
 # Every SAM we build. The official three match segment_anything/build_sam.py; "tiny" is a
@@ -116,6 +119,7 @@ SAM_VARIANTS: dict[str, SamVariant] = {
         # synthetic val split (200 images, grid 16) together with the matching rule by
         # `benchmarks/bench_quality.py` (benchmarks/README.md: GT-known Loc 88.0 on val).
         filter_thresholds=(("pred_iou_thresh", 0.5), ("stability_score_thresh", 0.7)),
+        points_per_side=16,  # the grid its thresholds were chosen at, and the demo's
     ),
 }
 

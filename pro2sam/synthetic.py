@@ -738,6 +738,3 @@ def _write_split(
         (folder / "localization.txt").write_text("".join(localization))
     elif (folder / "localization.txt").exists():  # a rerun over an older layout
         (folder / "localization.txt").unlink()
-
-
-# ---------------------------------------------------------------- command line

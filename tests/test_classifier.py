@@ -113,7 +113,7 @@ def test_evaluate_job_takes_top1_from_the_classifier_and_keeps_the_boxes(baselin
     from pro2sam.pipeline.evaluate_job import run_evaluate_job
 
     cfg, base = baseline
-    records = base["images"]  # test images t0, t1, t2 with labels 0, 1, 2
+    records = base.images  # test images t0, t1, t2 with labels 0, 1, 2
     # a class GTFormer does not put first on t0, ranked first for every image; label-less classes after it
     c = (records[0]["topk_classes"][0] + 1) % 3
     d = (c + 1) % 3
@@ -125,17 +125,17 @@ def test_evaluate_job_takes_top1_from_the_classifier_and_keeps_the_boxes(baselin
 
     box_right = {r["label"]: r["pro2sam_iou"] >= 0.5 for r in records}
     gtf_box_right = {r["label"]: r["gtformer_iou"] >= 0.5 for r in records}
-    p2s, gtf = report["results"]["Pro2SAM"], report["results"]["GTFormer"]
-    assert [r["topk_classes"] for r in report["images"]] == [[c, 5, 6, d, 7]] * 3
+    p2s, gtf = report.results["Pro2SAM"], report.results["GTFormer"]
+    assert [r["topk_classes"] for r in report.images] == [[c, 5, 6, d, 7]] * 3
     assert p2s["top1_cls"] == pytest.approx(100 / 3) and p2s["top5_cls"] == pytest.approx(200 / 3)
     assert p2s["top1_loc"] == pytest.approx(100 * box_right[c] / 3)
     assert p2s["top5_loc"] == pytest.approx(100 * (box_right[c] + box_right[d]) / 3)
     assert gtf["top1_loc"] == pytest.approx(100 * gtf_box_right[c] / 3)
     for method in ("GTFormer", "Pro2SAM"):
-        assert report["results"][method]["gt_known_loc"] == base["results"][method]["gt_known_loc"]
+        assert report.results[method]["gt_known_loc"] == base.results[method]["gt_known_loc"]
         # GTFormer's own classes give the numbers of the run without a classifier
-        own = report["results_with_gtformer_classes"][method]
-        assert own == {k: base["results"][method][k] for k in own}
+        own = report.results_with_gtformer_classes[method]
+        assert own == {k: base.results[method][k] for k in own}
     saved = json.loads((Path(cfg.output) / "report.json").read_text())
     assert saved["settings"]["classifier"]["model"] == "test_efficientnet"
     assert saved["classes_from"].startswith("timm test_efficientnet")

@@ -163,6 +163,25 @@ def test_the_gpu_options_reach_sams_settings_on_every_labeling_command(tmp_path)
         assert (config.dtype, config.compile, config.memory_budget_mb) == ("float32", False, None), name
 
 
+def test_the_grid_defaults_to_the_sam_variants_own_16_for_synthetic_and_32_for_the_official_ones():
+    # the shipped SAM's filter thresholds were chosen at 16 x 16 (and the demo runs 16 x 16)
+    from pro2sam.apps.cli import _labeling, parse_args
+    from pro2sam.candidates import CandidateConfig
+    from pro2sam.pipeline.label_job import LabelingSettings
+
+    def grid(*options):
+        argv = ["label", "--input", "i", "--output", "o", "--gtformer", "shipped", *options]
+        return _labeling(parse_args(argv)).candidate_config().points_per_side
+
+    assert grid("--sam", "synthetic") == 16
+    assert [grid("--sam", v, "--sam-checkpoint", "s.pth") for v in ("vit_h", "vit_l", "vit_b")] == [32, 32, 32]
+    assert grid("--sam", "synthetic", "--points-per-side", "24") == 24
+    # the library reads the same table when no candidate settings are given
+    assert LabelingSettings(gtformer="g", sam="synthetic").candidate_config().points_per_side == 16
+    assert CandidateConfig.resolve("vit_b", None).points_per_side == 32
+    assert CandidateConfig.resolve("synthetic", CandidateConfig(points_per_side=8)).points_per_side == 8
+
+
 def test_predict_runs_in_bfloat16_within_a_tiny_memory_budget(tmp_path):
     gt_dir, sam_path = make_tiny_checkpoints(tmp_path / "models")
     image = write_scenes(tmp_path / "images", 1)[0]

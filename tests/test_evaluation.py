@@ -35,7 +35,7 @@ from pro2sam.confidence import ConfidenceModel
 from pro2sam.labels import error_row
 from pro2sam.output import LabelsOutput
 from pro2sam.metrics import mask_iou
-from pro2sam.report import report_markdown
+from pro2sam.report import report_json, report_markdown
 from pro2sam.rle import encode_mask
 
 GT_A = [20, 20, 120, 120]
@@ -85,7 +85,7 @@ def _box_case():
 def test_numbers_on_a_constructed_case():
     _, _, test, rows = _box_case()
     r = evaluate_predictions(test, rows, cam_threshold=0.5, boxacc_taus={30: 0.0, 50: 0.5, 70: 0.5})
-    gtf, p2s = r["GTFormer"], r["Pro2SAM"]
+    gtf, p2s = r.results["GTFormer"], r.results["Pro2SAM"]
     # classes: img0 top-1; img1 in top-5 only; img2 top-1; img3 is an error row (wrong) -> 2/4, 3/4
     assert (p2s["top1_cls"], p2s["top5_cls"]) == (50.0, 75.0)
     # GTFormer at tau 0.5 boxes B: img0 1 (top-1), img1 1 (top-5 only), img2 0.043, img3 error
@@ -100,8 +100,8 @@ def test_numbers_on_a_constructed_case():
     # Top-1 1/4, Top-5 2/4, GT-known 2/4; right at IoU 30, 50 and 70 for img0 and img1 -> 50
     assert (p2s["top1_loc"], p2s["top5_loc"], p2s["gt_known_loc"]) == (25.0, 50.0, 50.0)
     assert p2s["BoxAccV2_single_box"] == 50.0 and "MaxBoxAccV2" not in p2s
-    assert [rec.get("pro2sam_iou") for rec in r["images"]] == [1.0, 1.0, pytest.approx(441 / 10201), None]
-    assert (r["num_images"], r["num_error_rows"], r["num_missing_rows"]) == (4, 1, 0)
+    assert [rec.get("pro2sam_iou") for rec in r.images] == [1.0, 1.0, pytest.approx(441 / 10201), None]
+    assert (r.num_images, r.num_error_rows, r.num_missing_rows) == (4, 1, 0)
 
 
 def test_scoring_pro2sam_alone_gives_the_same_pro2sam_numbers():
@@ -109,36 +109,36 @@ def test_scoring_pro2sam_alone_gives_the_same_pro2sam_numbers():
     _, _, test, rows = _box_case()
     both = evaluate_predictions(test, rows, cam_threshold=0.5)
     alone = evaluate_predictions(test, rows, cam_threshold=0.5, methods=("Pro2SAM",))
-    assert alone["Pro2SAM"] == both["Pro2SAM"] and alone["GTFormer"] == {k: both["GTFormer"][k] for k in ("top1_cls", "top5_cls")}
-    assert [r.get("pro2sam_iou") for r in alone["images"]] == [r.get("pro2sam_iou") for r in both["images"]]
+    assert alone.results["Pro2SAM"] == both.results["Pro2SAM"] and alone.results["GTFormer"] == {k: both.results["GTFormer"][k] for k in ("top1_cls", "top5_cls")}
+    assert [r.get("pro2sam_iou") for r in alone.images] == [r.get("pro2sam_iou") for r in both.images]
 
 
 def test_image_without_a_row_counts_as_wrong():
     _, _, test, rows = _box_case()
     r = evaluate_predictions(test, rows[:1], cam_threshold=0.5)  # only img0 has a row
-    assert r["num_missing_rows"] == 3
-    assert r["Pro2SAM"]["gt_known_loc"] == 25.0 and r["GTFormer"]["gt_known_loc"] == 25.0
+    assert r.num_missing_rows == 3
+    assert r.results["Pro2SAM"]["gt_known_loc"] == 25.0 and r.results["GTFormer"]["gt_known_loc"] == 25.0
 
 
 def test_thresholds_are_chosen_on_heldout_and_applied_to_test():
     heldout, heldout_rows, test, test_rows = _box_case()
     report = evaluate_with_heldout(heldout, heldout_rows, test, test_rows)
     # held-out GT is A: every tau <= 0.49 boxes A (IoU 0.98), so the first best tau is 0.0
-    t = report["thresholds"]
-    assert t["chosen_on"] == "toy:val" and t["cam_threshold"] == 0.0
-    assert t["boxacc_taus"] == {"30": 0.0, "50": 0.0, "70": 0.0}
+    t = report.thresholds
+    assert t.chosen_on == "toy:val" and t.cam_threshold == 0.0
+    assert t.boxacc_taus == {30: 0.0, 50: 0.0, 70: 0.0}
     # applied to test, tau 0.0 boxes A: only img2 (GT A, top-1) is right -> 25 / 25 / 25, BoxAccV2 25;
     # MaxBoxAccV2 takes its tau from test itself (wsolevaluation's definition): 0.5, boxes B, 50
-    gtf = report["results"]["GTFormer"]
+    gtf = report.results["GTFormer"]
     assert (gtf["top1_loc"], gtf["top5_loc"], gtf["gt_known_loc"], gtf["BoxAccV2@heldout_tau"]) == (25.0,) * 4
     assert gtf["MaxBoxAccV2"] == 50.0 and "MaxBoxAccV2_self_tuned" not in gtf
     # test itself would prefer tau 0.5 (boxes B): shown beside, labelled test-tuned
-    tuned = report["test_tuned"]
-    assert tuned["thresholds"]["cam_threshold"] == 0.5 and tuned["thresholds"]["chosen_on"] == "toy:test"
-    assert tuned["GTFormer"]["gt_known_loc"] == 50.0
+    tuned = report.test_tuned
+    assert tuned.thresholds.cam_threshold == 0.5 and tuned.thresholds.chosen_on == "toy:test"
+    assert tuned.gtformer["gt_known_loc"] == 50.0
     # Pro2SAM has no threshold: the same numbers either way
-    assert report["results"]["Pro2SAM"]["gt_known_loc"] == 50.0
-    assert report["classes_from"].startswith("GTFormer") and report["results_with_gtformer_classes"] is None
+    assert report.results["Pro2SAM"]["gt_known_loc"] == 50.0
+    assert report.classes_from.startswith("GTFormer") and report.results_with_gtformer_classes is None
     md = report_markdown(report)
     assert "| Method | Top-1 Loc | Top-5 Loc | GT-known Loc | MaxBoxAccV2 | BoxAccV2 ‡ |" in md
     assert "| GTFormer (coarse map) | 25.0 | 25.0 | 25.0 | 50.0 | 25.0 |" in md
@@ -156,7 +156,7 @@ def test_inclusive_box_of_the_labels_is_read_one_past_the_end_before_scaling():
     row = dict(_row(0, [0], box=[40, 40, 239, 239]), uri="/toy/big.png", width=448, height=448)
     row["mask_rle"] = encode_mask(np.kron(B, np.ones((2, 2), bool)))
     r = evaluate_predictions(WSOLDataset("toy", "test", ["c0"], [sample]), [row], cam_threshold=0.5)
-    (record,) = r["images"]
+    (record,) = r.images
     assert record["gt_boxes_224"] == [[20, 20, 120, 120]] and record["pro2sam_box_224"] == [20, 20, 120, 120]
     assert record["pro2sam_iou"] == 1.0 and record["pro2sam_box_xyxy"] == [40, 40, 239, 239]
 
@@ -167,20 +167,20 @@ def test_separate_classifier_classes_decide_top1_loc_and_leave_gt_known_alone():
     # The classifier: img0 [1, 0] (top-5 only), img1 [1] (top-1), img2 [2] (wrong), img3 error row.
     classes = {"/toy/img0.png": [1, 0], "/toy/img1.png": [1], "/toy/img2.png": [2], "/toy/img3.png": [2]}
     r = evaluate_predictions(test, rows, cam_threshold=0.5, classes=classes)
-    gtf, p2s = r["GTFormer"], r["Pro2SAM"]
+    gtf, p2s = r.results["GTFormer"], r.results["Pro2SAM"]
     # boxes right (IoU >= 0.5): GTFormer at 0.5 and Pro2SAM alike for img0 and img1 only
     assert (p2s["top1_cls"], p2s["top5_cls"]) == (25.0, 50.0)  # img1; img0 and img1
     assert (p2s["top1_loc"], p2s["top5_loc"], p2s["gt_known_loc"]) == (25.0, 50.0, 50.0)  # img1; img0, img1
     assert (gtf["top1_loc"], gtf["top5_loc"], gtf["gt_known_loc"]) == (25.0, 50.0, 50.0)
     # with GTFormer's own classes (img0 top-1, img1 top-5 only): Top-1 Loc 1/4 from img0 instead
-    own = r["with_gtformer_classes"]
+    own = r.with_gtformer_classes
     assert own["Pro2SAM"] == {"top1_cls": 50.0, "top5_cls": 75.0, "top1_loc": 25.0, "top5_loc": 50.0}
     assert own["GTFormer"]["top1_loc"] == 25.0 and own["GTFormer"]["top5_loc"] == 50.0
-    assert [rec.get("top1") for rec in r["images"]] == [False, True, False, None]
-    assert r["images"][0]["gtformer_topk_classes"] == [0, 1] and r["images"][0]["topk_classes"] == [1, 0]
+    assert [rec.get("top1") for rec in r.images] == [False, True, False, None]
+    assert r.images[0]["gtformer_topk_classes"] == [0, 1] and r.images[0]["topk_classes"] == [1, 0]
     # an image the classifier has no classes for has none right; its box still counts
     r = evaluate_predictions(test, rows, cam_threshold=0.5, classes={"/toy/img1.png": [1]})
-    assert (r["Pro2SAM"]["top1_loc"], r["Pro2SAM"]["top5_loc"], r["Pro2SAM"]["gt_known_loc"]) == (25.0, 25.0, 50.0)
+    assert (r.results["Pro2SAM"]["top1_loc"], r.results["Pro2SAM"]["top5_loc"], r.results["Pro2SAM"]["gt_known_loc"]) == (25.0, 25.0, 50.0)
 
 
 def test_report_names_the_classifier_and_keeps_gtformer_classes_beside():
@@ -188,8 +188,8 @@ def test_report_names_the_classifier_and_keeps_gtformer_classes_beside():
     classes = {"/toy/img0.png": [1, 0], "/toy/img1.png": [1], "/toy/img2.png": [2]}
     report = evaluate_with_heldout(heldout, heldout_rows, test, test_rows, test_classes=classes,
                                    classes_from="timm resnet (r.pth)")  # fmt: skip
-    assert report["classes_from"] == "timm resnet (r.pth)"
-    assert report["results_with_gtformer_classes"]["Pro2SAM"]["top1_cls"] == 50.0
+    assert report.classes_from == "timm resnet (r.pth)"
+    assert report.results_with_gtformer_classes["Pro2SAM"]["top1_cls"] == 50.0
     md = report_markdown(report)
     assert "Classes (Top-1 / Top-5 Loc and Cls) from timm resnet (r.pth): Top-1 / Top-5 Cls 25.0 / 50.0." in md
     assert "With GTFormer's own classes instead: " in md
@@ -199,8 +199,8 @@ def test_fallback_rate_is_the_share_of_images_boxed_by_the_coarse_map():
     _, _, test, rows = _box_case()
     rows = [dict(r, box_source="coarse_fallback" if i == 1 else "sam") for i, r in enumerate(rows[:3])] + rows[3:]
     r = evaluate_predictions(test, rows, cam_threshold=0.5)
-    assert r["Pro2SAM"]["fallback_rate"] == 25.0  # img1 of four images (the error row is no fallback)
-    assert "fallback_rate" not in r["GTFormer"]
+    assert r.results["Pro2SAM"]["fallback_rate"] == 25.0  # img1 of four images (the error row is no fallback)
+    assert "fallback_rate" not in r.results["GTFormer"]
 
 
 def _mask_png(path, mask: np.ndarray) -> str:
@@ -213,14 +213,14 @@ def test_pxap_and_miou_with_masks_and_heldout_selection_by_miou(tmp_path):
     heldout = WSOLDataset("toy", "val", ["c0"], [_sample(10, 0, mask_uri=_mask_png(tmp_path / "a.png", A))])
     test = WSOLDataset("toy", "test", ["c0"], [_sample(0, 0, mask_uri=_mask_png(tmp_path / "b.png", B))])
     report = evaluate_with_heldout(heldout, [_row(10, [0])], test, [_row(0, [0], mask=A)])
-    assert report["thresholds"]["selected_by"] == "mIoU" and report["thresholds"]["cam_threshold"] == 0.0
-    gtf, p2s = report["results"]["GTFormer"], report["results"]["Pro2SAM"]
+    assert report.thresholds.selected_by == "mIoU" and report.thresholds.cam_threshold == 0.0
+    gtf, p2s = report.results["GTFormer"], report.results["Pro2SAM"]
     # GTFormer: B holds the top scores, so every GT pixel is found before any false one: PxAP 100;
     # its mask at tau 0.0 is A: IoU |B| / |A| = 400 / 10000 = 4%
     assert gtf["PxAP"] == pytest.approx(100.0) and gtf["mIoU"] == pytest.approx(4.0)
     # Pro2SAM's binary mask A: one operating point, precision 400/10000 at recall 1 -> 4; IoU 4%
     assert p2s["PxAP"] == pytest.approx(4.0) and p2s["mIoU"] == pytest.approx(4.0)
-    assert report["test_tuned"]["GTFormer"]["mIoU"] == pytest.approx(100.0)  # tau 0.5 keeps B
+    assert report.test_tuned.gtformer["mIoU"] == pytest.approx(100.0)  # tau 0.5 keeps B
     assert "| PxAP | mIoU |" in report_markdown(report)
 
 
@@ -263,7 +263,7 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_checkpoints, ray_local):
     assert "| Pro2SAM |" in md and "`meta:val`" in md
     assert len((out / "per_image.jsonl").read_text().splitlines()) == 3
     overlays = sorted(p.name for p in (out / "overlays").iterdir())
-    assert len(overlays) == 2 and overlays == sorted(report["overlays"])
+    assert len(overlays) == 2 and overlays == sorted(report.overlays)
     assert Image.open(out / "overlays" / overlays[0]).size == (256, 192)  # 64x48 enlarged x4
     # the confidence: fitted on val, scored on test, plotted, and in the labels table
     calibration = ConfidenceModel.load(str(out / "confidence.json"))
@@ -275,4 +275,30 @@ def test_evaluate_job_end_to_end(tmp_path, tiny_checkpoints, ray_local):
     assert "Confidence (P(box IoU >= 0.5), fitted on `meta:val`" in md
     # a second run resumes: nothing is labeled again, the numbers are the same
     again = run_evaluate_job(cfg)
-    assert again["results"] == report["results"]
+    assert again.results == report.results
+
+
+def test_report_json_keeps_its_layout():
+    # report.json is read by users' scripts: its keys and their order are a format, written out here
+    heldout, heldout_rows, test, test_rows = _box_case()
+    saved = json.loads(report_json(evaluate_with_heldout(heldout, heldout_rows, test, test_rows)))
+    assert list(saved) == ["dataset", "test_split", "heldout_split", "thresholds", "results",
+                           "results_with_gtformer_classes", "classes_from", "test_tuned", "heldout", "test",
+                           "settings", "confidence"]  # fmt: skip
+    counts = ["dataset", "split", "num_images", "num_with_boxes", "num_with_masks", "num_error_rows",
+              "num_missing_rows", "cam_threshold", "boxacc_taus"]  # fmt: skip
+    assert list(saved["heldout"]) == [*counts, "GTFormer", "Pro2SAM", "with_gtformer_classes", "curves"]
+    assert list(saved["test"]) == [*counts, "curves"]
+    assert list(saved["test_tuned"]) == ["thresholds", "GTFormer"]
+    assert list(saved["thresholds"]) == ["cam_threshold", "boxacc_taus", "chosen_on", "selected_by"]
+    assert list(saved["results"]["Pro2SAM"]) == [
+        "top1_cls", "top5_cls", "fallback_rate", "top1_loc", "top5_loc", "gt_known_loc",
+        "BoxAcc@30_single_box", "BoxAcc@50_single_box", "BoxAcc@70_single_box", "BoxAccV2_single_box",
+    ]  # fmt: skip
+    assert list(saved["results"]["GTFormer"]) == [
+        "top1_cls", "top5_cls", "top1_loc", "top5_loc", "gt_known_loc", "MaxBoxAcc@30", "MaxBoxAcc@50",
+        "MaxBoxAcc@70", "MaxBoxAccV2", "best_tau", "BoxAcc@30@heldout_tau", "BoxAcc@50@heldout_tau",
+        "BoxAcc@70@heldout_tau", "BoxAccV2@heldout_tau",
+    ]  # fmt: skip
+    assert list(saved["test"]["curves"]) == ["taus", "GTFormer_top1_loc", "GTFormer_top5_loc",
+                                             "GTFormer_gt_known_loc", "GTFormer_box_acc"]  # fmt: skip

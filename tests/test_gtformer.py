@@ -14,6 +14,7 @@ from timm.models.vision_transformer import Block
 from pro2sam.checkpoints import CheckpointError
 from pro2sam.gtformer import (
     GTFORMER_PRESETS,
+    GTFormerSettings,
     area_loss,
     GTBlock,
     GTFormerOutput,
@@ -326,6 +327,16 @@ def test_save_then_load_gives_identical_outputs(tmp_path, tiny, images):
             assert torch.equal(a, b)
     assert config["preset"] == "gtformer_test_tiny" and config["class_names"] == names
     assert config["img_size"] == 224 and config["extra"] == {"epochs": 3} and len(config["sha256"]) == 64
+
+
+def test_export_settings_are_read_back_and_an_older_config_gets_imagenet_defaults(tmp_path, tiny):
+    save_gtformer(tiny, tmp_path, class_names=list("abcde"), mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.1))
+    _, config = load_gtformer(tmp_path)
+    settings = GTFormerSettings.from_config(config)
+    assert settings == GTFormerSettings(224, (0.5, 0.4, 0.3), (0.2, 0.2, 0.1), ("a", "b", "c", "d", "e"))
+    # an export written before these keys existed: 224 px and ImageNet's normalisation
+    old = {k: v for k, v in config.items() if k not in ("img_size", "mean", "std", "class_names")}
+    assert GTFormerSettings.from_config(old) == GTFormerSettings(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def test_save_records_overrides_so_load_rebuilds_the_same_architecture(tmp_path):

@@ -163,7 +163,7 @@ def test_the_shipped_sam_gets_its_own_filter_thresholds(model):
     assert config.pred_iou_thresh == shipped.CANDIDATE_THRESHOLDS["pred_iou_thresh"]
     assert config.stability_score_thresh == shipped.CANDIDATE_THRESHOLDS["stability_score_thresh"]
     default = Pro2SAM.from_checkpoints(shipped.gtformer_dir(), sam="synthetic", sam_checkpoint=shipped.sam_checkpoint())
-    assert default.candidate_config == CandidateConfig(**shipped.CANDIDATE_THRESHOLDS)
+    assert default.candidate_config == CandidateConfig(points_per_side=16, **shipped.CANDIDATE_THRESHOLDS)
     assert not SAM_VARIANTS["vit_h"].filter_thresholds and not SAM_VARIANTS["tiny"].filter_thresholds
 
 

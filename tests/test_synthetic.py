@@ -202,8 +202,8 @@ def test_the_true_mask_scores_iou_one_against_the_written_ground_truth(tmp_path)
             "mask_rle": encode_mask(mask), "coarse_map": np.full(196, 0.5, np.float32).tolist(),
         })  # fmt: skip
     r = evaluate_predictions(test, rows)
-    assert [rec["pro2sam_iou"] for rec in r["images"]] == [1.0] * 4
-    assert r["Pro2SAM"]["BoxAccV2_single_box"] == 100.0
+    assert [rec["pro2sam_iou"] for rec in r.images] == [1.0] * 4
+    assert r.results["Pro2SAM"]["BoxAccV2_single_box"] == 100.0
 
 
 # ---------------------------------------------------------------- regimes

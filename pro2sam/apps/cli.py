@@ -90,7 +90,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _variant_default(name: str) -> str:
-    """``CandidateConfig``'s default of a filter threshold, per SAM variant where they differ."""
+    """``CandidateConfig``'s default of a setting (a filter threshold, the grid), per SAM variant
+    where they differ."""
     from ..candidates import CandidateConfig
     from ..sam import SAM_VARIANTS
 
@@ -106,7 +107,7 @@ def _add_candidate_options(p: argparse.ArgumentParser) -> None:
     d = _defaults(CandidateConfig)
     g = p.add_argument_group("SAM candidates (stage 2)")
     g.add_argument("--mode", choices=("fast", "exact"), default=d["mode"], help="candidate path (default %(default)s)")
-    g.add_argument("--points-per-side", type=int, default=d["points_per_side"], help="grid N x N (default %(default)s)")
+    g.add_argument("--points-per-side", type=int, help=f"grid N x N (default: {_variant_default('points_per_side')})")
     g.add_argument("--prune", action=argparse.BooleanOptionalAction, default=d["prune_with_coarse_map"],
                    help="drop grid points outside the dilated coarse foreground (default %(default)s)")  # fmt: skip
     g.add_argument("--pred-iou-thresh", type=float,

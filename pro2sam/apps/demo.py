@@ -136,12 +136,12 @@ def run_demo(
     gallery = workdir / "demo.html"
     labels = cfg.label_config().output
     gallery_images = build_gallery(
-        labels, str(gallery), where=_uri_in(r["uri"] for r in report["images"]), limit=gallery_limit, coarse_map=True
+        labels, str(gallery), where=_uri_in(r["uri"] for r in report.images), limit=gallery_limit, coarse_map=True
     )
     seconds["gallery"] = time.perf_counter() - step
     seconds["total"] = time.perf_counter() - start
 
-    results = report["results"]
+    results = report.results
     summary = {
         "models": {"gtformer": str(gtformer), "sam": sam, "sam_checkpoint": cfg.labeling.sam_checkpoint},
         "num_test": num_test,
@@ -151,9 +151,9 @@ def run_demo(
         "regime": regime,
         "seconds": seconds,
         "results": {m: {k: results[m].get(k) for k in (*SUMMARY_METRICS, BOX_ACCURACY[m])} for m in METHODS},
-        "error_rows": {"test": report["test"]["num_error_rows"], "val": report["heldout"]["num_error_rows"]},
-        "thresholds": report["thresholds"],
-        "confidence": _confidence_summary(report.get("confidence")),
+        "error_rows": {"test": report.test.num_error_rows, "val": report.heldout.num_error_rows},
+        "thresholds": report.thresholds.to_dict(),
+        "confidence": _confidence_summary(report.confidence),
         "gallery_images": gallery_images,
         "data": str(data.root),
         "labels": labels,

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from ..classifier import Classifier, ClassifierConfig
 from ..confidence import ConfidenceModel
 from ..datasets import WSOLDataset, open_dataset
-from ..evaluation import DEFAULT_CAM_CURVE_INTERVAL, evaluate_with_heldout, index_rows
+from ..evaluation import DEFAULT_CAM_CURVE_INTERVAL, EvaluationReport, evaluate_with_heldout, index_rows
 from ..gtformer import gtformer_class_names
 from ..labels import LABEL_SCHEMA
 from ..output import LabelsOutput, WriterLease
@@ -223,7 +223,7 @@ def _write_confidence(cfg: EvaluateJobConfig, confidence: dict) -> None:
             output.commit(table, posixpath.basename(path))
 
 
-def run_evaluate_job(cfg: EvaluateJobConfig) -> dict:
+def run_evaluate_job(cfg: EvaluateJobConfig) -> EvaluationReport:
     """Label both splits (resuming), evaluate, write the report files; return the report.
 
     Raises:
@@ -247,24 +247,24 @@ def run_evaluate_job(cfg: EvaluateJobConfig) -> dict:
         test_classes=classes, classes_from=None if classifier is None else str(classifier),
     )  # fmt: skip
     model_classes = gtformer_class_names(cfg.labeling.gtformer)
-    report["settings"]["class_names_match"] = model_classes == datasets["test"].class_names
+    report.settings["class_names_match"] = model_classes == datasets["test"].class_names
     if model_classes is not None:
         _check_classes(len(model_classes), datasets["test"].class_names, "GTFormer")
-    report["settings"]["classifier"] = None if classifier is None else classifier.description
-    report["settings"]["specs"] = {"heldout": cfg.heldout, "test": cfg.test}
-    report["settings"]["label_job"] = _jsonable(asdict(cfg.labeling))
+    report.settings["classifier"] = None if classifier is None else classifier.description
+    report.settings["specs"] = {"heldout": cfg.heldout, "test": cfg.test}
+    report.settings["label_job"] = _jsonable(asdict(cfg.labeling))
     if cfg.labeling.tuned is not None:  # the file's name and hash, not its whole table
-        report["settings"]["label_job"]["tuned"] = {"source": cfg.labeling.tuned.source, "sha256": cfg.labeling.tuned.sha256}
+        report.settings["label_job"]["tuned"] = {"source": cfg.labeling.tuned.source, "sha256": cfg.labeling.tuned.sha256}
     test_uris = set(datasets["test"].by_uri())
     test_rows = [r for r in rows if r["uri"] in test_uris]
     model_ids = {r.get("gtformer_sha256") for r in test_rows} | {r.get("sam_model") for r in test_rows}
-    report["settings"]["model_ids"] = sorted(m for m in model_ids if m)
+    report.settings["model_ids"] = sorted(m for m in model_ids if m)
 
     write_bytes_atomic(join_uri(cfg.output, "report.json"), report_json(report).encode())
     write_bytes_atomic(join_uri(cfg.output, "report.md"), report_markdown(report).encode())
     write_bytes_atomic(join_uri(cfg.output, "per_image.jsonl"), image_records_jsonl(report).encode())
-    if report.get("confidence"):
-        _write_confidence(cfg, report["confidence"])
+    if report.confidence:
+        _write_confidence(cfg, report.confidence)
     samples = datasets["test"].by_uri()
     by_uri = index_rows(test_rows)
     written = []
@@ -278,5 +278,5 @@ def run_evaluate_job(cfg: EvaluateJobConfig) -> dict:
             written.append(name)
         except Exception as e:  # an overlay is a courtesy, never a reason to lose the report
             log.warning("overlay of %s failed: %s", record["uri"], e)
-    report["overlays"] = written
+    report.overlays = written
     return report

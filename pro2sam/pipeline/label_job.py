@@ -162,7 +162,7 @@ class LabelingSettings:
         sam, sam_checkpoint, verify: SAM variant, its weights file (local or URI), SHA-256 check
             of official files.
         candidates: stage 2 (:class:`~pro2sam.candidates.CandidateConfig`); None: the
-            defaults with the SAM variant's own filter thresholds (``CandidateConfig.for_variant``).
+            defaults with the SAM variant's own filter thresholds and grid (``CandidateConfig.resolve``).
         matching: stage 3 (:class:`~pro2sam.matching.MatchConfig`).
         resources: :class:`Resources`; limits: :class:`ReadLimits`.
         confidence_calibration: a calibration file of ``pro2sam evaluate`` (``confidence.json``,
@@ -190,7 +190,7 @@ class LabelingSettings:
         return self.tuned.sha256 if self.tuned is not None else None
 
     def candidate_config(self) -> CandidateConfig:
-        return self.candidates if self.candidates is not None else CandidateConfig.for_variant(self.sam)
+        return CandidateConfig.resolve(self.sam, self.candidates)
 
     def validate(self) -> None:
         """Raise ValueError, naming the option, for a setting no run could use."""

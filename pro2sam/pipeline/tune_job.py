@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from ..confidence import calibrate
 from ..datasets import WSOLDataset, open_dataset
-from ..evaluation import evaluate_predictions, index_rows
+from ..evaluation import SplitResult, evaluate_predictions, index_rows
 from ..labels import LABEL_SCHEMA, error_row, ok_row
 from ..storage import write_bytes_atomic
 from ..tuning import GRIDS, OBJECTIVE, choose, code_version, settings_document, table_row, with_fallback_threshold
@@ -240,13 +240,13 @@ def run_tune_job(cfg: TuneJobConfig) -> TuneSummary:
     for row in rows:
         by_setting[row.pop("candidates_index"), row.pop("matching_index")].append(row)
 
-    def score(setting_rows: list[dict]) -> dict:
+    def score(setting_rows: list[dict]) -> SplitResult:
         return evaluate_predictions(dataset, setting_rows, methods=("Pro2SAM",))
 
     table, keys = [], []
     for c, cand in enumerate(candidates):
         for m, match in enumerate(matchings):
-            scores = score(by_setting.get((c, m), []))["Pro2SAM"]
+            scores = score(by_setting.get((c, m), [])).results["Pro2SAM"]
             table.append(table_row(cand, match, scores, base_candidates=base_candidates, base_matching=base_matching, stage="sam+matching"))
             keys.append((c, m, match.fallback_threshold))
     first = choose(table)
@@ -255,7 +255,7 @@ def run_tune_job(cfg: TuneJobConfig) -> TuneSummary:
         if threshold == matchings[m].fallback_threshold:
             continue
         match = replace(matchings[m], fallback_threshold=threshold)
-        scores = score(with_fallback_threshold(by_setting.get((c, m), []), threshold))["Pro2SAM"]
+        scores = score(with_fallback_threshold(by_setting.get((c, m), []), threshold)).results["Pro2SAM"]
         table.append(table_row(candidates[c], match, scores, base_candidates=base_candidates, base_matching=base_matching, stage="fallback"))
         keys.append((c, m, threshold))
     chosen = choose(table)
@@ -266,7 +266,7 @@ def run_tune_job(cfg: TuneJobConfig) -> TuneSummary:
     confidence = None
     if cfg.calibrate_confidence:
         chosen_rows = with_fallback_threshold(by_setting.get((c, m), []), threshold)
-        records = score(chosen_rows)["images"]
+        records = score(chosen_rows).images
         fitted_on = f"{dataset.name}:{dataset.split}"
         confidence = calibrate(records, index_rows(chosen_rows), fitted_on=fitted_on).to_dict()
     document = settings_document(

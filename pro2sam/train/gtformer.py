@@ -27,14 +27,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms as T
 
-from ..gtformer import AREA_LOSSES, GTFORMER_PRESETS, GTFormer, create_gtformer, gtformer_loss
+from ..gtformer import DEFAULT_SETTINGS, GTFORMER_PRESETS, GTFormer, create_gtformer
 from ..images import decode_image
 from ..storage import fetch_to_local, read_bytes
+from .losses import AREA_LOSSES, gtformer_loss
 from .schedule import SCHEDULES, make_lr_scheduler
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ __all__ = [
 
 # Training resolution of every preset (the frame of the coarse map) and the resize before the crop.
 TRAIN_RESIZE = 256
-INPUT_SIZE = 224
+INPUT_SIZE = DEFAULT_SETTINGS.img_size
 
 _STATE_FILE = "training_state.pt"
 _META_FILE = "training_meta.json"
@@ -171,7 +171,7 @@ class EpochStats:
 # ---------------------------------------------------------------- data
 
 
-def train_transform(mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD):
+def train_transform(mean: Sequence[float] = DEFAULT_SETTINGS.mean, std: Sequence[float] = DEFAULT_SETTINGS.std):
     """PIL RGB image -> (3, 224, 224) float32: Resize(256, 256), RandomCrop 224, HFlip, normalise."""
     return T.Compose([
         T.Resize((TRAIN_RESIZE, TRAIN_RESIZE), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
@@ -182,7 +182,7 @@ def train_transform(mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence
     ])  # fmt: skip
 
 
-def eval_transform(mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD):
+def eval_transform(mean: Sequence[float] = DEFAULT_SETTINGS.mean, std: Sequence[float] = DEFAULT_SETTINGS.std):
     """PIL RGB image -> (3, 224, 224) float32: plain Resize(224, 224) (the evaluation frame), normalise."""
     return T.Compose([
         T.Resize((INPUT_SIZE, INPUT_SIZE), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
