@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen_iou.append(iou(result.mask))
         chosen_hit.append(box_iou_inclusive(result.box_xyxy, scene.box_xyxy)[0, 0] >= 0.5)
         chosen_held.append(holds_part(result.mask))
-        masks = [boxed_mask(found.full_resolution_mask(j))[0] for j in range(len(found)) if found.masks[j].any()]
+        boxed = [boxed_mask(found.full_resolution_mask(j)) for j in range(len(found))]
+        masks = [b[0] for b in boxed if b is not None]  # a mask can vanish at full resolution
         ious = [iou(m) for m in masks]
         oracle_iou.append(max(ious) if ious else chosen_iou[-1])
         objects = [m for m, v in zip(masks, ious) if v >= 0.7]
