@@ -263,6 +263,33 @@ def test_a_generator_that_adopts_an_encoded_image_gives_its_own_candidates_witho
         GridCandidateGenerator(tiny_sam, CandidateConfig(reference_resize_224=True)).adopt_image(first)
 
 
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_relaxing_the_filters_when_none_passes_gives_the_unfiltered_candidates(tiny_sam, mode):
+    """An image where no mask passes SAM's filters: with relaxing on, its candidates are those of
+    the filters switched off; with it off (the reference), none."""
+    image = synthetic_image(180, 240, 0)
+    impossible = dict(points_per_side=8, pred_iou_thresh=1.0, stability_score_thresh=1.0, mode=mode)
+    strict = GridCandidateGenerator(tiny_sam, CandidateConfig(**impossible)).generate(image)
+    relaxed = GridCandidateGenerator(tiny_sam, CandidateConfig(**impossible, relax_filters_when_empty=True)).generate(image)
+    off = GridCandidateGenerator(
+        tiny_sam, CandidateConfig(points_per_side=8, pred_iou_thresh=0.0, stability_score_thresh=0.0, mode=mode)
+    ).generate(image)
+    assert len(strict) == 0 and len(relaxed) == len(off) > 0
+    np.testing.assert_array_equal(relaxed.masks, off.masks)
+    np.testing.assert_array_equal(relaxed.pred_ious, off.pred_ious)
+
+
+def test_relaxing_the_filters_changes_nothing_where_a_mask_passes_them(tiny_sam):
+    image = synthetic_image(180, 240, 0)
+    plain = GridCandidateGenerator(tiny_sam, CandidateConfig(mode="fast", **FILTERS)).generate(image)
+    relaxed = GridCandidateGenerator(tiny_sam, CandidateConfig(mode="fast", relax_filters_when_empty=True, **FILTERS)).generate(image)
+    off = GridCandidateGenerator(
+        tiny_sam, CandidateConfig(mode="fast", **{**FILTERS, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0})
+    ).generate(image)
+    assert 0 < len(relaxed) == len(plain) < len(off)
+    np.testing.assert_array_equal(relaxed.masks, plain.masks)
+
+
 def test_a_batch_of_images_gives_each_images_own_candidates(tiny_sam):
     """One image-encoder call for the batch; every image as if generated alone."""
     images = [synthetic_image(h, w, seed) for h, w, seed in IMAGES]

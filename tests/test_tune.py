@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from dataclasses import replace
 import signal
 from pathlib import Path
 
@@ -187,6 +188,15 @@ def test_the_grid_always_holds_the_base_settings_once():
     assert candidates[0] == base_c and len(set(candidates)) == len(candidates)
     assert matchings[0] == base_m and MatchConfig(part_to_object=False) in matchings
     assert len(set(matchings)) == len(matchings)
+
+
+def test_the_grid_tries_each_candidate_setting_with_the_filters_relaxed_when_none_passes():
+    base = CandidateConfig(pred_iou_thresh=0.88, stability_score_thresh=0.95)
+    configs = GRIDS["small"].candidate_configs(base)
+    strict = [c for c in configs if not c.relax_filters_when_empty]
+    relaxed = [c for c in configs if c.relax_filters_when_empty]
+    assert configs[0] == base and len(strict) == len(relaxed) == len(configs) // 2
+    assert {replace(c, relax_filters_when_empty=False) for c in relaxed} == set(strict)
 
 
 def test_another_fallback_threshold_changes_only_the_fallback_boxes():

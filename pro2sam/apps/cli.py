@@ -114,6 +114,10 @@ def _add_candidate_options(p: argparse.ArgumentParser) -> None:
                    help=f"SAM predicted-IoU filter (default: {_variant_default('pred_iou_thresh')})")  # fmt: skip
     g.add_argument("--stability-score-thresh", type=float,
                    help=f"SAM stability filter (default: {_variant_default('stability_score_thresh')})")  # fmt: skip
+    g.add_argument("--relax-filters-when-empty", action=argparse.BooleanOptionalAction,
+                   default=d["relax_filters_when_empty"],
+                   help="when no mask of an image passes SAM's filters, decode its grid again with them off instead of "
+                   "falling back to the coarse map's box (default %(default)s; pro2sam tune chooses it)")  # fmt: skip
     g.add_argument("--dtype", choices=sorted(DTYPES), default=d["dtype"],
                    help="SAM's networks under autocast in this dtype (bfloat16: GPUs of compute capability 8 and "
                    "up; default %(default)s)")  # fmt: skip
@@ -134,6 +138,7 @@ def _candidates(args: argparse.Namespace, sam: str):
         prune_with_coarse_map=args.prune,
         pred_iou_thresh=args.pred_iou_thresh,
         stability_score_thresh=args.stability_score_thresh,
+        relax_filters_when_empty=args.relax_filters_when_empty,
         dtype=args.dtype,
         compile=args.compile,
         memory_budget_mb=args.memory_budget_mb,

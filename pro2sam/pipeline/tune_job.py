@@ -130,11 +130,19 @@ class TuneLabeler:
         except Exception as e:
             return [self._error(ident, f"labeling failed: {type(e).__name__}: {e}", "model", c, m) for c, m in settings]
         rows = []
+        found_by_config = {}
         for c, generator in enumerate(self.generators):
             try:
-                if c:
-                    generator.generator.adopt_image(self.generators[0].generator)
-                found = generator.generator.generate(None, coarse_map=coarse)
+                config = generator.generator.config
+                # Relaxing the filters changes only the images where nothing passed them.
+                strict = found_by_config.get(replace(config, relax_filters_when_empty=False))
+                if config.relax_filters_when_empty and strict is not None and len(strict):
+                    found = strict
+                else:
+                    if c:
+                        generator.generator.adopt_image(self.generators[0].generator)
+                    found = generator.generator.generate(None, coarse_map=coarse)
+                found_by_config[config] = found
             except Exception as e:
                 rows += [self._error(ident, f"labeling failed: {type(e).__name__}: {e}", "model", c, m) for m in range(len(self.choosers))]
                 continue
