@@ -412,7 +412,7 @@ class GridDecoder:
         c8 = conv.weight.shape[1]
         x = torch.addmm(conv.bias.repeat(4), x.view(-1, c4), conv.weight.permute(0, 2, 3, 1).flatten(1))
         if high_res is not None:  # SAM 2: + feat_s0 after the second
-            x = (x.view(b, n * 4, -1) + high_res[1]).view(-1, x.shape[-1])
+            x = (x.view(b, n * 4, x.shape[-1]) + high_res[1]).view(-1, x.shape[-1])
         x = up[4](x)  # (B * N * 4, 4 * C/8): pixel, sub-pixel, sub-sub-pixel (ki2, kj2), channel
         m = hyper_in.shape[1]
         masks = x.view(b, n * 16, c8) @ hyper_in.transpose(1, 2)  # (B, N * 16, M)

@@ -287,7 +287,7 @@ class Sam2Segmenter(PromptableSegmenter):
         return 4 * int(self.model.sam_image_embedding_size)
 
     def prepare(self, image, original):
-        x = torch.as_tensor(np.ascontiguousarray(image)).permute(2, 0, 1).to(self.device, non_blocking=True)
+        x = torch.tensor(image).permute(2, 0, 1).to(self.device, non_blocking=True)  # a copy: images may be read-only
         sam_image = (int(image.shape[0]), int(image.shape[1]))
         return x, Sam2Frames.of(original, sam_image, self._low_res_side)
 

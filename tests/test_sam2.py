@@ -80,3 +80,52 @@ def test_sam2_checkpoint_round_trips_in_the_official_layout_and_another_architec
     assert all(torch.equal(a, b) for a, b in zip(sam2_tiny.state_dict().values(), loaded.state_dict().values()))
     with pytest.raises(CheckpointError, match="does not fit the sam2.1_hiera_small architecture"):
         build_sam("sam2.1_hiera_small", path)
+
+
+def test_label_runs_end_to_end_with_a_sam2_checkpoint_file(sam2_tiny, tiny_checkpoints, tmp_path):
+    """``pro2sam label --sam sam2.1_hiera_tiny --sam-checkpoint FILE`` on two small scenes: a row
+    per image, each with a box inside it, and the SAM 2 weights' SHA-256 recorded."""
+    import subprocess
+    import sys
+
+    from helpers import output_rows, write_scenes
+
+    from pro2sam.output import LabelsOutput
+    from pro2sam.storage import sha256_file
+
+    gt_dir, _ = tiny_checkpoints
+    sam_path = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": sam2_tiny.state_dict()}, sam_path)
+    write_scenes(tmp_path / "images", 2)
+    output = tmp_path / "labels"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pro2sam", "label", "--input", str(tmp_path / "images"), "--output", str(output),
+         "--gtformer", str(gt_dir), "--sam", "sam2.1_hiera_tiny", "--sam-checkpoint", str(sam_path),
+         "--points-per-side", "2", "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--actors", "1"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = output_rows(output)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    for r in rows:
+        x0, y0, x1, y1 = r["box_xyxy"]
+        assert 0 <= x0 <= x1 < r["width"] and 0 <= y0 <= y1 < r["height"]
+    models = set(LabelsOutput(str(output)).read_table(["sam_model"]).column("sam_model").to_pylist())
+    assert models == {f"sam2.1_hiera_tiny:{sha256_file(sam_path)}"}
+
+
+def test_sam2_prompts_none_of_whose_masks_pass_the_iou_filter_decode_to_nothing(sam2_tiny):
+    """With the predicted-IoU filter above every mask, no mask is upscaled (and none is made)."""
+    from pro2sam.grid_decoder import GridDecoder
+
+    torch.manual_seed(0)
+    embedding = torch.randn(1, 256, 64, 64)
+    high_res = [torch.randn(1, 32, 256, 256), torch.randn(1, 64, 128, 128)]
+    coords, labels = torch.rand(5, 1, 2) * 1024, torch.ones(5, 1, dtype=torch.int)
+    for fast in (True, False):
+        decoder = GridDecoder(sam2_tiny, fast=fast)
+        decoder.set_image_embedding(embedding, high_res)
+        logits, iou, kept = decoder.decode_masks_above(coords, labels, 1.0, region=(10, 12))
+        assert logits.shape == (0, 3, 40, 48) and iou.shape == (0, 3) and len(kept) == 0
+        logits, iou, kept = decoder.decode_masks_above(coords, labels, 0.0, region=(10, 12))
+        assert logits.shape == (5, 3, 40, 48) and kept.tolist() == [0, 1, 2, 3, 4]
