@@ -37,6 +37,11 @@ sizes (480x640, 512x512, 600x400, ...). GTFormer is not run. Its coarse map is *
 object's true mask area-averaged to 14x14, standing for the map of a trained GTFormer (matching
 and pruning depend on it; a real map is blurrier, so pruning keeps somewhat more points).
 
+SAM 2.1 (``--sam sam2.1_hiera_*``, the ``sam2`` package): (a) is ``SAM2AutomaticMaskGenerator``
+(its own image transforms, decoder and full-resolution masks), (b)-(d), (f) our generator on the
+same model through :mod:`pro2sam.segmenters`, (e) the image encoder with SAM 2's transforms
+(``SAM2ImagePredictor.set_image``'s work; (g) is the same and is left out).
+
 Without ``--sam-checkpoint`` SAM has random weights (said in the output). Network speed does not
 depend on the weights, but the number of candidates (hence filter and match time) does: random
 decoders are adjusted as ``build_sam`` adjusts the tiny one (``_make_random_masks_coherent``) so
@@ -55,6 +60,7 @@ real coarse maps, at the shipped SAM's own filter thresholds). For each image, t
     python benchmarks/bench_speed.py                                  # tiny SAM, 3 images, CPU
     python benchmarks/bench_speed.py --sam vit_b --images 1 --warmup 0 --threads 2
     python benchmarks/bench_speed.py --shipped --images 100 --threads 2
+    python benchmarks/bench_speed.py --sam sam2.1_hiera_tiny --images 1 --warmup 0 --threads 1
     python benchmarks/bench_speed.py --sam vit_h --sam-checkpoint sam_vit_h_4b8939.pth \\
         --pred-iou-thresh 0.88 --stability-score-thresh 0.95 --stability-score-offset 1.0 \\
         --device cuda --images 20 --json speed.json
@@ -80,7 +86,8 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from pro2sam.candidates import CandidateConfig, GridCandidateGenerator
 from pro2sam.grid_decoder import GridDecoder
 from pro2sam.matching import MatchConfig, boxed_mask, coarse_fallback, match_at_full_resolution, match_masks
-from pro2sam.sam import _make_random_masks_coherent, build_sam, use_sdpa_attention
+from pro2sam.sam import SAM_VARIANTS, _make_random_masks_coherent, build_sam, is_sam2, use_sdpa_attention
+from pro2sam.segmenters import segmenter_for
 
 FLOWS = {
     "a": "reference (SamAutomaticMaskGenerator + matching)",
@@ -192,7 +199,14 @@ def finish(match, masks_full_res, coarse_map, image_size, match_config):
 
 def run_reference(sam, amg_kwargs, image, coarse_map, match_config, clock):
     times = dict.fromkeys(STAGES, 0.0)
-    generator = SamAutomaticMaskGenerator(sam, output_mode="binary_mask", **amg_kwargs)
+    if hasattr(sam, "sam_mask_decoder"):  # SAM 2: its own generator, on its own modules
+        from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+        generator = SAM2AutomaticMaskGenerator(sam, output_mode="binary_mask", **amg_kwargs)
+        decoder_modules = [sam.sam_prompt_encoder, sam.sam_mask_decoder]
+    else:
+        generator = SamAutomaticMaskGenerator(sam, output_mode="binary_mask", **amg_kwargs)
+        decoder_modules = [sam.prompt_encoder, sam.mask_decoder]
     set_image = generator.predictor.set_image
 
     def timed_set_image(*args, **kwargs):
@@ -202,7 +216,7 @@ def run_reference(sam, amg_kwargs, image, coarse_map, match_config, clock):
 
     generator.predictor.set_image = timed_set_image
     t0 = clock()
-    with timed_modules([sam.prompt_encoder, sam.mask_decoder], clock, times, "decode"):
+    with timed_modules(decoder_modules, clock, times, "decode"):
         anns = generator.generate(image)
     t1 = clock()
     times["filter"] = (t1 - t0) - times["embed"] - times["decode"]
@@ -243,10 +257,15 @@ def run_ours(generator, image, coarse_map, match_config, clock):
 
 def run_encoder(sam, image, clock):
     t0 = clock()
-    resized = ResizeLongestSide(sam.image_encoder.img_size).apply_image(image)
-    x = torch.as_tensor(resized, device=sam.device).permute(2, 0, 1).contiguous()[None]
-    with torch.inference_mode():
-        sam.image_encoder(sam.preprocess(x))
+    if hasattr(sam, "sam_mask_decoder"):  # SAM 2: its transforms and features (pro2sam.segmenters)
+        segmenter = segmenter_for(sam)
+        with torch.inference_mode():
+            segmenter.encode([segmenter.prepare(image, image.shape[:2])[0]])
+    else:
+        resized = ResizeLongestSide(sam.image_encoder.img_size).apply_image(image)
+        x = torch.as_tensor(resized, device=sam.device).permute(2, 0, 1).contiguous()[None]
+        with torch.inference_mode():
+            sam.image_encoder(sam.preprocess(x))
     t1 = clock()
     return dict(times={**dict.fromkeys(STAGES, 0.0), "embed": t1 - t0}, total=t1 - t0, prompts=0, candidates=0,
                 mask=None, box=None, fallback=False, match_score=float("nan"))
@@ -266,19 +285,18 @@ def decoder_flops(sam, image, prompts: int = 64) -> dict[str, float]:
     """GFLOP per prompt of SAM's own decoder and of GridDecoder (image-shared work included)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    resized = ResizeLongestSide(sam.image_encoder.img_size).apply_image(image)
-    x = torch.as_tensor(resized, device=sam.device).permute(2, 0, 1).contiguous()[None]
+    segmenter = segmenter_for(sam)
     with torch.inference_mode():
-        embedding = sam.image_encoder(sam.preprocess(x)).float()
+        embedding = segmenter.encode([segmenter.prepare(image, image.shape[:2])[0]])[0]
     side = int(round(prompts**0.5))
-    xs = (torch.arange(side, device=sam.device) + 0.5) * sam.image_encoder.img_size / side
+    xs = (torch.arange(side, device=sam.device) + 0.5) * segmenter.input_size / side
     coords = torch.stack(torch.meshgrid(xs, xs, indexing="xy"), -1).reshape(-1, 1, 2)
     labels = torch.ones(len(coords), 1, dtype=torch.int, device=sam.device)
     out = {}
     for name, fast in (("official", False), ("grid_decoder", True)):
         decoder = GridDecoder(sam, fast=fast)
         with FlopCounterMode(display=False) as counter:
-            decoder.set_image_embedding(embedding)
+            decoder.set_image_embedding(embedding.embedding, embedding.high_res)
             shared = counter.get_total_flops()
             decoder.decode(coords, labels, multimask_output=True)
         out[name] = dict(per_prompt=(counter.get_total_flops() - shared) / len(coords) / 1e9,
@@ -289,7 +307,8 @@ def decoder_flops(sam, image, prompts: int = 64) -> dict[str, float]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sam", choices=["tiny", "vit_b", "vit_l", "vit_h"], default="tiny")
+    parser.add_argument("--sam", choices=["tiny", "vit_b", "vit_l", "vit_h", *(v for v in SAM_VARIANTS if is_sam2(v))],
+                        default="tiny")
     parser.add_argument("--sam-checkpoint", help="SAM state dict; random weights without it")
     parser.add_argument("--no-verify", action="store_true", help="skip the official checkpoint's SHA-256 check")
     parser.add_argument("--shipped", action="store_true",
@@ -317,6 +336,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = set(args.flows) - set(FLOWS)
     if unknown or "a" not in args.flows and not args.shipped:
         parser.error(f"--flows: letters of {''.join(FLOWS)}, with a (the reference); got {args.flows!r}")
+    if is_sam2(args.sam):  # SAM 2's encoder has one implementation: (g) would be (e) again
+        args.flows = args.flows.replace("g", "")
     return args
 
 
@@ -356,9 +377,12 @@ def timing(args: argparse.Namespace) -> None:
     # for inference (SDPA attention in the image encoder), on the same weights.
     sam = build_sam(args.sam, args.sam_checkpoint, verify=not args.no_verify, device=device, seed=0, sdpa=False)
     sam.requires_grad_(False)  # frozen; FlopCounterMode's module tracker also needs it
-    if not trained and args.sam != "tiny":  # build_sam does this for tiny already
-        _make_random_masks_coherent(sam)
-    ours_sam = use_sdpa_attention(copy.deepcopy(sam))
+    if is_sam2(args.sam):  # one model for both (its attention is SDPA already); random weights as drawn
+        ours_sam = sam
+    else:
+        if not trained and args.sam != "tiny":  # build_sam does this for tiny already
+            _make_random_masks_coherent(sam)
+        ours_sam = use_sdpa_attention(copy.deepcopy(sam))
 
     match_config = MatchConfig()
     pps = args.points_per_side
@@ -387,7 +411,8 @@ def timing(args: argparse.Namespace) -> None:
     n_params = sum(p.numel() for p in sam.parameters())
     print(f"SAM {args.sam} ({n_params / 1e6:.2f} M parameters), "
           + (f"weights {args.sam_checkpoint}" if trained else
-             "RANDOM weights (seed 0" + (", decoder made coherent as build_sam does for tiny" if args.sam != "tiny"
+             "RANDOM weights (seed 0" + (", as drawn" if is_sam2(args.sam) else
+                                         ", decoder made coherent as build_sam does for tiny" if args.sam != "tiny"
                                          else ", tiny's coherent random init") + "): speed only, masks mean nothing"))
     print(describe_machine(device))
     print(f"{args.images} generated image(s) {[s[0].shape[:2] for s in scenes]}, coarse map planted from the true "

@@ -29,18 +29,24 @@ the large-image OOM of ``SamAutomaticMaskGenerator`` cannot happen), filters on 
 hands each image's candidates out as soon as they are ready, so that matching on the CPU overlaps
 the next image's decoding. Optional: bfloat16 autocast (``dtype``) and ``torch.compile``.
 
-Frames: "original" is the image passed to :meth:`GridCandidateGenerator.generate` (H x W);
-"SAM image" is the image SAM was given (the original, or 224 x 224 with the reference option);
-"SAM input" is that image resized so its longest side is ``sam.image_encoder.img_size`` (1024),
-then zero-padded to a square; "low-res" is SAM's mask logit grid, one cell per ``upscale`` SAM
-input pixels. Boxes are ``(x0, y0, x1, y1)`` inclusive pixel indices (``x1`` is the last
-foreground column), the convention of ``segment_anything.utils.amg.batched_mask_to_box``.
+The model is seen only through :mod:`pro2sam.segmenters` (encode images; decode point prompts
+to low-resolution logits and predicted IoUs; how those logits map back to pixels): everything
+here runs the same on segment-anything v1 and on SAM 2.1 (``GridCandidateGenerator`` takes
+either model).
+
+Frames (:class:`pro2sam.segmenters.Frames`): "original" is the image passed to
+:meth:`GridCandidateGenerator.generate` (H x W); "SAM image" is the image SAM was given (the
+original, or 224 x 224 with the reference option); "low-res" is the model's mask logit grid over
+the SAM image (v1: SAM's input is the SAM image resized so its longest side is
+``img_size``, zero-padded to a square, one low-res cell per 4 input pixels; SAM 2: the SAM image
+resized to a square, 256 x 256 cells over all of it). Boxes are ``(x0, y0, x1, y1)`` inclusive
+pixel indices (``x1`` is the last foreground column), the convention of
+``segment_anything.utils.amg.batched_mask_to_box``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -48,8 +54,6 @@ from dataclasses import dataclass, field, replace
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
-from segment_anything.modeling import Sam
 from segment_anything.utils.amg import (
     MaskData,
     batch_iterator,
@@ -57,11 +61,12 @@ from segment_anything.utils.amg import (
     build_all_layer_point_grids,
     calculate_stability_score,
 )
-from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops.boxes import batched_nms, box_iou
 
-from .grid_decoder import GridDecoder
 from .sam import REFERENCE_SAM_SIZE, SAM_VARIANTS
+from .segmenters import Frames, ImageEmbedding, PromptableSegmenter, segmenter_for
+from .segmenters import _interpolation_matrix  # noqa: F401  (tests)
+from .segmenters import upscale_logits as _upscale_logits
 
 __all__ = ["CandidateConfig", "Candidates", "DTYPES", "GridCandidateGenerator"]
 
@@ -220,10 +225,9 @@ class Candidates:
     timings: dict[str, float] = field(default_factory=dict)
     # (N, kh, kw) float32 logits over the unpadded SAM input plus one cell of padding (bilinear
     # upsampling near the image edge reads it), on SAM's device (only the winner leaves it), and
-    # how to upsample them.
+    # the frames that say how to upsample them.
     _low_res_logits: torch.Tensor | None = field(default=None, repr=False)
-    _input_size: tuple[int, int] = field(default=(0, 0), repr=False)
-    _upscale: int = field(default=4, repr=False)
+    _frames: Frames | None = field(default=None, repr=False)
     _mask_threshold: float = field(default=0.0, repr=False)
 
     def __len__(self) -> int:
@@ -239,30 +243,8 @@ class Candidates:
         if self.mode == "exact":
             return self.masks[i]
         logits = self._low_res_logits[i : i + 1, None]
-        full = _upscale_logits(logits, self._upscale, self._input_size, self.image_size)[0, 0]
+        full = self._frames.upsample(logits, self.image_size)[0, 0]
         return full.gt(self._mask_threshold).cpu().numpy()
-
-
-def _upscale_logits(
-    logits: torch.Tensor, upscale: int, input_size: tuple[int, int], out_size: tuple[int, int]
-) -> torch.Tensor:
-    """``Sam.postprocess_masks`` on logits (B, C, kh, kw) that hold the unpadded region of SAM's
-    low-res grid plus at least one cell: the same values, without upsampling the padding."""
-    kh, kw = logits.shape[-2:]
-    x = F.interpolate(logits, (kh * upscale, kw * upscale), mode="bilinear", align_corners=False)
-    x = x[..., : input_size[0], : input_size[1]]
-    return F.interpolate(x, out_size, mode="bilinear", align_corners=False)
-
-
-def _interpolation_matrix(
-    cells: int, upscale: int, input_size: int, out_size: int, device: torch.device
-) -> torch.Tensor:
-    """(out_size, cells) float32: the weights :func:`_upscale_logits` gives each low-res cell along
-    one axis (bilinear interpolation is separable: full = A @ logits @ B^T). Each row holds a few
-    adjacent non-negative weights that sum to one."""
-    eye = torch.eye(cells, dtype=torch.float32, device=device)[None]  # channel c: the impulse at cell c
-    x = F.interpolate(eye, cells * upscale, mode="linear", align_corners=False)[..., :input_size]
-    return F.interpolate(x, out_size, mode="linear", align_corners=False)[0].T.contiguous()
 
 
 def _first_positive_lines(
@@ -302,9 +284,21 @@ def _first_positive_lines(
 def _full_resolution_boxes(
     logits: torch.Tensor, upscale: int, input_size: tuple[int, int], out_size: tuple[int, int], threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inclusive xyxy boxes of the masks ``_upscale_logits(logits) > threshold`` of (N, kh, kw)
-    low-res logits, without upsampling whole masks: each edge is looked for among the
-    full-resolution lines next to the outermost low-res cells above the threshold.
+    """:func:`_boxes_at_full_resolution` for segment-anything v1's upsampling
+    (:func:`pro2sam.segmenters.upscale_logits`)."""
+    rows = _interpolation_matrix(logits.shape[1], upscale, input_size[0], out_size[0], logits.device)
+    cols = _interpolation_matrix(logits.shape[2], upscale, input_size[1], out_size[1], logits.device)
+    return _boxes_at_full_resolution(logits, rows, cols, out_size, threshold)
+
+
+def _boxes_at_full_resolution(
+    logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, out_size: tuple[int, int], threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive xyxy boxes of the masks ``rows @ logits @ cols^T > threshold`` of (N, kh, kw)
+    low-res logits (``rows`` (H, kh) and ``cols`` (W, kw): the upsampling's interpolation
+    matrices, :meth:`pro2sam.segmenters.Frames.interpolation_matrix`), without upsampling whole
+    masks: each edge is looked for among the full-resolution lines next to the outermost low-res
+    cells above the threshold.
 
     Returns:
         boxes: (N, 4) int64, those of ``batched_mask_to_box`` on the upsampled masks up to float
@@ -314,8 +308,6 @@ def _full_resolution_boxes(
             out once upsampled): upsample those masks instead.
     """
     n, kh, kw = logits.shape
-    rows = _interpolation_matrix(kh, upscale, input_size[0], out_size[0], logits.device)  # (H, kh)
-    cols = _interpolation_matrix(kw, upscale, input_size[1], out_size[1], logits.device)  # (W, kw)
     positive = logits > threshold
     any_row, any_col = positive.any(2), positive.any(1)  # (N, kh), (N, kw)
     first_row, last_row = any_row.float().argmax(1), kh - 1 - any_row.flip(1).float().argmax(1)
@@ -349,43 +341,27 @@ def _scale_boxes(
     return pixels
 
 
-@dataclass(frozen=True)
-class _Frames:
-    """Sizes (H, W) of the image being worked on, in the frames of the module docstring."""
-
-    original: tuple[int, int]
-    sam_image: tuple[int, int]
-    sam_input: tuple[int, int]  # after ResizeLongestSide, before padding
-    upscale: int  # SAM input pixels per low-res cell
-
-    @property
-    def low_res(self) -> tuple[int, int]:
-        """Low-res cells covering the SAM image (the rest of SAM's grid is padding)."""
-        return math.ceil(self.sam_input[0] / self.upscale), math.ceil(self.sam_input[1] / self.upscale)
-
-
 class GridCandidateGenerator:
     """Candidate masks of an image from SAM prompted with a grid of single points.
 
     Args:
-        sam: a Segment Anything model in eval mode (see :func:`pro2sam.sam.build_sam`); stays
-            frozen.
+        sam: a Segment Anything model in eval mode (see :func:`pro2sam.sam.build_sam`): a
+            segment-anything v1 ``Sam``, a SAM 2.1 ``SAM2Base``, or a
+            :class:`pro2sam.segmenters.PromptableSegmenter`; stays frozen.
         config: filters and mode; defaults are the official generator's (METHOD.md §2).
     """
 
-    def __init__(self, sam: Sam, config: CandidateConfig | None = None):
-        self.sam = sam
+    def __init__(self, sam, config: CandidateConfig | None = None):
         self.config = config or CandidateConfig()
-        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
-        # SAM's low-res logits are 4x its embedding grid.
-        self._upscale = sam.image_encoder.img_size // (4 * sam.prompt_encoder.image_embedding_size[0])
+        self.segmenter: PromptableSegmenter = segmenter_for(sam, compile=self.config.compile)
+        self.sam = self.segmenter.model
         self._budget = self._memory_budget_bytes()
         itemsize = DTYPES[self.config.dtype].itemsize
-        self.decoder = GridDecoder(sam, compile=self.config.compile)
+        self.decoder = self.segmenter.point_decoder(compile=self.config.compile)
         self.decoder.batch_size = self._prompts_per_pass(itemsize)
-        self._image_encoder = torch.compile(sam.image_encoder) if self.config.compile else sam.image_encoder
-        self._images_per_pass = max(1, self._budget // self._encoder_bytes_per_image(itemsize))
-        self._frames: _Frames | None = None  # of the image last given to set_image
+        self._images_per_pass = max(1, self._budget // self.segmenter.encoder_bytes_per_image(itemsize))
+        self._frames: Frames | None = None  # of the image last given to set_image
+        self._embedding: ImageEmbedding | None = None  # and its embedding
         self._embed_seconds = 0.0
         self._decode_seconds = 0.0
 
@@ -413,41 +389,22 @@ class GridCandidateGenerator:
         """Prompts per decoder pass: ``points_per_batch``, fewer if the budget asks for it."""
         return max(1, min(self.config.points_per_batch, self._budget // self.decoder.bytes_per_prompt(itemsize)))
 
-    def _encoder_bytes_per_image(self, itemsize: int) -> int:
-        """Peak activations of one image in the image encoder (an upper estimate): a global
-        attention block's (heads, N, N) mask and scores, and a dozen (N, D) token tensors."""
-        enc = self.sam.image_encoder
-        tokens = (enc.img_size // enc.patch_embed.proj.kernel_size[0]) ** 2
-        dim = enc.patch_embed.proj.out_channels
-        heads = enc.blocks[0].attn.num_heads
-        return itemsize * (2 * heads * tokens * tokens + 16 * tokens * dim)
-
     # ---------------------------------------------------------------- encoding
 
-    def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, _Frames]:
-        """One image -> (3, h, w) uint8 on the device, resized as ``SamPredictor.set_image``
-        does (on the CPU, PIL), and its frames."""
+    def _prepare(self, image: np.ndarray) -> tuple[torch.Tensor, Frames]:
+        """One image -> its pixels on the device, as the segmenter's own predictor prepares
+        them (the 224 option first), and its frames."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
         original = (int(image.shape[0]), int(image.shape[1]))
         if self.config.reference_resize_224:
             image = cv2.resize(image, (REFERENCE_SAM_SIZE, REFERENCE_SAM_SIZE), interpolation=cv2.INTER_LINEAR)
-        resized = self.transform.apply_image(image)
-        x = torch.as_tensor(resized).permute(2, 0, 1).to(self.device, non_blocking=True)
-        frames = _Frames(
-            original=original,
-            sam_image=(int(image.shape[0]), int(image.shape[1])),
-            sam_input=(int(x.shape[-2]), int(x.shape[-1])),
-            upscale=self._upscale,
-        )
-        return x, frames
+        return self.segmenter.prepare(image, original)
 
-    def _encode(self, pixels: list[torch.Tensor]) -> torch.Tensor:
-        """(3, h, w) uint8 images on the device -> (B, C, h', w') embeddings: normalised and
-        padded there (``Sam.preprocess``), encoded in one call."""
-        x = torch.cat([self.sam.preprocess(p[None].float()) for p in pixels])
+    def _encode(self, pixels: list[torch.Tensor]) -> list[ImageEmbedding]:
+        """Prepared images -> their embeddings, in one image-encoder call."""
         with self._autocast():
-            return self._image_encoder(x)
+            return self.segmenter.encode(pixels)
 
     @torch.inference_mode()
     def set_image(self, image: np.ndarray) -> None:
@@ -458,7 +415,7 @@ class GridCandidateGenerator:
         """
         start = time.perf_counter()
         pixels, self._frames = self._prepare(image)
-        self._set_embedding(self._encode([pixels]))
+        self._set_embedding(self._encode([pixels])[0])
         self._synchronize()
         self._embed_seconds = time.perf_counter() - start
 
@@ -472,17 +429,18 @@ class GridCandidateGenerator:
                 (``reference_resize_224``, ``dtype``).
         """
         encoding = ("reference_resize_224", "dtype")
-        if other.sam is not self.sam or other._frames is None or other.decoder.image_embedding is None:
+        if other.sam is not self.sam or other._frames is None or other._embedding is None:
             raise ValueError("adopt_image needs a generator of the same SAM that holds an image")
         if any(getattr(other.config, k) != getattr(self.config, k) for k in encoding):
             raise ValueError(f"adopt_image needs generators that encode alike ({', '.join(encoding)})")
         self._frames = other._frames
-        self._set_embedding(other.decoder.image_embedding)
+        self._set_embedding(other._embedding)
         self._embed_seconds = 0.0
 
-    def _set_embedding(self, embedding: torch.Tensor) -> None:
+    def _set_embedding(self, embedding: ImageEmbedding) -> None:
+        self._embedding = embedding
         with self._autocast():
-            self.decoder.set_image_embedding(embedding)
+            self.decoder.set_image_embedding(embedding.embedding, embedding.high_res)
 
     def grid_points(self, image_size: tuple[int, int], coarse_map: np.ndarray | None = None) -> np.ndarray:
         """(P, 2) float64 (x, y) grid points in original pixels, in the official generator's
@@ -566,7 +524,7 @@ class GridCandidateGenerator:
             seconds = (time.perf_counter() - start) / len(chunk)
             for i, (_, frames), embedding in zip(chunk, prepared, embeddings):
                 self._frames, self._embed_seconds = frames, seconds
-                self._set_embedding(embedding[None])
+                self._set_embedding(embedding)
                 yield self._candidates(coarse_maps[i])
 
     def _candidates(self, coarse_map: np.ndarray | None) -> Candidates:
@@ -632,12 +590,10 @@ class GridCandidateGenerator:
         f = self._frames
         # Grid points in the SAM image (differs from the original only for the 224 option).
         sam_scale = np.array([f.sam_image[1] / f.original[1], f.sam_image[0] / f.original[0]])
-        coords = self.transform.apply_coords(points * sam_scale, f.sam_image)
+        coords = self.segmenter.to_input_coords(points * sam_scale, f)
         coords = torch.as_tensor(coords, dtype=torch.float32, device=self.device)[:, None, :]
         labels = torch.ones(coords.shape[:2], dtype=torch.int, device=self.device)
-        # Embedding cells over the image and the low-res cell past it.
-        low_h, low_w = f.low_res
-        region = (low_h // 4 + 1, low_w // 4 + 1)
+        region = f.region  # embedding cells over the image and the low-res cell past it
         start = time.perf_counter()
         with self._autocast():
             if self.config.pred_iou_thresh > 0.0:
@@ -691,8 +647,7 @@ class GridCandidateGenerator:
         data["stability_score"] = stability
         self._filter_by_stability(data)
         f = self._frames
-        cell = (f.sam_image[0] * f.upscale / f.sam_input[0], f.sam_image[1] * f.upscale / f.sam_input[1])
-        data["boxes"] = _scale_boxes(batched_mask_to_box(data["masks"]), data["masks"], cell, f.sam_image)
+        data["boxes"] = _scale_boxes(batched_mask_to_box(data["masks"]), data["masks"], f.cell, f.sam_image)
 
     def _filter_by_stability(self, data: MaskData) -> None:
         if self.config.stability_score_thresh > 0.0:
@@ -728,9 +683,12 @@ class GridCandidateGenerator:
         if len(near) == 0:
             return
         f, threshold = self._frames, self.config.mask_threshold
+        kh, kw = data["logits"].shape[1:]
+        rows = f.interpolation_matrix(0, kh, f.sam_image[0], boxes.device)
+        cols = f.interpolation_matrix(1, kw, f.sam_image[1], boxes.device)
         unresolved = []
         for index in torch.split(near, EDGE_SEARCH_CHUNK):
-            found_boxes, found = _full_resolution_boxes(data["logits"][index], f.upscale, f.sam_input, f.sam_image, threshold)
+            found_boxes, found = _boxes_at_full_resolution(data["logits"][index], rows, cols, f.sam_image, threshold)
             boxes[index[found]] = found_boxes[found].to(boxes.dtype)
             unresolved.append(index[~found])
         for index in torch.split(torch.cat(unresolved), self._full_resolution_chunk()):
@@ -765,8 +723,9 @@ class GridCandidateGenerator:
             data["boxes"] = _scale_boxes(data["boxes"], data["masks"], cell, f.original)
 
     def _upscale_to(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """(N, kh, kw) low-res logits -> (N, *size) as ``Sam.postprocess_masks`` upscales them."""
-        return _upscale_logits(logits[:, None], self._frames.upscale, self._frames.sam_input, size)[:, 0]
+        """(N, kh, kw) low-res logits -> (N, *size) as the model's own post-processing upscales
+        them (``Sam.postprocess_masks``, ``SAM2Transforms.postprocess_masks``)."""
+        return self._frames.upsample(logits[:, None], size)[:, 0]
 
     def _no_masks(self) -> MaskData:
         """What is left when no grid point is decoded."""
@@ -794,8 +753,7 @@ class GridCandidateGenerator:
             mode=self.config.mode,
             num_grid_points=num_grid_points,
             _low_res_logits=data["logits"],
-            _input_size=f.sam_input,
-            _upscale=f.upscale,
+            _frames=f,
             _mask_threshold=self.config.mask_threshold,
         )
         filter_seconds = time.perf_counter() - start - self._decode_seconds

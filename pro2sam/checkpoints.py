@@ -19,6 +19,7 @@ from .storage import sha256_file
 
 __all__ = [
     "CheckpointError",
+    "OFFICIAL_SAM2_CHECKPOINTS",
     "OFFICIAL_SAM_CHECKPOINTS",
     "verify_sha256",
     "load_state_dict",
@@ -29,6 +30,19 @@ OFFICIAL_SAM_CHECKPOINTS: dict[str, tuple[str, str]] = {
     "vit_h": ("sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
     "vit_l": ("sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
     "vit_b": ("sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
+}
+
+
+# The four official SAM 2.1 files (facebookresearch/sam2, checkpoints/download_ckpts.sh, release
+# 092824): file name and SHA-256 of the released bytes. Meta publishes no SHA-256 for them, and
+# none could be read here (no download is possible on our machines), so None: such a file is
+# checked by loading it strictly into the architecture (every tensor present, of its shape).
+# Put the SHA-256 of a file you have verified here to check it as the SAM files are.
+OFFICIAL_SAM2_CHECKPOINTS: dict[str, tuple[str, str | None]] = {
+    "sam2.1_hiera_tiny": ("sam2.1_hiera_tiny.pt", None),
+    "sam2.1_hiera_small": ("sam2.1_hiera_small.pt", None),
+    "sam2.1_hiera_base_plus": ("sam2.1_hiera_base_plus.pt", None),
+    "sam2.1_hiera_large": ("sam2.1_hiera_large.pt", None),
 }
 
 

@@ -24,6 +24,13 @@ product, computed only for the mask tokens asked for.
 
 All of it is algebra, no approximation: outputs equal ``sam.mask_decoder``'s up to float
 rounding (checked in ``tests/test_grid_decoder.py``). ``fast=False`` runs the official decoder.
+
+SAM 2's mask decoder (``sam2.modeling.sam.mask_decoder.MaskDecoder``, image mode) is the same
+two-way transformer with one more output token in front (the object score token, whose output is
+not used here) and two per-pixel additions in the upscaling: the image's high-resolution
+features, ``feat_s1`` after the first ConvTranspose and ``feat_s0`` after the second. Both are
+shared by every prompt of the image, so they are added to the per-pixel tail as they are
+(:meth:`GridDecoder.set_image_embedding` takes them with the embedding).
 """
 
 from __future__ import annotations
@@ -33,10 +40,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import Sam
 from segment_anything.modeling.transformer import Attention
 
 __all__ = ["GridDecoder"]
+
+
+def _parts(model) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(prompt encoder, mask decoder) of a segment_anything ``Sam`` or a SAM 2 ``SAM2Base``."""
+    if hasattr(model, "sam_mask_decoder"):
+        return model.sam_prompt_encoder, model.sam_mask_decoder
+    return model.prompt_encoder, model.mask_decoder
 
 
 @dataclass
@@ -80,8 +93,8 @@ class GridDecoder:
     """Decode batches of point prompts for one image.
 
     Args:
-        sam: a Segment Anything model (any size), in eval mode. Only its prompt encoder and mask
-            decoder are used.
+        sam: a Segment Anything model (any size), in eval mode, or a SAM 2 ``SAM2Base`` (image
+            mode). Only its prompt encoder and mask decoder are used.
         fast: compute the per-image work once and the per-prompt work in low rank (True), or call
             SAM's own prompt encoder and mask decoder (False, for comparison).
         batch_size: prompts decoded together; bounds memory (about ``batch_size *``
@@ -91,17 +104,22 @@ class GridDecoder:
             compile once more, with a dynamic batch).
     """
 
-    def __init__(self, sam: Sam, *, fast: bool = True, batch_size: int = 64, compile: bool = False):
+    def __init__(self, sam, *, fast: bool = True, batch_size: int = 64, compile: bool = False):
         self.sam = sam
+        self.prompt_encoder, self.mask_decoder = _parts(sam)
+        # SAM 2: the object score token comes first among the output tokens
+        self._first = 1 if getattr(self.mask_decoder, "pred_obj_scores", False) else 0
+        self._high_res_decoder = bool(getattr(self.mask_decoder, "use_high_res_features", False))
         self.fast = fast
         self.batch_size = batch_size
         self._embedding: torch.Tensor | None = None
+        self._high_res: list[torch.Tensor] | None = None
         self._shared: _ImageShared | None = None
         self._decode_chunk = torch.compile(self._decode_fast) if compile and fast else self._decode_fast
 
     @property
     def _dtype(self) -> torch.dtype:
-        return self.sam.mask_decoder.iou_token.weight.dtype
+        return self.mask_decoder.iou_token.weight.dtype
 
     def bytes_per_prompt(self, itemsize: int = 4) -> int:
         """Peak activation bytes one prompt adds to a batch, at ``itemsize`` bytes per value (an
@@ -109,23 +127,45 @@ class GridDecoder:
         image token) and the upscaling tail (the first ConvTranspose's 4 * C/4 and the second's
         16 * C/8 values per image token, each with its LayerNorm/GELU copy); official, SAM's
         per-prompt copies of the image embedding."""
-        dec = self.sam.mask_decoder
-        h, w = self.sam.prompt_encoder.image_embedding_size
+        dec = self.mask_decoder
+        h, w = self.prompt_encoder.image_embedding_size
         c = dec.transformer_dim
         if not self.fast:
             return 12 * h * w * c * itemsize
-        tokens = 1 + dec.num_mask_tokens + 2  # output tokens + a point and its padding point
+        tokens = self._first + 1 + dec.num_mask_tokens + 2  # output tokens + a point and its padding point
         k = sum(layer.cross_attn_image_to_token.num_heads * tokens + 1 for layer in dec.transformer.layers)
         return h * w * (2 * k + 2 * c + 4 * c + 48) * itemsize
 
     @torch.inference_mode()
-    def set_image_embedding(self, image_embedding: torch.Tensor) -> None:
+    def set_image_embedding(
+        self, image_embedding: torch.Tensor, high_res_features: list[torch.Tensor] | None = None
+    ) -> None:
         """Remember one image's embedding, (1, C, h, w) from ``sam.image_encoder``, and (fast)
-        compute everything that is the same for all of its prompts."""
+        compute everything that is the same for all of its prompts.
+
+        Args:
+            image_embedding: (1, C, h, w).
+            high_res_features: SAM 2 only, and needed there: ``[feat_s0, feat_s1]``, (1, C/8, 4h,
+                4w) and (1, C/4, 2h, 2w), the image's high-resolution features already projected
+                by the mask decoder's ``conv_s0`` / ``conv_s1`` (as ``SAM2ImagePredictor``
+                keeps them).
+        """
+        if self._high_res_decoder != (high_res_features is not None):
+            raise ValueError(
+                "this mask decoder needs the image's high-resolution features" if self._high_res_decoder
+                else "this mask decoder takes no high-resolution features"
+            )
         self._embedding = image_embedding.to(self._dtype)
-        self._image_pe = self.sam.prompt_encoder.get_dense_pe().to(self._dtype)
+        self._high_res = None if high_res_features is None else [f.to(self._dtype) for f in high_res_features]
+        self._image_pe = self.prompt_encoder.get_dense_pe().to(self._dtype)
         self._shared = self._precompute(self._embedding) if self.fast else None
         self._up_src_region = {}
+        self._high_res_region = {}
+
+    @property
+    def high_res_features(self) -> list[torch.Tensor] | None:
+        """The high-resolution features of :meth:`set_image_embedding` (SAM 2), else None."""
+        return getattr(self, "_high_res", None)
 
     @property
     def image_embedding(self) -> torch.Tensor | None:
@@ -185,7 +225,7 @@ class GridDecoder:
             raise RuntimeError("call set_image_embedding() before decode()")
         h, w = self._embedding.shape[-2:]
         region = (h, w) if region is None else (min(region[0], h), min(region[1], w))
-        sparse, _ = self.sam.prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
+        sparse, _ = self.prompt_encoder(points=(point_coords, point_labels), boxes=None, masks=None)
         sparse = sparse.to(self._dtype)
         logits, iou, index = [], [], []
         for start in range(0, sparse.shape[0], self.batch_size):
@@ -200,16 +240,27 @@ class GridDecoder:
         return torch.cat(logits), torch.cat(iou), torch.cat(index)
 
     def _decode_official(self, sparse: torch.Tensor, multimask_output: bool, region, iou_threshold):
-        dec = self.sam.mask_decoder
-        dense = self.sam.prompt_encoder.no_mask_embed.weight.to(self._dtype).reshape(1, -1, 1, 1)
+        dec = self.mask_decoder
+        dense = self.prompt_encoder.no_mask_embed.weight.to(self._dtype).reshape(1, -1, 1, 1)
         dense = dense.expand(sparse.shape[0], -1, *self._embedding.shape[-2:])
-        masks, iou_pred = dec(
-            image_embeddings=self._embedding,
-            image_pe=self._image_pe,
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=multimask_output,
-        )
+        if self._first or self._high_res_decoder:  # SAM 2's decoder, as SAM2ImagePredictor calls it
+            masks, iou_pred, _, _ = dec(
+                image_embeddings=self._embedding,
+                image_pe=self._image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+                repeat_image=True,
+                high_res_features=self._high_res,
+            )
+        else:
+            masks, iou_pred = dec(
+                image_embeddings=self._embedding,
+                image_pe=self._image_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
         keep = _prompts_above(iou_pred, iou_threshold)
         return masks[keep, :, : 4 * region[0], : 4 * region[1]], iou_pred[keep], keep
 
@@ -219,8 +270,8 @@ class GridDecoder:
         """Follow the shared part ``a * S + u`` of the image tokens through the decoder, and the
         fixed basis each image->token attention adds (rows of ``out_proj``, then each LayerNorm's
         centring and scale), keeping what the per-prompt pass needs."""
-        dec = self.sam.mask_decoder
-        no_mask = self.sam.prompt_encoder.no_mask_embed.weight.to(self._dtype)
+        dec = self.mask_decoder
+        no_mask = self.prompt_encoder.no_mask_embed.weight.to(self._dtype)
         src = (image_embedding[0] + no_mask.reshape(-1, 1, 1)).flatten(1).T  # (N, C)
         pe = self._image_pe[0].flatten(1).T  # (N, C)
         u = torch.zeros_like(src[0])
@@ -263,19 +314,22 @@ class GridDecoder:
 
     def _upscale_1_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first ConvTranspose2d (kernel 2, stride 2) as a per-pixel (C, 4 * C/4) matrix."""
-        conv = self.sam.mask_decoder.output_upscaling[0]
+        conv = self.mask_decoder.output_upscaling[0]
         w = conv.weight.permute(0, 2, 3, 1).flatten(1)  # (C_in, ki * kj * C_out)
         return w, conv.bias.repeat(4)
 
     # ---------------------------------------------------------------- per prompt work
 
     def _decode_fast(self, sparse: torch.Tensor, multimask_output: bool, region, iou_threshold):
-        dec = self.sam.mask_decoder
+        dec = self.mask_decoder
         tr = dec.transformer
         shared = self._shared
         b = sparse.shape[0]
         n = shared.up_src.shape[0]
-        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        output_tokens = [dec.iou_token.weight, dec.mask_tokens.weight]
+        if self._first:
+            output_tokens.insert(0, dec.obj_score_token.weight)
+        output_tokens = torch.cat(output_tokens, dim=0)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
         t = tokens.shape[1]
 
@@ -318,12 +372,13 @@ class GridDecoder:
         hs = tr.norm_final_attn(queries + attn_out)
 
         sel = slice(1, None) if multimask_output else slice(0, 1)
-        iou_pred = dec.iou_prediction_head(hs[:, 0])[:, sel]
+        first = self._first
+        iou_pred = dec.iou_prediction_head(hs[:, first])[:, sel]
         keep = _prompts_above(iou_pred, iou_threshold)
         if len(keep) < b:  # masks only for the prompts kept
             a, coef, basis, hs, iou_pred = a[keep], coef[keep], basis[keep], hs[keep], iou_pred[keep]
         mask_ids = range(dec.num_mask_tokens)[sel]
-        hyper_in = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, 1 + i]) for i in mask_ids], dim=1)
+        hyper_in = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, first + 1 + i]) for i in mask_ids], dim=1)
         masks = self._upscale_and_predict(a, coef, basis, hyper_in, region)
         return masks, iou_pred, keep
 
@@ -334,7 +389,7 @@ class GridDecoder:
         upscales on its own).
 
         Returns (B, M, 4 * rows, 4 * cols)."""
-        up = self.sam.mask_decoder.output_upscaling
+        up = self.mask_decoder.output_upscaling
         h, w = self._embedding.shape[-2:]
         rows, cols = region
         b = coef.shape[0]
@@ -347,12 +402,17 @@ class GridDecoder:
         # the first ConvTranspose is per pixel linear, so it maps S, u and the basis separately
         x = torch.addcmul(up_const, up_src, a.unsqueeze(-1))
         x = torch.baddbmm(x, coef.transpose(1, 2), basis @ up_w)  # (B, n, 4 * C/4); not in place: autocast may change dtypes
+        high_res = self._high_res_terms(region) if self._high_res is not None else None
+        if high_res is not None:  # SAM 2: + feat_s1 after the first ConvTranspose
+            x = x + high_res[0]
         c4 = up[1].weight.shape[0]
         x = x.view(b, n, 4, c4)  # pixel (i, j), sub-pixel (ki1, kj1), channel
         x = up[2](F.layer_norm(x, (c4,), up[1].weight, up[1].bias, up[1].eps))
         conv = up[3]
         c8 = conv.weight.shape[1]
         x = torch.addmm(conv.bias.repeat(4), x.view(-1, c4), conv.weight.permute(0, 2, 3, 1).flatten(1))
+        if high_res is not None:  # SAM 2: + feat_s0 after the second
+            x = (x.view(b, n * 4, x.shape[-1]) + high_res[1]).view(-1, x.shape[-1])
         x = up[4](x)  # (B * N * 4, 4 * C/8): pixel, sub-pixel, sub-sub-pixel (ki2, kj2), channel
         m = hyper_in.shape[1]
         masks = x.view(b, n * 16, c8) @ hyper_in.transpose(1, 2)  # (B, N * 16, M)
@@ -366,6 +426,21 @@ class GridDecoder:
             up_src = self._shared.up_src
             self._up_src_region[region] = up_src.view(h, w, -1)[: region[0], : region[1]].reshape(-1, up_src.shape[-1])
         return self._up_src_region[region]
+
+
+    def _high_res_terms(self, region: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM 2's high-resolution features over the region's cells in the tail's layout:
+        feat_s1 as (rows * cols, 4 * C/4) (pixel, sub-pixel (ki1, kj1), channel) and feat_s0 as
+        (rows * cols * 4, 4 * C/8) (pixel, sub-pixel, sub-sub-pixel (ki2, kj2), channel)."""
+        if region not in self._high_res_region:
+            rows, cols = region
+            feat_s0, feat_s1 = self._high_res
+            s1 = feat_s1[0, :, : 2 * rows, : 2 * cols]  # (C/4, 2 rows, 2 cols): [c, 2i + ki, 2j + kj]
+            s1 = s1.reshape(-1, rows, 2, cols, 2).permute(1, 3, 2, 4, 0).reshape(rows * cols, -1)
+            s0 = feat_s0[0, :, : 4 * rows, : 4 * cols]  # [c, 4i + 2 ki1 + ki2, 4j + 2 kj1 + kj2]
+            s0 = s0.reshape(-1, rows, 2, 2, cols, 2, 2).permute(1, 4, 2, 5, 3, 6, 0).reshape(rows * cols * 4, -1)
+            self._high_res_region[region] = (s1.contiguous(), s0.contiguous())
+        return self._high_res_region[region]
 
 
 def _prompts_above(iou_pred: torch.Tensor, threshold: float | None) -> torch.Tensor:

@@ -91,7 +91,8 @@ class Pro2SAM:
 
     Args:
         gtformer: a GTFormer (see :mod:`pro2sam.gtformer`) in eval mode.
-        sam: a ``segment_anything`` Sam model.
+        sam: a ``segment_anything`` Sam model or a SAM 2.1 ``SAM2Base`` (see
+            :func:`pro2sam.sam.build_sam`).
         class_names: names of GTFormer's classes, index-aligned, or None.
         mean, std: GTFormer's input normalisation (RGB, on [0, 1] pixels).
         input_size: GTFormer's square input side; images are plain-resized to it (no crop).
@@ -277,8 +278,8 @@ class Pro2SAM:
 
     def _check_shape(self, image: np.ndarray) -> None:
         h, w = image.shape[:2]
-        side = self.sam.image_encoder.img_size
-        if min(h, w) * side / max(h, w) < 0.5:
+        side = self.generator.segmenter.input_size
+        if self.generator.segmenter.too_elongated(h, w):
             raise ImageShapeError(
                 f"image is {w}x{h}: too elongated for SAM, whose {side}-pixel input would leave its short side "
                 "under one pixel"

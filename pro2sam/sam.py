@@ -1,5 +1,10 @@
 """Segment Anything models: the variants Pro2SAM builds and the one builder for them.
 
+Two families: segment-anything v1 (:class:`SamVariant`, built here from ``segment_anything``'s
+modules) and SAM 2.1 (:class:`Sam2Variant`, built by the ``sam2`` package from its own configs,
+image mode; ``pip install 'pro2sam[sam2]'``, see pyproject.toml). Both run stage 2 through
+:mod:`pro2sam.segmenters`.
+
 As ``segment_anything/build_sam.py`` does for the official three, the sizes of every SAM we build
 are declared here, once (:data:`SAM_VARIANTS`), with SAM's pixel normalisation; :func:`build_sam`
 is the way in for inference (weights read without running pickled code, official files checked by
@@ -19,7 +24,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from segment_anything.modeling.image_encoder import Attention, get_rel_pos
 
-from .checkpoints import OFFICIAL_SAM_CHECKPOINTS, CheckpointError, load_state_dict
+from .checkpoints import OFFICIAL_SAM2_CHECKPOINTS, OFFICIAL_SAM_CHECKPOINTS, CheckpointError, load_state_dict
 
 __all__ = [
     "DEFAULT_SAM_VARIANT",
@@ -27,6 +32,7 @@ __all__ = [
     "SAM_PIXEL_MEAN",
     "SAM_PIXEL_STD",
     "SAM_VARIANTS",
+    "Sam2Variant",
     "SamVariant",
     "SdpaAttention",
     "build_sam",
@@ -83,11 +89,28 @@ class SamVariant:
     points_per_side: int | None = None
 
 
+@dataclass(frozen=True)
+class Sam2Variant:
+    """One SAM 2 / 2.1 architecture, as the ``sam2`` package builds it.
+
+    Attributes:
+        config: its config in the ``sam2`` package (``sam2.build_sam.build_sam2``'s
+            ``config_file``).
+        filter_thresholds: as :attr:`SamVariant.filter_thresholds`; SAM 2's own generator
+            (``SAM2AutomaticMaskGenerator``) keeps predicted IoUs above 0.8, not 0.88.
+        hydra_overrides: extra overrides of the config (none for the official variants).
+    """
+
+    config: str
+    filter_thresholds: tuple[tuple[str, float], ...] = (("pred_iou_thresh", 0.8),)
+    hydra_overrides: tuple[str, ...] = ()
+
+
 # Every SAM we build. The official three match segment_anything/build_sam.py; "tiny" is a
 # random-weight stand-in for tests and CPU benchmarks of the pipeline (no pretrained weights);
 # "synthetic" is the small SAM trained on pro2sam.synthetic scenes and shipped with the package
 # (pro2sam.shipped, scripts/train_sam_synthetic.py).
-SAM_VARIANTS: dict[str, SamVariant] = {
+SAM_VARIANTS: dict[str, SamVariant | Sam2Variant] = {
     "vit_h": SamVariant(1280, 32, 16, (7, 15, 23, 31)),
     "vit_l": SamVariant(1024, 24, 16, (5, 11, 17, 23)),
     "vit_b": SamVariant(768, 12, 12, (2, 5, 8, 11)),
@@ -121,13 +144,26 @@ SAM_VARIANTS: dict[str, SamVariant] = {
         filter_thresholds=(("pred_iou_thresh", 0.5), ("stability_score_thresh", 0.7)),
         points_per_side=16,  # the grid its thresholds were chosen at, and the demo's
     ),
+    # SAM 2.1 (facebookresearch/sam2, image mode), the official configs of the sam2 package; the
+    # official files' names are in pro2sam.checkpoints.OFFICIAL_SAM2_CHECKPOINTS.
+    "sam2.1_hiera_tiny": Sam2Variant("configs/sam2.1/sam2.1_hiera_t.yaml"),
+    "sam2.1_hiera_small": Sam2Variant("configs/sam2.1/sam2.1_hiera_s.yaml"),
+    "sam2.1_hiera_base_plus": Sam2Variant("configs/sam2.1/sam2.1_hiera_b+.yaml"),
+    "sam2.1_hiera_large": Sam2Variant("configs/sam2.1/sam2.1_hiera_l.yaml"),
 }
+
+
+def is_sam2(variant: str) -> bool:
+    """Whether ``variant`` is a SAM 2 / 2.1 variant (built by the ``sam2`` package)."""
+    return isinstance(SAM_VARIANTS.get(variant), Sam2Variant)
 
 
 def sam_from_variant(v: SamVariant) -> Sam:
     """The SAM of ``v``'s sizes with PyTorch's default initialisation (the global random state,
     the default device; under ``torch.device("meta")`` nothing is allocated). For training from
     scratch; :func:`build_sam` is the way in for inference."""
+    if not isinstance(v, SamVariant):
+        raise TypeError(f"sam_from_variant builds segment-anything v1 variants, not {v!r}")
     embedding_size = v.image_size // v.patch_size
     return Sam(
         image_encoder=ImageEncoderViT(
@@ -241,7 +277,9 @@ def build_sam(
         variant: a key of :data:`SAM_VARIANTS`: "vit_h", "vit_l", "vit_b" (the official
             architectures), "tiny" (256 px input, a few hundred thousand parameters) or
             "synthetic" (256 px input, 1.2 M parameters; the shipped weights are
-            :func:`pro2sam.shipped.sam_checkpoint`). Default: :data:`DEFAULT_SAM_VARIANT`.
+            :func:`pro2sam.shipped.sam_checkpoint`); or a SAM 2.1 variant,
+            "sam2.1_hiera_tiny" / "_small" / "_base_plus" / "_large" (a ``sam2`` ``SAM2Base``,
+            see :func:`build_sam2_model`). Default: :data:`DEFAULT_SAM_VARIANT`.
         checkpoint: a state-dict file (``.pth`` or ``.safetensors``). None gives **random
             weights** drawn with ``seed`` (for tests and speed benchmarks only: a random SAM
             segments nothing meaningful; the random "tiny" one is adjusted so that its masks
@@ -266,6 +304,8 @@ def build_sam(
         raise ValueError(f"unknown SAM variant {variant!r}; choose from {sorted(SAM_VARIANTS)}")
     spec = SAM_VARIANTS[variant]
     device = torch.device(device)
+    if isinstance(spec, Sam2Variant):
+        return build_sam2_model(variant, checkpoint, verify=verify, device=device, seed=seed)
 
     if checkpoint is None:
         with torch.random.fork_rng(devices=[]):
@@ -302,3 +342,68 @@ def build_sam(
 
 def _inference_model(sam: Sam, sdpa: bool) -> Sam:
     return (use_sdpa_attention(sam) if sdpa else sam).eval()
+
+
+def _import_sam2():
+    try:
+        from sam2.build_sam import build_sam2
+    except ImportError as e:
+        raise ImportError(
+            f"SAM 2.1 variants need the sam2 package ({e}); install it with: SAM2_BUILD_CUDA=0 pip install "
+            "--no-build-isolation 'sam2==1.1.0' (or pip install 'pro2sam[sam2]')"
+        ) from None
+    return build_sam2
+
+
+def build_sam2_model(
+    variant: str,
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    verify: bool = True,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    hydra_overrides: tuple[str, ...] = (),
+):
+    """A SAM 2.1 model (``sam2.modeling.sam2_base.SAM2Base``) in eval mode, built by the ``sam2``
+    package from the variant's own config (``sam2.build_sam.build_sam2``, its default
+    post-processing settings), weights read without running pickled code.
+
+    Args:
+        variant: a :class:`Sam2Variant` key of :data:`SAM_VARIANTS`.
+        checkpoint: the official ``.pt`` (its tensors under ``"model"``), a plain state dict or a
+            ``.safetensors`` file; loaded strictly (every tensor of the architecture, no other).
+            None gives **random weights** drawn with ``seed`` (tests and speed benchmarks only).
+        verify: check an official file's SHA-256 where one is known
+            (:data:`pro2sam.checkpoints.OFFICIAL_SAM2_CHECKPOINTS`; none is yet).
+        hydra_overrides: more overrides of the config (e.g. ``"++model.image_size=512"``).
+
+    Raises:
+        ImportError: the ``sam2`` package is not installed.
+        CheckpointError: the file is missing, corrupt, or does not fit the architecture.
+    """
+    spec = SAM_VARIANTS[variant]
+    if not isinstance(spec, Sam2Variant):
+        raise ValueError(f"{variant!r} is not a SAM 2 variant")
+    build_sam2 = _import_sam2()
+    overrides = [*spec.hydra_overrides, *hydra_overrides]
+    device = torch.device(device)
+
+    def build():
+        return build_sam2(spec.config, None, device="cpu", mode="eval", hydra_overrides_extra=overrides)
+
+    if checkpoint is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build()
+        return model.to(device).eval()
+
+    filename, sha256 = OFFICIAL_SAM2_CHECKPOINTS.get(variant, (None, None))
+    what = f"the official SAM 2.1 {variant} checkpoint {filename}" if filename else f"SAM 2 {variant} checkpoint"
+    state = load_state_dict(checkpoint, expected_sha256=sha256 if verify else None, what=what)
+    with torch.random.fork_rng(devices=[]):  # the weights replace the draws: leave the global state alone
+        model = build()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{what} {checkpoint} does not fit the {variant} architecture: {e}") from None
+    return model.to(device).eval()

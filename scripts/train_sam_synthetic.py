@@ -17,7 +17,7 @@ import argparse
 import shlex
 import sys
 
-from pro2sam.sam import SAM_VARIANTS
+from pro2sam.sam import SAM_VARIANTS, SamVariant
 from pro2sam.synthetic import REGIMES
 from pro2sam.train.sam import SamTrainConfig, train_sam
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="scene-generating DataLoader workers")
     p.add_argument("--eval-scenes", type=int, default=d.eval_scenes)
     p.add_argument("--loss-size", type=int, default=None, help="side of the loss frame (default: the input side, as SAM)")
-    p.add_argument("--variant", default=d.variant, choices=sorted(SAM_VARIANTS), help="SAM architecture (default %(default)s)")
+    p.add_argument("--variant", default=d.variant, choices=sorted(k for k, v in SAM_VARIANTS.items() if isinstance(v, SamVariant)), help="SAM architecture (default %(default)s)")
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--seed", type=int, default=d.seed)

@@ -43,7 +43,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import sigmoid_focal_loss
 
-from ..sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SAM_VARIANTS, sam_from_variant
+from ..sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SAM_VARIANTS, SamVariant, sam_from_variant
 from ..storage import sha256_file, write_bytes_atomic
 from ..synthetic import DEFAULT_SIZE_RANGE, GENERATOR_VERSION, REGIMES, SyntheticScene, make_scene
 from .schedule import lr_at_step, make_optimizer
@@ -120,8 +120,9 @@ class SamTrainConfig:
         self.regimes = tuple(self.regimes)
         if not self.regimes or any(r not in REGIMES for r in self.regimes):
             raise ValueError(f"regimes must be a non-empty tuple of {REGIMES}, got {self.regimes}")
-        if self.variant not in SAM_VARIANTS:
-            raise ValueError(f"unknown SAM variant {self.variant!r}; choose from {sorted(SAM_VARIANTS)}")
+        if not isinstance(SAM_VARIANTS.get(self.variant), SamVariant):
+            v1 = sorted(k for k, v in SAM_VARIANTS.items() if isinstance(v, SamVariant))
+            raise ValueError(f"unknown SAM variant {self.variant!r} for training; choose from {v1}")
         if self.steps < 1 or self.batch_size < 1 or self.prompts_per_image < 1:
             raise ValueError("steps, batch_size and prompts_per_image must be >= 1")
 
