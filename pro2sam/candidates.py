@@ -66,7 +66,8 @@ from torchvision.ops.boxes import batched_nms, box_iou
 from .sam import REFERENCE_SAM_SIZE, SAM_VARIANTS
 from .segmenters import Frames, ImageEmbedding, PromptableSegmenter, segmenter_for
 from .segmenters import _interpolation_matrix  # noqa: F401  (tests)
-from .segmenters import upscale_logits as _upscale_logits
+from .segmenters import upscale_logits as _upscale_logits  # noqa: F401  (tests)
+
 
 __all__ = ["CandidateConfig", "Candidates", "DTYPES", "GridCandidateGenerator"]
 

@@ -99,11 +99,13 @@ class Sam2Variant:
         filter_thresholds: as :attr:`SamVariant.filter_thresholds`; SAM 2's own generator
             (``SAM2AutomaticMaskGenerator``) keeps predicted IoUs above 0.8, not 0.88.
         hydra_overrides: extra overrides of the config (none for the official variants).
+        points_per_side: as :attr:`SamVariant.points_per_side` (SAM 2's own generator: 32).
     """
 
     config: str
     filter_thresholds: tuple[tuple[str, float], ...] = (("pred_iou_thresh", 0.8),)
     hydra_overrides: tuple[str, ...] = ()
+    points_per_side: int | None = None
 
 
 # Every SAM we build. The official three match segment_anything/build_sam.py; "tiny" is a
