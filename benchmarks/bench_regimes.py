@@ -36,13 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_quality import _gained_lost, part_held  # noqa: E402
+from bench_quality import _fmt, _gained_lost, part_held  # noqa: E402
 
 GRID = 16
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
