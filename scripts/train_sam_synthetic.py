@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(d.regimes),
                    help="synthetic regimes the scenes are drawn from, in turn (default %(default)s)")  # fmt: skip
+    p.add_argument("--init", default=None, help="start from these weights of the same variant (fine-tuning; default: from scratch)")
     p.add_argument("--device", default=None, help="default cuda if available")
     return p
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         loss_size=args.loss_size,
         variant=args.variant,
         regimes=tuple(args.regimes),
+        init_from=args.init,
     )
     held_out = record.get("held_out")
     if held_out:

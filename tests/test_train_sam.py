@@ -176,3 +176,28 @@ def test_regimes_take_turns_over_the_scene_indices():
     assert (data.scene(1).image == make_scene(0, "sam", 1, size_range=SMALL, regime="object").image).all()
     with pytest.raises(ValueError, match="regimes"):
         SamTrainConfig(regimes=("plumage",))
+
+
+def test_training_continues_from_given_weights_and_records_their_hash(tmp_path):
+    from pro2sam.storage import sha256_file
+
+    first = tmp_path / "first.pth"
+    train_sam(first, steps=1, batch_size=1, seed=3, prompts_per_image=1, size_range=SMALL, eval_scenes=0, log_every=1)
+    start = build_sam("tiny", first, verify=False).state_dict()
+    # lr 0: the weights carried over must come out unchanged, so they were loaded (not re-drawn)
+    record = train_sam(
+        tmp_path / "second.pth", steps=1, batch_size=1, seed=9, prompts_per_image=1, size_range=SMALL,
+        eval_scenes=0, log_every=1, lr=0.0, init_from=first,
+    )
+    after = build_sam("tiny", tmp_path / "second.pth", verify=False).state_dict()
+    assert all(torch.equal(start[k], after[k]) for k in start)
+    assert record["init_from"] == {"file": "first.pth", "sha256": sha256_file(first)}
+    scratch = build_sam("tiny", seed=9).state_dict()
+    assert any(not torch.equal(scratch[k], after[k]) for k in scratch)
+
+
+def test_continuing_from_weights_of_another_architecture_is_a_clear_error(tmp_path):
+    other = tmp_path / "synthetic.pth"
+    torch.save(build_sam("synthetic", seed=0).state_dict(), other)
+    with pytest.raises(Exception, match="size mismatch|synthetic.pth|does not fit"):
+        train_sam(tmp_path / "x.pth", steps=1, batch_size=1, seed=0, size_range=SMALL, eval_scenes=0, init_from=other)

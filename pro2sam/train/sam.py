@@ -43,6 +43,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import DataLoader, Dataset
 from torchvision.ops import sigmoid_focal_loss
 
+from ..checkpoints import load_state_dict
 from ..sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SAM_VARIANTS, SamVariant, sam_from_variant
 from ..storage import sha256_file, write_bytes_atomic
 from ..synthetic import DEFAULT_SIZE_RANGE, GENERATOR_VERSION, REGIMES, SyntheticScene, make_scene
@@ -377,9 +378,11 @@ def train_sam(
     device: str | torch.device | None = None,
     command: str | None = None,
     checkpoint_every: int = 0,
+    init_from: str | Path | None = None,
     **options,
 ) -> dict:
-    """Train a small SAM variant from scratch on synthetic scenes and save its state dict.
+    """Train a small SAM variant on synthetic scenes (from scratch, or on from ``init_from``'s
+    weights) and save its state dict.
 
     ``build_sam(variant, out_path)`` loads the result. A JSON record is written next
     to it (``out_path`` with suffix ``.json``): the command, seed, full config, loss history,
@@ -391,6 +394,9 @@ def train_sam(
         device: default CUDA when available.
         command: recorded in the JSON (default: this process's command line).
         checkpoint_every: also save weights and record every N steps (0: only at the end).
+        init_from: a state dict of the same variant (``.pth`` / ``.safetensors``, as this
+            function writes) to continue from, e.g. to fine-tune a SAM on a second regime; its
+            SHA-256 goes into the record. The optimiser and the schedule start anew.
         **options: other :class:`SamTrainConfig` fields.
 
     Returns:
@@ -405,7 +411,10 @@ def train_sam(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        sam = sam_from_variant(variant).to(device)
+        sam = sam_from_variant(variant)
+    if init_from is not None:
+        sam.load_state_dict(load_state_dict(init_from, what=f"SAM {config.variant} weights to continue from"), strict=True)
+    sam = sam.to(device)
     optimizer = make_optimizer(sam, lr=config.lr, weight_decay=config.weight_decay, betas=config.betas)
 
     def lr_at(step: int) -> float:
@@ -429,11 +438,13 @@ def train_sam(
         persistent_workers=config.num_workers > 0,
     )
     record = {
-        "what": f"SAM {config.variant} trained from scratch on pro2sam.synthetic 'sam' stream scenes "
-        f"({' and '.join(config.regimes)} regime)",
+        "what": f"SAM {config.variant} trained "
+        + ("from scratch" if init_from is None else f"on from {Path(init_from).name}")
+        + f" on pro2sam.synthetic 'sam' stream scenes ({' and '.join(config.regimes)} regime)",
         "weights": out_path.name,
         "command": command if command is not None else shlex.join(["python", *sys.argv]),
         "seed": config.seed,
+        "init_from": None if init_from is None else {"file": Path(init_from).name, "sha256": sha256_file(Path(init_from))},
         "config": asdict(config),
         "synthetic_generator_version": GENERATOR_VERSION,
         "device": str(device),
