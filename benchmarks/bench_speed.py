@@ -197,7 +197,11 @@ def finish(match, masks_full_res, coarse_map, image_size, match_config):
     return *boxed, False
 
 
-def run_reference(sam, amg_kwargs, image, coarse_map, match_config, clock):
+def run_reference(sam, amg_kwargs, image, coarse_map, match_config, clock, *, relax_filters_when_empty=False):
+    """The reference flow on one image: the official generator, then our matching on its masks.
+    With ``relax_filters_when_empty``, an image none of whose masks passes the predicted-IoU and
+    stability filters is generated again with both filters off (what
+    ``CandidateConfig.relax_filters_when_empty`` asks of our generator)."""
     times = dict.fromkeys(STAGES, 0.0)
     if hasattr(sam, "sam_mask_decoder"):  # SAM 2: its own generator, on its own modules
         from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
@@ -218,6 +222,9 @@ def run_reference(sam, amg_kwargs, image, coarse_map, match_config, clock):
     t0 = clock()
     with timed_modules(decoder_modules, clock, times, "decode"):
         anns = generator.generate(image)
+        if not anns and relax_filters_when_empty:
+            generator.pred_iou_thresh = generator.stability_score_thresh = 0.0
+            anns = generator.generate(image)
     t1 = clock()
     times["filter"] = (t1 - t0) - times["embed"] - times["decode"]
     if anns:
@@ -316,7 +323,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=None, help="images (default: 3; 100 with --shipped)")
     parser.add_argument("--batch-size", type=int, default=8, help="--shipped: images per localize_batch")
     parser.add_argument("--flows", default="".join(FLOWS), help="which flows to time (default %(default)s)")
-    parser.add_argument("--points-per-side", type=int, default=32)
+    parser.add_argument("--points-per-side", type=int, default=None,
+                        help="default 32; with --shipped, the settings' or the shipped SAM's own")
+    parser.add_argument("--settings", help="--shipped: a settings file of `pro2sam tune` ('shipped': the package's); "
+                        "default: the package's defaults for the shipped SAM")
     parser.add_argument("--points-per-batch", type=int, default=256, help="ours, at most; the reference keeps its 64")
     parser.add_argument("--memory-budget-mb", type=int, default=None, help="ours (CandidateConfig.memory_budget_mb)")
     parser.add_argument("--pred-iou-thresh", type=float, default=None, help="default: see THRESHOLDS")
@@ -333,6 +343,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.images is None:
         args.images = 100 if args.shipped else 3
+    if args.points_per_side is None and not args.shipped:
+        args.points_per_side = 32
+    if args.settings and not args.shipped:
+        parser.error("--settings goes with --shipped")
     unknown = set(args.flows) - set(FLOWS)
     if unknown or "a" not in args.flows and not args.shipped:
         parser.error(f"--flows: letters of {''.join(FLOWS)}, with a (the reference); got {args.flows!r}")
@@ -540,15 +554,24 @@ def shipped_agreement(args: argparse.Namespace) -> None:
     from pro2sam.model import Pro2SAM
     from pro2sam.synthetic import make_scene
 
+    from pro2sam.tuning import load_settings
+
     device = torch.device(args.device)
     clock = Clock(device)
-    pps = args.points_per_side
     overrides = dict(pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
-                     stability_score_offset=args.stability_score_offset, box_nms_thresh=args.box_nms_thresh)
-    config = CandidateConfig.for_variant(shipped.SAM_VARIANT, points_per_side=pps, points_per_batch=args.points_per_batch,
-                                         memory_budget_mb=args.memory_budget_mb, compile=args.compile, **overrides)
-    model = Pro2SAM.from_checkpoints(shipped.gtformer_dir(), sam=shipped.SAM_VARIANT,
-                                     sam_checkpoint=shipped.sam_checkpoint(), device=device, candidates=config)
+                     stability_score_offset=args.stability_score_offset, box_nms_thresh=args.box_nms_thresh,
+                     points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
+                     memory_budget_mb=args.memory_budget_mb, compile=args.compile)
+    if args.settings:  # the tuned settings (candidates and matching), options given here first
+        settings = load_settings(args.settings)
+        config = settings.candidate_config(shipped.SAM_VARIANT, **overrides)
+        matching = settings.match_config()
+        print(f"settings: {settings.source} (sha256 {settings.sha256[:12]})")
+    else:  # the package's defaults for the shipped SAM
+        config, matching = CandidateConfig.for_variant(shipped.SAM_VARIANT, **overrides), None
+    pps = config.points_per_side
+    model = Pro2SAM.from_checkpoints(shipped.gtformer_dir(), sam=shipped.SAM_VARIANT, sam_checkpoint=shipped.sam_checkpoint(),
+                                     device=device, candidates=config, matching=matching)
     reference_sam = build_sam(shipped.SAM_VARIANT, shipped.sam_checkpoint(), device=device, sdpa=False)
     amg = dict(points_per_side=pps, pred_iou_thresh=config.pred_iou_thresh,
                stability_score_thresh=config.stability_score_thresh,
@@ -560,7 +583,8 @@ def shipped_agreement(args: argparse.Namespace) -> None:
           f"(seed {shipped.SYNTHETIC_SEED}), sizes {min(i.shape[0] for i in images)}..{max(i.shape[0] for i in images)}"
           f" x {min(i.shape[1] for i in images)}..{max(i.shape[1] for i in images)}")
     print(describe_machine(device))
-    print(f"grid {pps}x{pps}; filters (every flow): {amg}; matching: {asdict(match_config)}")
+    print(f"grid {pps}x{pps}; filters (every flow): {amg}"
+          f"{', off again for an image none passes' if config.relax_filters_when_empty else ''}; matching: {asdict(match_config)}")
     print(f"same answer: chosen masks with IoU >= {SAME_MASK_IOU}")
 
     probs, maps = [], []
@@ -572,7 +596,8 @@ def shipped_agreement(args: argparse.Namespace) -> None:
     t0 = clock()
     reference = []
     for i, (image, cm) in enumerate(zip(images, maps)):
-        reference.append(run_reference(reference_sam, amg, image, cm, match_config, clock))
+        reference.append(run_reference(reference_sam, amg, image, cm, match_config, clock,
+                                       relax_filters_when_empty=config.relax_filters_when_empty))
         if i % 10 == 9:
             print(f"  reference: {i + 1} images, {(clock() - t0) / (i + 1):.3f} s/image", flush=True)
     seconds = {"reference": (clock() - t0) / len(images)}

@@ -15,12 +15,12 @@ Two paths compute the filters:
   the image, never upsampling every mask; ``Candidates.full_resolution_mask(i)`` upsamples one
   candidate exactly as ``Sam.postprocess_masks`` does. Where a low-resolution value lies close
   enough to a threshold that full resolution could decide otherwise (a stability score within
-  :data:`STABILITY_MARGIN` of its threshold, a pair of boxes whose IoU is within
-  :data:`BOX_IOU_MARGIN` of the NMS threshold), those masks are decided as the exact path decides
-  them: stability on the upsampled mask; a box from the few full-resolution lines next to the
-  low-resolution box's edges (interpolation is separable, and no line outside them can hold a
-  pixel of the mask), so that both keep the same candidates (``benchmarks/bench_speed.py
-  --shipped`` measures how often the chosen mask is the official flow's).
+  :data:`STABILITY_MARGIN` of its threshold), it is decided as the exact path decides it, on the
+  upsampled mask; and the boxes NMS compares are the full-resolution masks' boxes, found from the
+  few full-resolution lines next to the low-resolution box's edges (interpolation is separable,
+  and no line outside them can hold a pixel of the mask), so that both keep the same candidates
+  (``benchmarks/bench_speed.py --shipped`` measures how often the chosen mask is the official
+  flow's).
 
 Many images: :meth:`GridCandidateGenerator.generate_batch` encodes the images of a batch in one
 image-encoder call (uint8 pixels go to the device and are normalised there), then decodes each
@@ -50,6 +50,7 @@ import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -75,12 +76,10 @@ __all__ = ["CandidateConfig", "Candidates", "DTYPES", "GridCandidateGenerator"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # The memory budget where none is given and the device is not a GPU.
 DEFAULT_MEMORY_BUDGET_MB = 4096
-# Fast path: a low-resolution stability score this close to its threshold, or a low-resolution
-# box IoU this close to the NMS threshold, is recomputed at full resolution. Low and full
-# resolution differ by up to ~0.04 in stability (the shipped SAM, 4 px per low-res cell) and by
-# about one cell per box side.
+# Fast path: a low-resolution stability score this close to its threshold is recomputed at full
+# resolution. Low and full resolution differ by up to ~0.04 in stability (the shipped SAM, 4 px
+# per low-res cell).
 STABILITY_MARGIN = 0.05
-BOX_IOU_MARGIN = 0.1
 # Masks whose full-resolution box edges are searched for together (memory: a few full-resolution
 # lines per mask and edge).
 EDGE_SEARCH_CHUNK = 512
@@ -365,6 +364,7 @@ class GridCandidateGenerator:
         self._embedding: ImageEmbedding | None = None  # and its embedding
         self._embed_seconds = 0.0
         self._decode_seconds = 0.0
+        self._path: _Path = _PATHS[self.config.mode]
 
     @property
     def device(self) -> torch.device:
@@ -537,57 +537,39 @@ class GridCandidateGenerator:
         if len(points) == 0:  # every grid point was pruned
             return self._finalize(self._no_masks(), 0, start)
 
-        data = self._filtered_masks(points)
+        filters = _Filters(self.config.pred_iou_thresh, self.config.stability_score_thresh)
+        data = self._filtered_masks(points, filters)
         if len(data["iou_preds"]) == 0 and self.config.relax_filters_when_empty:
-            strict = self.config
-            # Only the filters change; every other setting (and what was derived from it) stays.
-            self.config = replace(strict, pred_iou_thresh=0.0, stability_score_thresh=0.0)
-            try:
-                data = self._filtered_masks(points)
-            finally:
-                self.config = strict
+            data = self._filtered_masks(points, _Filters(0.0, 0.0))
         self._nms(data)
         if self._frames.sam_image != self._frames.original:
-            self._to_original_frame(data)
+            self._path.to_original_frame(self, data)
         return self._finalize(data, len(points), start)
 
-    def _filtered_masks(self, points: np.ndarray) -> MaskData:
-        """The masks of (P, 2) grid points (original pixels) that pass the filters, before NMS."""
+    def _filtered_masks(self, points: np.ndarray, filters: _Filters) -> MaskData:
+        """The masks of (P, 2) grid points (original pixels) that pass ``filters``, before NMS."""
         data = MaskData()
-        for (batch,) in batch_iterator(self._points_per_batch(), points):
-            data.cat(self._process_batch(batch))
+        for (batch,) in batch_iterator(self._path.points_per_batch(self), points):
+            data.cat(self._process_batch(batch, filters))
         return data
 
-    def _points_per_batch(self) -> int:
-        """Grid points decoded and filtered together: one decoder pass; on the exact path, fewer
-        when the image's full-resolution masks would not fit the budget."""
-        n = self.decoder.batch_size
-        if self.config.mode == "exact":
-            h, w = self._frames.sam_image
-            n = min(n, max(1, self._budget // (3 * h * w * 10)))  # 3 masks: logits, bool, stability
-        return n
-
-    def _process_batch(self, points: np.ndarray) -> MaskData:
-        """Decode (B, 2) grid points (original pixels); keep the masks that pass the filters."""
-        cfg = self.config
-        data = self._decode(points)
-        if cfg.pred_iou_thresh > 0.0:
-            data.filter(data["iou_preds"] > cfg.pred_iou_thresh)
+    def _process_batch(self, points: np.ndarray, filters: _Filters) -> MaskData:
+        """Decode (B, 2) grid points (original pixels); keep the masks that pass ``filters``."""
+        data = self._decode(points, filters.pred_iou)
+        if filters.pred_iou > 0.0:
+            data.filter(data["iou_preds"] > filters.pred_iou)
         # Keep the cells over the image and one cell of padding past it: bilinear upsampling of
         # the edge pixels reads it.
         low_h, low_w = self._frames.low_res
         data["logits"] = data["logits"][:, : low_h + 1, : low_w + 1]
-        if cfg.mode == "exact":
-            self._full_resolution_masks(data)
-        else:
-            self._low_resolution_masks(data)
+        self._path.masks(self, data, filters.stability)
         return data
 
-    def _decode(self, points: np.ndarray) -> MaskData:
+    def _decode(self, points: np.ndarray, pred_iou_thresh: float) -> MaskData:
         """SAM's three masks for each of (B, 2) points: (3B', kh, kw) float32 low-res logits over
         the image and one cell past it, predicted IoUs, the prompting point and which multimask
-        output each mask is, point-major. With the predicted-IoU filter on, the B' points kept
-        are those with a mask that passes it: the others' masks are never upscaled."""
+        output each mask is, point-major. With ``pred_iou_thresh`` > 0, the B' points kept are
+        those with a mask above it: the others' masks are never upscaled."""
         f = self._frames
         # Grid points in the SAM image (differs from the original only for the 224 option).
         sam_scale = np.array([f.sam_image[1] / f.original[1], f.sam_image[0] / f.original[0]])
@@ -597,10 +579,8 @@ class GridCandidateGenerator:
         region = f.region  # embedding cells over the image and the low-res cell past it
         start = time.perf_counter()
         with self._autocast():
-            if self.config.pred_iou_thresh > 0.0:
-                logits, iou, kept = self.decoder.decode_masks_above(
-                    coords, labels, self.config.pred_iou_thresh, region=region
-                )
+            if pred_iou_thresh > 0.0:
+                logits, iou, kept = self.decoder.decode_masks_above(coords, labels, pred_iou_thresh, region=region)
             else:
                 logits, iou = self.decoder.decode(coords, labels, multimask_output=True, region=region)
                 kept = torch.arange(len(points), device=self.device)
@@ -615,45 +595,6 @@ class GridCandidateGenerator:
             multimask_index=torch.arange(n_masks, device=self.device).repeat(len(kept)),
         )
 
-    def _full_resolution_masks(self, data: MaskData) -> None:
-        """Exact path: masks, stability scores and boxes from the logits upscaled to the SAM
-        image, as ``Sam.postprocess_masks`` and the official generator compute them."""
-        cfg = self.config
-        size = self._frames.sam_image
-        masks, stability = [], []
-        for logits in torch.split(data["logits"], self._full_resolution_chunk()):
-            full = self._upscale_to(logits, size)
-            stability.append(calculate_stability_score(full, cfg.mask_threshold, cfg.stability_score_offset))
-            masks.append(full > cfg.mask_threshold)
-        if masks:
-            data["masks"], data["stability_score"] = torch.cat(masks), torch.cat(stability)
-        else:
-            data["masks"] = torch.zeros((0, *size), dtype=torch.bool, device=data["logits"].device)
-            data["stability_score"] = data["logits"].new_zeros(0)
-        self._filter_by_stability(data)
-        data["boxes"] = batched_mask_to_box(data["masks"])
-
-    def _low_resolution_masks(self, data: MaskData) -> None:
-        """Fast path: masks and stability scores on the low-res cells over the image; boxes from
-        those cells to the SAM image's pixels."""
-        cfg = self.config
-        low_h, low_w = self._frames.low_res
-        logits = data["logits"][:, :low_h, :low_w]
-        data["masks"] = logits > cfg.mask_threshold
-        stability = calculate_stability_score(logits, cfg.mask_threshold, cfg.stability_score_offset)
-        if cfg.stability_score_thresh > 0.0:
-            near = torch.nonzero((stability - cfg.stability_score_thresh).abs() <= STABILITY_MARGIN).flatten()
-            if len(near):
-                stability[near] = self._full_resolution_stability(data["logits"][near]).to(stability.dtype)
-        data["stability_score"] = stability
-        self._filter_by_stability(data)
-        f = self._frames
-        data["boxes"] = _scale_boxes(batched_mask_to_box(data["masks"]), data["masks"], f.cell, f.sam_image)
-
-    def _filter_by_stability(self, data: MaskData) -> None:
-        if self.config.stability_score_thresh > 0.0:
-            data.filter(data["stability_score"] >= self.config.stability_score_thresh)
-
     def _nms(self, data: MaskData) -> None:
         """Box NMS by predicted IoU, leaving the masks in NMS order (decreasing predicted IoU).
 
@@ -662,39 +603,11 @@ class GridCandidateGenerator:
         keeps every box, so there is no such filter here.
         """
         iou_preds = data["iou_preds"]
-        if self.config.mode == "fast":
-            self._refine_uncertain_boxes(data)
+        self._path.boxes_for_nms(self, data)
         keep = batched_nms(
             data["boxes"].float(), iou_preds, torch.zeros_like(iou_preds), iou_threshold=self.config.box_nms_thresh
         )
         data.filter(keep)
-
-    def _refine_uncertain_boxes(self, data: MaskData) -> None:
-        """Fast path: the full-resolution box of every mask in a pair whose low-resolution box
-        IoU is within :data:`BOX_IOU_MARGIN` of the NMS threshold (NMS could decide that pair
-        otherwise). The box is found near the low-resolution box's edges
-        (:func:`_full_resolution_boxes`); only masks whose edges are not there are upsampled."""
-        boxes = data["boxes"]
-        if len(boxes) < 2 or self.config.box_nms_thresh >= 1.0:
-            return
-        iou = box_iou(boxes.float(), boxes.float())
-        iou.fill_diagonal_(0.0)
-        near = ((iou - self.config.box_nms_thresh).abs() <= BOX_IOU_MARGIN).any(1)
-        near = torch.nonzero(near).flatten()
-        if len(near) == 0:
-            return
-        f, threshold = self._frames, self.config.mask_threshold
-        kh, kw = data["logits"].shape[1:]
-        rows = f.interpolation_matrix(0, kh, f.sam_image[0], boxes.device)
-        cols = f.interpolation_matrix(1, kw, f.sam_image[1], boxes.device)
-        unresolved = []
-        for index in torch.split(near, EDGE_SEARCH_CHUNK):
-            found_boxes, found = _boxes_at_full_resolution(data["logits"][index], rows, cols, f.sam_image, threshold)
-            boxes[index[found]] = found_boxes[found].to(boxes.dtype)
-            unresolved.append(index[~found])
-        for index in torch.split(torch.cat(unresolved), self._full_resolution_chunk()):
-            masks = self._upscale_to(data["logits"][index], f.sam_image) > threshold
-            boxes[index] = batched_mask_to_box(masks).to(boxes.dtype)
 
     def _full_resolution_stability(self, logits: torch.Tensor) -> torch.Tensor:
         """Stability scores of (N, kh, kw) low-res logits computed on their full-resolution
@@ -712,17 +625,6 @@ class GridCandidateGenerator:
         h, w = self._frames.sam_image
         return max(1, min(1 << 24, self._budget // 16) // max(1, h * w))
 
-    def _to_original_frame(self, data: MaskData) -> None:
-        """The 224 option: boxes (and exact masks) from the SAM image to the original frame.
-        Fast masks stay on the low-res grid of the SAM image."""
-        f = self._frames
-        if self.config.mode == "exact":
-            data["masks"] = self._upscale_to(data["logits"], f.original) > self.config.mask_threshold
-            data["boxes"] = batched_mask_to_box(data["masks"])
-        else:
-            cell = (f.original[0] / f.sam_image[0], f.original[1] / f.sam_image[1])
-            data["boxes"] = _scale_boxes(data["boxes"], data["masks"], cell, f.original)
-
     def _upscale_to(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(N, kh, kw) low-res logits -> (N, *size) as the model's own post-processing upscales
         them (``Sam.postprocess_masks``, ``SAM2Transforms.postprocess_masks``)."""
@@ -737,7 +639,7 @@ class GridCandidateGenerator:
             points=torch.zeros((0, 2), dtype=torch.float64),
             multimask_index=torch.zeros(0, dtype=torch.int64),
             stability_score=torch.zeros(0),
-            masks=torch.zeros((0, *(f.original if self.config.mode == "exact" else f.low_res)), dtype=torch.bool),
+            masks=torch.zeros((0, *self._path.mask_frame(f)), dtype=torch.bool),
             boxes=torch.zeros((0, 4), dtype=torch.int64),
         )
 
@@ -765,3 +667,132 @@ class GridCandidateGenerator:
         """Wait for the GPU, so that stage timings hold the work they started."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+# ---------------------------------------------------------------- the two paths
+
+
+class _Filters(NamedTuple):
+    """The thresholds a batch of masks is filtered with (0: that filter is off): the config's,
+    or both off for an image none of whose masks passes them (``relax_filters_when_empty``)."""
+
+    pred_iou: float
+    stability: float
+
+
+class _Path:
+    """Where the exact and fast paths differ, chosen once per generator (``CandidateConfig.mode``).
+    Each method works on the generator's current image (``gen._frames``)."""
+
+    def points_per_batch(self, gen: GridCandidateGenerator) -> int:
+        """Grid points decoded and filtered together."""
+        return gen.decoder.batch_size
+
+    def masks(self, gen: GridCandidateGenerator, data: MaskData, stability_thresh: float) -> None:
+        """Add ``masks``, ``stability_score`` and ``boxes`` to ``data`` (low-res logits over the
+        image and one cell past it) and keep the masks whose stability passes ``stability_thresh``."""
+        raise NotImplementedError
+
+    def boxes_for_nms(self, gen: GridCandidateGenerator, data: MaskData) -> None:
+        """Make ``data["boxes"]`` those NMS must compare (the full-resolution masks' boxes)."""
+
+    def to_original_frame(self, gen: GridCandidateGenerator, data: MaskData) -> None:
+        """The 224 option: boxes (and masks) from the SAM image to the original frame."""
+        raise NotImplementedError
+
+    def mask_frame(self, frames: Frames) -> tuple[int, int]:
+        """(h, w) of the masks handed out."""
+        raise NotImplementedError
+
+
+def _keep_stable(data: MaskData, stability_thresh: float) -> None:
+    if stability_thresh > 0.0:
+        data.filter(data["stability_score"] >= stability_thresh)
+
+
+class _ExactPath(_Path):
+    """Masks, stability scores and boxes from the logits upscaled to the SAM image, as
+    ``Sam.postprocess_masks`` and the official generator compute them."""
+
+    def points_per_batch(self, gen: GridCandidateGenerator) -> int:
+        # fewer when the batch's full-resolution masks would not fit the budget
+        h, w = gen._frames.sam_image
+        return min(gen.decoder.batch_size, max(1, gen._budget // (3 * h * w * 10)))  # 3: logits, bool, stability
+
+    def masks(self, gen: GridCandidateGenerator, data: MaskData, stability_thresh: float) -> None:
+        cfg = gen.config
+        size = gen._frames.sam_image
+        masks, stability = [], []
+        for logits in torch.split(data["logits"], gen._full_resolution_chunk()):
+            full = gen._upscale_to(logits, size)
+            stability.append(calculate_stability_score(full, cfg.mask_threshold, cfg.stability_score_offset))
+            masks.append(full > cfg.mask_threshold)
+        if masks:
+            data["masks"], data["stability_score"] = torch.cat(masks), torch.cat(stability)
+        else:
+            data["masks"] = torch.zeros((0, *size), dtype=torch.bool, device=data["logits"].device)
+            data["stability_score"] = data["logits"].new_zeros(0)
+        _keep_stable(data, stability_thresh)
+        data["boxes"] = batched_mask_to_box(data["masks"])
+
+    def to_original_frame(self, gen: GridCandidateGenerator, data: MaskData) -> None:
+        data["masks"] = gen._upscale_to(data["logits"], gen._frames.original) > gen.config.mask_threshold
+        data["boxes"] = batched_mask_to_box(data["masks"])
+
+    def mask_frame(self, frames: Frames) -> tuple[int, int]:
+        return frames.original
+
+
+class _FastPath(_Path):
+    """Masks and stability scores on the low-res cells over the image; every box that goes into
+    NMS found at full resolution without upsampling whole masks. Where a value could decide
+    otherwise at full resolution it is computed there, so that both paths keep the same masks:
+    a stability score within :data:`STABILITY_MARGIN` of its threshold, and every box NMS
+    compares (a low-res box is off by up to a cell per side, which flips NMS decisions between
+    small masks at any margin)."""
+
+    def masks(self, gen: GridCandidateGenerator, data: MaskData, stability_thresh: float) -> None:
+        cfg, f = gen.config, gen._frames
+        low_h, low_w = f.low_res
+        logits = data["logits"][:, :low_h, :low_w]
+        data["masks"] = logits > cfg.mask_threshold
+        stability = calculate_stability_score(logits, cfg.mask_threshold, cfg.stability_score_offset)
+        if stability_thresh > 0.0:
+            near = torch.nonzero((stability - stability_thresh).abs() <= STABILITY_MARGIN).flatten()
+            if len(near):
+                stability[near] = gen._full_resolution_stability(data["logits"][near]).to(stability.dtype)
+        data["stability_score"] = stability
+        _keep_stable(data, stability_thresh)
+        data["boxes"] = _scale_boxes(batched_mask_to_box(data["masks"]), data["masks"], f.cell, f.sam_image)
+
+    def boxes_for_nms(self, gen: GridCandidateGenerator, data: MaskData) -> None:
+        """The full-resolution box of every mask: each edge looked for among the lines next to
+        the low-res box's edges (:func:`_boxes_at_full_resolution`); only masks whose edges are
+        not there (they fade out once upsampled) are upsampled whole."""
+        boxes, logits = data["boxes"], data["logits"]
+        if len(boxes) == 0:
+            return
+        f, threshold = gen._frames, gen.config.mask_threshold
+        kh, kw = logits.shape[1:]
+        rows = f.interpolation_matrix(0, kh, f.sam_image[0], boxes.device)
+        cols = f.interpolation_matrix(1, kw, f.sam_image[1], boxes.device)
+        unresolved = []
+        for index in torch.split(torch.arange(len(boxes), device=boxes.device), EDGE_SEARCH_CHUNK):
+            found_boxes, found = _boxes_at_full_resolution(logits[index], rows, cols, f.sam_image, threshold)
+            boxes[index[found]] = found_boxes[found].to(boxes.dtype)
+            unresolved.append(index[~found])
+        for index in torch.split(torch.cat(unresolved), gen._full_resolution_chunk()):
+            masks = gen._upscale_to(logits[index], f.sam_image) > threshold
+            boxes[index] = batched_mask_to_box(masks).to(boxes.dtype)
+
+    def to_original_frame(self, gen: GridCandidateGenerator, data: MaskData) -> None:
+        # the masks stay on the low-res grid of the SAM image
+        f = gen._frames
+        cell = (f.original[0] / f.sam_image[0], f.original[1] / f.sam_image[1])
+        data["boxes"] = _scale_boxes(data["boxes"], data["masks"], cell, f.original)
+
+    def mask_frame(self, frames: Frames) -> tuple[int, int]:
+        return frames.low_res
+
+
+_PATHS: dict[str, _Path] = {"exact": _ExactPath(), "fast": _FastPath()}
