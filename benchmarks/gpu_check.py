@@ -19,9 +19,15 @@ Flows, in this order (later ones are skipped, and said to be, when the budget ru
     reference          ``SamAutomaticMaskGenerator`` (segment_anything's own modules, float32,
                        image by image) + the authors' matching on its full-resolution masks;
                        at most ``--reference-max-s`` seconds of images (its rate is steady)
-    same_answer        ``bench_speed.py --shipped`` on this device: the shipped trained SAM and
-                       GTFormer on ``--same-answer-images`` synthetic scenes, reference flow
-                       against ours in float32 and bfloat16 (same chosen mask: IoU >= 0.95)
+    sam2_ours_bf16     SAM 2.1 (``--sam2``, default hiera large on CUDA; random weights) through
+    sam2_ours_fp32     the same ``localize_batch`` (our generator on SAM 2's modules, fast path);
+                       bfloat16 on CUDA only (CPU autocast to bfloat16 is slower, not faster)
+    sam2_reference     ``SAM2AutomaticMaskGenerator`` (float32, image by image) + the authors'
+                       matching, at most ``--sam2-reference-max-s`` seconds of images
+    same_answer        ``bench_speed.py --shipped --settings shipped`` on this device: the shipped
+                       trained SAM and GTFormer at the package's shipped settings on
+                       ``--same-answer-images`` synthetic scenes, reference flow against ours in
+                       float32 and bfloat16 (same chosen mask: IoU >= 0.95)
     ours_bf16_compile  ours_bf16 with ``torch.compile`` (image encoder and decoder pass); the
                        first batch, compiled cold, is timed on its own (``first_batch_s``,
                        ``cold_start_s``)
@@ -32,7 +38,8 @@ mask and its box at full resolution), after one untimed warm-up, and reports ima
 device's memory peak, and the fraction of its time in the image encoder, the grid decoder and
 filtering (``other``: matching, the winner's upsampling and what the three do not hold; ours
 matches in a worker thread, overlapping the next image's decoding, so its fractions are of the
-wall time and ``other`` holds only what was not overlapped). Random weights: the candidate filters
+wall time and ``other`` holds only what was not overlapped). SAM 2's encoder has one
+implementation, so SAM 2 runs without the SDPA swap of SAM v1. Random weights: the candidate filters
 are off (as in ``bench_speed.py``: a random SAM's masks would fail the official thresholds), the
 heavy end for the reference's full-resolution work; the coarse map is planted from the generated
 object's mask (it stands for a trained GTFormer's).
@@ -67,12 +74,14 @@ from pro2sam.candidates import CandidateConfig  # noqa: E402
 from pro2sam.gtformer import create_gtformer  # noqa: E402
 from pro2sam.matching import MatchConfig  # noqa: E402
 from pro2sam.model import Pro2SAM  # noqa: E402
-from pro2sam.sam import _make_random_masks_coherent, build_sam, use_sdpa_attention  # noqa: E402
+from pro2sam.sam import SAM_VARIANTS, _make_random_masks_coherent, build_sam, is_sam2, use_sdpa_attention  # noqa: E402
 
 # The issue's configuration (CUDA) and the dry run's (any other device).
 DEFAULTS = {
-    "cuda": dict(sam="vit_h", points_per_side=32, images=64, height=768, width=1024, same_answer_images=100),
-    "dry_run": dict(sam="tiny", points_per_side=8, images=1, height=192, width=256, same_answer_images=1),
+    "cuda": dict(sam="vit_h", sam2="sam2.1_hiera_large", points_per_side=32, images=64, height=768, width=1024,
+                 same_answer_images=100),
+    "dry_run": dict(sam="tiny", sam2="sam2.1_hiera_tiny", points_per_side=8, images=1, height=192, width=256,
+                    same_answer_images=1),
 }
 GTFORMER_PRESET = "gtformer_deit_small_patch16_224"
 GTFORMER_CLASSES = 1000
@@ -85,6 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sam", choices=["tiny", "vit_b", "vit_l", "vit_h"], help="default: vit_h on CUDA, tiny elsewhere")
+    parser.add_argument("--sam2", choices=[*(v for v in SAM_VARIANTS if is_sam2(v)), "none"],
+                        help="SAM 2.1 variant of the sam2_* flows (default: hiera large on CUDA, hiera tiny elsewhere; "
+                        "none: skip them; needs the sam2 package)")
+    parser.add_argument("--sam2-reference-max-s", type=float, default=45.0,
+                        help="SAM2AutomaticMaskGenerator: stop after the image that passes this many seconds")
     parser.add_argument("--points-per-side", type=int, help="default: 32 on CUDA, 8 elsewhere")
     parser.add_argument("--images", type=int, help="default: 64 on CUDA, 1 elsewhere")
     parser.add_argument("--height", type=int, help="image height, px (default: 768 on CUDA, 192 elsewhere)")
@@ -214,7 +228,7 @@ def run_same_answer(args: argparse.Namespace, json_path: Path) -> dict:
     """``bench_speed.py --shipped`` on this device; its JSON."""
     import bench_speed
 
-    bench_speed.main(["--shipped", "--device", args.device, "--images", str(args.same_answer_images),
+    bench_speed.main(["--shipped", "--settings", "shipped", "--device", args.device, "--images", str(args.same_answer_images),
                       "--batch-size", str(args.batch_size), "--json", str(json_path)]
                      + (["--threads", str(args.threads)] if args.threads else []))
     report = json.loads(json_path.read_text())
@@ -237,7 +251,7 @@ def main(argv=None) -> int:
     report = dict(
         check="gpu_check", issue=14, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         command=" ".join(sys.argv), dry_run=dry_run, machine=machine(device),
-        config=dict(sam=args.sam, random_weights=True, points_per_side=args.points_per_side, images=args.images,
+        config=dict(sam=args.sam, sam2=args.sam2, random_weights=True, points_per_side=args.points_per_side, images=args.images,
                     image_hw=[args.height, args.width], batch_size=args.batch_size,
                     points_per_batch=args.points_per_batch, reference_max_s=args.reference_max_s,
                     time_budget_s=args.time_budget_s),
@@ -307,6 +321,14 @@ def main(argv=None) -> int:
     amg = dict(points_per_side=args.points_per_side, **thresholds)
     attempt("reference", lambda: run_reference_flow(sam, amg, images, coarse_maps, match_config, clock,
                                                      args.reference_max_s, deadline), min_left_s=30)
+    if args.sam2 != "none":
+        try:
+            sam2 = build_sam(args.sam2, device=device, seed=0).requires_grad_(False)
+        except ImportError as e:  # the sam2 package is an optional install
+            report["skipped"]["sam2"] = f"{e}; install it as the README's set-up does"
+            print(f"sam2 flows: skipped ({report['skipped']['sam2']})", flush=True)
+        else:
+            attempt_sam2(args, sam2, gtformer, config, thresholds, images, probs, coarse_maps, clock, deadline, attempt)
     if args.same_answer_images > 0:
         attempt("same_answer", lambda: run_same_answer(args, json_path.with_name(json_path.stem + "_same_answer.json")),
                 min_left_s=60)
@@ -323,14 +345,34 @@ def main(argv=None) -> int:
     return 1 if report["errors"] else 0
 
 
+def attempt_sam2(args, sam2, gtformer, config: CandidateConfig, thresholds: dict, images, probs, coarse_maps,
+                 clock: Clock, deadline: float, attempt) -> None:
+    """The sam2_* flows: SAM 2.1 (random weights) through our ``localize_batch`` and through
+    ``SAM2AutomaticMaskGenerator``, on the same images, grid and filters as the SAM v1 flows."""
+    device = clock.device
+    model = Pro2SAM(gtformer, sam2, candidates=config, device=device)
+    for dtype in ("bfloat16", "float32") if device.type == "cuda" else ("float32",):
+        flow = model.with_settings(candidates=replace(config, dtype=dtype))
+        attempt(f"sam2_ours_{'bf16' if dtype == 'bfloat16' else 'fp32'}",
+                lambda flow=flow: run_ours(flow, images, probs, coarse_maps, args.batch_size, clock, deadline),
+                min_left_s=30)
+    amg = dict(points_per_side=args.points_per_side, **thresholds)
+    attempt("sam2_reference", lambda: run_reference_flow(sam2, amg, images, coarse_maps, model.match_config, clock,
+                                                          args.sam2_reference_max_s, deadline), min_left_s=30)
+
+
 def summarize(report: dict) -> None:
     """Speed-ups against the reference, GPU-hours per million images, the target."""
     flows = report["flows"]
     sam_flows = {k: v for k, v in flows.items() if "images_per_s" in v and k != "gtformer"}
-    reference = sam_flows.get("reference")
-    if reference:
-        report["speedup_vs_reference"] = {k: v["images_per_s"] / reference["images_per_s"]
-                                          for k, v in sam_flows.items() if k != "reference"}
+    # each SAM's flows against its own reference flow: SAM v1's (reference), SAM 2's (sam2_reference)
+    speedups = {}
+    for prefix, reference in (("", sam_flows.get("reference")), ("sam2_", sam_flows.get("sam2_reference"))):
+        if reference:
+            speedups.update({k: v["images_per_s"] / reference["images_per_s"] for k, v in sam_flows.items()
+                             if k.startswith(prefix + "ours")})
+    if speedups:
+        report["speedup_vs_reference"] = speedups
     # SAM stage alone, and with GTFormer's time added (the whole model, one device).
     gtformer = flows.get("gtformer")
     hours = {}
@@ -338,7 +380,7 @@ def summarize(report: dict) -> None:
         per_image = v["s_per_image"] + (gtformer["seconds"] / gtformer["images"] if gtformer else 0.0)
         hours[k] = dict(sam_stage=1e6 / v["images_per_s"] / 3600, with_gtformer=1e6 * per_image / 3600)
     report["device_hours_per_million_images"] = hours
-    ours = {k: v["images_per_s"] for k, v in sam_flows.items() if k.startswith("ours")}
+    ours = {k: v["images_per_s"] for k, v in sam_flows.items() if k.startswith(("ours", "sam2_ours"))}
     if ours:
         best = max(ours, key=ours.get)
         report["target"] = dict(images_per_s=TARGET_IMAGES_PER_S, best_flow=best, best_images_per_s=ours[best],

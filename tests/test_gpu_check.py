@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
-SAM_FLOWS = ("ours_bf16", "ours_fp32", "reference", "ours_bf16_compile", "ours_fp32_compile")
+SAM_FLOWS = ("ours_bf16", "ours_fp32", "reference", "ours_bf16_compile", "ours_fp32_compile",
+             "sam2_ours_fp32", "sam2_reference")
 
 
 def gpu_check(*args: str, python: str = sys.executable, timeout: int = 540) -> subprocess.CompletedProcess:
@@ -31,7 +32,7 @@ def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
 def test_dry_run_succeeds_and_runs_every_flow(dry_run):
     proc, report = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert report["dry_run"] and report["config"]["sam"] == "tiny"
+    assert report["dry_run"] and report["config"]["sam"] == "tiny" and report["config"]["sam2"] == "sam2.1_hiera_tiny"
     assert not report["errors"] and not report["skipped"]
     assert set(report["flows"]) == {"gtformer", "same_answer", *SAM_FLOWS}
 
@@ -47,7 +48,7 @@ def test_each_sam_flow_reports_images_per_second_memory_and_where_the_time_went(
         assert "device_memory_peak_mb" in flow  # None without a GPU
     for name in ("ours_bf16_compile", "ours_fp32_compile"):
         assert report["flows"][name]["cold_start_s"] >= 0
-    assert set(report["speedup_vs_reference"]) == set(SAM_FLOWS) - {"reference"}
+    assert set(report["speedup_vs_reference"]) == set(SAM_FLOWS) - {"reference", "sam2_reference"}
     assert set(report["device_hours_per_million_images"]) == set(SAM_FLOWS)
 
 
