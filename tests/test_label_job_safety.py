@@ -500,23 +500,32 @@ def test_gpu_nodes_that_join_after_the_job_starts_are_waited_for_and_used(tiny_c
 
 
 @pytest.mark.timeout(300)
-def test_a_cluster_without_an_autoscaler_refuses_what_it_lacks_at_once_naming_what_fits(tiny_checkpoints, tmp_path):
-    """A fixed 2-CPU cluster (no autoscaler) asked for 2 CPUs per actor plus 1 for decoding: the
-    job ends in one line naming --cpus-per-actor 1, instead of waiting --wait-for-resources for
-    CPUs that never come."""
+@pytest.mark.parametrize(
+    "ask, lacking, fits",
+    [
+        (("--cpus-per-actor", "2"), "needs 3 CPU (the cluster has 2)", "pass --cpus-per-actor 1"),
+        (("--gpus-per-actor", "1"), "needs 1 GPU (the cluster has 0)", "pass --gpus-per-actor 0"),
+    ],
+)
+def test_a_cluster_without_an_autoscaler_refuses_what_it_lacks_at_once_naming_what_fits(
+    tiny_checkpoints, tmp_path, ask, lacking, fits
+):
+    """A fixed 2-CPU cluster without GPUs (no autoscaler) asked for more than it has (each actor's
+    CPUs plus 1 for decoding): the job ends in one line naming the option that fits, instead of
+    waiting --wait-for-resources for what never comes."""
     write_scenes(tmp_path / "images", 2)
     output = tmp_path / "labels"
     with local_ray_cluster(num_cpus=2, num_gpus=0) as (cluster, env):
         args = cli_label_args(
-            tiny_checkpoints, tmp_path / "images", output, "--ray-address", cluster.address,
-            "--cpus-per-actor", "2", "--wait-for-resources", "600",
+            tiny_checkpoints, tmp_path / "images", output, "--ray-address", cluster.address, *ask,
+            "--wait-for-resources", "600",
         )  # fmt: skip
         start = time.monotonic()
         proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240)
         seconds = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = error_line(proc)
-    assert "needs 3 CPU (the cluster has 2)" in line and "no autoscaler" in line and "--cpus-per-actor 1" in line, line
+    assert lacking in line and "no autoscaler" in line and fits in line, line
     assert "asked the autoscaler" not in proc.stderr and seconds < 200, "refused, not waited for"
     assert not parquet_files(output)
 
