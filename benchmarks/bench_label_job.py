@@ -42,7 +42,7 @@ def make_images(folder: Path, count: int, seed: int = 0) -> None:
 
 def labeling(points_per_side: int, threads: int | None = None):
     from pro2sam import shipped
-    from pro2sam.pipeline.label_job import LabelingSettings, Resources
+    from pro2sam.pipeline.settings import LabelingSettings, Resources
     from pro2sam.candidates import CandidateConfig
 
     return LabelingSettings(
@@ -74,7 +74,8 @@ def run_loop(images: Path, points_per_side: int, threads: int) -> dict:
 def run_job(images: Path, output: Path, points_per_side: int, threads: int) -> dict:
     import ray
 
-    from pro2sam.pipeline.label_job import LabelJobConfig, run_label_job
+    from pro2sam.pipeline.label_job import run_label_job
+    from pro2sam.pipeline.settings import LabelJobConfig
 
     t0 = time.perf_counter()
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)

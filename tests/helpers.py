@@ -23,7 +23,7 @@ from PIL import Image
 
 from pro2sam.matching import MatchConfig
 from pro2sam.output import LabelsOutput
-from pro2sam.pipeline.label_job import LabelingSettings, LabelJobConfig, ReadLimits, Resources
+from pro2sam.pipeline.settings import LabelingSettings, LabelJobConfig, ReadLimits, Resources
 from pro2sam.candidates import CandidateConfig
 from pro2sam.storage import image_id_for
 from pro2sam.synthetic import generate_scene

@@ -96,7 +96,8 @@ def test_unknown_timm_name_and_missing_checkpoint_are_bad_options(tmp_path):
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, tiny_checkpoints, ray_local):
     """(tree, output folder, report) of an evaluation with GTFormer's own classes."""
-    from pro2sam.pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
+    from pro2sam.pipeline.evaluate_job import run_evaluate_job
+    from pro2sam.pipeline.settings import EvaluateJobConfig
 
     root = tmp_path_factory.mktemp("classifier_job")
     meta, data = wsol_tree(root)

@@ -167,7 +167,7 @@ def test_the_grid_defaults_to_the_sam_variants_own_16_for_synthetic_and_32_for_t
     # the shipped SAM's filter thresholds were chosen at 16 x 16 (and the demo runs 16 x 16)
     from pro2sam.apps.cli import _labeling, parse_args
     from pro2sam.candidates import CandidateConfig
-    from pro2sam.pipeline.label_job import LabelingSettings
+    from pro2sam.pipeline.settings import LabelingSettings
 
     def grid(*options):
         argv = ["label", "--input", "i", "--output", "o", "--gtformer", "shipped", *options]

@@ -243,7 +243,8 @@ def test_heldout_without_ground_truth_is_refused():
 
 
 def test_evaluate_job_end_to_end(tmp_path, tiny_checkpoints, ray_local):
-    from pro2sam.pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
+    from pro2sam.pipeline.evaluate_job import run_evaluate_job
+    from pro2sam.pipeline.settings import EvaluateJobConfig
 
     meta, data = wsol_tree(tmp_path)
     out = tmp_path / "eval"

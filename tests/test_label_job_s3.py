@@ -34,7 +34,8 @@ from helpers import read_s3_output as _read_output
 from helpers import s3_client as _s3
 from helpers import upload_file as _upload_file
 
-from pro2sam.pipeline.label_job import LabelJobConfig, LabelJobSummary, run_label_job
+from pro2sam.pipeline.label_job import LabelJobSummary, run_label_job
+from pro2sam.pipeline.settings import LabelJobConfig
 from pro2sam.rle import decode_mask
 from pro2sam.storage import list_inputs
 

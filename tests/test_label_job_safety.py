@@ -25,6 +25,7 @@ from helpers import (
     job_config,
     local_ray_cluster,
     output_rows,
+    parquet_files,
     parse_summary,
     private_ray_tmpdir,
     readable_row_count,
@@ -458,12 +459,25 @@ def test_sigterm_stops_the_job_cleanly_and_keeps_what_was_committed(ray_local, t
 # ---------------------------------------------------------------- GPU nodes that come later
 
 
+def report_gpu_node_group(cluster) -> None:
+    """Tell the cluster's GCS, as an autoscaler (v2, KubeRay's) does at its start, that a node
+    group of one GPU can grow from 0 to 1 node: the cluster can grow."""
+    from ray._raylet import GcsClient
+    from ray.core.generated import autoscaler_pb2
+
+    gpu_group = autoscaler_pb2.NodeGroupConfig(name="gpu", resources={"CPU": 2, "GPU": 1}, min_count=0, max_count=1)
+    config = autoscaler_pb2.ClusterConfig(node_group_configs=[gpu_group])
+    GcsClient(address=cluster.address).report_cluster_config(config.SerializeToString())
+
+
 @pytest.mark.timeout(600)
 def test_gpu_nodes_that_join_after_the_job_starts_are_waited_for_and_used(tiny_checkpoints, tmp_path):
-    """An autoscaling cluster starts without GPU workers: the job asks for GPUs and waits."""
+    """An autoscaling cluster starts without GPU workers: the job asks for GPUs and waits. (The
+    test is its autoscaler: it reports the GPU node group, then adds the node.)"""
     images = write_scenes(tmp_path / "images", 6)
     output = tmp_path / "labels"
     with local_ray_cluster(num_cpus=3, num_gpus=0) as (cluster, env):
+        report_gpu_node_group(cluster)
         args = cli_label_args(
             tiny_checkpoints, tmp_path / "images", output, "--ray-address", cluster.address,
             "--gpus-per-actor", "1", "--actors", "1", "--wait-for-resources", "300",
@@ -483,6 +497,37 @@ def test_gpu_nodes_that_join_after_the_job_starts_are_waited_for_and_used(tiny_c
     assert job.returncode == 0, "".join(lines)[-3000:]
     assert parse_summary(stdout) == {"inputs": 6, "ok": 6, "error": 0, "skipped": 0}
     assert sorted(r["uri"] for r in output_rows(output)) == sorted(str(p) for p in images)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    "ask, lacking, fits",
+    [
+        (("--cpus-per-actor", "2"), "needs 3 CPU (the cluster has 2)", "pass --cpus-per-actor 1"),
+        (("--gpus-per-actor", "1"), "needs 1 GPU (the cluster has 0)", "pass --gpus-per-actor 0"),
+    ],
+)
+def test_a_cluster_without_an_autoscaler_refuses_what_it_lacks_at_once_naming_what_fits(
+    tiny_checkpoints, tmp_path, ask, lacking, fits
+):
+    """A fixed 2-CPU cluster without GPUs (no autoscaler) asked for more than it has (each actor's
+    CPUs plus 1 for decoding): the job ends in one line naming the option that fits, instead of
+    waiting --wait-for-resources for what never comes."""
+    write_scenes(tmp_path / "images", 2)
+    output = tmp_path / "labels"
+    with local_ray_cluster(num_cpus=2, num_gpus=0) as (cluster, env):
+        args = cli_label_args(
+            tiny_checkpoints, tmp_path / "images", output, "--ray-address", cluster.address, *ask,
+            "--wait-for-resources", "600",
+        )  # fmt: skip
+        start = time.monotonic()
+        proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=240)
+        seconds = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = error_line(proc)
+    assert lacking in line and "no autoscaler" in line and fits in line, line
+    assert "asked the autoscaler" not in proc.stderr and seconds < 200, "refused, not waited for"
+    assert not parquet_files(output)
 
 
 # ---------------------------------------------------------------- exports

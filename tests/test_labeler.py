@@ -7,7 +7,8 @@ from helpers import write_scenes
 from PIL import Image
 
 from pro2sam.candidates import CandidateConfig
-from pro2sam.pipeline.label_job import LabelingSettings, Pro2SAMLabeler
+from pro2sam.pipeline.label_job import Pro2SAMLabeler
+from pro2sam.pipeline.settings import LabelingSettings
 
 CANDIDATES = CandidateConfig(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
 

@@ -192,7 +192,7 @@ def _matching(args: argparse.Namespace):
 def _add_labeling_options(p: argparse.ArgumentParser, *, confidence: bool = True) -> None:
     """Models, candidates, matching, the actors' resources and the read limits; with
     ``confidence``, the calibration file that fills the rows' confidence."""
-    from ..pipeline.label_job import ReadLimits, Resources
+    from ..pipeline.settings import ReadLimits, Resources
 
     _add_model_options(p)
     _add_candidate_options(p)
@@ -219,7 +219,7 @@ def _add_labeling_options(p: argparse.ArgumentParser, *, confidence: bool = True
 
 
 def _labeling(args: argparse.Namespace):
-    from ..pipeline.label_job import LabelingSettings, ReadLimits, Resources
+    from ..pipeline.settings import LabelingSettings, ReadLimits, Resources
     from ..shipped import resolve_model_options
 
     gtformer, sam, sam_checkpoint = resolve_model_options(args.gtformer, args.sam, args.sam_checkpoint)
@@ -367,7 +367,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from ..pipeline.label_job import LabelJobConfig, RowsNotWritten, run_label_job
+    from ..pipeline.label_job import RowsNotWritten, run_label_job
+    from ..pipeline.settings import LabelJobConfig
 
     def work() -> int:
         cfg = LabelJobConfig(
@@ -396,7 +397,8 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
+    from ..pipeline.evaluate_job import run_evaluate_job
+    from ..pipeline.settings import EvaluateJobConfig
     from ..report import report_markdown
     from ..storage import join_uri
 
@@ -416,7 +418,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from ..pipeline.tune_job import TuneJobConfig, run_tune_job
+    from ..pipeline.settings import TuneJobConfig
+    from ..pipeline.tune_job import run_tune_job
 
     def work() -> int:
         cfg = TuneJobConfig(
@@ -602,9 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ..export import CATEGORY_SOURCES, DEFAULT_BATCH_SIZE, YOLO_TASKS
     from ..gallery import DEFAULT_LIMIT, DEFAULT_THUMB_SIZE
     from ..labels import STATUS_ERROR, STATUS_OK
-    from ..pipeline.evaluate_job import EvaluateJobConfig
+    from ..pipeline.settings import EvaluateJobConfig, LabelJobConfig
     from ..qa import DEFAULT_DOUBTFUL
-    from ..pipeline.label_job import LabelJobConfig
 
     parser = argparse.ArgumentParser(prog="pro2sam", description="Pro2SAM: image-level labels to boxes and masks.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -25,8 +25,8 @@ from pathlib import Path
 from .. import shipped
 from ..evaluation import METHODS
 from .query import build_gallery
-from ..pipeline.evaluate_job import EvaluateJobConfig, run_evaluate_job
-from ..pipeline.label_job import LabelingSettings, Resources
+from ..pipeline.evaluate_job import run_evaluate_job
+from ..pipeline.settings import EvaluateJobConfig, LabelingSettings, Resources
 from ..report import BOX_ACCURACY, SUMMARY_METRICS
 from ..candidates import CandidateConfig
 from ..storage import join_uri

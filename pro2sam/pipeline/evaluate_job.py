@@ -34,7 +34,7 @@ import io
 import logging
 import posixpath
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pyarrow as pa
@@ -43,57 +43,23 @@ import pyarrow.parquet as pq
 from ..classifier import Classifier, ClassifierConfig
 from ..confidence import ConfidenceModel
 from ..datasets import WSOLDataset, open_dataset
-from ..evaluation import DEFAULT_CAM_CURVE_INTERVAL, EvaluationReport, evaluate_with_heldout, index_rows
+from ..evaluation import EvaluationReport, evaluate_with_heldout, index_rows
 from ..gtformer import gtformer_class_names
 from ..labels import LABEL_SCHEMA
 from ..output import LabelsOutput, WriterLease
 from ..plots import risk_coverage_png
 from ..report import image_records_jsonl, overlay_name, overlay_png, report_json, report_markdown, select_overlay_cases
 from ..storage import fetch_to_local, join_uri, write_bytes_atomic
-from .label_job import LabelingSettings, LabelJobConfig, run_label_job
-from .ray_env import ensure_ray
-from .stages import decode_images, read_images
+from .label_job import run_label_job
+from .ray_env import join_ray
+from .settings import EvaluateJobConfig
+from .stages import decoded_images
 
-__all__ = ["EvaluateJobConfig", "run_evaluate_job"]
+__all__ = ["run_evaluate_job"]
 
 log = logging.getLogger("pro2sam.evaluate")
 
 ROLES = ("heldout", "test")
-
-
-@dataclass(kw_only=True)
-class EvaluateJobConfig:
-    """Settings of one evaluation run.
-
-    Attributes:
-        test: data-set spec of the split reported (:func:`pro2sam.datasets.open_dataset`).
-        heldout: data-set spec of the split thresholds are chosen on (never the test split).
-        output: output folder, local or fsspec URI; a rerun resumes the labeling.
-        labeling: how the images are labeled (:class:`~pro2sam.pipeline.label_job.LabelingSettings`);
-            its resources and read limits serve the classifier too.
-        classifier: a separate classifier for the class scores
-            (:class:`~pro2sam.classifier.ClassifierConfig`); None: GTFormer's.
-        overwrite: label again from scratch instead of resuming.
-        cam_curve_interval: step of the tau grid.
-        overlays: how many overlay PNGs (half best, half worst).
-    """
-
-    test: str
-    heldout: str
-    output: str
-    labeling: LabelingSettings
-    classifier: ClassifierConfig | None = None
-    overwrite: bool = False
-    cam_curve_interval: float = DEFAULT_CAM_CURVE_INTERVAL
-    overlays: int = 6
-
-    def label_config(self) -> LabelJobConfig:
-        return LabelJobConfig(
-            input=join_uri(self.output, "manifests/inputs.parquet"),
-            output=join_uri(self.output, "labels"),
-            labeling=self.labeling,
-            overwrite=self.overwrite,
-        )
 
 
 def _check_classes(num_classes: int, class_names: list[str], what: str) -> None:
@@ -170,27 +136,21 @@ def _load_classifier(config: ClassifierConfig, *, device=None) -> Classifier:
 
 def _classify(cfg: EvaluateJobConfig, dataset: WSOLDataset) -> dict[str, list[int]]:
     """The classifier's top-k classes of every image of ``dataset`` (uri -> classes, best first),
-    through the labeling job's read and decode stages and one :class:`ClassScorer` actor.
+    through the labeling job's read and decode stages and one :class:`ClassScorer` actor (its
+    resources those of a labeling actor: :meth:`~pro2sam.pipeline.settings.Resources.resolve`).
     Images it could not classify are left out (no class right) and logged."""
-    resources, limits, batch_size = cfg.labeling.resources, cfg.labeling.limits, cfg.classifier.batch_size
-    ray = ensure_ray(resources.ray_address, cpus_needed=(resources.cpus_per_actor or 2) + 1)
-    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    gpus = resources.gpus_per_actor if resources.gpus_per_actor is not None else (1 if has_gpu else 0)
-    cpus = resources.cpus_per_actor or (1 if gpus else 2)
+    resources = replace(cfg.labeling.resources, actors=1)
+    batch_size = cfg.classifier.batch_size
+    cluster = join_ray(resources.ray_address, cpus_needed=resources.local_cpus)
+    actor = resources.resolve(cluster, what="classifier")
     uris = list(dict.fromkeys(s.uri for s in dataset.samples))
     todo = pa.table({"uri": uris, "input_error": pa.nulls(len(uris), pa.string()),
                      "source_fingerprint": pa.nulls(len(uris), pa.string())})  # fmt: skip
-    ds = ray.data.from_arrow([todo.slice(i, 4 * batch_size) for i in range(0, len(todo), 4 * batch_size)])
+    ds = decoded_images(cluster.ray, todo, cfg.labeling.limits, batch_size=batch_size)
     ds = ds.map_batches(
-        read_images, batch_format="numpy", batch_size=batch_size, num_cpus=0.25,
-        fn_kwargs={"max_bytes": limits.max_bytes, "timeout_s": limits.read_timeout_s},
-    )  # fmt: skip
-    ds = ds.map_batches(
-        decode_images, batch_format="numpy", batch_size=batch_size, fn_kwargs={"max_pixels": limits.max_pixels}
-    )
-    ds = ds.map_batches(
-        ClassScorer, fn_constructor_kwargs={"config": cfg.classifier, "threads": cpus}, batch_format="numpy",
-        batch_size=batch_size, concurrency=1, num_gpus=gpus, num_cpus=cpus,
+        ClassScorer, fn_constructor_kwargs={"config": cfg.classifier, "threads": actor.cpus_per_actor},
+        batch_format="numpy", batch_size=batch_size, concurrency=actor.concurrency,
+        num_gpus=actor.gpus_per_actor, num_cpus=actor.cpus_per_actor,
     )  # fmt: skip
     classes, failed = {}, []
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -20,35 +20,25 @@ one error row; a killed actor is restarted by Ray and its batch retried.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..images import DEFAULT_MAX_PIXELS
 from ..labels import error_row, ok_row, rows_to_table
-from ..matching import MatchConfig
-from ..output import COMMIT_SECONDS, ROWS_PER_FILE, LabelsOutput, LabelWriter, RerunPlanner, WriterLease
-from ..candidates import CandidateConfig
-from ..tuning import TunedSettings
-from ..sam import DEFAULT_SAM_VARIANT, SAM_VARIANTS
-from ..inputs import DEFAULT_SHARD_LABEL, INPUT_SCHEMA, is_manifest, iter_inputs
-from ..storage import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S, StorageError, location_contains
-from .ray_env import ensure_ray
-from .stages import decode_images, read_images, text_or_none
+from ..output import LabelsOutput, LabelWriter, RerunPlanner, WriterLease
+from ..inputs import INPUT_SCHEMA, iter_inputs
+from ..storage import StorageError
+from .ray_env import RayCluster, join_ray
+from .settings import ActorResources, LabelingSettings, LabelJobConfig
+from .stages import decoded_images, text_or_none
 
 __all__ = [
-    "Resources",
-    "ReadLimits",
-    "LabelingSettings",
-    "LabelJobConfig",
     "LabelJobSummary",
     "JobInterrupted",
     "RowsNotWritten",
@@ -58,17 +48,10 @@ __all__ = [
 
 log = logging.getLogger("pro2sam.label")
 
-# Model batches per block handed to Ray Data: a block is one actor task, the unit results stream
-# back in and a killed actor redoes; small enough to spread over actors, large enough to batch.
-_BATCHES_PER_BLOCK = 4
 # Inputs per Ray Data dataset: the todo list is fed to Ray this many at a time, one dataset after
 # another, so that the driver and the object store never hold millions of rows (each dataset
 # starts its actors again: seconds, against hours of labeling for this many images on a GPU).
 _ROWS_PER_DATASET = 100_000
-# Rows per read task of a WebDataset shard's samples or a Parquet table's rows: neighbouring
-# members come in one range request, and a row group (Hugging Face exports hold 100 images each)
-# is read about once.
-_MEMBER_READ_ROWS = 256
 
 
 class RowsNotWritten(StorageError):
@@ -99,161 +82,6 @@ class JobInterrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-
-
-@dataclass(kw_only=True)
-class Resources:
-    """What the labeling actors take from the cluster.
-
-    Attributes:
-        actors: labeling actors (default: one per GPU of the cluster, else 1); on a cluster the
-            pool starts with one and grows to this many as nodes arrive.
-        gpus_per_actor: GPUs pinned by each actor (default 1 when the cluster has GPUs, else 0).
-        cpus_per_actor: CPUs (and torch threads) per actor (default 1 with a GPU, else 2).
-        batch_size: images per model batch.
-        ray_address: Ray cluster to join; default $RAY_ADDRESS, else a new local Ray.
-        wait_for_resources_s: how long a run on a cluster waits for its first actor's CPUs/GPUs
-            (an autoscaler adding nodes) before it gives up; a local Ray never grows, so it does
-            not wait.
-    """
-
-    actors: int | None = None
-    gpus_per_actor: float | None = None
-    cpus_per_actor: float | None = None
-    batch_size: int = 8
-    ray_address: str | None = None
-    wait_for_resources_s: float = 600.0
-
-    def validate(self) -> None:
-        _need(self.actors is None or self.actors >= 1, f"--actors {self.actors}: must be >= 1")
-        _need(self.gpus_per_actor is None or self.gpus_per_actor >= 0, f"--gpus-per-actor {self.gpus_per_actor}: must be >= 0")
-        _need(self.cpus_per_actor is None or self.cpus_per_actor > 0, f"--cpus-per-actor {self.cpus_per_actor}: must be > 0")
-        _need(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be >= 1")
-        _need(self.wait_for_resources_s >= 0, f"--wait-for-resources {self.wait_for_resources_s}: must be >= 0")
-
-
-@dataclass(kw_only=True)
-class ReadLimits:
-    """Per-image limits of the read and decode stages: larger or slower inputs become error rows.
-
-    Attributes:
-        max_pixels: decompression-bomb guard (pixels after decoding the header).
-        max_bytes: largest file read.
-        read_timeout_s: longest read of one file.
-    """
-
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_bytes: int = DEFAULT_MAX_BYTES
-    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S
-
-    def validate(self) -> None:
-        _need(self.max_pixels >= 1, f"--max-pixels {self.max_pixels}: must be >= 1")
-        _need(self.max_bytes >= 1, f"--max-bytes {self.max_bytes}: must be >= 1")
-        _need(self.read_timeout_s > 0, f"--read-timeout {self.read_timeout_s}: must be > 0")
-
-
-@dataclass(kw_only=True)
-class LabelingSettings:
-    """How images are labeled: the models, the library's candidate and matching settings, the
-    actors' resources and the read limits (shared by the labeling and evaluation jobs).
-
-    Attributes:
-        gtformer: GTFormer export folder (model.safetensors + config.json), local or URI.
-        sam, sam_checkpoint, verify: SAM variant, its weights file (local or URI), SHA-256 check
-            of official files.
-        candidates: stage 2 (:class:`~pro2sam.candidates.CandidateConfig`); None: the
-            defaults with the SAM variant's own filter thresholds and grid (``CandidateConfig.resolve``).
-        matching: stage 3 (:class:`~pro2sam.matching.MatchConfig`).
-        resources: :class:`Resources`; limits: :class:`ReadLimits`.
-        confidence_calibration: a calibration file of ``pro2sam evaluate`` (``confidence.json``,
-            local or URI): rows get a ``confidence`` (:mod:`pro2sam.confidence`); None: the
-            calibration of ``tuned`` if it has one, else null.
-        tuned: the settings file of ``pro2sam tune`` these settings were read from
-            (:class:`~pro2sam.tuning.TunedSettings`; its values are already in ``candidates`` and
-            ``matching``, where the command line did not override them): every row carries its
-            SHA-256 (``settings_sha256``). None: no settings file.
-    """
-
-    gtformer: str
-    sam: str = DEFAULT_SAM_VARIANT
-    sam_checkpoint: str | None = None
-    verify: bool = True
-    candidates: CandidateConfig | None = None
-    matching: MatchConfig = field(default_factory=MatchConfig)
-    resources: Resources = field(default_factory=Resources)
-    limits: ReadLimits = field(default_factory=ReadLimits)
-    confidence_calibration: str | None = None
-    tuned: TunedSettings | None = None
-
-    @property
-    def settings_sha256(self) -> str | None:
-        return self.tuned.sha256 if self.tuned is not None else None
-
-    def candidate_config(self) -> CandidateConfig:
-        return CandidateConfig.resolve(self.sam, self.candidates)
-
-    def validate(self) -> None:
-        """Raise ValueError, naming the option, for a setting no run could use."""
-        _need(self.sam in SAM_VARIANTS, f"--sam {self.sam!r}: choose one of {', '.join(sorted(SAM_VARIANTS))}")
-        self.resources.validate()
-        self.limits.validate()
-
-
-def _need(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
-
-
-@dataclass(kw_only=True)
-class LabelJobConfig:
-    """Everything a labeling run needs. Paths may be local or any fsspec URI.
-
-    Attributes:
-        input: image prefix (folder), a manifest (a .csv / .parquet file, the suffix in any case,
-            with ``uri`` and optional ``label``; its images may not lie in ``output``), a
-            WebDataset shard, a folder or brace pattern of shards, a Parquet table of image bytes,
-            or one image file (:func:`pro2sam.inputs.iter_inputs` says how it is told).
-        output: folder (prefix) the Parquet files go to; also what resumes.
-        labeling: :class:`LabelingSettings`.
-        run_id: written into every row of this run.
-        overwrite: replace the output's label files (only those) instead of resuming.
-        force: take the output's lease even if another run holds it.
-        retry_errors: relabel every error row (by default only read failures are relabeled).
-        relabel_changed: relabel images whose file changed (size, mtime or ETag) since; a
-            manifest's files are then looked up as they are listed (a stat each, a HEAD per object).
-        shard_label: the member of a WebDataset sample its label is read from (``cls``, ``txt``,
-            ``json:FIELD``), None for none.
-        rows_per_file, commit_seconds: a label file is committed at this many rows, or this long
-            after its first row, whichever comes first; a kill loses at most the rows not yet
-            committed.
-        lease_ttl_s: how long the output's lease lives without a renewal (:mod:`pro2sam.lease`).
-    """
-
-    input: str
-    output: str
-    labeling: LabelingSettings
-    run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8])
-    overwrite: bool = False
-    force: bool = False
-    retry_errors: bool = False
-    relabel_changed: bool = False
-    shard_label: str | None = DEFAULT_SHARD_LABEL
-    rows_per_file: int = ROWS_PER_FILE
-    commit_seconds: float = COMMIT_SECONDS
-    lease_ttl_s: float = 60.0
-
-    def validate(self) -> None:
-        self.labeling.validate()
-        _need(self.rows_per_file >= 1, f"--rows-per-file {self.rows_per_file}: must be >= 1")
-        _need(self.commit_seconds > 0, f"--commit-seconds {self.commit_seconds}: must be > 0")
-        _need(self.lease_ttl_s > 0, f"--lease-ttl {self.lease_ttl_s}: must be > 0")
-        # A manifest may sit in the output folder (it is read, never written); a folder or an image
-        # may not. What the input is decides, not its name: a folder named x.csv is a folder.
-        _need(
-            not location_contains(self.output, self.input) or is_manifest(self.input),
-            f"--output {self.output} is or contains --input {self.input}: the labels would mix with the "
-            "images; choose an output outside the input",
-        )
 
 
 @dataclass
@@ -443,70 +271,6 @@ def _load_confidence(settings: LabelingSettings, model_ids: dict[str, str] | Non
 # ---------------------------------------------------------------- the job
 
 
-def _resources(cfg: Resources, ray, *, local: bool) -> tuple[int, float, float]:
-    """(actors, GPUs per actor, CPUs per actor) for this cluster, waiting for an autoscaler to
-    add what is missing (not on a local Ray, which never grows).
-
-    Raises:
-        ValueError: the cluster cannot give what the settings ask for.
-    """
-    cluster = ray.cluster_resources()
-    cluster_gpus = cluster.get("GPU", 0)
-    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if cluster_gpus else 0)
-    actors = cfg.actors or (max(1, int(cluster_gpus // gpus)) if gpus and cluster_gpus else 1)
-    cpus = cfg.cpus_per_actor if cfg.cpus_per_actor is not None else (1 if gpus else 2)
-    # The actors' CPUs plus one for reading and decoding, or the pipeline starves. A local Ray
-    # must fit every actor; a cluster must fit one to start, and the actor pool grows with it.
-    starting = actors if local else 1
-    if cfg.cpus_per_actor is None and not gpus and starting * cpus + 1 > cluster.get("CPU", 0) >= starting + 1:
-        # A CPU actor's default (2) fitted to a small machine or cluster rather than waited for:
-        # what --cpus-per-actor 1 would do at once.
-        cpus = float(int((cluster["CPU"] - 1) // starting))
-        log.info("the cluster has %g CPUs: %g CPU(s) per labeling actor (--cpus-per-actor to choose)", cluster["CPU"], cpus)
-    need = {"CPU": starting * cpus + 1, "GPU": starting * gpus}
-    if not gpus and not cluster_gpus and cfg.gpus_per_actor is None and not local:
-        log.warning(
-            "the cluster has no GPU now: labeling with %d CPU actor(s). On an autoscaling GPU cluster pass "
-            "--gpus-per-actor 1 --actors N, so that the job asks for the GPU nodes", actors,
-        )  # fmt: skip
-
-    def missing() -> dict[str, float]:
-        have = ray.cluster_resources()
-        return {k: v for k, v in need.items() if v > have.get(k, 0)}
-
-    def explain(lack: dict[str, float]) -> str:
-        have = ray.cluster_resources()
-        parts = [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in lack]
-        return (
-            f"{'--actors ' + str(actors) if local else 'one actor'} x (--cpus-per-actor {cpus:g}, --gpus-per-actor "
-            f"{gpus:g}) plus 1 CPU for decoding needs {' and '.join(parts)}"
-        )
-
-    lack = missing()
-    if lack and (local or cfg.wait_for_resources_s == 0):
-        where = "this machine's Ray" if local else "the cluster"
-        raise ValueError(f"{explain(lack)}: {where} cannot run it; ask for fewer actors or resources")
-    if lack:
-        from ray.autoscaler.sdk import request_resources
-
-        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-        request_resources(bundles=[bundle] * actors)
-        log.warning("%s; asked the autoscaler, waiting up to %.0f s", explain(lack), cfg.wait_for_resources_s)
-        deadline = time.monotonic() + cfg.wait_for_resources_s
-        next_note = time.monotonic() + 30
-        while (lack := missing()) and time.monotonic() < deadline:
-            time.sleep(1.0)
-            if time.monotonic() > next_note:
-                log.warning("still waiting for resources: %s", explain(lack))
-                next_note += 30
-        if lack:
-            raise ValueError(
-                f"{explain(lack)}, and it did not grow in {cfg.wait_for_resources_s:.0f} s "
-                "(--wait-for-resources): ask for fewer actors or resources, or check the autoscaler's node types"
-            )
-    return actors, gpus, cpus
-
-
 def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
     """Label every input image not yet in ``cfg.output``; return what was done.
 
@@ -552,13 +316,10 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
         resources = cfg.labeling.resources
         if todo.rows:  # a bad checkpoint or calibration ends the run here, before Ray
             _load_confidence(cfg.labeling, load_models(cfg.labeling, device="cpu").model_ids)
-        local = not (resources.ray_address or os.environ.get("RAY_ADDRESS"))
-        ray = None
+        cluster = actors = None
         if todo.rows:
-            already = _ray_initialized()
-            cpus_needed = (resources.actors or 1) * (resources.cpus_per_actor or 2) + 1
-            ray = ensure_ray(resources.ray_address, cpus_needed=cpus_needed)
-            actors, gpus, cpus = _resources(resources, ray, local=local and not already)
+            cluster = join_ray(resources.ray_address, cpus_needed=resources.local_cpus)
+            actors = resources.resolve(cluster)
         # Only now, with inputs listed, models loaded and resources there, change the output.
         if cfg.overwrite:
             removed = output.delete_label_files()
@@ -572,7 +333,7 @@ def run_label_job(cfg: LabelJobConfig) -> LabelJobSummary:
         failure: Exception | None = None
         try:
             for chunk in todo.chunks(_ROWS_PER_DATASET):
-                for table in _label_stream(ray, cfg, chunk, actors, gpus, cpus):
+                for table in _label_stream(cluster, cfg, chunk, actors):
                     writer.add(table)
         except StorageError as e:  # a commit refused: the lease was taken or storage failed
             failure = e
@@ -638,41 +399,19 @@ class _TodoSpool:
         self._file.close()
 
 
-def _ray_initialized() -> bool:
-    try:
-        import ray
-    except ImportError:
-        return False
-    return ray.is_initialized()
-
-
-def _label_stream(ray, cfg: LabelJobConfig, todo: pa.Table, actors: int, gpus: float, cpus: float):
+def _label_stream(cluster: RayCluster, cfg: LabelJobConfig, todo: pa.Table, actors: ActorResources):
     """The Ray Data pipeline over ``todo`` (one chunk of the inputs); yields label tables as the
     actors finish them."""
-    batch_size, limits = cfg.labeling.resources.batch_size, cfg.labeling.limits
-    rows = _BATCHES_PER_BLOCK * batch_size
-    blocks = [todo.slice(i, rows) for i in range(0, len(todo), rows)]
-    ds = ray.data.from_arrow(blocks)
-    # The rows of one shard or table of images are read together: more of them per read task.
-    held = todo.column("container_kind").null_count < len(todo)
-    ds = ds.map_batches(
-        read_images,
-        batch_format="numpy",
-        batch_size=_MEMBER_READ_ROWS if held else batch_size,
-        num_cpus=0.25,
-        fn_kwargs={"max_bytes": limits.max_bytes, "timeout_s": limits.read_timeout_s},
-    )
-    ds = ds.map_batches(
-        decode_images, batch_format="numpy", batch_size=batch_size, fn_kwargs={"max_pixels": limits.max_pixels}
-    )
+    batch_size = cfg.labeling.resources.batch_size
+    ds = decoded_images(cluster.ray, todo, cfg.labeling.limits, batch_size=batch_size)
     ds = ds.map_batches(
         Pro2SAMLabeler,
-        fn_constructor_kwargs={"settings": cfg.labeling, "run_id": cfg.run_id, "threads": cpus},
+        fn_constructor_kwargs={"settings": cfg.labeling, "run_id": cfg.run_id, "threads": actors.cpus_per_actor},
         batch_format="numpy",
         batch_size=batch_size,
-        concurrency=actors if actors == 1 else (1, actors),  # the pool grows as an autoscaler adds nodes
-        num_gpus=gpus,
-        num_cpus=cpus,
+        concurrency=actors.concurrency,  # the pool grows as an autoscaler adds nodes
+        num_gpus=actors.gpus_per_actor,
+        num_cpus=actors.cpus_per_actor,
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield batch

@@ -1,7 +1,9 @@
-"""The labeling job's read and decode stages (Ray Data tasks): storage bytes -> RGB arrays.
+"""The jobs' read and decode stages (Ray Data tasks): storage bytes -> RGB arrays.
 
 They import neither torch nor the models, so the many small tasks that run them start fast; a
 failure becomes the row's ``error`` and ``error_kind``, never an exception.
+:func:`decoded_images` chains them over a table of inputs, the same way for label, evaluate and
+tune, ahead of each job's actors.
 
 A file caught being written is retried by the next run (``error_kind`` ``read``), not kept as a
 bad image: one that changed while it was read (:func:`~pro2sam.storage.read_file`), and one that
@@ -12,21 +14,68 @@ listing's). A file that is stably empty or corrupt is an ``image`` error.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 
 from ..images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from ..inputs.parquet_images import read_rows
 from ..inputs.webdataset import read_members
 from ..storage import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S, InputError, StorageError, read_file
 
-__all__ = ["read_images", "decode_images", "text_or_none", "NO_IMAGE"]
+if TYPE_CHECKING:
+    from .settings import ReadLimits
+
+__all__ = ["decoded_images", "read_images", "decode_images", "text_or_none", "NO_IMAGE", "BATCHES_PER_BLOCK"]
+
+# Model batches per block handed to Ray Data: a block is one actor task, the unit results stream
+# back in and a killed actor redoes; small enough to spread over actors, large enough to batch.
+BATCHES_PER_BLOCK = 4
+# Rows per read task of a WebDataset shard's samples or a Parquet table's rows: neighbouring
+# members come in one range request, and a row group (Hugging Face exports hold 100 images each)
+# is read about once.
+MEMBER_READ_ROWS = 256
+# CPUs of one read task: reads wait on storage, not on a core.
+_READ_CPUS = 0.25
 
 # The image of a row whose bytes could not be read or decoded.
 NO_IMAGE = np.zeros((1, 1, 3), dtype=np.uint8)
 
 # (bytes, error, error kind, fingerprint, changed since listed) of one row's read
 _Fetched = tuple[bytes, str, "str | None", "str | None", bool]
+
+
+def decoded_images(ray, inputs: pa.Table, limits: ReadLimits, *, batch_size: int, block_rows: int | None = None):
+    """The Ray Data chain read -> decode over ``inputs``, ready for a job's actors.
+
+    Args:
+        ray: the initialised ``ray`` module.
+        inputs: one row per image, the columns of :data:`~pro2sam.inputs.INPUT_SCHEMA` the read
+            stage uses (``uri``, ``input_error``, ``source_fingerprint``; ``container_kind``,
+            ``container``, ``member_offset``, ``member_size`` for images held in a shard or table).
+        limits: the per-image read limits (:class:`~pro2sam.pipeline.settings.ReadLimits`).
+        batch_size: images per model batch of the actors that follow.
+        block_rows: rows per block (one actor task); default ``BATCHES_PER_BLOCK`` model batches.
+
+    Returns:
+        A ``ray.data.Dataset`` of the inputs' columns plus ``image`` ((H, W, 3) uint8 RGB, or
+        :data:`NO_IMAGE`), ``error`` and ``error_kind``.
+    """
+    rows = block_rows or BATCHES_PER_BLOCK * batch_size
+    ds = ray.data.from_arrow([inputs.slice(i, rows) for i in range(0, len(inputs), rows)])
+    # The rows of one shard or table of images are read together: more of them per read task.
+    held = "container_kind" in inputs.column_names and inputs.column("container_kind").null_count < len(inputs)
+    ds = ds.map_batches(
+        read_images,
+        batch_format="numpy",
+        batch_size=MEMBER_READ_ROWS if held else batch_size,
+        num_cpus=_READ_CPUS,
+        fn_kwargs={"max_bytes": limits.max_bytes, "timeout_s": limits.read_timeout_s},
+    )
+    return ds.map_batches(
+        decode_images, batch_format="numpy", batch_size=batch_size, fn_kwargs={"max_pixels": limits.max_pixels}
+    )
 
 
 def read_images(

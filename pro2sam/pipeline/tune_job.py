@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -30,43 +29,16 @@ from ..evaluation import SplitResult, evaluate_predictions, index_rows
 from ..labels import LABEL_SCHEMA, error_row, ok_row
 from ..storage import write_bytes_atomic
 from ..tuning import GRIDS, OBJECTIVE, choose, code_version, settings_document, table_row, with_fallback_threshold
-from .label_job import LabelingSettings, _ray_initialized, _resources, classify_batch, load_models
-from .ray_env import ensure_ray
-from .stages import decode_images, read_images, text_or_none
+from .label_job import classify_batch, load_models
+from .ray_env import join_ray
+from .settings import LabelingSettings, TuneJobConfig
+from .stages import decoded_images, text_or_none
 
-__all__ = ["TuneJobConfig", "TuneSummary", "run_tune_job"]
+__all__ = ["TuneSummary", "run_tune_job"]
 
 log = logging.getLogger("pro2sam.tune")
 
 RUN_ID = "tune"
-
-
-@dataclass(kw_only=True)
-class TuneJobConfig:
-    """Settings of one tuning run.
-
-    Attributes:
-        heldout: data-set spec of the held-out split with boxes (:func:`pro2sam.datasets.open_dataset`:
-            ``cub:``, ``ilsvrc:``, ``wsol:``, a boxed manifest ``.csv``/``.parquet``, ``coco:FILE.json``).
-        output: the settings file to write (local or URI).
-        labeling: the base settings (models, candidates, matching, resources, read limits); the
-            grid varies them, and they are always among the settings tried.
-        grid: name in :data:`pro2sam.tuning.GRIDS`.
-        images_root: folder of a COCO file's images (default: the JSON's folder).
-        calibrate_confidence: fit the confidence on the chosen setting's held-out rows.
-    """
-
-    heldout: str
-    output: str
-    labeling: LabelingSettings
-    grid: str = "small"
-    images_root: str | None = None
-    calibrate_confidence: bool = True
-
-    def validate(self) -> None:
-        if self.grid not in GRIDS:
-            raise ValueError(f"--grid {self.grid!r}: choose one of {', '.join(GRIDS)}")
-        self.labeling.validate()
 
 
 @dataclass
@@ -181,24 +153,18 @@ def _heldout_inputs(dataset: WSOLDataset) -> pa.Table:
 def _label_every_setting(cfg: TuneJobConfig, inputs: pa.Table, candidates: list, matchings: list) -> list[dict]:
     """Every held-out image under every (candidate, matching) setting, through Ray Data, on the
     actors the labeling job would start (one per GPU of the cluster by default)."""
-    resources, limits = cfg.labeling.resources, cfg.labeling.limits
-    local = not (resources.ray_address or os.environ.get("RAY_ADDRESS"))
-    already = _ray_initialized()
-    ray = ensure_ray(resources.ray_address, cpus_needed=(resources.actors or 1) * (resources.cpus_per_actor or 2) + 1)
-    actors, gpus, cpus = _resources(resources, ray, local=local and not already)
+    resources = cfg.labeling.resources
+    cluster = join_ray(resources.ray_address, cpus_needed=resources.local_cpus)
+    actors = resources.resolve(cluster)
     batch_size = resources.batch_size
     # Small blocks: each image costs many SAM passes, so spread the images over every actor.
-    ds = ray.data.from_arrow([inputs.slice(i, batch_size) for i in range(0, len(inputs), batch_size)])
-    ds = ds.map_batches(
-        read_images, batch_format="numpy", batch_size=batch_size, num_cpus=0.25,
-        fn_kwargs={"max_bytes": limits.max_bytes, "timeout_s": limits.read_timeout_s},
-    )  # fmt: skip
-    ds = ds.map_batches(decode_images, batch_format="numpy", batch_size=batch_size, fn_kwargs={"max_pixels": limits.max_pixels})
+    ds = decoded_images(cluster.ray, inputs, cfg.labeling.limits, batch_size=batch_size, block_rows=batch_size)
     ds = ds.map_batches(
         TuneLabeler,
-        fn_constructor_kwargs={"settings": cfg.labeling, "candidates": candidates, "matchings": matchings, "threads": cpus},
-        batch_format="numpy", batch_size=batch_size, concurrency=actors if actors == 1 else (1, actors),
-        num_gpus=gpus, num_cpus=cpus,
+        fn_constructor_kwargs={"settings": cfg.labeling, "candidates": candidates, "matchings": matchings,
+                               "threads": actors.cpus_per_actor},
+        batch_format="numpy", batch_size=batch_size, concurrency=actors.concurrency,
+        num_gpus=actors.gpus_per_actor, num_cpus=actors.cpus_per_actor,
     )  # fmt: skip
     rows = []
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
