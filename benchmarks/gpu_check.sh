@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Throughput check for one GPU machine (issue 14): SAM ViT-H (random weights, the real
-# architecture) at 32x32 on 64 images of 1024x768, the reference flow against ours (float32,
-# bfloat16, with and without torch.compile), in at most 8 minutes; one JSON.
+# Throughput check for one GPU machine (issues 14, 21): SAM ViT-H and SAM 2.1 hiera large (random
+# weights, the real architectures) at 32x32 on 64 images of 1024x768, each SAM's reference flow
+# (SamAutomaticMaskGenerator, SAM2AutomaticMaskGenerator) against ours (float32, bfloat16, with
+# and without torch.compile), and the same-answer check at the shipped settings, in at most 8
+# minutes; one JSON.
 #
 #   bash benchmarks/gpu_check.sh                            # GPU: the issue's configuration
-#   bash benchmarks/gpu_check.sh --device cpu --images 1    # dry run (tiny SAM, 8x8, 256x192)
+#   bash benchmarks/gpu_check.sh --device cpu --images 1    # dry run (tiny SAM and SAM 2.1 tiny, 8x8, 256x192)
 #   bash benchmarks/gpu_check.sh --json /tmp/out.json ...   # any option of benchmarks/gpu_check.py
 #
 # Needs the project installed beforehand (it installs nothing: a GPU machine may have no
