@@ -89,12 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     from pro2sam.candidates import CandidateConfig
     from pro2sam.datasets import open_dataset
     from pro2sam.evaluation import evaluate_predictions, evaluate_with_heldout
-    from pro2sam.images import decode_image
-    from pro2sam.labels import error_row, ok_row
     from pro2sam.matching import MatchConfig
     from pro2sam.model import Pro2SAM
     from pro2sam.sam import SAM_VARIANTS
-    from pro2sam.storage import read_bytes
     from pro2sam.synthetic import write_wsol_dataset
     from pro2sam.tuning import GRIDS, choose, table_row
 
@@ -123,36 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         gtformer, sam=shipped.SAM_VARIANT, sam_checkpoint=shipped.sam_checkpoint(), device=args.device
     )
 
-    # GTFormer once per image: (image, probs, coarse map) shared by every configuration.
     start = time.perf_counter()
-    gt_outputs = {}
-    for split in (heldout, *tests.values()):
-        for s0 in range(0, len(split.samples), 32):
-            chunk = split.samples[s0 : s0 + 32]
-            images = [decode_image(read_bytes(s.uri)) for s in chunk]
-            probs, maps = model.classify(images)
-            for s, img, pr, cm in zip(chunk, images, probs, maps):
-                gt_outputs[s.uri] = (img, pr, cm)
+    gt_outputs = gtformer_outputs(model, (heldout, *tests.values()))
     gtformer_seconds = (time.perf_counter() - start) / len(gt_outputs)
     print(f"GTFormer on {len(gt_outputs)} images: {gtformer_seconds * 1000:.1f} ms/image", flush=True)
-
-    def label(samples, candidates: CandidateConfig, matchings: dict[str, MatchConfig]) -> tuple[dict[str, list[dict]], float]:
-        """Rows per matching setting; SAM runs once per image (its candidates are matched under each)."""
-        generator = model.with_settings(candidates=candidates)
-        choosers = {name: generator.with_settings(matching=m) for name, m in matchings.items()}
-        rows: dict[str, list[dict]] = {name: [] for name in matchings}
-        t0 = time.perf_counter()
-        for s in samples:
-            image, probs, coarse = gt_outputs[s.uri]
-            try:
-                found = generator.generator.generate(image, coarse_map=coarse)
-                for name, chooser in choosers.items():
-                    result = chooser.choose(image, probs, coarse, found, label=str(s.label))
-                    rows[name].append(ok_row(s.image_id, s.uri, str(s.label), result, model_ids=model.model_ids, run_id="bench"))
-            except Exception as e:  # an image that fails is scored wrong, as the job does
-                for name in matchings:
-                    rows[name].append(error_row(s.image_id, s.uri, str(s.label), f"{type(e).__name__}: {e}", kind="model", run_id="bench"))
-        return rows, (time.perf_counter() - t0) / max(1, len(samples))
 
     # ---- every choice on val: pruning x SAM's filter thresholds x matching rule, with pro2sam tune's
     # grid ("full") and chooser (pro2sam.tuning); GT-known Loc by the evaluation's own scoring.
@@ -166,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         shipped_pair = (base_candidates.pred_iou_thresh, base_candidates.stability_score_thresh)
         candidate_configs = [c for c in candidate_configs if (c.pred_iou_thresh, c.stability_score_thresh) == shipped_pair]
     for config in candidate_configs:
-        rows, seconds = label(heldout.samples, config, matchings)
+        rows, seconds = label_with_settings(model, gt_outputs, heldout.samples, config, matchings)
         for name, r in rows.items():
             pro = evaluate_predictions(heldout, r, methods=("Pro2SAM",)).results["Pro2SAM"]
             choices.append(table_row(config, matchings[name], pro, base_candidates=base_candidates,
@@ -210,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # ---- the tables: the chosen settings on test and on the unseen seed.
-    heldout_rows, _ = label(heldout.samples, CandidateConfig(points_per_side=min(args.grids), **chosen_candidates),
-                            {"chosen": chosen_matching})  # fmt: skip
+    heldout_rows, _ = label_with_settings(
+        model, gt_outputs, heldout.samples, CandidateConfig(points_per_side=min(args.grids), **chosen_candidates),
+        {"chosen": chosen_matching},
+    )
     prunes = {"both": [False, True], "off": [False], "on": [True]}[args.prune]
     runs = {name: [] for name in tests}
     gtformer_reports, gained_lost = {}, {}
@@ -220,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             config = CandidateConfig(points_per_side=grid, prune_with_coarse_map=prune, mode=args.mode, **chosen_candidates)
             compare = {"chosen": chosen_matching, "plain IoU": plain_iou, "package default": package_default}
             for name, split in tests.items():
-                rows, seconds = label(split.samples, config, compare)
+                rows, seconds = label_with_settings(model, gt_outputs, split.samples, config, compare)
                 report = evaluate_with_heldout(heldout, heldout_rows["chosen"], split, rows["chosen"])
                 pro = report.results["Pro2SAM"]
                 runs[name].append({
@@ -310,6 +283,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def gtformer_outputs(model, splits) -> dict[str, tuple]:
+    """GTFormer once per image of ``splits`` (:class:`~pro2sam.datasets.WSOLDataset`), in batches
+    of :data:`GTFORMER_BATCH`: uri -> (image, class probabilities, coarse map), shared by every
+    candidate and matching setting (:func:`label_with_settings`)."""
+    from pro2sam.images import decode_image
+    from pro2sam.storage import read_bytes
+
+    outputs = {}
+    for split in splits:
+        for s0 in range(0, len(split.samples), GTFORMER_BATCH):
+            chunk = split.samples[s0 : s0 + GTFORMER_BATCH]
+            images = [decode_image(read_bytes(s.uri)) for s in chunk]
+            probs, maps = model.classify(images)
+            outputs.update({s.uri: (img, pr, cm) for s, img, pr, cm in zip(chunk, images, probs, maps)})
+    return outputs
+
+
+def label_with_settings(model, gt_outputs: dict[str, tuple], samples, candidates, matchings: dict) -> tuple[dict[str, list[dict]], float]:
+    """Labels-table rows of ``samples`` per matching setting (name -> ``MatchConfig``), and SAM's
+    and matching's seconds per image: SAM runs once per image with ``candidates`` (a
+    ``CandidateConfig``), its candidates matched under each setting; GTFormer's outputs are read
+    from ``gt_outputs`` (:func:`gtformer_outputs`). An image that fails is an error row of each
+    setting (scored wrong, as the job does)."""
+    from pro2sam.labels import error_row, ok_row
+
+    generator = model.with_settings(candidates=candidates)
+    choosers = {name: generator.with_settings(matching=m) for name, m in matchings.items()}
+    rows: dict[str, list[dict]] = {name: [] for name in matchings}
+    t0 = time.perf_counter()
+    for s in samples:
+        image, probs, coarse = gt_outputs[s.uri]
+        try:
+            found = generator.generator.generate(image, coarse_map=coarse)
+            for name, chooser in choosers.items():
+                result = chooser.choose(image, probs, coarse, found, label=str(s.label))
+                rows[name].append(ok_row(s.image_id, s.uri, str(s.label), result, model_ids=model.model_ids, run_id="bench"))
+        except Exception as e:
+            for name in matchings:
+                rows[name].append(error_row(s.image_id, s.uri, str(s.label), f"{type(e).__name__}: {e}", kind="model", run_id="bench"))
+    return rows, (time.perf_counter() - t0) / max(1, len(samples))
+
+
 def part_held(rows: list[dict], seed: int, split: str, regime: str = "part") -> float:
     """Percent of rows whose mask holds at least half of the pixels of its scene's class part
     (``make_scene`` of the split's stream, index from the file name); error rows hold nothing."""
@@ -337,6 +352,7 @@ def _rule(m) -> str:
     return f"part-to-object (agreement {m.agreement:g}, containment {m.containment:g})" if m.part_to_object else "plain IoU"
 
 
+GTFORMER_BATCH = 32  # images per GTFormer call
 GTFORMER_KEYS = tuple(k for k in SUMMARY_METRICS if k != "fallback_rate")
 PRO2SAM_KEYS = (*(k for k in SUMMARY_METRICS if k != "MaxBoxAccV2"), BOX_ACCURACY["Pro2SAM"])
 # Issue 12's targets on the 500-image test split (GT-known and its gain, Top-1 Cls, Top-1 Loc).

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_quality import _fmt, _gained_lost, part_held  # noqa: E402
+from bench_quality import _fmt, _gained_lost, gtformer_outputs, label_with_settings, part_held  # noqa: E402
 
 GRID = 16
 
@@ -57,12 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     from pro2sam.candidates import CandidateConfig
     from pro2sam.datasets import open_dataset
     from pro2sam.evaluation import evaluate_predictions, evaluate_with_heldout
-    from pro2sam.images import decode_image
-    from pro2sam.labels import error_row, ok_row
     from pro2sam.matching import MatchConfig
     from pro2sam.model import Pro2SAM
     from pro2sam.report import BOX_ACCURACY
-    from pro2sam.storage import read_bytes
     from pro2sam.synthetic import write_wsol_dataset
     from pro2sam.tuning import load_settings
 
@@ -99,37 +96,17 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
 
-        outputs = {}  # uri -> (image, probs, coarse map): GTFormer once per image
-        for split in (heldout, test):
-            for s0 in range(0, len(split.samples), 32):
-                chunk = split.samples[s0 : s0 + 32]
-                images = [decode_image(read_bytes(s.uri)) for s in chunk]
-                probs, maps = model.classify(images)
-                outputs.update({s.uri: (img, pr, cm) for s, img, pr, cm in zip(chunk, images, probs, maps)})
-
+        outputs = gtformer_outputs(model, (heldout, test))
         # SAM once per image and candidate setting; each method's matching on those candidates.
         by_candidates: dict[CandidateConfig, dict[str, MatchConfig]] = {}
         for name, (cands, match) in methods.items():
             by_candidates.setdefault(cands, {})[name] = match
-        rows = {name: {"val": [], "test": []} for name in methods}
+        rows: dict[str, dict[str, list[dict]]] = {name: {} for name in methods}
         for cands, matchings in by_candidates.items():
-            generator = model.with_settings(candidates=cands)
-            choosers = {name: generator.with_settings(matching=m) for name, m in matchings.items()}
             for split_name, split in (("val", heldout), ("test", test)):
-                for s in split.samples:
-                    image, probs, coarse = outputs[s.uri]
-                    try:
-                        found = generator.generator.generate(image, coarse_map=coarse)
-                        for name, chooser in choosers.items():
-                            result = chooser.choose(image, probs, coarse, found, label=str(s.label))
-                            rows[name][split_name].append(
-                                ok_row(s.image_id, s.uri, str(s.label), result, model_ids=model.model_ids, run_id="bench")
-                            )
-                    except Exception as e:  # an image that fails is scored wrong, as the job does
-                        for name in matchings:
-                            rows[name][split_name].append(
-                                error_row(s.image_id, s.uri, str(s.label), f"{type(e).__name__}: {e}", kind="model", run_id="bench")
-                            )
+                labelled, _ = label_with_settings(model, outputs, split.samples, cands, matchings)
+                for name, split_rows in labelled.items():
+                    rows[name][split_name] = split_rows
 
         reports = {name: evaluate_with_heldout(heldout, r["val"], test, r["test"]) for name, r in rows.items()}
         gt = reports["authors' rule"].results["GTFormer"]

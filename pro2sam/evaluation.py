@@ -264,6 +264,26 @@ class _Image:
 # ---------------------------------------------------------------- one scorer per method
 
 
+def _add_without_prediction(image: _Image, box_accumulators: tuple, pxap: PxAPEvaluator) -> float | None:
+    """Count an image without a prediction, as every scorer does: in the denominators of
+    ``box_accumulators`` (those not None) where it has boxes, and with an all-zero score map in
+    ``pxap`` where it has a mask.
+
+    Returns:
+        The mask IoU of predicting nothing, for the scorer's per-image IoUs; None without a
+        mask or where that IoU is undefined (an empty GT mask).
+    """
+    if image.has_boxes:
+        for acc in box_accumulators:
+            if acc is not None:
+                acc.num_images += 1
+    if image.mask is None:
+        return None
+    pxap.accumulate(np.zeros(image.mask.shape, dtype=np.float64), image.mask, image.ignore)
+    iou_nothing = mask_iou(np.zeros_like(image.mask), image.mask, image.ignore)
+    return None if math.isnan(iou_nothing) else iou_nothing
+
+
 class GTFormerScorer:
     """GTFormer's numbers on one split, from the rows' coarse maps: its largest-contour box and its
     mask at every tau of the grid (the curves), and at ``cam_threshold`` where given.
@@ -323,16 +343,10 @@ class GTFormerScorer:
 
     def add_wrong(self, image: _Image) -> None:
         """An image without a prediction: in every denominator, in no numerator."""
-        if image.has_boxes:
-            for acc in (self.loc, self.own_loc, self.box_acc):
-                if acc is not None:
-                    acc.num_images += 1
-        if image.mask is not None:
-            self.pxap.accumulate(np.zeros(image.mask.shape, dtype=np.float64), image.mask, image.ignore)
-            iou_nothing = mask_iou(np.zeros_like(image.mask), image.mask, image.ignore)
-            if not math.isnan(iou_nothing):
-                self.iou_n += 1
-                self.iou_at.append(iou_nothing)
+        iou_nothing = _add_without_prediction(image, (self.loc, self.own_loc, self.box_acc), self.pxap)
+        if iou_nothing is not None:
+            self.iou_n += 1
+            self.iou_at.append(iou_nothing)
 
     def scores(self, counts: _Counts, boxacc_taus: Mapping[int, float] | None) -> dict:
         """The method's numbers (percent), after the classification ones of ``counts``."""
@@ -407,15 +421,9 @@ class Pro2SAMScorer:
 
     def add_wrong(self, image: _Image) -> None:
         """An image without a prediction: in every denominator, in no numerator."""
-        if image.has_boxes:
-            for acc in (self.loc, self.own_loc):
-                if acc is not None:
-                    acc.num_images += 1
-        if image.mask is not None:
-            self.pxap.accumulate(np.zeros(image.mask.shape, dtype=np.float64), image.mask, image.ignore)
-            iou_nothing = mask_iou(np.zeros_like(image.mask), image.mask, image.ignore)
-            if not math.isnan(iou_nothing):
-                self.iou.append(iou_nothing)
+        iou_nothing = _add_without_prediction(image, (self.loc, self.own_loc), self.pxap)
+        if iou_nothing is not None:
+            self.iou.append(iou_nothing)
 
     def scores(self, counts: _Counts, boxacc_taus: Mapping[int, float] | None = None) -> dict:
         """The method's numbers (percent), after the classification ones of ``counts``."""

@@ -297,33 +297,22 @@ def read_file(
         ReadError: storage failed ``attempts`` times, the file changed during each of
             ``attempts`` reads, or the read took over ``timeout_s``.
     """
-    for attempt in range(attempts):
-        try:
-            if not is_remote(uri):
-                return _read_local(canonical_uri(uri), max_bytes, timeout_s)
-            fs, path = filesystem(uri)
-            with fs.open(path, "rb") as f:
-                size = getattr(f, "size", None)
-                if max_bytes is not None and size is not None and size > max_bytes:
-                    raise InputError(_too_large(uri, size, max_bytes))
-                data = _read_chunks(f, uri, max_bytes, timeout_s)
-                if size is not None and len(data) != size:
-                    raise _ChangedWhileRead(f"{uri} changed while it was read: {size} bytes when opened, {len(data)} read")
-                details = getattr(f, "details", None)
-                return data, _remote_fingerprint(details) if isinstance(details, dict) else None
-        except (FileNotFoundError, InputError):
-            raise
-        except _ChangedWhileRead:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(backoff_s * 2**attempt)
-        except PermissionError as e:
-            raise ReadError(f"permission denied: {uri}: {e}") from None
-        except Exception as e:
-            if attempt == attempts - 1 or isinstance(e, ReadError):
-                raise ReadError(_describe(uri, e)) from None
-            time.sleep(backoff_s * 2**attempt)
-    raise AssertionError("unreachable")
+
+    def read() -> tuple[bytes, str | None]:
+        if not is_remote(uri):
+            return _read_local(canonical_uri(uri), max_bytes, timeout_s)
+        fs, path = filesystem(uri)
+        with fs.open(path, "rb") as f:
+            size = getattr(f, "size", None)
+            if max_bytes is not None and size is not None and size > max_bytes:
+                raise InputError(_too_large(uri, size, max_bytes))
+            data = _read_chunks(f, uri, max_bytes, timeout_s)
+            if size is not None and len(data) != size:
+                raise _ChangedWhileRead(f"{uri} changed while it was read: {size} bytes when opened, {len(data)} read")
+            details = getattr(f, "details", None)
+            return data, _remote_fingerprint(details) if isinstance(details, dict) else None
+
+    return _retrying(read, uri, attempts, backoff_s)
 
 
 def read_range(
@@ -336,16 +325,36 @@ def read_range(
         FileNotFoundError: no such file or object (not retried).
         ReadError: storage failed ``attempts`` times, or the read took over ``timeout_s``.
     """
+
+    def read() -> bytes:
+        if not is_remote(uri):
+            with open(canonical_uri(uri), "rb") as f:
+                f.seek(start)
+                return _read_chunks(_Bounded(f, end - start), uri, None, timeout_s)
+        fs, path = filesystem(uri)
+        return fs.cat_file(path, start=start, end=end)
+
+    return _retrying(read, uri, attempts, backoff_s)
+
+
+def _retrying(read, uri: str, attempts: int, backoff_s: float):
+    """``read()``'s result, tried up to ``attempts`` times with pauses of ``backoff_s``, twice
+    as long each time: the one retry policy of :func:`read_file` and :func:`read_range`.
+
+    A missing file and an input that can never be read (:class:`InputError`) end it at once, as
+    does a denied permission or a :class:`ReadError` of ``read``'s own (a timeout), both raised
+    as :class:`ReadError`; a file that changed while it was read is raised as it is after the
+    last attempt; any other failure becomes a :class:`ReadError` naming ``uri`` and its endpoint.
+    """
     for attempt in range(attempts):
         try:
-            if not is_remote(uri):
-                with open(canonical_uri(uri), "rb") as f:
-                    f.seek(start)
-                    return _read_chunks(_Bounded(f, end - start), uri, None, timeout_s)
-            fs, path = filesystem(uri)
-            return fs.cat_file(path, start=start, end=end)
-        except FileNotFoundError:
+            return read()
+        except (FileNotFoundError, InputError):
             raise
+        except _ChangedWhileRead:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(backoff_s * 2**attempt)
         except PermissionError as e:
             raise ReadError(f"permission denied: {uri}: {e}") from None
         except Exception as e:

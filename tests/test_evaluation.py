@@ -224,6 +224,19 @@ def test_pxap_and_miou_with_masks_and_heldout_selection_by_miou(tmp_path):
     assert "| PxAP | mIoU |" in report_markdown(report)
 
 
+def test_an_image_with_a_mask_and_no_prediction_counts_as_iou_zero_for_both_methods(tmp_path):
+    # Two test images, GT mask B: img0's row predicts A (IoU |B| / |A| = 4%), img1 has an error row (IoU 0)
+    b = _mask_png(tmp_path / "b.png", B)
+    test = WSOLDataset("toy", "test", ["c0"], [_sample(0, 0, mask_uri=b), _sample(1, 0, mask_uri=b)])
+    r = evaluate_predictions(test, [_row(0, [0], mask=A), _error(1)], cam_threshold=0.0)
+    assert (r.num_images, r.num_with_masks, r.num_error_rows) == (2, 2, 1)
+    assert r.results["Pro2SAM"]["mIoU"] == pytest.approx(2.0)
+    assert r.results["GTFormer"]["mIoU"] == pytest.approx(2.0)  # its mask at tau 0.0 is A
+    # its curve: tau 0.0 keeps A (4%), tau 0.5 keeps B (100%); the error row is 0 at every tau
+    curve = dict(zip(r.curves["taus"], r.curves["GTFormer_mIoU"]))
+    assert curve[0.0] == pytest.approx(2.0) and curve[0.5] == pytest.approx(50.0)
+
+
 def test_miou_by_cut_matches_mask_iou():
     rng = np.random.default_rng(0)
     q = rng.integers(0, 256, size=(32, 32)).astype(np.uint8)

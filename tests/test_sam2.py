@@ -1,11 +1,13 @@
 """SAM 2.1 through the stage-2 seam, against SAM 2's own ``SAM2AutomaticMaskGenerator``.
 
-A random-weight SAM 2.1 hiera tiny (the official architecture at 1024 px, seed 0): its logits
-stay within about +-0.6 and its predicted IoUs near 0.5, so the default filters (0.8 / 0.95 with
-offset 1.0) keep nothing and its masks' boxes mostly cover the frame (NMS keeps one). The
-thresholds here are lowered so that masks exist, and NMS is off where every mask is compared:
-these tests check that we decode, filter and upsample as SAM 2's code does, not that masks are
-good.
+A random-weight SAM 2.1 hiera tiny (seed 0): the official architecture, its tensors those of the
+1024 px build, run at a 256 px input (``image_size`` is a config value: Hiera interpolates its
+positional embeddings and every feature size follows from it), sixteen times fewer pixels to
+encode; the official 1024 px build reads the checkpoints. Its logits stay within about +-0.6 and
+its predicted IoUs near 0.5, so the default filters (0.8 / 0.95 with offset 1.0) keep nothing
+and its masks' boxes mostly cover the frame (NMS keeps one). The thresholds here are lowered so
+that masks exist, and NMS is off where every mask is compared: these tests check that we decode,
+filter and upsample as SAM 2's code does, not that masks are good.
 """
 
 import numpy as np
@@ -16,7 +18,7 @@ from test_candidates import mask_iou, synthetic_image
 
 from pro2sam.candidates import CandidateConfig, GridCandidateGenerator
 from pro2sam.checkpoints import CheckpointError
-from pro2sam.sam import build_sam
+from pro2sam.sam import build_sam, build_sam2_model
 
 # Every mask of a 4x4 grid (48) reaches the end: predicted-IoU and stability filters off, NMS off;
 # an offset of 0.05 because the random logits are of order 0.5 (the default 1.0 gives 0 always).
@@ -24,11 +26,23 @@ EVERY_MASK = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh
                   box_nms_thresh=1.0)  # fmt: skip
 # Our decoder reorders SAM 2's float32 sums: predicted IoUs move by ~1e-7; 1e-4 leaves room.
 PRED_IOU_ATOL = 1e-4
+# SAM input side of the tests' model, a multiple of 32 (Hiera's strides reach 32; its first
+# windows are 8 tokens of stride 4).
+IMAGE_SIZE = 256
 
 
 @pytest.fixture(scope="module")
 def sam2_tiny():
-    return build_sam("sam2.1_hiera_tiny", seed=0)
+    return build_sam2_model("sam2.1_hiera_tiny", seed=0, hydra_overrides=(f"++model.image_size={IMAGE_SIZE}",))
+
+
+def sam2_generator(model, **options) -> SAM2AutomaticMaskGenerator:
+    """SAM 2's own generator of ``model``; its predictor's backbone feature sizes are fixed for
+    1024 px (``SAM2ImagePredictor._bb_feat_sizes``, facebookresearch/sam2 issue 138), so they are
+    set to ``model``'s: strides 4, 8 and 16 of its ``image_size``."""
+    generator = SAM2AutomaticMaskGenerator(model, **options)
+    generator.predictor._bb_feat_sizes = [(model.image_size // s,) * 2 for s in (4, 8, 16)]
+    return generator
 
 
 def by_point(records):
@@ -42,12 +56,12 @@ def by_point(records):
 
 def test_exact_path_gives_sam2s_own_masks_for_every_prompt(sam2_tiny):
     image = synthetic_image(120, 160, 0)
-    expected = by_point(SAM2AutomaticMaskGenerator(sam2_tiny, **EVERY_MASK).generate(image))
+    expected = by_point(sam2_generator(sam2_tiny, **EVERY_MASK).generate(image))
     exact = GridCandidateGenerator(sam2_tiny, CandidateConfig(mode="exact", **EVERY_MASK)).generate(image)
     fast = GridCandidateGenerator(sam2_tiny, CandidateConfig(mode="fast", **EVERY_MASK)).generate(image)
 
     assert len(exact) == sum(len(v) for v in expected.values()) == 48
-    assert fast.masks.shape[1:] == (256, 256)  # SAM 2's low-res grid covers the whole (square-resized) image
+    assert fast.masks.shape[1:] == (IMAGE_SIZE // 4,) * 2  # SAM 2's low-res grid covers the whole (square-resized) image
     for candidates in (exact, fast):
         for i in range(len(candidates)):
             # the reference's mask of the same point with this predicted IoU (three per point)
@@ -62,7 +76,7 @@ def test_exact_path_gives_sam2s_own_masks_for_every_prompt(sam2_tiny):
 def test_exact_path_keeps_what_sam2s_generator_keeps_with_its_filters_on(sam2_tiny):
     image = synthetic_image(140, 100, 1)
     filters = dict(points_per_side=4, pred_iou_thresh=0.5, stability_score_thresh=0.2, stability_score_offset=0.05)
-    expected = SAM2AutomaticMaskGenerator(sam2_tiny, **filters).generate(image)
+    expected = sam2_generator(sam2_tiny, **filters).generate(image)
     ours = GridCandidateGenerator(sam2_tiny, CandidateConfig(mode="exact", **filters)).generate(image)
     assert len(ours) == len(expected) > 0
     for i, ann in enumerate(expected):  # both in NMS order
@@ -76,7 +90,8 @@ def test_exact_path_keeps_what_sam2s_generator_keeps_with_its_filters_on(sam2_ti
 def test_sam2_checkpoint_round_trips_in_the_official_layout_and_another_architecture_is_refused(sam2_tiny, tmp_path):
     path = tmp_path / "sam2.1_hiera_tiny.pt"
     torch.save({"model": sam2_tiny.state_dict()}, path)  # the official files keep the weights under "model"
-    loaded = build_sam("sam2.1_hiera_tiny", path)
+    loaded = build_sam("sam2.1_hiera_tiny", path)  # the official build, at 1024 px: strictly the same tensors
+    assert loaded.image_size == 1024
     assert all(torch.equal(a, b) for a, b in zip(sam2_tiny.state_dict().values(), loaded.state_dict().values()))
     with pytest.raises(CheckpointError, match="does not fit the sam2.1_hiera_small architecture"):
         build_sam("sam2.1_hiera_small", path)
@@ -119,9 +134,10 @@ def test_sam2_prompts_none_of_whose_masks_pass_the_iou_filter_decode_to_nothing(
     from pro2sam.grid_decoder import GridDecoder
 
     torch.manual_seed(0)
-    embedding = torch.randn(1, 256, 64, 64)
-    high_res = [torch.randn(1, 32, 256, 256), torch.randn(1, 64, 128, 128)]
-    coords, labels = torch.rand(5, 1, 2) * 1024, torch.ones(5, 1, dtype=torch.int)
+    side = IMAGE_SIZE // 16  # the image embedding's; the high-res features are 4x and 2x finer
+    embedding = torch.randn(1, 256, side, side)
+    high_res = [torch.randn(1, 32, 4 * side, 4 * side), torch.randn(1, 64, 2 * side, 2 * side)]
+    coords, labels = torch.rand(5, 1, 2) * IMAGE_SIZE, torch.ones(5, 1, dtype=torch.int)
     for fast in (True, False):
         decoder = GridDecoder(sam2_tiny, fast=fast)
         decoder.set_image_embedding(embedding, high_res)

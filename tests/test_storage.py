@@ -27,6 +27,7 @@ from pro2sam.storage import (
     location_contains,
     read_bytes,
     read_file,
+    read_range,
     write_bytes_atomic,
 )
 
@@ -431,6 +432,31 @@ def test_a_stably_empty_file_reads_as_no_bytes(tmp_path):
     path = tmp_path / "empty.png"
     path.write_bytes(b"")
     assert read_file(str(path), attempts=1) == (b"", f"size=0 mtime_ns={os.stat(path).st_mtime_ns}")
+
+
+def test_a_range_read_gives_those_bytes_of_a_file_or_an_object_and_fewer_past_its_end(tmp_path, s3_bucket):
+    local, remote = tmp_path / "shard.tar", f"s3://{s3_bucket}/shards/shard.tar"
+    local.write_bytes(b"0123456789")
+    write_bytes_atomic(remote, b"0123456789")
+    for uri in (str(local), remote):
+        assert read_range(uri, 2, 5, attempts=1) == b"234"
+        assert read_range(uri, 8, 20, attempts=1) == b"89"
+
+
+def test_a_range_read_that_keeps_failing_is_tried_again_after_growing_pauses_then_a_read_error(tmp_path):
+    folder = tmp_path / "not_a_shard.tar"  # open() of a folder fails each time, as a broken store would
+    folder.mkdir()
+    started = time.monotonic()
+    with pytest.raises(ReadError, match=r"cannot access .*not_a_shard\.tar: IsADirectoryError"):
+        read_range(str(folder), 0, 10, attempts=3, backoff_s=0.2)
+    assert time.monotonic() - started >= 0.2 + 0.4
+
+
+def test_a_range_read_of_a_missing_file_is_file_not_found_at_once(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        read_range(str(tmp_path / "missing.tar"), 0, 10, attempts=3, backoff_s=5.0)
+    assert time.monotonic() - started < 5.0
 
 
 def _raises(fn):
