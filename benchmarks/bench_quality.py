@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_val": len(heldout.samples),
         "num_test": len(test.samples),
         "unseen_seed": None if args.skip_unseen else args.unseen_seed,
-        "thresholds": thresholds,
+        "thresholds": thresholds.to_dict(),
         "choice": choice,
         "choices_on_val": choices,
         "gained_lost": gained_lost,
