@@ -49,7 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--regimes", nargs="+", default=["part", "object"], help="regimes to run (default: %(default)s)")
     p.add_argument("--seed", type=int, help="data seed (default: the shipped models' seed; another for a seed used for no choice)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--sam-checkpoint", help="weights of the 'synthetic' SAM variant (default: the shipped SAM)")
+    p.add_argument("--settings", nargs="+", default=[], metavar="REGIME=FILE",
+                   help="the tuned settings of a regime (default: the package's shipped settings of each regime)")
     args = p.parse_args(argv)
+    settings_files = {}
+    for item in args.settings:
+        regime, sep, file = item.partition("=")
+        if not sep or not file:
+            p.error(f"--settings {item!r}: expected REGIME=FILE")
+        settings_files[regime] = file
 
     import torch
 
@@ -75,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     lines = [
         f"Synthetic world, seed {seed}, {args.num_test} test images per regime ({args.num_val} val images for the "
-        f"thresholds and calibration), grid {GRID}x{GRID}, the shipped SAM and each regime's shipped GTFormer.",
+        f"thresholds and calibration), grid {GRID}x{GRID}, "
+        f"{'SAM ' + args.sam_checkpoint if args.sam_checkpoint else 'the shipped SAM'} and each regime's shipped GTFormer.",
         "",
     ]
     for regime in args.regimes:
@@ -84,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
             args.workdir / regime / "data", num_train=0, num_val=args.num_val, num_test=args.num_test, seed=seed, regime=regime
         )
         heldout, test = open_dataset(data.spec("val")), open_dataset(data.spec("test"))
-        model = Pro2SAM.from_checkpoints(shipped.gtformer_dir(regime), sam=shipped.SAM_VARIANT, sam_checkpoint=shipped.sam_checkpoint())
-        tuned = load_settings(str(shipped.settings_file(regime)))
+        sam_checkpoint = args.sam_checkpoint or shipped.sam_checkpoint()
+        settings_file = settings_files.get(regime) or str(shipped.settings_file(regime))
+        model = Pro2SAM.from_checkpoints(shipped.gtformer_dir(regime), sam=shipped.SAM_VARIANT, sam_checkpoint=sam_checkpoint)
+        tuned = load_settings(settings_file)
         variant_candidates = CandidateConfig.for_variant(shipped.SAM_VARIANT, points_per_side=GRID)
         methods = {
             "authors' rule": (variant_candidates, MatchConfig(part_to_object=False)),
@@ -134,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 "fallback_rate": pro.get("fallback_rate"), **vs_authors,
             })  # fmt: skip
         seconds = time.perf_counter() - start
-        record["regimes"][regime] = {"table": table, "seconds": seconds, "tuned_settings": str(shipped.settings_file(regime))}
+        record["regimes"][regime] = {"table": table, "seconds": seconds, "tuned_settings": settings_file,
+                                     "sam_checkpoint": str(sam_checkpoint)}
         lines += [
             f"**{regime} regime** ({seconds:.0f} s)",
             "",
