@@ -8,7 +8,7 @@ low-resolution grid on the fast path). Boxes are ``(x0, y0, x1, y1)`` inclusive 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -171,7 +171,7 @@ def _downsample(masks: torch.Tensor, size: int) -> torch.Tensor:
 
 def match_masks(
     coarse_map: np.ndarray,
-    candidate_masks: np.ndarray,
+    candidate_masks: np.ndarray | Sequence[np.ndarray],
     pred_ious: np.ndarray,
     config: MatchConfig = MatchConfig(),
 ) -> Match:
@@ -179,44 +179,53 @@ def match_masks(
 
     Args:
         coarse_map: (h, w) float, GTFormer's coarse foreground map M_b in (0, 1), whole image.
-        candidate_masks: (N, H, W) bool, candidates over the whole image at any resolution.
+        candidate_masks: (N, H, W) bool, candidates over the whole image at any resolution; or
+            a sequence of N such (H, W) masks, each read once, in order (masks made on demand,
+            e.g. upsampled one at a time: :func:`match_at_full_resolution`).
         pred_ious: (N,) SAM's predicted IoU of each candidate; breaks ties in the score.
         config: similarity, thresholds and rejection rules.
 
     Returns:
         A :class:`Match`; ``index`` is None when there is no candidate or all were rejected.
     """
-    candidate_masks = np.asarray(candidate_masks, dtype=bool)
     n = len(candidate_masks)
     scores = np.full(n, np.nan)
     rejected = np.full(n, "", dtype=object)
     if n == 0:
         return Match(None, float("nan"), scores, rejected.astype(str))
 
-    min_area = min_component_area(candidate_masks.shape[1:], config.min_component_area)
-    for i, mask in enumerate(candidate_masks):
+    size = config.match_size or coarse_map.shape[0]
+    min_area = None
+    keep, downsampled, packed = [], [], []  # of the kept candidates
+    for i in range(n):
+        mask = np.asarray(candidate_masks[i], dtype=bool)
+        if min_area is None:
+            min_area = min_component_area(mask.shape, config.min_component_area)
         if not _has_component(mask, min_area):
             rejected[i] = "no component of the minimum area"
         elif config.reject_full_frame and _spans_frame(mask):
             rejected[i] = "box spans the whole frame"
-    keep = np.flatnonzero(rejected == "")
+        else:
+            keep.append(i)
+            downsampled.append(_downsample(torch.from_numpy(mask)[None], size)[0])
+            if config.part_to_object:  # completion compares the kept masks pixel by pixel
+                packed.append(np.packbits(mask.ravel()))
+    keep = np.asarray(keep, dtype=np.int64)
     rejected = rejected.astype(str)
     if len(keep) == 0:
         return Match(None, float("nan"), scores, rejected)
 
-    size = config.match_size or coarse_map.shape[0]
     continuous = torch.as_tensor(np.asarray(coarse_map, dtype=np.float32))
     if continuous.shape != (size, size):
         continuous = F.interpolate(continuous[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
     binary = (continuous > config.coarse_threshold).float()
-    candidates = _downsample(torch.from_numpy(candidate_masks[keep]), size)
-    scores[keep] = SIMILARITIES[config.similarity](binary, continuous, candidates).double().numpy()
+    scores[keep] = SIMILARITIES[config.similarity](binary, continuous, torch.stack(downsampled)).double().numpy()
 
     # Highest score first; among equal scores the higher predicted IoU wins.
     kept_scores = scores[keep]
     order = np.lexsort((-np.asarray(pred_ious, dtype=np.float64)[keep], -kept_scores))
     best = int(keep[order[0]])
-    chosen = _complete_to_object(best, keep, candidate_masks, scores, config) if config.part_to_object else best
+    chosen = _complete_to_object(best, keep, np.stack(packed), scores, config) if config.part_to_object else best
     return Match(chosen, float(scores[chosen]), scores, rejected, best_match=best)
 
 
@@ -229,10 +238,13 @@ def match_at_full_resolution(
 ) -> tuple[Match, np.ndarray | None]:
     """:func:`match_masks` of low-resolution candidates, decided as on full-resolution masks.
 
-    The candidates are scored on ``candidate_masks``; those whose score is within
+    Plain matching: the candidates are scored on ``candidate_masks``; those whose score is within
     :data:`FULL_RESOLUTION_MARGIN` of the best (the only ones that could win at full resolution)
     are scored again on ``full_resolution(i)``, and the best of those wins. With part-to-object
-    completion on, the low-resolution match stands (completion reads every candidate).
+    completion on, which compares the kept candidates pixel by pixel (a low-resolution cell more
+    or less moves a containment ratio across its threshold), everything is decided on the
+    full-resolution masks, upsampled one at a time; a mask empty at low resolution is empty at
+    full resolution (bilinear upsampling cannot exceed its cells), so it is not upsampled.
 
     Args:
         coarse_map, candidate_masks, pred_ious, config: as for :func:`match_masks`.
@@ -240,13 +252,18 @@ def match_at_full_resolution(
 
     Returns:
         The :class:`Match` (``scores`` at low resolution, those of the rescored candidates at
-        full resolution), and the chosen full-resolution mask (None when nothing was chosen).
+        full resolution; with completion, all at full resolution), and the chosen
+        full-resolution mask (None when nothing was chosen).
     """
+    if config.part_to_object:
+        filled = np.flatnonzero(np.asarray(candidate_masks).reshape(len(candidate_masks), -1).any(1))
+        if len(filled) == 0:
+            return match_masks(coarse_map, candidate_masks, pred_ious, config), None
+        match = match_masks(coarse_map, _FullResolution(full_resolution, len(candidate_masks), filled), pred_ious, config)
+        return match, (None if match.index is None else full_resolution(match.index))
     match = match_masks(coarse_map, candidate_masks, pred_ious, config)
     if match.index is None:
         return match, None
-    if config.part_to_object:
-        return match, full_resolution(match.index)
     contenders = np.flatnonzero(match.scores >= match.match_score - FULL_RESOLUTION_MARGIN)
     full = np.stack([full_resolution(int(i)) for i in contenders])
     refined = match_masks(coarse_map, full, np.asarray(pred_ious)[contenders], config)
@@ -260,16 +277,39 @@ def match_at_full_resolution(
     return Match(chosen, refined.match_score, scores, rejected, best_match=chosen), full[refined.index]
 
 
-def _complete_to_object(
-    best: int, keep: np.ndarray, masks: np.ndarray, scores: np.ndarray, config: MatchConfig
-) -> int:
-    """The object whose part ``best`` is (see :class:`MatchConfig`), climbing while one qualifies."""
-    flat = masks[keep].reshape(len(keep), -1)
-    areas = flat.sum(1)
+class _FullResolution:
+    """N candidates' full-resolution masks made on demand: ``full_resolution(i)`` for the
+    ``filled`` ones, an empty mask of the same frame for the others."""
+
+    def __init__(self, full_resolution: Callable[[int], np.ndarray], n: int, filled: np.ndarray) -> None:
+        self._full_resolution, self._n = full_resolution, n
+        self._filled = set(int(i) for i in filled)
+        self._empty = np.zeros_like(full_resolution(int(filled[0])), dtype=bool)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self._full_resolution(i) if i in self._filled else self._empty
+
+
+# set bits of each byte value
+_POPCOUNT = np.array([bin(v).count("1") for v in range(256)], dtype=np.uint8)
+
+
+def _complete_to_object(best: int, keep: np.ndarray, packed: np.ndarray, scores: np.ndarray, config: MatchConfig) -> int:
+    """The object whose part ``best`` is (see :class:`MatchConfig`), climbing while one qualifies.
+
+    Args:
+        keep: (K,) indices of the kept candidates; packed: (K, B) uint8, their masks'
+            pixels as bits (``np.packbits`` of the flattened mask), 1/8 of the memory of the
+            masks, whose overlaps are counted exactly.
+    """
+    areas = _POPCOUNT[packed].sum(1, dtype=np.int64)
     chosen, floor = best, config.agreement * scores[best]
     while True:
         i = int(np.flatnonzero(keep == chosen)[0])
-        inside = (flat & flat[i]).sum(1) / max(1, areas[i])
+        inside = _POPCOUNT[packed & packed[i]].sum(1, dtype=np.int64) / max(1, areas[i])
         container = (inside >= config.containment) & (areas >= config.min_growth * areas[i]) & (scores[keep] >= floor)
         if not container.any():
             return chosen
