@@ -104,7 +104,7 @@ def iter_inputs(
         if "{" in source and "}" in source and not fs.exists(path):
             entries = _expand(_brace_entries(source, expand_braces(source)), excluded, shard_label)
         elif manifest_format(path) and fs.isfile(path) and not (manifest_format(path) == "parquet" and is_image_table(source)):
-            entries = read_manifest_entries(fs, path, source, excluded)
+            entries = read_manifest_entries(source, excluded)
         elif fs.isdir(path):
             listed = list_remote(fs, path) if is_remote(source) else list_local(canonical_uri(source))
             entries = _expand(listed, excluded, shard_label)
