@@ -147,26 +147,30 @@ def _require(header: list[str], required: Sequence[str], source: str) -> None:
 
 
 def _csv_blocks(f, source: str, columns: list[str], required: Sequence[str]) -> Iterator[ManifestBlock]:
+    parse = pa_csv.ParseOptions(newlines_in_values=True)
     try:
-        header = pa_csv.open_csv(f).schema.names
-    except pa.ArrowInvalid as e:
-        if "empty" not in str(e).lower():
-            raise
-        header = []
-    f.seek(0)
-    _require(header, required, source)
-    present = [c for c in columns if c in header]
-    batches = pa_csv.open_csv(
-        f,
-        read_options=pa_csv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
-        parse_options=pa_csv.ParseOptions(newlines_in_values=True),
-        convert_options=pa_csv.ConvertOptions(
-            column_types={c: pa.string() for c in present}, include_columns=present,
-            strings_can_be_null=True, null_values=[""],
-        ),
-    )  # fmt: skip
-    types = {c: pa.string() for c in present}
-    yield from _blocks(batches, present, types, {}, source)
+        try:
+            header = pa_csv.open_csv(f, parse_options=parse).schema.names
+        except pa.ArrowInvalid as e:
+            if "empty" not in str(e).lower():
+                raise
+            header = []
+        f.seek(0)
+        _require(header, required, source)
+        present = [c for c in columns if c in header]
+        batches = pa_csv.open_csv(
+            f,
+            read_options=pa_csv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
+            parse_options=parse,
+            convert_options=pa_csv.ConvertOptions(
+                column_types={c: pa.string() for c in present}, include_columns=present,
+                strings_can_be_null=True, null_values=[""],
+            ),
+        )  # fmt: skip
+        yield from _blocks(batches, present, {c: pa.string() for c in present}, {}, source)
+    except pa.ArrowInvalid as e:  # with line breaks allowed in quotes, Arrow cannot say which line
+        place = _ragged_place(source) if "columns" in str(e) else None
+        raise ManifestError(source, str(e), place) from None
 
 
 def _parquet_blocks(f, source: str, columns: list[str], required: Sequence[str]) -> Iterator[ManifestBlock]:
@@ -215,18 +219,30 @@ def manifest_place(source: str, row: int) -> tuple[str, int]:
     line numbers)."""
     if manifest_format(source) != "csv":
         return ("row", row + 1)
+    for index, (line, _) in enumerate(_csv_records(source), start=-1):  # the header is record -1
+        if index == row:
+            return ("line", line)
+    return ("line", row + 2)
+
+
+def _csv_records(source: str) -> Iterator[tuple[int, list[str]]]:
+    """The CSV file's records, header first, as (the line each starts on, its cells); empty
+    lines skipped, as Arrow skips them."""
     fs, path = filesystem(source)
     with fs.open(path, "rb") as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline="") as text:
         reader = csv.reader(text)
-        records, end = -1, 0  # records met, the header being record -1; the line the last one ended on
-        for fields in reader:
+        end = 0  # the line the last record ended on
+        for cells in reader:
             start, end = end + 1, reader.line_num
-            if not fields:  # an empty line
-                continue
-            if records == row:
-                return ("line", start)
-            records += 1
-    return ("line", end + 1)
+            if cells:
+                yield start, cells
+
+
+def _ragged_place(source: str) -> tuple[str, int] | None:
+    """Where the first CSV record with more or fewer cells than the header is (None if none is)."""
+    records = _csv_records(source)
+    header = next(records, (0, []))[1]
+    return next((("line", line) for line, cells in records if len(cells) != len(header)), None)
 
 
 def resolve_manifest_uri(written: str, manifest: str) -> str:
