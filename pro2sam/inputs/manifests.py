@@ -9,7 +9,7 @@ manifests (:func:`pro2sam.datasets.read_manifest`: boxes, masks, sizes) are read
 - **CSV:** UTF-8 (a byte-order mark is dropped), a header line naming the columns, ``,``
   between cells, ``"`` quoting (a quoted cell may hold ``,`` and line breaks). Every cell is
   text: ``001`` or ``1e3`` stay what was written. Empty lines are skipped (before the header
-  too). A row with more or fewer cells than the header is an error.
+  too). A row with more or fewer cells than the header is an error (named by its line).
 - **Parquet:** cells keep the file's types; the schema's key-value metadata is handed on.
 - **Columns:** only the columns asked for are read; a manifest without a required one (an empty
   file has none) is refused, whether or not it has rows. A header with no rows is a manifest of
@@ -20,9 +20,9 @@ manifests (:func:`pro2sam.datasets.read_manifest`: boxes, masks, sizes) are read
   taken as written, any other is relative to the manifest's folder (for a remote manifest, the
   URI up to its last ``/``); either way it is then spelt as :func:`~pro2sam.storage.canonical_uri`
   spells it (local: absolute, ``.``/``..`` and links resolved; remote: the key as written).
-- **Where a row is** (:func:`manifest_place`): CSV rows by their line in the file (the header's
-  line is 1; empty lines and line breaks inside quotes count), Parquet rows by their row number
-  (from 1). Errors are :class:`ManifestError` naming the manifest and, where one row is at
+- **Where a row is** (:func:`manifest_place`): CSV rows by the line of the file they start on
+  (from 1, as an editor numbers them: the header, empty lines and line breaks inside quotes
+  count), Parquet rows by their row number (from 1). Errors are :class:`ManifestError` naming the manifest and, where one row is at
   fault, its line or row; Arrow's own parse errors are named with the manifest.
 """
 
@@ -212,8 +212,8 @@ def _cell(value):
 
 def manifest_place(source: str, row: int) -> tuple[str, int]:
     """Where the manifest's row ``row`` (from 0, as :attr:`ManifestBlock.first_row` counts) is:
-    ``("line", n)`` in a CSV file (the header's line is 1; empty lines and line breaks inside
-    quotes count), ``("row", n)`` in a Parquet file (from 1).
+    ``("line", n)`` in a CSV file (the line it starts on, from 1: the header, empty lines and
+    line breaks inside quotes count), ``("row", n)`` in a Parquet file (from 1).
 
     A CSV file is read again up to that row (errors are rare; a stream of blocks does not keep
     line numbers)."""
