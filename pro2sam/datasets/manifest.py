@@ -51,7 +51,7 @@ def read_manifest(uri: str, *, class_names: Sequence[str] | None = None) -> WSOL
         DatasetError: a missing or unreadable file, no ``uri``/``label`` column (even without rows),
             an empty ``uri`` or ``label``, an unknown class name, an unparsable number, a box
             outside ``width``/``height``, conflicting labels for one image. The message names the
-            CSV line (the header is line 1) or the Parquet row (from 1).
+            line a CSV row starts on (``FILE:LINE: ...``) or the Parquet row (``FILE row N: ...``).
     """
     source = os.fspath(uri)
     if "://" not in source:
