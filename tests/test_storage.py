@@ -237,19 +237,19 @@ def test_a_single_object_is_an_input_of_one_image(s3_bucket):
 
 
 @pytest.mark.parametrize(
-    "name, content, words",
+    "name, content, place, words",
     [
-        ("m.csv", b"uri,label\na.png,x\nb.png,y,z\n", "Expected 2 columns, got 3: b.png,y,z"),
-        ("m.csv", b"uri,label\na.png,\xff\xfe\n", "invalid UTF8"),
-        ("m.parquet", b"uri\na.png\n", "Parquet magic bytes not found"),
+        ("m.csv", b"uri,label\na.png,x\n\nb.png,y,z\n", " line 4", "Expected 2 columns, got 3: b.png,y,z"),
+        ("m.csv", b"uri,label\na.png,\xff\xfe\n", "", "invalid UTF8"),
+        ("m.parquet", b"uri\na.png\n", "", "Parquet magic bytes not found"),
     ],
 )
-def test_every_manifest_parse_error_names_the_manifest(tmp_path, name, content, words):
+def test_every_manifest_parse_error_names_the_manifest_and_a_ragged_row_its_line(tmp_path, name, content, place, words):
     manifest = tmp_path / name
     manifest.write_bytes(content)
     with pytest.raises(ValueError) as refused:
         list_inputs(str(manifest))
-    assert str(refused.value).startswith(f"manifest {manifest}: ") and words in str(refused.value)
+    assert str(refused.value).startswith(f"manifest {manifest}{place}: ") and words in str(refused.value)
 
 
 def test_manifest_rows_get_the_fingerprints_a_folder_listing_gives_only_when_asked(folder, tmp_path):

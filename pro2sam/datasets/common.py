@@ -65,13 +65,17 @@ MANIFEST_COLUMNS = pa.schema(
 
 
 class DatasetError(ValueError):
-    """Malformed or inconsistent data-set metadata; the message names the file and line."""
+    """Malformed or inconsistent data-set metadata; the message names the file and the line (a
+    text file: ``FILE:LINE: REASON``) or row (a Parquet file: ``FILE row ROW: REASON``), where
+    known. ``reason`` is the message without them."""
 
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None) -> None:
-        where = f"{file}:{line}: " if file and line else f"{file}: " if file else ""
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None, row: int | None = None) -> None:
+        where = f"{file}:{line}: " if file and line else f"{file} row {row}: " if file and row else f"{file}: " if file else ""
         super().__init__(where + message)
+        self.reason = message
         self.file = file
         self.line = line
+        self.row = row
 
 
 @dataclass(frozen=True)

@@ -63,8 +63,8 @@ def iter_inputs(
     Args:
         source: a prefix (folder) listed recursively, hidden files skipped; or a manifest, a
             ``.csv`` or ``.parquet`` file (the suffix in any case) with a ``uri`` column and an
-            optional ``label`` column, both read as strings; relative manifest URIs are taken
-            relative to the manifest; or a WebDataset shard ``.tar``, a brace pattern of shards,
+            optional ``label`` column, both read as text, read by the rules of
+            :mod:`.manifests` (relative URIs are relative to the manifest); or a WebDataset shard ``.tar``, a brace pattern of shards,
             a Parquet table of images (the module's rules). Any other file is one image.
         exclude_prefix: a prefix whose files are never inputs (the job's own output folder): a
             folder listing skips them, a manifest that names one is refused.
@@ -94,9 +94,10 @@ def iter_inputs(
 
     Raises:
         StorageError: the source cannot be reached or does not exist (also while iterating).
-        ValueError: a malformed manifest (no ``uri`` column, a null or non-string URI, a row that
-            does not parse, a URI under ``exclude_prefix``; each naming the manifest, and the line
-            where it is known), possibly while iterating.
+        ValueError: a malformed manifest (:class:`.manifests.ManifestError`: no ``uri`` column,
+            an empty or non-string URI, a row that does not parse, a URI under ``exclude_prefix``;
+            each naming the manifest, and the line or row where one is at fault), possibly while
+            iterating.
     """
     excluded = canonical_uri(exclude_prefix) if exclude_prefix else None
     try:
@@ -104,7 +105,7 @@ def iter_inputs(
         if "{" in source and "}" in source and not fs.exists(path):
             entries = _expand(_brace_entries(source, expand_braces(source)), excluded, shard_label)
         elif manifest_format(path) and fs.isfile(path) and not (manifest_format(path) == "parquet" and is_image_table(source)):
-            entries = read_manifest_entries(fs, path, source, excluded)
+            entries = read_manifest_entries(source, excluded)
         elif fs.isdir(path):
             listed = list_remote(fs, path) if is_remote(source) else list_local(canonical_uri(source))
             entries = _expand(listed, excluded, shard_label)
