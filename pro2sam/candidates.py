@@ -204,8 +204,9 @@ class Candidates:
         point_coords: (N, 2) float64, the (x, y) grid point that prompted each mask, original pixels.
         multimask_index: (N,) int64, which of SAM's three multimask outputs (0..2) each mask is.
         boxes_xyxy: (N, 4) int64 inclusive box of each mask in original pixels ([0, 0, 0, 0]
-            for an empty mask). Fast mode: from the low-resolution mask, so within about one
-            low-resolution cell of the full-resolution box.
+            for an empty mask). Fast mode: that of the full-resolution mask, found from the
+            lines next to the low-resolution box's edges (up to float rounding); with the 224
+            option, from the low-resolution mask (within about one cell).
         image_size: (H, W) of the original image.
         mode: "fast" or "exact".
         num_grid_points: how many grid points were decoded (after pruning).
@@ -229,6 +230,9 @@ class Candidates:
     _low_res_logits: torch.Tensor | None = field(default=None, repr=False)
     _frames: Frames | None = field(default=None, repr=False)
     _mask_threshold: float = field(default=0.0, repr=False)
+    # What matching derived from these candidates under one set of rejection rules (see
+    # pro2sam.matching.match_at_full_resolution's ``cache``): several matching rules, one upsampling.
+    match_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.pred_ious)

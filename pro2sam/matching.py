@@ -169,34 +169,31 @@ def _downsample(masks: torch.Tensor, size: int) -> torch.Tensor:
     return (resized[:, 0] > 0).float()
 
 
-def match_masks(
-    coarse_map: np.ndarray,
-    candidate_masks: np.ndarray | Sequence[np.ndarray],
-    pred_ious: np.ndarray,
-    config: MatchConfig = MatchConfig(),
-) -> Match:
-    """Score every candidate against the coarse map and pick the best.
+@dataclass(frozen=True)
+class _Prepared:
+    """What matching derives from the candidates before any score: which are rejected and why,
+    the kept ones downsampled to the matching grid, and (for completion) their pixels as bits.
 
-    Args:
-        coarse_map: (h, w) float, GTFormer's coarse foreground map M_b in (0, 1), whole image.
-        candidate_masks: (N, H, W) bool, candidates over the whole image at any resolution; or
-            a sequence of N such (H, W) masks, each read once, in order (masks made on demand,
-            e.g. upsampled one at a time: :func:`match_at_full_resolution`).
-        pred_ious: (N,) SAM's predicted IoU of each candidate; breaks ties in the score.
-        config: similarity, thresholds and rejection rules.
-
-    Returns:
-        A :class:`Match`; ``index`` is None when there is no candidate or all were rejected.
+    Attributes:
+        rejected: (N,) str, why each candidate was rejected ("" for kept ones).
+        keep: (K,) int64 indices of the kept candidates.
+        downsampled: (K, s, s) float32 0/1, the kept masks on the matching grid.
+        packed: (K, B) uint8, ``np.packbits`` of each kept mask, flattened: 1/8 of the masks'
+            memory, their overlaps counted exactly.
     """
-    n = len(candidate_masks)
-    scores = np.full(n, np.nan)
-    rejected = np.full(n, "", dtype=object)
-    if n == 0:
-        return Match(None, float("nan"), scores, rejected.astype(str))
 
-    size = config.match_size or coarse_map.shape[0]
+    rejected: np.ndarray
+    keep: np.ndarray
+    downsampled: torch.Tensor
+    packed: np.ndarray
+
+
+def _prepare(candidate_masks, config: MatchConfig, size: int) -> _Prepared:
+    """Read each candidate once, in order: reject, downsample and pack the kept ones."""
+    n = len(candidate_masks)
+    rejected = np.full(n, "", dtype=object)
     min_area = None
-    keep, downsampled, packed = [], [], []  # of the kept candidates
+    keep, downsampled, packed = [], [], []
     for i in range(n):
         mask = np.asarray(candidate_masks[i], dtype=bool)
         if min_area is None:
@@ -208,10 +205,52 @@ def match_masks(
         else:
             keep.append(i)
             downsampled.append(_downsample(torch.from_numpy(mask)[None], size)[0])
-            if config.part_to_object:  # completion compares the kept masks pixel by pixel
-                packed.append(np.packbits(mask.ravel()))
-    keep = np.asarray(keep, dtype=np.int64)
-    rejected = rejected.astype(str)
+            packed.append(np.packbits(mask.ravel()))
+    return _Prepared(
+        rejected=rejected.astype(str),
+        keep=np.asarray(keep, dtype=np.int64),
+        downsampled=torch.stack(downsampled) if downsampled else torch.zeros((0, size, size)),
+        packed=np.stack(packed) if packed else np.zeros((0, 0), np.uint8),
+    )
+
+
+def match_masks(
+    coarse_map: np.ndarray,
+    candidate_masks: np.ndarray | Sequence[np.ndarray],
+    pred_ious: np.ndarray,
+    config: MatchConfig = MatchConfig(),
+    *,
+    cache: dict | None = None,
+) -> Match:
+    """Score every candidate against the coarse map and pick the best.
+
+    Args:
+        coarse_map: (h, w) float, GTFormer's coarse foreground map M_b in (0, 1), whole image.
+        candidate_masks: (N, H, W) bool, candidates over the whole image at any resolution; or
+            a sequence of N such (H, W) masks, each read once, in order (masks made on demand,
+            e.g. upsampled one at a time: :func:`match_at_full_resolution`).
+        pred_ious: (N,) SAM's predicted IoU of each candidate; breaks ties in the score.
+        config: similarity, thresholds and rejection rules.
+        cache: a dict kept with these same candidates (empty at first): what does not depend on
+            the scoring and completion rules is derived once and reused by the next call with
+            other rules (``pro2sam tune`` matches each image's candidates under many).
+
+    Returns:
+        A :class:`Match`; ``index`` is None when there is no candidate or all were rejected.
+    """
+    n = len(candidate_masks)
+    scores = np.full(n, np.nan)
+    if n == 0:
+        return Match(None, float("nan"), scores, np.full(0, "", dtype=str))
+
+    size = config.match_size or coarse_map.shape[0]
+    key = (config.min_component_area, config.reject_full_frame, size)
+    prepared = None if cache is None else cache.get(key)
+    if prepared is None:
+        prepared = _prepare(candidate_masks, config, size)
+        if cache is not None:
+            cache[key] = prepared
+    keep, rejected = prepared.keep, prepared.rejected.copy()
     if len(keep) == 0:
         return Match(None, float("nan"), scores, rejected)
 
@@ -219,13 +258,13 @@ def match_masks(
     if continuous.shape != (size, size):
         continuous = F.interpolate(continuous[None, None], size=(size, size), mode="bilinear", align_corners=False)[0, 0]
     binary = (continuous > config.coarse_threshold).float()
-    scores[keep] = SIMILARITIES[config.similarity](binary, continuous, torch.stack(downsampled)).double().numpy()
+    scores[keep] = SIMILARITIES[config.similarity](binary, continuous, prepared.downsampled).double().numpy()
 
     # Highest score first; among equal scores the higher predicted IoU wins.
     kept_scores = scores[keep]
     order = np.lexsort((-np.asarray(pred_ious, dtype=np.float64)[keep], -kept_scores))
     best = int(keep[order[0]])
-    chosen = _complete_to_object(best, keep, np.stack(packed), scores, config) if config.part_to_object else best
+    chosen = _complete_to_object(best, keep, prepared.packed, scores, config) if config.part_to_object else best
     return Match(chosen, float(scores[chosen]), scores, rejected, best_match=best)
 
 
@@ -235,6 +274,8 @@ def match_at_full_resolution(
     pred_ious: np.ndarray,
     full_resolution: Callable[[int], np.ndarray],
     config: MatchConfig = MatchConfig(),
+    *,
+    cache: dict | None = None,
 ) -> tuple[Match, np.ndarray | None]:
     """:func:`match_masks` of low-resolution candidates, decided as on full-resolution masks.
 
@@ -249,6 +290,8 @@ def match_at_full_resolution(
     Args:
         coarse_map, candidate_masks, pred_ious, config: as for :func:`match_masks`.
         full_resolution: candidate index -> its (H, W) bool mask in the original frame.
+        cache: a dict kept with these candidates (``Candidates.match_cache``): with completion,
+            the full-resolution masks are upsampled once for every rule matched on them.
 
     Returns:
         The :class:`Match` (``scores`` at low resolution, those of the rescored candidates at
@@ -259,7 +302,8 @@ def match_at_full_resolution(
         filled = np.flatnonzero(np.asarray(candidate_masks).reshape(len(candidate_masks), -1).any(1))
         if len(filled) == 0:
             return match_masks(coarse_map, candidate_masks, pred_ious, config), None
-        match = match_masks(coarse_map, _FullResolution(full_resolution, len(candidate_masks), filled), pred_ious, config)
+        full = _FullResolution(full_resolution, len(candidate_masks), filled)
+        match = match_masks(coarse_map, full, pred_ious, config, cache=None if cache is None else cache.setdefault("full", {}))
         return match, (None if match.index is None else full_resolution(match.index))
     match = match_masks(coarse_map, candidate_masks, pred_ious, config)
     if match.index is None:

@@ -296,7 +296,8 @@ class Pro2SAM:
         names = [self.class_names[i] for i in top] if self.class_names else None
         if candidates.mode == "fast":  # decided as on full-resolution masks
             match, mask = match_at_full_resolution(
-                coarse_map, candidates.masks, candidates.pred_ious, candidates.full_resolution_mask, self.match_config
+                coarse_map, candidates.masks, candidates.pred_ious, candidates.full_resolution_mask, self.match_config,
+                cache=candidates.match_cache,
             )
         else:
             match = match_masks(coarse_map, candidates.masks, candidates.pred_ious, self.match_config)

@@ -218,3 +218,29 @@ def test_full_resolution_is_asked_only_for_candidates_that_could_win():
 
     match, mask = match_at_full_resolution(coarse, masks, np.array([0.9, 0.95]), full, MatchConfig(part_to_object=False))
     assert match.index == 0 and asked == [0] and np.array_equal(mask, masks[0])
+
+
+def test_a_cache_kept_with_the_candidates_gives_every_rule_the_match_it_would_have_alone():
+    """pro2sam tune matches each image's candidates under many rules: what the rules share is
+    derived once (the cache), and each rule still gets its own answer."""
+    from pro2sam.matching import match_masks
+
+    rng = np.random.default_rng(3)
+    masks = np.zeros((12, 56, 56), dtype=bool)
+    for i, (y, x, r) in enumerate(zip(rng.integers(8, 48, 12), rng.integers(8, 48, 12), rng.integers(2, 20, 12))):
+        yy, xx = np.mgrid[:56, :56]
+        masks[i] = (yy - y) ** 2 + (xx - x) ** 2 <= r**2
+    masks[3] = masks[2] | masks[4]  # a container of two others, for completion
+    coarse = rng.random((14, 14)).astype(np.float32)
+    pred_ious = rng.random(12)
+    rules = [MatchConfig(), MatchConfig(part_to_object=True, containment=0.2, agreement=0.0),
+             MatchConfig(similarity="dice"), MatchConfig(part_to_object=True, containment=0.9),
+             MatchConfig(min_component_area=400.0)]
+    cache: dict = {}
+    for rule in rules:
+        alone = match_masks(coarse, masks, pred_ious, rule)
+        cached = match_masks(coarse, masks, pred_ious, rule, cache=cache)
+        assert (cached.index, cached.best_match) == (alone.index, alone.best_match)
+        np.testing.assert_array_equal(cached.scores, alone.scores)
+        assert list(cached.rejected) == list(alone.rejected)
+    assert len(cache) == 2  # one entry per set of rejection rules
