@@ -299,7 +299,8 @@ def match_at_full_resolution(
         full-resolution mask (None when nothing was chosen).
     """
     if config.part_to_object:
-        filled = np.flatnonzero(np.asarray(candidate_masks).reshape(len(candidate_masks), -1).any(1))
+        n = len(candidate_masks)
+        filled = np.flatnonzero(np.asarray(candidate_masks).reshape(n, -1).any(1)) if n else np.zeros(0, np.int64)
         if len(filled) == 0:
             return match_masks(coarse_map, candidate_masks, pred_ious, config), None
         full = _FullResolution(full_resolution, len(candidate_masks), filled)

@@ -244,3 +244,20 @@ def test_a_cache_kept_with_the_candidates_gives_every_rule_the_match_it_would_ha
         np.testing.assert_array_equal(cached.scores, alone.scores)
         assert list(cached.rejected) == list(alone.rejected)
     assert len(cache) == 2  # one entry per set of rejection rules
+
+
+@pytest.mark.parametrize("part_to_object", [False, True])
+def test_no_candidates_or_only_empty_ones_choose_nothing_on_the_fast_path(part_to_object):
+    """A grid pruned to nothing, or masks empty at low resolution, leave nothing to choose: the
+    caller falls back to the coarse map (a crash here turned every such image into an error row)."""
+    from pro2sam.matching import match_at_full_resolution
+
+    config = MatchConfig(part_to_object=part_to_object)
+    coarse = np.full((14, 14), 0.5, np.float32)
+
+    def never(i):
+        raise AssertionError("nothing should be upsampled")
+
+    for masks in (np.zeros((0, 32, 32), bool), np.zeros((3, 32, 32), bool)):
+        match, mask = match_at_full_resolution(coarse, masks, np.ones(len(masks)), never, config)
+        assert match.index is None and mask is None
