@@ -329,13 +329,18 @@ class _FullResolution:
     def __init__(self, full_resolution: Callable[[int], np.ndarray], n: int, filled: np.ndarray) -> None:
         self._full_resolution, self._n = full_resolution, n
         self._filled = set(int(i) for i in filled)
-        self._empty = np.zeros_like(full_resolution(int(filled[0])), dtype=bool)
+        self._first_filled = int(filled[0])
+        self._empty: np.ndarray | None = None  # made when first asked for: a cached match asks nothing
 
     def __len__(self) -> int:
         return self._n
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self._full_resolution(i) if i in self._filled else self._empty
+        if i in self._filled:
+            return self._full_resolution(i)
+        if self._empty is None:
+            self._empty = np.zeros_like(self._full_resolution(self._first_filled), dtype=bool)
+        return self._empty
 
 
 # set bits of each byte value
