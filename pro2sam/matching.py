@@ -9,7 +9,7 @@ low-resolution grid on the fast path). Boxes are ``(x0, y0, x1, y1)`` inclusive 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -64,6 +64,12 @@ class MatchConfig:
         min_growth: the candidate must be at least this many times the best match's area.
         agreement: the candidate "still agrees with the coarse map" when its similarity is at
             least this share of the best match's.
+        completion_size: side of the square grid completion compares the candidates on (their
+            containment and areas; each mask resized to it, a cell is the mask's where most of
+            its pixels are); None compares them pixel by pixel at the masks' own resolution. A
+            coarse grid forgives a part whose edge stops a pixel short of its object's (SAM's
+            masks of neighbouring regions meet, they do not overlap); every path resizes the same
+            full-resolution masks, so the fast and exact paths still decide alike.
     """
 
     similarity: str = "iou"
@@ -81,6 +87,7 @@ class MatchConfig:
     containment: float = 0.6
     min_growth: float = 1.5
     agreement: float = 0.02
+    completion_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.similarity not in SIMILARITIES:
@@ -90,6 +97,8 @@ class MatchConfig:
                 raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
         if self.min_growth < 1.0:
             raise ValueError(f"min_growth must be >= 1, not {self.min_growth}")
+        if self.completion_size is not None and (isinstance(self.completion_size, bool) or not isinstance(self.completion_size, int) or self.completion_size < 1):
+            raise ValueError(f"completion_size must be a positive whole number of cells or None, not {self.completion_size!r}")
 
 
 @dataclass
@@ -169,6 +178,21 @@ def _downsample(masks: torch.Tensor, size: int) -> torch.Tensor:
     return (resized[:, 0] > 0).float()
 
 
+def _majority(mask: np.ndarray, size: int) -> np.ndarray:
+    """(size, size) bool: the cells of a (H, W) bool mask on a square grid of that side that
+    hold at least half of their pixels in the mask (cells split the frame as adaptive average
+    pooling does; counts are exact)."""
+    h, w = mask.shape
+    counts = np.pad(mask, ((1, 0), (1, 0))).astype(np.int64).cumsum(0).cumsum(1)
+    r0 = (np.arange(size) * h) // size
+    r1 = -((-(np.arange(size) + 1) * h) // size)
+    c0 = (np.arange(size) * w) // size
+    c1 = -((-(np.arange(size) + 1) * w) // size)
+    inside = counts[r1][:, c1] - counts[r0][:, c1] - counts[r1][:, c0] + counts[r0][:, c0]
+    cells = np.outer(r1 - r0, c1 - c0)
+    return 2 * inside >= cells
+
+
 @dataclass(frozen=True)
 class _Prepared:
     """What matching derives from the candidates before any score: which are rejected and why,
@@ -180,24 +204,41 @@ class _Prepared:
         downsampled: (K, s, s) float32 0/1, the kept masks on the matching grid.
         packed: (K, B) uint8, ``np.packbits`` of each kept mask, flattened: 1/8 of the masks'
             memory, their overlaps counted exactly.
+        shape: (H, W) of the masks.
+        grids: completion grid side -> (K, b) uint8, the kept masks on that grid, packed
+            (:meth:`on_grid`, made once per side).
     """
 
     rejected: np.ndarray
     keep: np.ndarray
     downsampled: torch.Tensor
     packed: np.ndarray
+    shape: tuple[int, int] = (0, 0)
+    grids: dict = field(default_factory=dict)
+
+    def on_grid(self, size: int | None) -> np.ndarray:
+        """The kept masks' packed bits at their own resolution (None) or on a ``size`` grid."""
+        if size is None:
+            return self.packed
+        if size not in self.grids:
+            pixels = self.shape[0] * self.shape[1]
+            self.grids[size] = np.stack([
+                np.packbits(_majority(np.unpackbits(bits, count=pixels).reshape(self.shape).astype(bool), size).ravel())
+                for bits in self.packed
+            ]) if len(self.packed) else np.zeros((0, 0), np.uint8)  # fmt: skip
+        return self.grids[size]
 
 
 def _prepare(candidate_masks, config: MatchConfig, size: int) -> _Prepared:
     """Read each candidate once, in order: reject, downsample and pack the kept ones."""
     n = len(candidate_masks)
     rejected = np.full(n, "", dtype=object)
-    min_area = None
+    min_area, shape = None, (0, 0)
     keep, downsampled, packed = [], [], []
     for i in range(n):
         mask = np.asarray(candidate_masks[i], dtype=bool)
         if min_area is None:
-            min_area = min_component_area(mask.shape, config.min_component_area)
+            min_area, shape = min_component_area(mask.shape, config.min_component_area), mask.shape
         if not _has_component(mask, min_area):
             rejected[i] = "no component of the minimum area"
         elif config.reject_full_frame and _spans_frame(mask):
@@ -211,6 +252,7 @@ def _prepare(candidate_masks, config: MatchConfig, size: int) -> _Prepared:
         keep=np.asarray(keep, dtype=np.int64),
         downsampled=torch.stack(downsampled) if downsampled else torch.zeros((0, size, size)),
         packed=np.stack(packed) if packed else np.zeros((0, 0), np.uint8),
+        shape=tuple(shape),
     )
 
 
@@ -264,7 +306,7 @@ def match_masks(
     kept_scores = scores[keep]
     order = np.lexsort((-np.asarray(pred_ious, dtype=np.float64)[keep], -kept_scores))
     best = int(keep[order[0]])
-    chosen = _complete_to_object(best, keep, prepared.packed, scores, config) if config.part_to_object else best
+    chosen = _complete_to_object(best, keep, prepared.on_grid(config.completion_size), scores, config) if config.part_to_object else best
     return Match(chosen, float(scores[chosen]), scores, rejected, best_match=best)
 
 

@@ -86,6 +86,8 @@ class TuningGrid:
         relax: ``CandidateConfig.relax_filters_when_empty`` off and/or on, with each filter pair
             and pruning; on, SAM decodes again only the images where nothing passed the filters
             (the tune job reuses the other images' candidates).
+        completion_sizes: ``MatchConfig.completion_size`` of each part-to-object pair (None: pixel
+            by pixel), matched on the cached candidates.
     """
 
     sam_filters: tuple[tuple[float, float], ...]
@@ -93,6 +95,7 @@ class TuningGrid:
     part_to_object: tuple[tuple[float, float], ...]
     fallback_thresholds: tuple[float, ...]
     relax: tuple[bool, ...] = (False, True)
+    completion_sizes: tuple[int | None, ...] = (None,)
 
     def candidate_configs(self, base: CandidateConfig) -> list[CandidateConfig]:
         """The base candidate settings first, then every filter pair x pruning with the base's
@@ -107,9 +110,13 @@ class TuningGrid:
         return list(dict.fromkeys(configs))
 
     def match_configs(self, base: MatchConfig) -> list[MatchConfig]:
-        """The base matching first, then plain IoU and part-to-object at each pair, without repeats."""
+        """The base matching first, then plain IoU and part-to-object at each pair and completion
+        grid, without repeats."""
         configs = [base, replace(base, part_to_object=False)]
-        configs += [replace(base, part_to_object=True, agreement=a, containment=c) for a, c in self.part_to_object]
+        configs += [
+            replace(base, part_to_object=True, agreement=a, containment=c, completion_size=size)
+            for size in self.completion_sizes for a, c in self.part_to_object
+        ]  # fmt: skip
         return list(dict.fromkeys(configs))
 
     def fallback_values(self, base: MatchConfig) -> list[float]:
@@ -126,21 +133,24 @@ class TuningGrid:
 
 # "small" keeps a 200-image held-out split to minutes on a CPU with the shipped models (grid 16):
 # the variant's own filters, SamAutomaticMaskGenerator's and one between, pruning on and off, plain
-# IoU and part-to-object at four agreements x six containments (from no agreement asked and 20 %
-# contained up: with the filters relaxed, the part regime's choice on val sat at 30 %, then the
-# grid's edge). "full" is bench_quality's grid.
+# IoU and part-to-object at four agreements x seven containments (from no agreement asked and 10 %
+# contained up: with the filters relaxed, the part regime's choice on val sat at 30 %, then at the
+# grid's edge, 20 %), each compared pixel by pixel and on 64- and 32-cell grids. "full" is
+# bench_quality's grid.
 GRIDS: dict[str, TuningGrid] = {
     "small": TuningGrid(
         sam_filters=((0.88, 0.95), (0.7, 0.8)),
         prune=(True, False),
-        part_to_object=tuple((a, c) for a in (0.0, 0.02, 0.1, 0.35) for c in (0.2, 0.3, 0.4, 0.5, 0.6, 0.9)),
+        part_to_object=tuple((a, c) for a in (0.0, 0.02, 0.1, 0.35) for c in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.9)),
         fallback_thresholds=(0.1, 0.3, 0.5),
+        completion_sizes=(None, 64, 32),
     ),
     "full": TuningGrid(
         sam_filters=((0.88, 0.95), (0.8, 0.9), (0.7, 0.8), (0.6, 0.8), (0.5, 0.7), (0.0, 0.0)),
         prune=(True, False),
         part_to_object=tuple((a, c) for a in (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35) for c in (0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9)),
         fallback_thresholds=(0.05, 0.1, 0.3, 0.4, 0.5),
+        completion_sizes=(None, 128, 64, 32),
     ),
 }
 DEFAULT_GRID = "small"
@@ -154,7 +164,7 @@ def _changes(candidates: CandidateConfig, matching: MatchConfig, base_candidates
     c = sum(getattr(candidates, k) != getattr(base_candidates, k) for k in CANDIDATE_SETTINGS)
     m = sum(getattr(matching, f.name) != getattr(base_matching, f.name) for f in fields(MatchConfig))
     if not matching.part_to_object and not base_matching.part_to_object:
-        m -= sum(getattr(matching, k) != getattr(base_matching, k) for k in ("containment", "min_growth", "agreement"))
+        m -= sum(getattr(matching, k) != getattr(base_matching, k) for k in ("containment", "min_growth", "agreement", "completion_size"))
     return c + m
 
 
@@ -181,6 +191,7 @@ def table_row(
         "matching": PART_TO_OBJECT if matching.part_to_object else PLAIN_IOU,
         "agreement": matching.agreement if matching.part_to_object else None,
         "containment": matching.containment if matching.part_to_object else None,
+        "completion_size": matching.completion_size if matching.part_to_object else None,
         "fallback_threshold": matching.fallback_threshold,
         OBJECTIVE: scores.get(OBJECTIVE),
         "mIoU": scores.get("mIoU"),

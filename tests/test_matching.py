@@ -1,5 +1,7 @@
 """Mask matching on planted candidate sets whose right answer is known."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -261,3 +263,75 @@ def test_no_candidates_or_only_empty_ones_choose_nothing_on_the_fast_path(part_t
     for masks in (np.zeros((0, 32, 32), bool), np.zeros((3, 32, 32), bool)):
         match, mask = match_at_full_resolution(coarse, masks, np.ones(len(masks)), never, config)
         assert match.index is None and mask is None
+
+
+# ---------------------------------------------------------------- completion on a fixed grid
+
+
+def test_majority_grid_marks_the_cells_that_hold_at_least_half_their_pixels():
+    from pro2sam.matching import _majority
+
+    rng = np.random.default_rng(5)
+    for h, w, size in ((224, 224, 56), (157, 230, 64), (30, 41, 32), (10, 10, 3)):
+        mask = rng.random((h, w)) < 0.4
+        got = _majority(mask, size)
+        assert got.shape == (size, size)
+        for r in range(size):  # cells split the frame as adaptive pooling does: floor / ceil bounds
+            r0, r1 = (r * h) // size, -(-((r + 1) * h) // size)
+            for c in range(size):
+                c0, c1 = (c * w) // size, -(-((c + 1) * w) // size)
+                cell = mask[r0:r1, c0:c1]
+                assert got[r, c] == (2 * cell.sum() >= cell.size), (h, w, size, r, c)
+
+
+def part_and_bodies():
+    """The map fires on a 32x32 class part (cells 7..8 of 14). Two bodies as SAM masks neighbouring
+    regions: ``seamed`` holds the part but a one-pixel ring along the part's edge (the two masks'
+    edges do not quite meet); ``beside`` stops where the part starts (it holds none of it)."""
+    coarse = coarse_with_object(7, 7, 8, 8)
+    part = rect_mask((224, 224), 112, 112, 143, 143)
+    square = rect_mask((224, 224), 48, 48, 143, 143)
+    seamed = square & ~(part & ~rect_mask((224, 224), 113, 113, 142, 142))
+    beside = square & ~rect_mask((224, 224), 111, 111, 143, 143)
+    return coarse, part, seamed, beside
+
+
+def test_completion_on_a_coarse_grid_forgives_a_seam_and_invents_no_container():
+    coarse, part, seamed, beside = part_and_bodies()
+    ious = np.array([0.95, 0.9])
+    pixel = MatchConfig(part_to_object=True, agreement=0.02, containment=0.95)
+    grid = MatchConfig(part_to_object=True, agreement=0.02, containment=0.95, completion_size=14)
+    # pixel by pixel the seamed body holds 30x30 of the part's 32x32 pixels (0.88 < 0.95)
+    assert match_masks(coarse, np.stack([part, seamed]), ious, pixel).index == 0
+    # on 16-pixel cells it holds each of the part's four cells (225 of their 256 pixels each)
+    match = match_masks(coarse, np.stack([part, seamed]), ious, grid)
+    assert match.index == 1 and match.best_match == 0
+    # a body that holds none of the part holds none of its cells either
+    assert match_masks(coarse, np.stack([part, beside]), ious, grid).index == 0
+    assert match_masks(coarse, np.stack([part, beside]), ious, replace(grid, containment=0.2)).index == 0
+
+
+def test_completion_grid_is_checked_and_left_to_tune():
+    assert MatchConfig().completion_size is None
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="completion_size"):
+            MatchConfig(completion_size=bad)
+
+
+def test_the_fast_path_decides_completion_on_the_grid_as_the_exact_path_does():
+    """match_at_full_resolution resizes the same full-resolution masks to the grid as the exact
+    path does, whatever the low-resolution masks say, and a cache serves every grid its own bits."""
+    from pro2sam.matching import match_at_full_resolution
+
+    coarse, part, seamed, _ = part_and_bodies()
+    full = np.stack([part, seamed, rect_mask((224, 224), 0, 0, 40, 40)])
+    low = full[:, ::8, ::8]  # any low-resolution view: completion is decided on the full masks
+    ious = np.array([0.95, 0.9, 0.5])
+    cache: dict = {}
+    for size in (None, 112, 28, 14, 7):
+        rule = MatchConfig(part_to_object=True, agreement=0.02, containment=0.95, completion_size=size)
+        exact = match_masks(coarse, full, ious, rule)
+        fast, mask = match_at_full_resolution(coarse, low, ious, full.__getitem__, rule, cache=cache)
+        assert (fast.index, fast.best_match) == (exact.index, exact.best_match), size
+        assert np.array_equal(mask, full[exact.index])
+    assert match_masks(coarse, full, ious, MatchConfig(part_to_object=True, agreement=0.02, containment=0.95, completion_size=14)).index == 1

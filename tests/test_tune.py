@@ -7,8 +7,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from dataclasses import replace
 import signal
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,9 @@ from pro2sam.candidates import CandidateConfig
 from pro2sam.datasets import open_dataset
 from pro2sam.matching import MatchConfig
 from pro2sam.synthetic import write_wsol_dataset
-from pro2sam.tuning import GRIDS, OBJECTIVE, PLAIN_IOU, SETTINGS_FORMAT, SettingsError, choose, load_settings, with_fallback_threshold
+from pro2sam.tuning import (
+    GRIDS, OBJECTIVE, PLAIN_IOU, SETTINGS_FORMAT, SettingsError, choose, load_settings, table_row, with_fallback_threshold,
+)
 
 # Small enough for 2 CPU cores: the shipped models on 5 small scenes, a 4x4 grid of SAM prompts.
 MODELS = ["--gtformer", "shipped", "--sam", "synthetic", "--points-per-side", "4", "--actors", "1", "--cpus-per-actor", "1"]
@@ -188,6 +190,23 @@ def test_the_grid_always_holds_the_base_settings_once():
     assert candidates[0] == base_c and len(set(candidates)) == len(candidates)
     assert matchings[0] == base_m and MatchConfig(part_to_object=False) in matchings
     assert len(set(matchings)) == len(matchings)
+    # every part-to-object pair is tried pixel by pixel and on each completion grid
+    completing = [m for m in matchings if m.part_to_object]
+    assert {m.completion_size for m in completing} == set(grid.completion_sizes) and None in grid.completion_sizes
+    assert len(completing) == len(grid.part_to_object) * len(grid.completion_sizes)
+
+
+def test_a_tie_between_completion_grids_goes_to_pixel_by_pixel():
+    base_c, base_m = CandidateConfig(), MatchConfig()
+    rows = [
+        table_row(base_c, MatchConfig(part_to_object=True, containment=0.2, completion_size=size), {OBJECTIVE: 90.0},
+                  base_candidates=base_c, base_matching=base_m, stage="sam+matching")
+        for size in (32, None)
+    ]  # fmt: skip
+    assert [r["completion_size"] for r in rows] == [32, None]
+    assert choose(rows) == 1
+    assert table_row(base_c, MatchConfig(completion_size=32), {OBJECTIVE: 90.0}, base_candidates=base_c, base_matching=base_m,
+                     stage="sam+matching")["changes_from_base"] == 0  # fmt: skip  (plain IoU does not use the grid)
 
 
 def test_the_grid_tries_each_candidate_setting_with_the_filters_relaxed_when_none_passes():

@@ -63,6 +63,7 @@ _SETTINGS_OPTIONS = {
     ("matching", "containment"): ("containment", None),
     ("matching", "min_growth"): ("min_growth", None),
     ("matching", "agreement"): ("agreement", None),
+    ("matching", "completion_size"): ("completion_size", None),
 }
 
 
@@ -170,6 +171,8 @@ def _add_matching_options(p: argparse.ArgumentParser) -> None:
                    help="the object is at least this many times the best match's area (default %(default)s)")  # fmt: skip
     g.add_argument("--agreement", type=float, default=d["agreement"],
                    help="the object's similarity to the map, at least this share of the best match's (default %(default)s)")  # fmt: skip
+    g.add_argument("--completion-size", type=int, default=d["completion_size"],
+                   help="side of the square grid completion compares candidates on (default: pixel by pixel)")  # fmt: skip
 
 
 def _matching(args: argparse.Namespace):
@@ -186,6 +189,7 @@ def _matching(args: argparse.Namespace):
         containment=args.containment,
         min_growth=args.min_growth,
         agreement=args.agreement,
+        completion_size=args.completion_size,
     )
 
 
