@@ -397,22 +397,26 @@ class GridDecoder:
             a = a.view(b, h, w)[:, :rows, :cols].reshape(b, rows * cols)
             coef = coef.unflatten(-1, (h, w))[..., :rows, :cols].flatten(-2)
         n = rows * cols
-        up_src, up_const = self._up_src(region), self._shared.up_const
+        up_src = self._up_src(region)
         up_w, _ = self._upscale_1_weight()
+        conv = up[3]
+        c4, c8 = up[1].weight.shape[0], conv.weight.shape[1]
+        second_w = conv.weight.permute(0, 2, 3, 1).flatten(1)  # (C/4, 4 * C/8)
+        if self._high_res is not None:
+            # SAM 2 adds feat_s1 after the first ConvTranspose and feat_s0 after the second: both
+            # shared by every prompt, so folded into the constant and the bias once per region
+            first_const, second_bias = self._high_res_terms(region)
+        else:
+            first_const, second_bias = self._shared.up_const, conv.bias.repeat(4)
         # the first ConvTranspose is per pixel linear, so it maps S, u and the basis separately
-        x = torch.addcmul(up_const, up_src, a.unsqueeze(-1))
+        x = torch.addcmul(first_const, up_src, a.unsqueeze(-1))
         x = torch.baddbmm(x, coef.transpose(1, 2), basis @ up_w)  # (B, n, 4 * C/4); not in place: autocast may change dtypes
-        high_res = self._high_res_terms(region) if self._high_res is not None else None
-        if high_res is not None:  # SAM 2: + feat_s1 after the first ConvTranspose
-            x = x + high_res[0]
-        c4 = up[1].weight.shape[0]
         x = x.view(b, n, 4, c4)  # pixel (i, j), sub-pixel (ki1, kj1), channel
         x = up[2](F.layer_norm(x, (c4,), up[1].weight, up[1].bias, up[1].eps))
-        conv = up[3]
-        c8 = conv.weight.shape[1]
-        x = torch.addmm(conv.bias.repeat(4), x.view(-1, c4), conv.weight.permute(0, 2, 3, 1).flatten(1))
-        if high_res is not None:  # SAM 2: + feat_s0 after the second
-            x = (x.view(b, n * 4, x.shape[-1]) + high_res[1]).view(-1, x.shape[-1])
+        if second_bias.dim() == 1:
+            x = torch.addmm(second_bias, x.view(-1, c4), second_w)
+        else:  # a bias per sub-pixel: (n * 4, 4 * C/8), the same for every prompt
+            x = torch.baddbmm(second_bias, x.view(b, n * 4, c4), second_w.expand(b, -1, -1)).view(-1, second_w.shape[1])
         x = up[4](x)  # (B * N * 4, 4 * C/8): pixel, sub-pixel, sub-sub-pixel (ki2, kj2), channel
         m = hyper_in.shape[1]
         masks = x.view(b, n * 16, c8) @ hyper_in.transpose(1, 2)  # (B, N * 16, M)
@@ -429,9 +433,11 @@ class GridDecoder:
 
 
     def _high_res_terms(self, region: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """SAM 2's high-resolution features over the region's cells in the tail's layout:
-        feat_s1 as (rows * cols, 4 * C/4) (pixel, sub-pixel (ki1, kj1), channel) and feat_s0 as
-        (rows * cols * 4, 4 * C/8) (pixel, sub-pixel, sub-sub-pixel (ki2, kj2), channel)."""
+        """SAM 2's high-resolution features over the region's cells in the tail's layout, with
+        what every prompt adds with them: feat_s1 plus the first ConvTranspose's constant, as
+        (rows * cols, 4 * C/4) (pixel, sub-pixel (ki1, kj1), channel), and feat_s0 plus the second
+        ConvTranspose's bias, as (rows * cols * 4, 4 * C/8) (pixel, sub-pixel, sub-sub-pixel
+        (ki2, kj2), channel)."""
         if region not in self._high_res_region:
             rows, cols = region
             feat_s0, feat_s1 = self._high_res
@@ -439,7 +445,8 @@ class GridDecoder:
             s1 = s1.reshape(-1, rows, 2, cols, 2).permute(1, 3, 2, 4, 0).reshape(rows * cols, -1)
             s0 = feat_s0[0, :, : 4 * rows, : 4 * cols]  # [c, 4i + 2 ki1 + ki2, 4j + 2 kj1 + kj2]
             s0 = s0.reshape(-1, rows, 2, 2, cols, 2, 2).permute(1, 4, 2, 5, 3, 6, 0).reshape(rows * cols * 4, -1)
-            self._high_res_region[region] = (s1.contiguous(), s0.contiguous())
+            bias = self.mask_decoder.output_upscaling[3].bias.repeat(4)
+            self._high_res_region[region] = ((s1 + self._shared.up_const).contiguous(), (s0 + bias).contiguous())
         return self._high_res_region[region]
 
 
