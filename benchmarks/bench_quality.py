@@ -349,7 +349,10 @@ def _gained_lost(plain: list[dict], chosen: list[dict]) -> dict[str, int]:
 
 def _rule(m) -> str:
     """A matching rule's name in the tables."""
-    return f"part-to-object (agreement {m.agreement:g}, containment {m.containment:g})" if m.part_to_object else "plain IoU"
+    if not m.part_to_object:
+        return "plain IoU"
+    grid = "" if m.completion_size is None else f", on {m.completion_size}x{m.completion_size} cells"
+    return f"part-to-object (agreement {m.agreement:g}, containment {m.containment:g}{grid})"
 
 
 GTFORMER_BATCH = 32  # images per GTFormer call

@@ -191,9 +191,11 @@ def test_the_grid_always_holds_the_base_settings_once():
     assert matchings[0] == base_m and MatchConfig(part_to_object=False) in matchings
     assert len(set(matchings)) == len(matchings)
     # every part-to-object pair is tried pixel by pixel and on each completion grid
-    completing = [m for m in matchings if m.part_to_object]
-    assert {m.completion_size for m in completing} == set(grid.completion_sizes) and None in grid.completion_sizes
-    assert len(completing) == len(grid.part_to_object) * len(grid.completion_sizes)
+    for grid in GRIDS.values():
+        completing = [m for m in grid.match_configs(base_m) if m.part_to_object]
+        assert {m.completion_size for m in completing} == set(grid.completion_sizes) and None in grid.completion_sizes
+        assert len(completing) == len(grid.part_to_object) * len(grid.completion_sizes)
+    assert len(GRIDS["full"].completion_sizes) > 1
 
 
 def test_a_tie_between_completion_grids_goes_to_pixel_by_pixel():
