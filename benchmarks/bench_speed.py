@@ -54,7 +54,8 @@ Same answers (``--shipped``): the models shipped with the package (the SAM and G
 synthetic scenes, :mod:`pro2sam.shipped`) on scenes of the synthetic test split (real candidates,
 real coarse maps, at the shipped SAM's own filter thresholds). For each image, the reference flow
 (a) against ours as the labeling actor runs it (``Pro2SAM.localize_batch``, fast path, batches of
-``--batch-size``) in float32 and in bfloat16: the chosen masks are "the same" at mask IoU >= 0.95
+``--batch-size``) in float32, in bfloat16 and with the image encoder only in bfloat16
+(``dtype="bfloat16-encoder"``): the chosen masks are "the same" at mask IoU >= 0.95
 (both falling back to the coarse map counts as the same). Target: >= 98 % the same.
 
     python benchmarks/bench_speed.py                                  # tiny SAM, 3 images, CPU
@@ -606,6 +607,7 @@ def shipped_agreement(args: argparse.Namespace) -> None:
     # default, which prunes the grid by the coarse map (a different candidate set by design).
     variants = {"float32": dict(dtype="float32", prune_with_coarse_map=False),
                 "bfloat16": dict(dtype="bfloat16", prune_with_coarse_map=False),
+                "bfloat16-encoder": dict(dtype="bfloat16-encoder", prune_with_coarse_map=False),
                 "float32, grid pruning (default)": dict(dtype="float32", prune_with_coarse_map=True)}
     for dtype, settings in variants.items():
         flow = model.with_settings(candidates=replace(config, **settings))

@@ -72,8 +72,12 @@ from .segmenters import upscale_logits as _upscale_logits  # noqa: F401  (tests)
 
 __all__ = ["CandidateConfig", "Candidates", "DTYPES", "GridCandidateGenerator"]
 
-# CandidateConfig.dtype -> the dtype SAM's networks run in (autocast).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# CandidateConfig.dtype -> the dtypes SAM's image encoder and mask decoder run in (autocast).
+DTYPES = {
+    "float32": (torch.float32, torch.float32),
+    "bfloat16": (torch.bfloat16, torch.bfloat16),
+    "bfloat16-encoder": (torch.bfloat16, torch.float32),
+}
 # The memory budget where none is given and the device is not a GPU.
 DEFAULT_MEMORY_BUDGET_MB = 4096
 # Fast path: a low-resolution stability score this close to its threshold is recomputed at full
@@ -114,10 +118,13 @@ class CandidateConfig:
             authors do; filters then run in that frame and candidates are reported in the
             original frame. By default SAM sees the original image (and resizes its longest
             side itself).
-        dtype: "float32", or "bfloat16": SAM's image encoder and mask decoder run under bfloat16
-            autocast (the filters read float32 copies of the logits). Faster where the hardware
-            has bfloat16 matrix units (recent GPUs; CPUs with AVX512-BF16 or AMX); masks near a
-            threshold may flip, so check the same-answer rate (benchmarks/bench_speed.py --shipped).
+        dtype: "float32"; "bfloat16": SAM's image encoder and mask decoder run under bfloat16
+            autocast (the filters read float32 copies of the logits); or "bfloat16-encoder": the
+            image encoder only (most of the work on a GPU), its embedding decoded in float32.
+            Faster where the hardware has bfloat16 matrix units (recent GPUs; CPUs with
+            AVX512-BF16 or AMX); masks near a threshold may flip, so check the same-answer rate
+            (benchmarks/bench_speed.py --shipped: on the shipped SAM 79 % of chosen masks the same
+            with "bfloat16", 91 % with "bfloat16-encoder").
         compile: run SAM's image encoder and the per-prompt decoder pass through
             ``torch.compile``: a cold start (the first batch, and the first of another size)
             of seconds on small models to minutes on ViT-H, then faster batches.
@@ -360,10 +367,10 @@ class GridCandidateGenerator:
         self.segmenter: PromptableSegmenter = segmenter_for(sam, compile=self.config.compile)
         self.sam = self.segmenter.model
         self._budget = self._memory_budget_bytes()
-        itemsize = DTYPES[self.config.dtype].itemsize
+        encoder_dtype, decoder_dtype = DTYPES[self.config.dtype]
         self.decoder = self.segmenter.point_decoder(compile=self.config.compile)
-        self.decoder.batch_size = self._prompts_per_pass(itemsize)
-        self._images_per_pass = max(1, self._budget // self.segmenter.encoder_bytes_per_image(itemsize))
+        self.decoder.batch_size = self._prompts_per_pass(decoder_dtype.itemsize)
+        self._images_per_pass = max(1, self._budget // self.segmenter.encoder_bytes_per_image(encoder_dtype.itemsize))
         self._frames: Frames | None = None  # of the image last given to set_image
         self._embedding: ImageEmbedding | None = None  # and its embedding
         self._embed_seconds = 0.0
@@ -374,11 +381,12 @@ class GridCandidateGenerator:
     def device(self) -> torch.device:
         return self.sam.device
 
-    def _autocast(self):
-        """SAM's networks in ``config.dtype``."""
-        if self.config.dtype == "float32":
+    def _autocast(self, network: str = "decoder"):
+        """SAM's ``"encoder"`` or ``"decoder"`` in its dtype of ``config.dtype``."""
+        dtype = DTYPES[self.config.dtype][network == "decoder"]
+        if dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=DTYPES[self.config.dtype])
+        return torch.autocast(self.device.type, dtype=dtype)
 
     # ---------------------------------------------------------------- memory
 
@@ -407,8 +415,9 @@ class GridCandidateGenerator:
         return self.segmenter.prepare(image, original)
 
     def _encode(self, pixels: list[torch.Tensor]) -> list[ImageEmbedding]:
-        """Prepared images -> their embeddings, in one image-encoder call."""
-        with self._autocast():
+        """Prepared images -> their embeddings, in one image-encoder call (the decoder takes
+        them in its own dtype, :meth:`GridDecoder.set_image_embedding`)."""
+        with self._autocast("encoder"):
             return self.segmenter.encode(pixels)
 
     @torch.inference_mode()
