@@ -97,8 +97,9 @@ class MatchConfig:
                 raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
         if self.min_growth < 1.0:
             raise ValueError(f"min_growth must be >= 1, not {self.min_growth}")
-        if self.completion_size is not None and (isinstance(self.completion_size, bool) or not isinstance(self.completion_size, int) or self.completion_size < 1):
-            raise ValueError(f"completion_size must be a positive whole number of cells or None, not {self.completion_size!r}")
+        size = self.completion_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"completion_size must be a positive whole number of cells or None, not {size!r}")
 
 
 @dataclass
@@ -306,7 +307,9 @@ def match_masks(
     kept_scores = scores[keep]
     order = np.lexsort((-np.asarray(pred_ious, dtype=np.float64)[keep], -kept_scores))
     best = int(keep[order[0]])
-    chosen = _complete_to_object(best, keep, prepared.on_grid(config.completion_size), scores, config) if config.part_to_object else best
+    chosen = best
+    if config.part_to_object:
+        chosen = _complete_to_object(best, keep, prepared.on_grid(config.completion_size), scores, config)
     return Match(chosen, float(scores[chosen]), scores, rejected, best_match=best)
 
 
