@@ -331,3 +331,18 @@ def test_a_settings_file_on_object_storage_is_read_as_a_local_one(s3_bucket, tmp
     assert args.part_to_object == json.loads(data)["settings"]["matching"]["part_to_object"]
     with pytest.raises(SettingsError, match=f"settings file s3://{s3_bucket}/tuning/missing.json: not found"):
         load_settings(f"s3://{s3_bucket}/tuning/missing.json")
+
+
+def test_a_completion_grid_in_a_settings_file_reaches_the_labeling_job_and_an_option_overrides_it(tmp_path):
+    document = json.loads(shipped.settings_file("part").read_text())
+    document["settings"]["matching"]["completion_size"] = 32
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps(document))
+    label = ["label", "--input", "i", "--output", "o", "--gtformer", "shipped", "--settings", str(settings)]
+    assert _labeling(parse_args(label)).matching.completion_size == 32
+    assert _labeling(parse_args([*label, "--completion-size", "64"])).matching.completion_size == 64
+    assert _labeling(parse_args(label[:-2])).matching.completion_size is None  # pixel by pixel without the file
+    document["settings"]["matching"]["completion_size"] = 0
+    settings.write_text(json.dumps(document))
+    with pytest.raises(SettingsError, match="completion_size"):
+        load_settings(str(settings))
