@@ -36,16 +36,15 @@ from bench_speed import IMAGE_SIZES, STAGES, Clock, describe_machine, make_scene
 
 from pro2sam.candidates import CandidateConfig, GridCandidateGenerator  # noqa: E402
 from pro2sam.matching import MatchConfig  # noqa: E402
-from pro2sam.sam import SAM_VARIANTS, _make_random_masks_coherent, build_sam, is_sam2, use_sdpa_attention  # noqa: E402
+from pro2sam.sam import SAM_VARIANTS, _make_random_masks_coherent, build_sam, is_sam2  # noqa: E402
 
 
 def build(variant: str, checkpoint: str | None, device: torch.device) -> torch.nn.Module:
-    """The model as our generator runs it: SDPA attention for SAM v1 (SAM 2's is already)."""
-    sam = build_sam(variant, checkpoint, device=device, seed=0)
-    sam.requires_grad_(False)
+    """The model as our generator runs it (``build_sam``'s inference model: SDPA attention)."""
+    sam = build_sam(variant, checkpoint, device=device, seed=0).requires_grad_(False)
     if checkpoint is None and not is_sam2(variant) and variant != "tiny":
         _make_random_masks_coherent(sam)  # as bench_speed.py does: masks follow image content
-    return sam if is_sam2(variant) else use_sdpa_attention(sam)
+    return sam
 
 
 def main(argv: list[str] | None = None) -> int:
