@@ -102,11 +102,14 @@ def s3_bucket(s3_server):
 def ray_local(s3_server):
     """A real local Ray (4 logical CPUs) for in-process jobs, shared by the session.
 
-    Depends on the S3 server so that its workers see the AWS_* settings.
+    Depends on the S3 server so that its workers see the AWS_* settings. Its workers' and
+    raylet's log lines are not sent to this process (``log_to_driver=False``): the session's
+    Ray outlives every test that starts it, and a line it prints later (a raylet's disk-space
+    warning, say) would land in another test's captured stderr.
     """
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:
