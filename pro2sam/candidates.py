@@ -80,6 +80,12 @@ DTYPES = {
 }
 # The memory budget where none is given and the device is not a GPU.
 DEFAULT_MEMORY_BUDGET_MB = 4096
+# Off a GPU the fast decoder is memory-bound: it decodes this many prompts per pass and runs its
+# per-pixel tail on this many embedding cells at a time, so that the intermediates stay in cache
+# (one torch thread, 64x64 embedding: 2.5-3x faster decoding than 64 prompts at once,
+# benchmarks/README.md "The decoder in cache-sized pieces"). Results do not depend on either.
+CPU_PROMPTS_PER_PASS = 8
+CPU_TAIL_CELLS = 1024
 # Fast path: a low-resolution stability score this close to its threshold is recomputed at full
 # resolution. Low and full resolution differ by up to ~0.04 in stability (the shipped SAM, 4 px
 # per low-res cell).
@@ -369,7 +375,11 @@ class GridCandidateGenerator:
         self._budget = self._memory_budget_bytes()
         encoder_dtype, decoder_dtype = DTYPES[self.config.dtype]
         self.decoder = self.segmenter.point_decoder(compile=self.config.compile)
-        self.decoder.batch_size = self._prompts_per_pass(decoder_dtype.itemsize)
+        self.prompts_per_pass = self._prompts_per_pass(decoder_dtype.itemsize)  # decoded and filtered together
+        self.decoder.batch_size = self.prompts_per_pass
+        if self.device.type == "cpu":  # the decoder splits a pass into cache-sized pieces
+            self.decoder.batch_size = min(self.prompts_per_pass, CPU_PROMPTS_PER_PASS)
+            self.decoder.tail_cells = CPU_TAIL_CELLS
         self._images_per_pass = max(1, self._budget // self.segmenter.encoder_bytes_per_image(encoder_dtype.itemsize))
         self._frames: Frames | None = None  # of the image last given to set_image
         self._embedding: ImageEmbedding | None = None  # and its embedding
@@ -699,7 +709,7 @@ class _Path:
 
     def points_per_batch(self, gen: GridCandidateGenerator) -> int:
         """Grid points decoded and filtered together."""
-        return gen.decoder.batch_size
+        return gen.prompts_per_pass
 
     def masks(self, gen: GridCandidateGenerator, data: MaskData, stability_thresh: float) -> None:
         """Add ``masks``, ``stability_score`` and ``boxes`` to ``data`` (low-res logits over the
@@ -730,7 +740,7 @@ class _ExactPath(_Path):
     def points_per_batch(self, gen: GridCandidateGenerator) -> int:
         # fewer when the batch's full-resolution masks would not fit the budget
         h, w = gen._frames.sam_image
-        return min(gen.decoder.batch_size, max(1, gen._budget // (3 * h * w * 10)))  # 3: logits, bool, stability
+        return min(gen.prompts_per_pass, max(1, gen._budget // (3 * h * w * 10)))  # 3: logits, bool, stability
 
     def masks(self, gen: GridCandidateGenerator, data: MaskData, stability_thresh: float) -> None:
         cfg = gen.config

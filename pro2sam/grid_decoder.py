@@ -99,12 +99,22 @@ class GridDecoder:
             SAM's own prompt encoder and mask decoder (False, for comparison).
         batch_size: prompts decoded together; bounds memory (about ``batch_size *``
             :meth:`bytes_per_prompt` of activations).
+        tail_cells: the per-pixel tail (the upscaling and the hypernetwork product) runs on at
+            most this many embedding cells at a time (one prompt's cells, or several prompts'
+            whole regions where they fit), so that its intermediates stay in a CPU's cache:
+            on a CPU it is memory-bound, and on one thread 1,024 cells decode a 64x64 grid
+            about twice as fast as the whole batch at once (``benchmarks/README.md``). None:
+            the whole batch at once (a GPU's choice). Results do not depend on it.
         compile: run the fast per-prompt pass through ``torch.compile`` (its first calls
             compile: a cold start of seconds to minutes; batch sizes that differ from the first
             compile once more, with a dynamic batch).
     """
 
-    def __init__(self, sam, *, fast: bool = True, batch_size: int = 64, compile: bool = False):
+    def __init__(
+        self, sam, *, fast: bool = True, batch_size: int = 64, tail_cells: int | None = None, compile: bool = False
+    ):
+        if tail_cells is not None and tail_cells < 1:
+            raise ValueError(f"tail_cells must be positive or None, not {tail_cells}")
         self.sam = sam
         self.prompt_encoder, self.mask_decoder = _parts(sam)
         # SAM 2: the object score token comes first among the output tokens
@@ -112,6 +122,7 @@ class GridDecoder:
         self._high_res_decoder = bool(getattr(self.mask_decoder, "use_high_res_features", False))
         self.fast = fast
         self.batch_size = batch_size
+        self.tail_cells = tail_cells
         self._embedding: torch.Tensor | None = None
         self._high_res: list[torch.Tensor] | None = None
         self._shared: _ImageShared | None = None
@@ -400,7 +411,6 @@ class GridDecoder:
         up_src = self._up_src(region)
         up_w, _ = self._upscale_1_weight()
         conv = up[3]
-        c4, c8 = up[1].weight.shape[0], conv.weight.shape[1]
         second_w = conv.weight.permute(0, 2, 3, 1).flatten(1)  # (C/4, 4 * C/8)
         if self._high_res is not None:
             # SAM 2 adds feat_s1 after the first ConvTranspose and feat_s0 after the second: both
@@ -409,19 +419,42 @@ class GridDecoder:
         else:
             first_const, second_bias = self._shared.up_const, conv.bias.repeat(4)
         # the first ConvTranspose is per pixel linear, so it maps S, u and the basis separately
+        basis_up = basis @ up_w  # (B, K, 4 * C/4)
+        m = hyper_in.shape[1]
+        if self.tail_cells is None or self.tail_cells >= b * n:
+            masks = self._tail(a, coef, basis_up, hyper_in, up_src, first_const, second_bias, second_w)
+        else:  # in pieces of at most tail_cells cells: whole prompts where they fit, else part of one
+            prompts, cells = max(1, self.tail_cells // n), min(n, self.tail_cells)
+            masks = None  # allocated on the first piece, in its dtype (autocast may change it)
+            for p in range(0, b, prompts):
+                q = slice(p, p + prompts)
+                for c in range(0, n, cells):
+                    px = slice(c, c + cells)
+                    const = first_const if first_const.dim() == 1 else first_const[px]
+                    bias = second_bias if second_bias.dim() == 1 else second_bias[4 * c : 4 * (c + cells)]
+                    piece = self._tail(a[q, px], coef[q, :, px], basis_up[q], hyper_in[q], up_src[px], const, bias, second_w)
+                    if masks is None:
+                        masks = piece.new_empty(b, n * 16, m)
+                    masks[q, 16 * c : 16 * (c + cells)] = piece
+        masks = masks.view(b, rows, cols, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
+        return masks.reshape(b, m, 4 * rows, 4 * cols)
+
+    def _tail(self, a, coef, basis_up, hyper_in, up_src, first_const, second_bias, second_w) -> torch.Tensor:
+        """The per-pixel tail over n cells of B prompts: (B, n * 16, M) logits, each cell's 16
+        pixels in (sub-pixel (ki1, kj1), sub-sub-pixel (ki2, kj2)) order."""
+        up = self.mask_decoder.output_upscaling
+        b, n = a.shape
+        c4, c8 = up[1].weight.shape[0], up[3].weight.shape[1]
         x = torch.addcmul(first_const, up_src, a.unsqueeze(-1))
-        x = torch.baddbmm(x, coef.transpose(1, 2), basis @ up_w)  # (B, n, 4 * C/4); not in place: autocast may change dtypes
+        x = torch.baddbmm(x, coef.transpose(1, 2), basis_up)  # (B, n, 4 * C/4); not in place: autocast may change dtypes
         x = x.view(b, n, 4, c4)  # pixel (i, j), sub-pixel (ki1, kj1), channel
         x = up[2](F.layer_norm(x, (c4,), up[1].weight, up[1].bias, up[1].eps))
         if second_bias.dim() == 1:
             x = torch.addmm(second_bias, x.view(-1, c4), second_w)
         else:  # a bias per sub-pixel: (n * 4, 4 * C/8), the same for every prompt
             x = torch.baddbmm(second_bias, x.view(b, n * 4, c4), second_w.expand(b, -1, -1)).view(-1, second_w.shape[1])
-        x = up[4](x)  # (B * N * 4, 4 * C/8): pixel, sub-pixel, sub-sub-pixel (ki2, kj2), channel
-        m = hyper_in.shape[1]
-        masks = x.view(b, n * 16, c8) @ hyper_in.transpose(1, 2)  # (B, N * 16, M)
-        masks = masks.view(b, rows, cols, 2, 2, 2, 2, m).permute(0, 7, 1, 3, 5, 2, 4, 6)
-        return masks.reshape(b, m, 4 * rows, 4 * cols)
+        x = up[4](x)  # (B * n * 4, 4 * C/8): pixel, sub-pixel, sub-sub-pixel (ki2, kj2), channel
+        return x.view(b, n * 16, c8) @ hyper_in.transpose(1, 2)
 
     def _up_src(self, region: tuple[int, int]) -> torch.Tensor:
         """The shared first-ConvTranspose term over the region's cells, (rows * cols, 4 * C/4)."""

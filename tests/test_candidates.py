@@ -236,7 +236,8 @@ def test_a_small_memory_budget_decodes_in_smaller_passes_with_the_same_candidate
     config = CandidateConfig(mode="fast", **FILTERS)
     roomy = GridCandidateGenerator(tiny_sam, config)
     tight = GridCandidateGenerator(tiny_sam, replace(config, memory_budget_mb=1))
-    assert tight.decoder.batch_size < roomy.decoder.batch_size == config.points_per_batch
+    assert tight.prompts_per_pass < roomy.prompts_per_pass == config.points_per_batch
+    assert tight.decoder.batch_size <= tight.prompts_per_pass
     a, b = roomy.generate(image), tight.generate(image)
     assert len(a) == len(b) > 0
     np.testing.assert_allclose(a.pred_ious, b.pred_ious, atol=PRED_IOU_ATOL)

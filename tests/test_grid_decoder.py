@@ -215,6 +215,24 @@ def test_a_region_gives_the_same_logits_as_the_whole_grid_cropped(sam, image_emb
     assert_same_outputs(sam, (cropped, cropped_iou), (whole[..., :36, :52], iou))
 
 
+@pytest.mark.parametrize("tail_cells", [1, 7, 117, 300, 10_000])
+def test_the_tail_in_cache_sized_pieces_gives_the_whole_batchs_logits(sam, image_embedding, tail_cells):
+    # region 9 x 13 = 117 cells: pieces of part of a cell row, of one prompt's region, of two
+    # prompts' regions, and of the whole batch
+    coords, labels = random_prompts(sam, 5, 1)
+    pieces, whole = GridDecoder(sam, tail_cells=tail_cells), GridDecoder(sam)
+    for decoder in (pieces, whole):
+        decoder.set_image_embedding(image_embedding)
+    got = pieces.decode(coords, labels, region=(9, 13))
+    assert got[0].shape == (5, 3, 36, 52)
+    assert_same_outputs(sam, got, whole.decode(coords, labels, region=(9, 13)))
+
+
+def test_a_tail_piece_must_hold_a_cell(sam):
+    with pytest.raises(ValueError, match="tail_cells"):
+        GridDecoder(sam, tail_cells=0)
+
+
 def test_decoding_masks_above_an_iou_keeps_exactly_the_prompts_with_such_a_mask(sam, image_embedding):
     coords, labels = random_prompts(sam, 16, 1)
     decoder = GridDecoder(sam, batch_size=5)

@@ -145,3 +145,24 @@ def test_sam2_prompts_none_of_whose_masks_pass_the_iou_filter_decode_to_nothing(
         assert logits.shape == (0, 3, 40, 48) and iou.shape == (0, 3) and len(kept) == 0
         logits, iou, kept = decoder.decode_masks_above(coords, labels, 0.0, region=(10, 12))
         assert logits.shape == (5, 3, 40, 48) and kept.tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("tail_cells", [7, 130, 250])
+def test_sam2s_tail_in_cache_sized_pieces_gives_the_whole_batchs_logits(sam2_tiny, tail_cells):
+    """The high-resolution features are added per sub-pixel: each piece takes its own cells' terms."""
+    from pro2sam.grid_decoder import GridDecoder
+
+    torch.manual_seed(0)
+    side = IMAGE_SIZE // 16
+    embedding = torch.randn(1, 256, side, side)
+    high_res = [torch.randn(1, 32, 4 * side, 4 * side), torch.randn(1, 64, 2 * side, 2 * side)]
+    coords, labels = torch.rand(5, 1, 2) * IMAGE_SIZE, torch.ones(5, 1, dtype=torch.int)
+    pieces, whole = GridDecoder(sam2_tiny, tail_cells=tail_cells), GridDecoder(sam2_tiny)
+    for decoder in (pieces, whole):
+        decoder.set_image_embedding(embedding, high_res)
+    got, got_iou = pieces.decode(coords, labels, region=(10, 12))
+    want, want_iou = whole.decode(coords, labels, region=(10, 12))
+    assert got.shape == want.shape == (5, 3, 40, 48)
+    torch.testing.assert_close(got_iou, want_iou, rtol=0, atol=PRED_IOU_ATOL)
+    # logits of order 1: the same sums, at most reordered
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
