@@ -104,8 +104,9 @@ class CandidateConfig:
 
     Attributes:
         points_per_side: the grid has points_per_side**2 points over the whole image.
-        points_per_batch: prompts decoded together (memory vs speed; no effect on results), at
-            most; fewer when the memory budget asks for it.
+        points_per_batch: prompts decoded and filtered together (memory vs speed; no effect on
+            results), at most; fewer when the memory budget asks for it. Off a GPU the decoder
+            runs each such pass in pieces of ``CPU_PROMPTS_PER_PASS`` prompts.
         pred_iou_thresh: keep masks whose predicted IoU is strictly above this.
         stability_score_thresh: keep masks whose stability score is at least this.
         stability_score_offset: logit offset of the stability score's two thresholds.
