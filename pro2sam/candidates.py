@@ -80,11 +80,13 @@ DTYPES = {
 }
 # The memory budget where none is given and the device is not a GPU.
 DEFAULT_MEMORY_BUDGET_MB = 4096
-# Off a GPU the fast decoder is memory-bound: it decodes this many prompts per pass and runs its
-# per-pixel tail on this many embedding cells at a time, so that the intermediates stay in cache
-# (one torch thread, 64x64 embedding: 2.5-3x faster decoding than 64 prompts at once,
-# benchmarks/README.md "The decoder in cache-sized pieces"). Results do not depend on either.
-CPU_PROMPTS_PER_PASS = 8
+# Off a GPU the fast decoder is memory-bound: it decodes as many prompts per pass as take this
+# much activation memory (GridDecoder.bytes_per_prompt: 8 prompts of SAM vit_b or SAM 2.1 on a
+# 64x64 embedding, hundreds for small models), and runs its per-pixel tail on this many embedding
+# cells at a time, so that the intermediates stay near the cache (one torch thread, 64x64
+# embedding: 2.5-3x faster decoding than 64 prompts at once, benchmarks/README.md "The decoder in
+# cache-sized pieces"). Results do not depend on either.
+CPU_PASS_BYTES = 256 << 20
 CPU_TAIL_CELLS = 1024
 # Fast path: a low-resolution stability score this close to its threshold is recomputed at full
 # resolution. Low and full resolution differ by up to ~0.04 in stability (the shipped SAM, 4 px
@@ -106,7 +108,7 @@ class CandidateConfig:
         points_per_side: the grid has points_per_side**2 points over the whole image.
         points_per_batch: prompts decoded and filtered together (memory vs speed; no effect on
             results), at most; fewer when the memory budget asks for it. Off a GPU the decoder
-            runs each such pass in pieces of ``CPU_PROMPTS_PER_PASS`` prompts.
+            runs each such pass in pieces of ``CPU_PASS_BYTES`` of activations.
         pred_iou_thresh: keep masks whose predicted IoU is strictly above this.
         stability_score_thresh: keep masks whose stability score is at least this.
         stability_score_offset: logit offset of the stability score's two thresholds.
@@ -379,7 +381,8 @@ class GridCandidateGenerator:
         self.prompts_per_pass = self._prompts_per_pass(decoder_dtype.itemsize)  # decoded and filtered together
         self.decoder.batch_size = self.prompts_per_pass
         if self.device.type == "cpu":  # the decoder splits a pass into cache-sized pieces
-            self.decoder.batch_size = min(self.prompts_per_pass, CPU_PROMPTS_PER_PASS)
+            per_prompt = self.decoder.bytes_per_prompt(decoder_dtype.itemsize)
+            self.decoder.batch_size = min(self.prompts_per_pass, max(1, CPU_PASS_BYTES // per_prompt))
             self.decoder.tail_cells = CPU_TAIL_CELLS
         self._images_per_pass = max(1, self._budget // self.segmenter.encoder_bytes_per_image(encoder_dtype.itemsize))
         self._frames: Frames | None = None  # of the image last given to set_image

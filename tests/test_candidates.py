@@ -231,6 +231,24 @@ def test_tiny_checkpoint_round_trips(tiny_sam, tmp_path):
     assert np.array_equal(a.pred_ious, b.pred_ious)
 
 
+def test_a_cpu_decodes_a_pass_in_pieces_with_the_same_candidates(tiny_sam, monkeypatch):
+    import pro2sam.candidates as candidates
+
+    image = synthetic_image(180, 240, 0)
+    config = CandidateConfig(mode="fast", **FILTERS)
+    whole = GridCandidateGenerator(tiny_sam, config)
+    assert whole.decoder.batch_size == whole.prompts_per_pass == config.points_per_batch  # a small model fits
+    assert whole.decoder.tail_cells == candidates.CPU_TAIL_CELLS
+    monkeypatch.setattr(candidates, "CPU_PASS_BYTES", 3 * whole.decoder.bytes_per_prompt(4))
+    monkeypatch.setattr(candidates, "CPU_TAIL_CELLS", 5)
+    pieces = GridCandidateGenerator(tiny_sam, config)
+    assert (pieces.decoder.batch_size, pieces.prompts_per_pass, pieces.decoder.tail_cells) == (3, 256, 5)
+    a, b = whole.generate(image), pieces.generate(image)
+    assert len(a) == len(b) > 0
+    np.testing.assert_allclose(a.pred_ious, b.pred_ious, atol=PRED_IOU_ATOL)
+    assert all(mask_iou(x, y) >= 0.99 for x, y in zip(a.masks, b.masks))
+
+
 def test_a_small_memory_budget_decodes_in_smaller_passes_with_the_same_candidates(tiny_sam):
     image = synthetic_image(180, 240, 0)
     config = CandidateConfig(mode="fast", **FILTERS)
