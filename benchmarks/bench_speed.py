@@ -54,8 +54,9 @@ Same answers (``--shipped``): the models shipped with the package (the SAM and G
 synthetic scenes, :mod:`pro2sam.shipped`) on scenes of the synthetic test split (real candidates,
 real coarse maps, at the shipped SAM's own filter thresholds). For each image, the reference flow
 (a) against ours as the labeling actor runs it (``Pro2SAM.localize_batch``, fast path, batches of
-``--batch-size``) in float32, in bfloat16 and with the image encoder only in bfloat16
-(``dtype="bfloat16-encoder"``): the chosen masks are "the same" at mask IoU >= 0.95
+``--batch-size``) in float32, in bfloat16, with the image encoder only in bfloat16
+(``dtype="bfloat16-encoder"``) or in float16 (``"float16-encoder"``; ``--variants`` picks
+some): the chosen masks are "the same" at mask IoU >= 0.95
 (both falling back to the coarse map counts as the same). Target: >= 98 % the same.
 
     python benchmarks/bench_speed.py                                  # tiny SAM, 3 images, CPU
@@ -98,6 +99,16 @@ FLOWS = {
     "f": "ours, fast, bfloat16",
     "e": "image encoder alone, segment_anything",
     "g": "image encoder alone, SDPA",
+}
+# --shipped: our flows, each against the reference (every grid point decoded, as the reference
+# does, in each precision; then the package's default, which prunes the grid by the coarse map: a
+# different candidate set by design).
+SHIPPED_VARIANTS = {
+    "float32": dict(dtype="float32", prune_with_coarse_map=False),
+    "bfloat16": dict(dtype="bfloat16", prune_with_coarse_map=False),
+    "bfloat16-encoder": dict(dtype="bfloat16-encoder", prune_with_coarse_map=False),
+    "float16-encoder": dict(dtype="float16-encoder", prune_with_coarse_map=False),
+    "float32, grid pruning (default)": dict(dtype="float32", prune_with_coarse_map=True),
 }
 SAME_MASK_IOU = 0.95  # chosen masks at least this close count as the same answer
 STAGES = ("embed", "decode", "filter", "match", "finish")
@@ -323,6 +334,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="same-answer check with the shipped trained SAM and GTFormer on synthetic test scenes")
     parser.add_argument("--images", type=int, default=None, help="images (default: 3; 100 with --shipped)")
     parser.add_argument("--batch-size", type=int, default=8, help="--shipped: images per localize_batch")
+    parser.add_argument("--variants", nargs="+", choices=list(SHIPPED_VARIANTS), default=list(SHIPPED_VARIANTS),
+                        metavar="NAME", help=f"--shipped: our flows to compare (default: all of {list(SHIPPED_VARIANTS)})")
     parser.add_argument("--flows", default="".join(FLOWS), help="which flows to time (default %(default)s)")
     parser.add_argument("--points-per-side", type=int, default=None,
                         help="default 32; with --shipped, the settings' or the shipped SAM's own")
@@ -605,10 +618,7 @@ def shipped_agreement(args: argparse.Namespace) -> None:
     ours = {}
     # Every grid point decoded (as the reference does), in float32 and bfloat16; then the package's
     # default, which prunes the grid by the coarse map (a different candidate set by design).
-    variants = {"float32": dict(dtype="float32", prune_with_coarse_map=False),
-                "bfloat16": dict(dtype="bfloat16", prune_with_coarse_map=False),
-                "bfloat16-encoder": dict(dtype="bfloat16-encoder", prune_with_coarse_map=False),
-                "float32, grid pruning (default)": dict(dtype="float32", prune_with_coarse_map=True)}
+    variants = {name: settings for name, settings in SHIPPED_VARIANTS.items() if name in args.variants}
     for dtype, settings in variants.items():
         flow = model.with_settings(candidates=replace(config, **settings))
         t0 = clock()

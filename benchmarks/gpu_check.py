@@ -17,6 +17,7 @@ Flows, in this order (later ones are skipped, and said to be, when the budget ru
                        under bfloat16 autocast, matching on the CPU overlapping the next decode
     ours_bf16enc       the same with the image encoder only in bfloat16, its embedding decoded in
                        float32 (``--dtype bfloat16-encoder``)
+    ours_fp16enc       the same with the image encoder in float16 (``--dtype float16-encoder``)
     ours_fp32          the same in float32
     reference          ``SamAutomaticMaskGenerator`` (segment_anything's own modules, float32,
                        image by image) + the authors' matching on its full-resolution masks;
@@ -29,7 +30,8 @@ Flows, in this order (later ones are skipped, and said to be, when the budget ru
     same_answer        ``bench_speed.py --shipped --settings shipped`` on this device: the shipped
                        trained SAM and GTFormer at the package's shipped settings on
                        ``--same-answer-images`` synthetic scenes, reference flow against ours in
-                       float32, bfloat16 and bfloat16-encoder (same chosen mask: IoU >= 0.95)
+                       float32, bfloat16, bfloat16-encoder and float16-encoder (same chosen
+                       mask: IoU >= 0.95)
     ours_bf16_compile  ours_bf16 with ``torch.compile`` (image encoder and decoder pass); the
                        first batch, compiled cold, is timed on its own (``first_batch_s``,
                        ``cold_start_s``)
@@ -316,7 +318,7 @@ def main(argv=None) -> int:
     probs, _ = model.classify(images[: args.batch_size])  # GTFormer's outputs; its maps are not used
     probs = list(np.resize(probs, (len(images), probs.shape[1])))
     attempt("gtformer", lambda: run_gtformer(model, images, args.batch_size, clock))
-    for name, dtype in (("bf16", "bfloat16"), ("bf16enc", "bfloat16-encoder"), ("fp32", "float32")):
+    for name, dtype in (("bf16", "bfloat16"), ("bf16enc", "bfloat16-encoder"), ("fp16enc", "float16-encoder"), ("fp32", "float32")):
         flow = model.with_settings(candidates=replace(config, dtype=dtype))
         attempt(f"ours_{name}", lambda flow=flow: run_ours(flow, images, probs, coarse_maps, args.batch_size, clock, deadline))
     amg = dict(points_per_side=args.points_per_side, **thresholds)

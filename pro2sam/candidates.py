@@ -77,6 +77,7 @@ DTYPES = {
     "float32": (torch.float32, torch.float32),
     "bfloat16": (torch.bfloat16, torch.bfloat16),
     "bfloat16-encoder": (torch.bfloat16, torch.float32),
+    "float16-encoder": (torch.float16, torch.float32),
 }
 # The memory budget where none is given and the device is not a GPU.
 DEFAULT_MEMORY_BUDGET_MB = 4096
@@ -133,7 +134,10 @@ class CandidateConfig:
             Faster where the hardware has bfloat16 matrix units (recent GPUs; CPUs with
             AVX512-BF16 or AMX); masks near a threshold may flip, so check the same-answer rate
             (benchmarks/bench_speed.py --shipped: on the shipped SAM 79 % of chosen masks the same
-            with "bfloat16", 91 % with "bfloat16-encoder").
+            with "bfloat16", 91 % with "bfloat16-encoder"). "float16-encoder": the image encoder
+            under float16 autocast (3 more mantissa bits than bfloat16, as fast on a GPU's matrix
+            units, a narrower range: an embedding that overflows is refused with a clear error),
+            its embedding decoded in float32.
         compile: run SAM's image encoder and the per-prompt decoder pass through
             ``torch.compile``: a cold start (the first batch, and the first of another size)
             of seconds on small models to minutes on ViT-H, then faster batches.
@@ -432,7 +436,15 @@ class GridCandidateGenerator:
         """Prepared images -> their embeddings, in one image-encoder call (the decoder takes
         them in its own dtype, :meth:`GridDecoder.set_image_embedding`)."""
         with self._autocast("encoder"):
-            return self.segmenter.encode(pixels)
+            embeddings = self.segmenter.encode(pixels)
+        if self.config.dtype == "float16-encoder":
+            for e in embeddings:
+                if not all(bool(torch.isfinite(t).all()) for t in [e.embedding, *(e.high_res or [])]):
+                    raise FloatingPointError(
+                        "SAM's image encoder overflowed float16 (--dtype float16-encoder): "
+                        "use --dtype bfloat16-encoder or float32"
+                    )
+        return embeddings
 
     @torch.inference_mode()
     def set_image(self, image: np.ndarray) -> None:

@@ -377,6 +377,49 @@ def test_bfloat16_encoder_runs_the_encoder_in_bfloat16_and_decodes_in_float32(ti
     assert all(np.array_equal(x, y) for x, y in zip(got.masks, by_hand.masks))
 
 
+def test_float16_encoder_runs_the_encoder_in_float16_and_decodes_in_float32(tiny_sam):
+    """dtype="float16-encoder": as bfloat16-encoder, with float16 autocast on the encoder."""
+    image = synthetic_image(180, 240, 0)
+    every_mask = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+    seen = {}
+
+    def record(name):
+        def hook(module, args, output):
+            seen[name] = (output[0] if isinstance(output, tuple) else output).dtype
+        return hook
+
+    handles = [tiny_sam.image_encoder.patch_embed.register_forward_hook(record("encoder")),
+               tiny_sam.mask_decoder.iou_prediction_head.register_forward_hook(record("decoder"))]  # fmt: skip
+    try:
+        got = GridCandidateGenerator(tiny_sam, CandidateConfig(dtype="float16-encoder", **every_mask)).generate(image)
+        assert seen == {"encoder": torch.float16, "decoder": torch.float32}
+    finally:
+        for h in handles:
+            h.remove()
+    fp32 = GridCandidateGenerator(tiny_sam, CandidateConfig(**every_mask))
+    fp32.set_image(image)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.float16):
+        embedding = fp32.segmenter.encode([fp32._prepare(image)[0]])[0]
+    fp32._set_embedding(embedding)
+    by_hand = fp32.generate(None)
+    np.testing.assert_allclose(got.pred_ious, by_hand.pred_ious, atol=1e-5)
+    assert all(np.array_equal(x, y) for x, y in zip(got.masks, by_hand.masks))
+
+
+def test_an_encoder_that_overflows_float16_is_refused_in_words(tiny_sam, monkeypatch):
+    generator = GridCandidateGenerator(tiny_sam, CandidateConfig(dtype="float16-encoder"))
+    encode = generator.segmenter.encode
+
+    def overflowing(pixels):
+        out = encode(pixels)
+        out[0].embedding[0, 0, 0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(generator.segmenter, "encode", overflowing)
+    with pytest.raises(FloatingPointError, match="overflowed float16.*bfloat16-encoder"):
+        generator.generate(synthetic_image(96, 128, 0))
+
+
 @pytest.mark.parametrize("filters", [None, (0.88, 0.95), (0.0, 0.0)], ids=["shipped-sam", "official-relaxed", "off"])
 def test_fast_path_keeps_the_exact_candidates_of_a_trained_sam(filters):
     """The shipped SAM leaves many masks near its stability threshold and many small overlapping

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
-SAM_FLOWS = ("ours_bf16", "ours_bf16enc", "ours_fp32", "reference", "ours_bf16_compile", "ours_fp32_compile",
+SAM_FLOWS = ("ours_bf16", "ours_bf16enc", "ours_fp16enc", "ours_fp32", "reference", "ours_bf16_compile", "ours_fp32_compile",
              "sam2_ours_fp32", "sam2_reference")
 
 
@@ -56,7 +56,8 @@ def test_each_sam_flow_reports_images_per_second_memory_and_where_the_time_went(
 def test_dry_run_checks_the_same_answer_in_both_precisions(dry_run):
     _, report = dry_run
     same = report["flows"]["same_answer"]
-    assert set(same["same_rate"]) == {"float32", "bfloat16", "bfloat16-encoder", "float32, grid pruning (default)"}
+    assert set(same["same_rate"]) == {"float32", "bfloat16", "bfloat16-encoder", "float16-encoder",
+                                      "float32, grid pruning (default)"}
     assert all(0.0 <= rate <= 1.0 for rate in same["same_rate"].values())
 
 

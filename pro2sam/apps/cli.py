@@ -121,7 +121,7 @@ def _add_candidate_options(p: argparse.ArgumentParser) -> None:
                    "falling back to the coarse map's box (default %(default)s; pro2sam tune chooses it)")  # fmt: skip
     g.add_argument("--dtype", choices=sorted(DTYPES), default=d["dtype"],
                    help="SAM's networks under autocast in this dtype (bfloat16: GPUs of compute capability 8 and "
-                   "up; default %(default)s)")  # fmt: skip
+                   "up; *-encoder: the image encoder only, the decoder in float32; default %(default)s)")  # fmt: skip
     g.add_argument("--compile", action="store_true", default=d["compile"],
                    help="torch.compile SAM's image encoder and decoder pass (a cold start of minutes, then faster)")  # fmt: skip
     g.add_argument("--memory-budget-mb", type=int, default=d["memory_budget_mb"],
