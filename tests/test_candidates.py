@@ -342,9 +342,11 @@ def test_bfloat16_moves_masks_only_at_their_edges(tiny_sam):
     assert np.median([mask_iou(fp32.masks[a[k]], bf16.masks[b[k]]) for k in shared]) >= 0.95
 
 
-def test_bfloat16_encoder_runs_the_encoder_in_bfloat16_and_decodes_in_float32(tiny_sam):
-    """dtype="bfloat16-encoder": the image encoder under bfloat16 autocast, its embedding decoded
-    in float32, so the decoder's work is that of float32 on a slightly different embedding."""
+@pytest.mark.parametrize("dtype, encoder_dtype", [("bfloat16-encoder", torch.bfloat16), ("float16-encoder", torch.float16)])
+def test_an_encoder_dtype_runs_the_encoder_in_it_and_decodes_in_float32(tiny_sam, dtype, encoder_dtype):
+    """dtype="bfloat16-encoder" / "float16-encoder": the image encoder under that autocast, its
+    embedding decoded in float32, so the decoder's work is that of float32 on a slightly
+    different embedding; "bfloat16" runs both under autocast."""
     image = synthetic_image(180, 240, 0)
     every_mask = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
     seen = {}
@@ -357,48 +359,19 @@ def test_bfloat16_encoder_runs_the_encoder_in_bfloat16_and_decodes_in_float32(ti
     handles = [tiny_sam.image_encoder.patch_embed.register_forward_hook(record("encoder")),
                tiny_sam.mask_decoder.iou_prediction_head.register_forward_hook(record("decoder"))]  # fmt: skip
     try:
-        mixed = GridCandidateGenerator(tiny_sam, CandidateConfig(dtype="bfloat16-encoder", **every_mask))
+        mixed = GridCandidateGenerator(tiny_sam, CandidateConfig(dtype=dtype, **every_mask))
         got = mixed.generate(image)
-        assert seen == {"encoder": torch.bfloat16, "decoder": torch.float32}
+        assert seen == {"encoder": encoder_dtype, "decoder": torch.float32}
         both = GridCandidateGenerator(tiny_sam, CandidateConfig(dtype="bfloat16", **every_mask))
         both.generate(image)
         assert seen == {"encoder": torch.bfloat16, "decoder": torch.bfloat16}
     finally:
         for h in handles:
             h.remove()
-    # the same as decoding the bfloat16 embedding by hand in float32
+    # the same as decoding the encoder's embedding by hand in float32
     fp32 = GridCandidateGenerator(tiny_sam, CandidateConfig(**every_mask))
     fp32.set_image(image)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        embedding = fp32.segmenter.encode([fp32._prepare(image)[0]])[0]
-    fp32._set_embedding(embedding)
-    by_hand = fp32.generate(None)
-    np.testing.assert_allclose(got.pred_ious, by_hand.pred_ious, atol=1e-5)
-    assert all(np.array_equal(x, y) for x, y in zip(got.masks, by_hand.masks))
-
-
-def test_float16_encoder_runs_the_encoder_in_float16_and_decodes_in_float32(tiny_sam):
-    """dtype="float16-encoder": as bfloat16-encoder, with float16 autocast on the encoder."""
-    image = synthetic_image(180, 240, 0)
-    every_mask = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
-    seen = {}
-
-    def record(name):
-        def hook(module, args, output):
-            seen[name] = (output[0] if isinstance(output, tuple) else output).dtype
-        return hook
-
-    handles = [tiny_sam.image_encoder.patch_embed.register_forward_hook(record("encoder")),
-               tiny_sam.mask_decoder.iou_prediction_head.register_forward_hook(record("decoder"))]  # fmt: skip
-    try:
-        got = GridCandidateGenerator(tiny_sam, CandidateConfig(dtype="float16-encoder", **every_mask)).generate(image)
-        assert seen == {"encoder": torch.float16, "decoder": torch.float32}
-    finally:
-        for h in handles:
-            h.remove()
-    fp32 = GridCandidateGenerator(tiny_sam, CandidateConfig(**every_mask))
-    fp32.set_image(image)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.float16):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=encoder_dtype):
         embedding = fp32.segmenter.encode([fp32._prepare(image)[0]])[0]
     fp32._set_embedding(embedding)
     by_hand = fp32.generate(None)
