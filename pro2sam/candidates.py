@@ -133,11 +133,11 @@ class CandidateConfig:
             image encoder only (most of the work on a GPU), its embedding decoded in float32.
             Faster where the hardware has bfloat16 matrix units (recent GPUs; CPUs with
             AVX512-BF16 or AMX); masks near a threshold may flip, so check the same-answer rate
-            (benchmarks/bench_speed.py --shipped: on the shipped SAM 79 % of chosen masks the same
-            with "bfloat16", 91 % with "bfloat16-encoder"). "float16-encoder": the image encoder
-            under float16 autocast (3 more mantissa bits than bfloat16, as fast on a GPU's matrix
-            units, a narrower range: an embedding that overflows is refused with a clear error),
-            its embedding decoded in float32.
+            (benchmarks/bench_speed.py --shipped: on the shipped SAM 74-79 % of chosen masks the
+            same with "bfloat16", 90-91 % with "bfloat16-encoder"). "float16-encoder": the image
+            encoder under float16 autocast (3 more mantissa bits than bfloat16, as fast on a GPU's
+            matrix units, a narrower range: an embedding that overflows is refused with a clear
+            error), its embedding decoded in float32 (100 % the same there).
         compile: run SAM's image encoder and the per-prompt decoder pass through
             ``torch.compile``: a cold start (the first batch, and the first of another size)
             of seconds on small models to minutes on ViT-H, then faster batches.
