@@ -82,7 +82,7 @@ DTYPES = {
 # The memory budget where none is given and the device is not a GPU.
 DEFAULT_MEMORY_BUDGET_MB = 4096
 # Off a GPU the fast decoder is memory-bound: it decodes as many prompts per pass as take this
-# much activation memory (GridDecoder.bytes_per_prompt: 8 prompts of SAM vit_b or SAM 2.1 on a
+# much activation memory (GridDecoder.bytes_per_prompt: 8-9 prompts of SAM vit_b or SAM 2.1 on a
 # 64x64 embedding, hundreds for small models), and runs its per-pixel tail on this many embedding
 # cells at a time, so that the intermediates stay near the cache (one torch thread, 64x64
 # embedding: 2.5-3x faster decoding than 64 prompts at once, benchmarks/README.md "The decoder in
