@@ -616,8 +616,6 @@ def shipped_agreement(args: argparse.Namespace) -> None:
             print(f"  reference: {i + 1} images, {(clock() - t0) / (i + 1):.3f} s/image", flush=True)
     seconds = {"reference": (clock() - t0) / len(images)}
     ours = {}
-    # Every grid point decoded (as the reference does), in float32 and bfloat16; then the package's
-    # default, which prunes the grid by the coarse map (a different candidate set by design).
     variants = {name: settings for name, settings in SHIPPED_VARIANTS.items() if name in args.variants}
     for dtype, settings in variants.items():
         flow = model.with_settings(candidates=replace(config, **settings))
