@@ -437,13 +437,13 @@ class GridCandidateGenerator:
         them in its own dtype, :meth:`GridDecoder.set_image_embedding`)."""
         with self._autocast("encoder"):
             embeddings = self.segmenter.encode(pixels)
-        if self.config.dtype == "float16-encoder":
-            for e in embeddings:
-                if not all(bool(torch.isfinite(t).all()) for t in [e.embedding, *(e.high_res or [])]):
-                    raise FloatingPointError(
-                        "SAM's image encoder overflowed float16 (--dtype float16-encoder): "
-                        "use --dtype bfloat16-encoder or float32"
-                    )
+        if DTYPES[self.config.dtype][0] == torch.float16:  # float16's range is narrow: one check per batch
+            finite = [torch.isfinite(t).all() for e in embeddings for t in [e.embedding, *(e.high_res or [])]]
+            if not bool(torch.stack(finite).all()):
+                raise FloatingPointError(
+                    f"SAM's image encoder overflowed float16 (--dtype {self.config.dtype}): "
+                    "use --dtype bfloat16-encoder or float32"
+                )
         return embeddings
 
     @torch.inference_mode()
