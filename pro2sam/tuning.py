@@ -9,9 +9,12 @@ This module holds what ``pro2sam tune`` and ``benchmarks/bench_quality.py`` shar
   each; the matching rules (plain IoU, the authors' rule, and part-to-object completion at each
   agreement x containment) are matched on those cached candidates. The base settings (those of
   the command line, the package defaults unless changed) are always among them.
-- **The objective**: GT-known Loc on the held-out split, scored by
-  :func:`pro2sam.evaluation.evaluate_predictions` (the evaluation job's code).
-- **The choice** (:func:`choose`): the best GT-known Loc; ties go to the setting that changes
+- **The objective** (:data:`OBJECTIVES`, ``pro2sam tune --objective``): GT-known Loc on the
+  held-out split by default; or the single box's BoxAccV2 (IoU 0.3 / 0.5 / 0.7: rewards tight
+  boxes), or the masks' mIoU (held-out masks needed); scored by
+  :func:`pro2sam.evaluation.evaluate_predictions` (the evaluation job's code). Every row of the
+  table carries all three where the data allows.
+- **The choice** (:func:`choose`): the best objective; ties go to the setting that changes
   fewest of the base settings, then to plain IoU over part-to-object (the simpler rule), then to
   the earlier row of the table.
 - **The fallback threshold** is chosen after, on the chosen setting: it changes only the boxes
@@ -45,6 +48,7 @@ __all__ = [
     "GRIDS",
     "DEFAULT_GRID",
     "OBJECTIVE",
+    "OBJECTIVES",
     "SettingsError",
     "TunedSettings",
     "TuningGrid",
@@ -63,7 +67,15 @@ SHIPPED_SETTINGS = "shipped"
 CANDIDATE_SETTINGS = (
     "points_per_side", "mode", "pred_iou_thresh", "stability_score_thresh", "prune_with_coarse_map", "relax_filters_when_empty",
 )  # fmt: skip
-# The number the choice maximises: the share of held-out images whose box has IoU >= 0.5 with a GT box.
+# What the choice can maximise: --objective name -> (the score's key in the Pro2SAM results of
+# evaluate_predictions and in the table's rows, what it is).
+OBJECTIVES = {
+    "gt_known_loc": ("gt_known_loc", "percent of held-out images whose box has IoU >= 0.5 with a GT box"),
+    "box_acc_v2": ("BoxAccV2_single_box", "mean over IoU 0.3 / 0.5 / 0.7 of the percent of held-out images whose box "
+                   "reaches it with a GT box: rewards tight boxes"),
+    "miou": ("mIoU", "mean IoU of the chosen masks with the held-out GT masks"),
+}  # fmt: skip
+# The default objective: the share of held-out images whose box has IoU >= 0.5 with a GT box.
 OBJECTIVE = "gt_known_loc"
 PLAIN_IOU = "plain IoU"
 PART_TO_OBJECT = "part-to-object"
@@ -193,20 +205,23 @@ def table_row(
         "containment": matching.containment if matching.part_to_object else None,
         "completion_size": matching.completion_size if matching.part_to_object else None,
         "fallback_threshold": matching.fallback_threshold,
-        OBJECTIVE: scores.get(OBJECTIVE),
-        "mIoU": scores.get("mIoU"),
+        **{key: scores.get(key) for key, _ in OBJECTIVES.values()},
         "fallback_rate": scores.get("fallback_rate"),
         "changes_from_base": _changes(candidates, matching, base_candidates, base_matching),
     }
 
 
-def choose(table: Sequence[Mapping]) -> int:
-    """Index of the chosen row: the highest GT-known Loc; ties to the fewest changes from the base
-    settings, then plain IoU over part-to-object, then the earlier row."""
+def choose(table: Sequence[Mapping], objective: str = OBJECTIVE) -> int:
+    """Index of the chosen row: the highest ``objective`` (a key of :data:`OBJECTIVES`); ties to
+    the fewest changes from the base settings, then plain IoU over part-to-object, then the
+    earlier row. A row without the score (no held-out masks for ``miou``) is never preferred."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    column = OBJECTIVES[objective][0]
 
     def key(i: int):
         row = table[i]
-        score = row[OBJECTIVE]
+        score = row.get(column)
         return (-(score if score is not None else -1.0), row["changes_from_base"], row["matching"] != PLAIN_IOU, i)
 
     if not table:
@@ -261,6 +276,7 @@ def settings_document(
     models: Mapping[str, str],
     confidence: Mapping | None = None,
     code: Mapping | None = None,
+    objective: str = OBJECTIVE,
 ) -> dict:
     """The settings file's content (JSON-ready).
 
@@ -272,6 +288,7 @@ def settings_document(
         confidence: the confidence calibration fitted on the chosen setting's held-out rows
             (:meth:`pro2sam.confidence.ConfidenceModel.to_dict`), or None.
         code: :func:`code_version` taken when the run started (default: now).
+        objective: what the choice maximised (a key of :data:`OBJECTIVES`).
     """
     return {
         "format": SETTINGS_FORMAT,
@@ -280,7 +297,7 @@ def settings_document(
             "matching": asdict(matching),
         },
         "confidence": dict(confidence) if confidence is not None else None,
-        "objective": f"{OBJECTIVE} (percent of held-out images whose box has IoU >= 0.5 with a GT box)",
+        "objective": f"{objective}: {OBJECTIVES[objective][0]} ({OBJECTIVES[objective][1]})",
         "tie_break": "fewest changes from the base settings, then plain IoU over part-to-object, then table order",
         "chosen": chosen,
         "heldout": dict(heldout),

@@ -23,7 +23,7 @@ from pro2sam.datasets import open_dataset
 from pro2sam.matching import MatchConfig
 from pro2sam.synthetic import write_wsol_dataset
 from pro2sam.tuning import (
-    GRIDS, OBJECTIVE, PLAIN_IOU, SETTINGS_FORMAT, SettingsError, choose, load_settings, table_row, with_fallback_threshold,
+    GRIDS, OBJECTIVE, OBJECTIVES, PLAIN_IOU, SETTINGS_FORMAT, SettingsError, choose, load_settings, table_row, with_fallback_threshold,
 )
 
 # Small enough for 2 CPU cores: the shipped models on 5 small scenes, a 4x4 grid of SAM prompts.
@@ -87,7 +87,7 @@ def tuned_on_manifest(synthetic, tmp_path_factory, ray_local):
     return settings, manifest
 
 
-def check_settings_file(path: Path, images: int, boxes: int, spec: str) -> dict:
+def check_settings_file(path: Path, images: int, boxes: int, spec: str, objective: str = OBJECTIVE) -> dict:
     document = json.loads(path.read_text())
     assert document["format"] == SETTINGS_FORMAT
     assert document["heldout"]["spec"] == spec
@@ -96,11 +96,13 @@ def check_settings_file(path: Path, images: int, boxes: int, spec: str) -> dict:
     table = document["table"]
     candidates, matchings, fallbacks = GRIDS["small"].size(CandidateConfig.for_variant("synthetic", points_per_side=4), MatchConfig())
     assert len(table) == candidates * matchings + fallbacks - 1
-    assert all(0.0 <= row[OBJECTIVE] <= 100.0 for row in table)
-    # the choice is the best held-out row of the table, and the file's settings are that row's
+    assert all(0.0 <= row[key] <= 100.0 for row in table for key in ("gt_known_loc", "BoxAccV2_single_box"))
+    # the choice is the best held-out row of the table by the objective, and the file's settings are that row's
+    column = {"gt_known_loc": "gt_known_loc", "box_acc_v2": "BoxAccV2_single_box"}[objective]
+    assert document["objective"].startswith(f"{objective}: {column}")
     chosen = document["chosen"]
-    assert chosen == choose(table) and table[chosen].get("chosen") is True
-    assert table[chosen][OBJECTIVE] == max(row[OBJECTIVE] for row in table)
+    assert chosen == choose(table, objective) and table[chosen].get("chosen") is True
+    assert table[chosen][column] == max(row[column] for row in table)
     settings = document["settings"]
     for key in ("pred_iou_thresh", "stability_score_thresh", "prune_with_coarse_map"):
         assert settings["candidates"][key] == table[chosen][key]
@@ -122,9 +124,10 @@ def test_tune_on_a_coco_json_with_an_images_root(synthetic, tmp_path, ray_local,
     root = Path(synthetic.spec("val").split(":")[2])  # the data root the images lie under
     coco = coco_file(val, tmp_path / "instances_val.json", root)  # not in the images' folder
     settings = tmp_path / "settings.json"
-    argv = ["tune", "--heldout", f"coco:{coco}", "--images-root", str(root), "--output", str(settings), *MODELS]
+    argv = ["tune", "--heldout", f"coco:{coco}", "--images-root", str(root), "--output", str(settings), *MODELS,
+            "--objective", "box_acc_v2"]  # fmt: skip
     assert main(argv) == 0
-    document = check_settings_file(settings, images=5, boxes=5, spec=f"coco:{coco}")
+    document = check_settings_file(settings, images=5, boxes=5, spec=f"coco:{coco}", objective="box_acc_v2")
     assert document["heldout"]["images_root"] == str(root)
 
 
@@ -181,6 +184,28 @@ def test_ties_go_to_the_base_settings_then_to_plain_iou():
     assert choose([row(80, 2, PLAIN_IOU), row(90, 3, "part-to-object"), row(90, 1, "part-to-object")]) == 2
     assert choose([row(90, 1, "part-to-object"), row(90, 1, PLAIN_IOU)]) == 1
     assert choose([row(90, 0, "part-to-object"), row(90, 1, PLAIN_IOU)]) == 0
+
+
+def test_the_objective_picks_the_column_the_choice_maximises():
+    def row(gt_known, box_acc, miou):
+        return {"gt_known_loc": gt_known, "BoxAccV2_single_box": box_acc, "mIoU": miou, "changes_from_base": 0, "matching": PLAIN_IOU}
+
+    table = [row(99.0, 95.0, 80.0), row(98.5, 97.0, 90.0), row(98.0, 97.5, 85.0)]
+    assert (choose(table), choose(table, "gt_known_loc"), choose(table, "box_acc_v2"), choose(table, "miou")) == (0, 0, 2, 1)
+    # a row without the score (no held-out masks) is never preferred
+    assert choose([row(99.0, 95.0, None), row(90.0, 90.0, 10.0)], "miou") == 1
+    with pytest.raises(ValueError, match="objective 'boxacc'"):
+        choose(table, "boxacc")
+    assert set(OBJECTIVES) == {"gt_known_loc", "box_acc_v2", "miou"}
+
+
+def test_tune_by_miou_on_held_out_boxes_without_masks_is_refused_in_one_line(synthetic, tmp_path, capsys):
+    manifest = boxed_manifest(open_dataset(synthetic.spec("val")), tmp_path / "heldout.csv")
+    argv = ["tune", "--heldout", str(manifest), "--output", str(tmp_path / "settings.json"), *MODELS, "--objective", "miou"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--objective miou" in err and "has no masks" in err
+    assert not (tmp_path / "settings.json").exists()
 
 
 def test_the_grid_always_holds_the_base_settings_once():

@@ -428,7 +428,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     def work() -> int:
         cfg = TuneJobConfig(
             heldout=args.heldout, output=args.output, labeling=_labeling(args), grid=args.grid,
-            images_root=args.images_root, calibrate_confidence=not args.no_confidence,
+            images_root=args.images_root, calibrate_confidence=not args.no_confidence, objective=args.objective,
         )  # fmt: skip
         _stop_on_signals()
         print(run_tune_job(cfg), flush=True)
@@ -805,7 +805,7 @@ def _add_synthetic_parser(sub) -> None:
 
 
 def _add_tune_parser(sub) -> None:
-    from ..tuning import DEFAULT_GRID, GRIDS
+    from ..tuning import DEFAULT_GRID, GRIDS, OBJECTIVE, OBJECTIVES
 
     p = sub.add_parser(
         "tune",
@@ -826,6 +826,10 @@ def _add_tune_parser(sub) -> None:
     p.add_argument("--grid", choices=sorted(GRIDS), default=DEFAULT_GRID,
                    help=f"the settings tried besides the base ones given by the options below ({sizes}; "
                    "default %(default)s)")  # fmt: skip
+    p.add_argument("--objective", choices=list(OBJECTIVES), default=OBJECTIVE,
+                   help="what the choice maximises on the held-out split: gt_known_loc (boxes with IoU >= 0.5), "
+                   "box_acc_v2 (the mean over IoU 0.3 / 0.5 / 0.7: tight boxes), miou (the masks; needs held-out "
+                   "masks); default %(default)s")  # fmt: skip
     p.add_argument("--no-confidence", action="store_true", help="do not fit a confidence calibration into the file")
     _add_labeling_options(p, confidence=False)
     p.set_defaults(func=cmd_tune)

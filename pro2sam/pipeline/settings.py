@@ -26,7 +26,7 @@ from ..matching import MatchConfig
 from ..output import COMMIT_SECONDS, ROWS_PER_FILE
 from ..sam import DEFAULT_SAM_VARIANT, SAM_VARIANTS
 from ..storage import DEFAULT_MAX_BYTES, DEFAULT_READ_TIMEOUT_S, join_uri, location_contains
-from ..tuning import GRIDS, TunedSettings
+from ..tuning import GRIDS, OBJECTIVE, OBJECTIVES, TunedSettings
 
 if TYPE_CHECKING:
     from .ray_env import RayCluster
@@ -358,6 +358,8 @@ class TuneJobConfig:
         grid: name in :data:`pro2sam.tuning.GRIDS`.
         images_root: folder of a COCO file's images (default: the JSON's folder).
         calibrate_confidence: fit the confidence on the chosen setting's held-out rows.
+        objective: what the choice maximises, a key of :data:`pro2sam.tuning.OBJECTIVES`
+            (``miou`` needs held-out masks).
     """
 
     heldout: str
@@ -366,10 +368,13 @@ class TuneJobConfig:
     grid: str = "small"
     images_root: str | None = None
     calibrate_confidence: bool = True
+    objective: str = OBJECTIVE
 
     def validate(self) -> None:
         if self.grid not in GRIDS:
             raise ValueError(f"--grid {self.grid!r}: choose one of {', '.join(GRIDS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"--objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}")
         self.labeling.validate()
 
 

@@ -3,7 +3,8 @@
     held-out spec (cub / ilsvrc / wsol / boxed manifest / coco:FILE.json) -> its images
     -> Ray Data: read bytes -> decode -> TuneLabeler actors (GTFormer once per image; SAM once per
        image and candidate setting; every matching rule on those cached candidates)
-    -> the driver scores every setting with the evaluation's code (GT-known Loc), chooses
+    -> the driver scores every setting with the evaluation's code (GT-known Loc, BoxAccV2 of the one
+       box, mIoU), chooses by the objective
        (:mod:`pro2sam.tuning`), tries the fallback threshold on the choice, fits the confidence
     -> the settings file (JSON, written whole)
 
@@ -28,7 +29,7 @@ from ..datasets import WSOLDataset, open_dataset
 from ..evaluation import SplitResult, evaluate_predictions, index_rows
 from ..labels import LABEL_SCHEMA, error_row, ok_row
 from ..storage import write_bytes_atomic
-from ..tuning import GRIDS, OBJECTIVE, choose, code_version, settings_document, table_row, with_fallback_threshold
+from ..tuning import GRIDS, OBJECTIVES, choose, code_version, settings_document, table_row, with_fallback_threshold
 from .label_job import classify_batch, load_models
 from .ray_env import join_ray
 from .settings import LabelingSettings, TuneJobConfig
@@ -50,6 +51,7 @@ class TuneSummary:
     settings_tried: int
     chosen: dict
     seconds: float
+    objective: str = "gt_known_loc"
 
     def __str__(self) -> str:
         c = self.chosen
@@ -58,7 +60,9 @@ class TuneSummary:
             f"pro2sam tune: {self.settings_tried} settings tried on {self.images} held-out images in {self.seconds:.1f} s; "
             f"chosen: SAM filters {c['pred_iou_thresh']:g} / {c['stability_score_thresh']:g}, pruning "
             f"{'on' if c['prune_with_coarse_map'] else 'off'}, {rule}, fallback threshold {c['fallback_threshold']:g}: "
-            f"GT-known Loc {c[OBJECTIVE]:.1f} %; settings: {self.output}"
+            f"GT-known Loc {c['gt_known_loc']:.1f} %"
+            + (f" (chosen by {self.objective}: {c[OBJECTIVES[self.objective][0]]:.1f})" if self.objective != "gt_known_loc" else "")
+            + f"; settings: {self.output}"
         )
 
 
@@ -200,6 +204,8 @@ def run_tune_job(cfg: TuneJobConfig) -> TuneSummary:
     dataset = open_dataset(cfg.heldout, images_root=cfg.images_root)
     if not dataset.has_boxes:
         raise ValueError(f"--heldout {cfg.heldout}: no image has a box; tuning needs boxes (x0,y0,x1,y1 columns, COCO bbox)")
+    if cfg.objective == "miou" and not dataset.has_masks:
+        raise ValueError(f"--objective miou: --heldout {cfg.heldout} has no masks; choose gt_known_loc or box_acc_v2")
     model = load_models(cfg.labeling, device="cpu")  # a bad checkpoint ends the run here, before Ray
     base_candidates, base_matching = cfg.labeling.candidate_config(), cfg.labeling.matching
     grid = GRIDS[cfg.grid]
@@ -223,7 +229,7 @@ def run_tune_job(cfg: TuneJobConfig) -> TuneSummary:
             scores = score(by_setting.get((c, m), [])).results["Pro2SAM"]
             table.append(table_row(cand, match, scores, base_candidates=base_candidates, base_matching=base_matching, stage="sam+matching"))
             keys.append((c, m, match.fallback_threshold))
-    first = choose(table)
+    first = choose(table, cfg.objective)
     c, m, _ = keys[first]
     for threshold in grid.fallback_values(base_matching):
         if threshold == matchings[m].fallback_threshold:
@@ -232,7 +238,7 @@ def run_tune_job(cfg: TuneJobConfig) -> TuneSummary:
         scores = score(with_fallback_threshold(by_setting.get((c, m), []), threshold)).results["Pro2SAM"]
         table.append(table_row(candidates[c], match, scores, base_candidates=base_candidates, base_matching=base_matching, stage="fallback"))
         keys.append((c, m, threshold))
-    chosen = choose(table)
+    chosen = choose(table, cfg.objective)
     c, m, threshold = keys[chosen]
     chosen_candidates, chosen_matching = candidates[c], replace(matchings[m], fallback_threshold=threshold)
     table[chosen]["chosen"] = True
@@ -246,7 +252,7 @@ def run_tune_job(cfg: TuneJobConfig) -> TuneSummary:
     document = settings_document(
         candidates=chosen_candidates, matching=chosen_matching, table=table, chosen=chosen,
         heldout=_heldout_description(cfg, dataset), grid=cfg.grid, models=model.model_ids, confidence=confidence,
-        code=code,
+        code=code, objective=cfg.objective,
     )  # fmt: skip
     write_bytes_atomic(cfg.output, (json.dumps(document, indent=2) + "\n").encode())
-    return TuneSummary(cfg.output, len(dataset.samples), len(table), table[chosen], time.perf_counter() - start)
+    return TuneSummary(cfg.output, len(dataset.samples), len(table), table[chosen], time.perf_counter() - start, cfg.objective)
