@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     settings = load_settings(str(shipped.settings_file(args.regime)) if args.settings == "shipped" else args.settings)
     model = Pro2SAM.from_checkpoints(
-        shipped.gtformer_dir(args.regime), sam=shipped.SAM_VARIANT, sam_checkpoint=shipped.sam_checkpoint()
+        shipped.gtformer_dir(args.regime), sam=shipped.SAM_VARIANT, sam_checkpoint=shipped.sam_checkpoint(args.regime)
     ).with_settings(
         candidates=CandidateConfig.for_variant(shipped.SAM_VARIANT, **settings.candidates),
         matching=MatchConfig(**settings.matching),

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--growth", type=float, default=1.5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the numbers here")
-    p.add_argument("--sam-checkpoint", help="weights of the 'synthetic' SAM variant (default: the shipped SAM)")
+    p.add_argument("--sam-checkpoint", help="weights of the 'synthetic' SAM variant (default: the SAM shipped for --regime)")
     args = p.parse_args(argv)
 
     import torch
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from pro2sam.synthetic import make_scene
 
     torch.set_num_threads(args.threads)
-    checkpoint = args.sam_checkpoint or shipped.sam_checkpoint()
+    checkpoint = args.sam_checkpoint or shipped.sam_checkpoint(args.regime)
     sam = build_sam(shipped.SAM_VARIANT, checkpoint, verify=not args.sam_checkpoint)
     settings = {
         "shipped filters": CandidateConfig.for_variant(shipped.SAM_VARIANT, points_per_side=args.points_per_side,

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--regimes", nargs="+", default=["part", "object"], help="regimes to run (default: %(default)s)")
     p.add_argument("--seed", type=int, help="data seed (default: the shipped models' seed; another for a seed used for no choice)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--sam-checkpoint", help="weights of the 'synthetic' SAM variant (default: the shipped SAM)")
+    p.add_argument("--sam-checkpoint", help="weights of the 'synthetic' SAM variant (default: the SAM shipped for each regime)")
     p.add_argument("--settings", nargs="+", default=[], metavar="REGIME=FILE",
                    help="the tuned settings of a regime (default: the package's shipped settings of each regime)")
     args = p.parse_args(argv)
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Synthetic world, seed {seed}, {args.num_test} test images per regime ({args.num_val} val images for the "
         f"thresholds and calibration), grid {GRID}x{GRID}, "
-        f"{'SAM ' + args.sam_checkpoint if args.sam_checkpoint else 'the shipped SAM'} and each regime's shipped GTFormer.",
+        f"{'SAM ' + args.sam_checkpoint if args.sam_checkpoint else 'the SAM shipped for each regime'} and each regime's shipped GTFormer.",
         "",
     ]
     for regime in args.regimes:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             args.workdir / regime / "data", num_train=0, num_val=args.num_val, num_test=args.num_test, seed=seed, regime=regime
         )
         heldout, test = open_dataset(data.spec("val")), open_dataset(data.spec("test"))
-        sam_checkpoint = args.sam_checkpoint or shipped.sam_checkpoint()
+        sam_checkpoint = args.sam_checkpoint or shipped.sam_checkpoint(regime)
         settings_file = settings_files.get(regime) or str(shipped.settings_file(regime))
         model = Pro2SAM.from_checkpoints(shipped.gtformer_dir(regime), sam=shipped.SAM_VARIANT, sam_checkpoint=sam_checkpoint)
         tuned = load_settings(settings_file)

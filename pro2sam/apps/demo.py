@@ -76,8 +76,8 @@ def run_demo(
         seed: the synthetic world's seed; the default is the one the shipped GTFormer was trained
             on, whose ``val`` and ``test`` scenes it never saw.
         gtformer: GTFormer export folder (default: the one shipped for ``regime``).
-        sam, sam_checkpoint: SAM variant and weights file (default: the shipped ``"synthetic"``
-            SAM; ``sam_checkpoint`` defaults to the shipped file only when ``sam`` does too).
+        sam, sam_checkpoint: SAM variant and weights file (default: the ``"synthetic"`` SAM shipped
+            for ``regime``; ``sam_checkpoint`` defaults to the shipped file only when ``sam`` does too).
         ray_address: Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).
         gallery_limit: at most this many test images in ``demo.html`` (best match score first).
         settings: a settings file of ``pro2sam tune`` (:class:`~pro2sam.tuning.TunedSettings`): its
@@ -99,7 +99,7 @@ def run_demo(
     """
     workdir = Path(workdir).resolve()
     if sam is None:
-        sam, sam_checkpoint = shipped.SAM_VARIANT, sam_checkpoint or shipped.sam_checkpoint()
+        sam, sam_checkpoint = shipped.SAM_VARIANT, sam_checkpoint or shipped.sam_checkpoint(regime)
     gtformer = gtformer or shipped.gtformer_dir(regime)
     seconds = {}
     start = time.perf_counter()

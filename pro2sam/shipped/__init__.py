@@ -19,6 +19,9 @@ settings, loss history, wall time and SHA-256.
 - SAM (variant ``"synthetic"`` of :data:`pro2sam.sam.SAM_VARIANTS`, Segment
   Anything's own modules at a small size) was trained class-agnostically by
   ``scripts/train_sam_synthetic.py`` on the ``sam`` stream, which no written data set contains.
+  One SAM per regime (``sam_checkpoint(regime)``): the same SAM trained from scratch, then
+  fine-tuned on that regime's scenes (the object regime's targets include the object with its
+  support, SA-1B's nested masks).
 
 They load through the same code as official checkpoints::
 
@@ -62,7 +65,9 @@ SHIPPED_NAME = "shipped"
 
 # The GTFormer shipped for each regime of the synthetic world (pro2sam.synthetic.REGIMES).
 _GTFORMER_DIRS = {"part": "gtformer_synthetic", "object": "gtformer_synthetic_object"}
-_SAM_FILE = "sam_synthetic.pth"
+# The SAM shipped for each regime: one SAM trained from scratch on part-regime scenes, then
+# fine-tuned once on each regime's scenes (README.md here; each record holds its parent's).
+_SAM_FILES = {"part": "sam_synthetic.pth", "object": "sam_synthetic_object.pth"}
 _BACKBONE_FILE = "deit_backbone_synthetic.safetensors"
 # What pro2sam tune chose for the shipped models on each regime's synthetic val split (README.md here).
 _SETTINGS_FILES = {"part": "settings_synthetic.json", "object": "settings_synthetic_object.json"}
@@ -74,7 +79,8 @@ CANDIDATE_THRESHOLDS = dict(SAM_VARIANTS[SAM_VARIANT].filter_thresholds)
 SHIPPED_SHA256 = {
     "gtformer": "577adcda90dda39304bca5c00360eb6e3393a1663f9135ef395804d7ea703f8e",
     "gtformer_object": "8d043ac851a1ab161157c1f5805b68e5db7bad9309e5388afa95f146eb6937e6",
-    "sam": "0e5ed7f09dd24f317534fa3c112dc88b38b382b5c65300743acc6171700d9291",
+    "sam": "c79492b5f1313f188ede8714d011ace2777694e67775af1c4c88c5264c148485",
+    "sam_object": "3309b5cd019847076318e721b42e9e5ee5002b462dbb7a801402444e6c03f8a3",
     "backbone": "8bead150e14c30187c1a8183350e50802be1cf1ad59592abb12b9af20805b87b",
 }
 
@@ -87,9 +93,12 @@ def gtformer_dir(regime: str = "part") -> Path:
     return _existing(MODELS_DIR / _GTFORMER_DIRS[regime])
 
 
-def sam_checkpoint() -> Path:
-    """The shipped SAM state dict, for ``build_sam(SAM_VARIANT, sam_checkpoint())``."""
-    return _existing(MODELS_DIR / _SAM_FILE)
+def sam_checkpoint(regime: str = "part") -> Path:
+    """The shipped SAM state dict for the synthetic world's ``regime`` (``"part"``, the default, or
+    ``"object"``), for ``build_sam(SAM_VARIANT, sam_checkpoint())``."""
+    if regime not in _SAM_FILES:
+        raise ValueError(f"no SAM shipped for regime {regime!r}; choose from {sorted(_SAM_FILES)}")
+    return _existing(MODELS_DIR / _SAM_FILES[regime])
 
 
 def backbone_checkpoint() -> Path:
@@ -109,12 +118,13 @@ def settings_file(regime: str = "part") -> Path:
 
 def training_records() -> dict[str, dict]:
     """What the training runs recorded: ``{"gtformer": ..., "gtformer_object": ..., "sam": ...,
-    "backbone": ...}``. A GTFormer's is its export's ``config.json`` (command, recipe, data set, per-epoch history,
+    "sam_object": ..., "backbone": ...}``. A GTFormer's is its export's ``config.json`` (command, recipe, data set, per-epoch history,
     weights' SHA-256); SAM's and the backbone's are the JSON beside their weights."""
     return {
         "gtformer": json.loads((gtformer_dir() / "config.json").read_text()),
         "gtformer_object": json.loads((gtformer_dir("object") / "config.json").read_text()),
         "sam": json.loads(sam_checkpoint().with_suffix(".json").read_text()),
+        "sam_object": json.loads(sam_checkpoint("object").with_suffix(".json").read_text()),
         "backbone": json.loads(backbone_checkpoint().with_suffix(".json").read_text()),
     }
 
@@ -123,7 +133,8 @@ def verify_shipped() -> dict[str, str]:
     """Check each shipped weights file against :data:`SHIPPED_SHA256`.
 
     Returns:
-        ``{"gtformer": sha256, "gtformer_object": sha256, "sam": sha256, "backbone": sha256}``.
+        ``{"gtformer": sha256, "gtformer_object": sha256, "sam": sha256, "sam_object": sha256,
+        "backbone": sha256}``.
 
     Raises:
         FileNotFoundError: a file is missing (a broken install).
@@ -133,6 +144,7 @@ def verify_shipped() -> dict[str, str]:
         "gtformer": gtformer_dir() / "model.safetensors",
         "gtformer_object": gtformer_dir("object") / "model.safetensors",
         "sam": sam_checkpoint(),
+        "sam_object": sam_checkpoint("object"),
         "backbone": backbone_checkpoint(),
     }
     out = {}

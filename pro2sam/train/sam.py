@@ -439,7 +439,7 @@ def train_sam(
     )
     record = {
         "what": f"SAM {config.variant} trained "
-        + ("from scratch" if init_from is None else f"on from {Path(init_from).name}")
+        + ("from scratch" if init_from is None else f"from {Path(init_from).name}")
         + f" on pro2sam.synthetic 'sam' stream scenes ({' and '.join(config.regimes)} regime)",
         "weights": out_path.name,
         "command": command if command is not None else shlex.join(["python", *sys.argv]),
