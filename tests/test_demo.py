@@ -109,9 +109,10 @@ def test_demo_runs_with_the_shipped_models_by_default(tmp_path, ray_local):
     assert sources.count("sam") >= len(sources) // 2
 
 
-def test_demo_in_the_object_regime_uses_its_data_and_its_gtformer(tmp_path, ray_local):
+def test_demo_in_the_object_regime_uses_its_data_gtformer_and_sam(tmp_path, ray_local):
     summary, printed = run_captured(tmp_path / "demo", regime="object")
     assert summary["regime"] == "object" and "object regime" in printed
     assert summary["models"]["gtformer"] == str(shipped.gtformer_dir("object"))
+    assert summary["models"]["sam_checkpoint"] == str(shipped.sam_checkpoint("object"))
     assert json.loads((Path(summary["data"]) / "synthetic.json").read_text())["regime"] == "object"
     assert summary["error_rows"] == {"test": 0, "val": 0}

@@ -2,6 +2,7 @@
 good at what they were trained for (on synthetic scenes neither model saw)."""
 
 import importlib.util
+import json
 import shlex
 from pathlib import Path
 
@@ -212,6 +213,14 @@ def test_the_object_regime_gtformer_was_fine_tuned_from_the_backbone_on_object_r
     assert extra["train_config"]["backbone_checkpoint"].endswith("deit_backbone_synthetic.safetensors")
     assert sum(epoch["seconds"] for epoch in extra["history"]) <= MAX_TRAINING_SECONDS
     assert extra["training_data"]["regime"] == "object"
+
+
+@pytest.mark.parametrize("regime", ["part", "object"])
+def test_each_regimes_settings_were_chosen_with_the_models_shipped_beside_them(regime):
+    models = json.loads(shipped.settings_file(regime).read_text())["models"]
+    sam_key, gtformer_key = ("sam", "gtformer") if regime == "part" else ("sam_object", "gtformer_object")
+    assert models["sam"] == f"{shipped.SAM_VARIANT}:{shipped.SHIPPED_SHA256[sam_key]}"
+    assert models["gtformer"] == shipped.SHIPPED_SHA256[gtformer_key]
 
 
 def test_unknown_regime_has_no_shipped_gtformer_or_sam():
