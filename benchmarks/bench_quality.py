@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         "sam_filter_thresholds": chosen_candidates,
         "matching": chosen_name,
         "pruning_chosen": chosen_config.prune_with_coarse_map,
-        "matching_config": {k: getattr(chosen_matching, k) for k in ("part_to_object", "containment", "min_growth", "agreement")},
+        "matching_config": {k: getattr(chosen_matching, k) for k in (
+            "part_to_object", "containment", "min_growth", "agreement", "container_to_object", "object_mass", "support_contrast",
+        )},
         "gt_known_loc": best["gt_known_loc"],
         "pruning_gt_known_loc": pruned_gt_known,
         "pruning_costs_points": prune_costs,
@@ -349,6 +351,8 @@ def _gained_lost(plain: list[dict], chosen: list[dict]) -> dict[str, int]:
 
 def _rule(m) -> str:
     """A matching rule's name in the tables."""
+    if m.container_to_object:
+        return f"container-to-object (object mass {m.object_mass:g}, support contrast {m.support_contrast:g}, containment {m.containment:g})"
     if not m.part_to_object:
         return "plain IoU"
     grid = "" if m.completion_size is None else f", on {m.completion_size}x{m.completion_size} cells"

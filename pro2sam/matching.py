@@ -69,7 +69,21 @@ class MatchConfig:
             its pixels are); None compares them pixel by pixel at the masks' own resolution. A
             coarse grid forgives a part whose edge stops a pixel short of its object's (SAM's
             masks of neighbouring regions meet, they do not overlap); every path resizes the same
-            full-resolution masks, so the fast and exact paths still decide alike.
+            full-resolution masks, so the fast and exact paths still decide alike. Part-to-object
+            only: container-to-object compares pixels.
+        container_to_object: **[ours]**, off by default; not with ``part_to_object``: the climb's
+            mirror (METHOD.md §3), for a map that already covers the object. SAM's grid also
+            emits containers (object + branch, dog + sofa), and a coarse map's blur can favour
+            the container over the object inside it. When a smaller kept candidate lies inside
+            the best match (``containment`` of its pixels are the match's), keeps at least
+            ``object_mass`` of the map's mass over the match, and the area it sheds is weakly lit
+            (its mean map value at most ``support_contrast`` times the candidate's own), that
+            candidate is taken instead, and again from it while one qualifies (the mass always
+            measured against the best match's). The same rule drops a stray piece that stretches
+            the match's box when SAM also emits the match without it.
+        object_mass: share of the map's mass (the coarse map upsampled bilinearly to the masks'
+            frame, summed over the mask's pixels) over the best match that the object keeps.
+        support_contrast: the shed area's mean map value, at most this times the object's mean.
     """
 
     similarity: str = "iou"
@@ -88,13 +102,18 @@ class MatchConfig:
     min_growth: float = 1.5
     agreement: float = 0.02
     completion_size: int | None = None
+    container_to_object: bool = False
+    object_mass: float = 0.4
+    support_contrast: float = 0.7
 
     def __post_init__(self) -> None:
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"unknown similarity {self.similarity!r}; choose from {sorted(SIMILARITIES)}")
-        for name in ("coarse_threshold", "fallback_threshold", "containment", "agreement"):
+        for name in ("coarse_threshold", "fallback_threshold", "containment", "agreement", "object_mass", "support_contrast"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
+        if self.part_to_object and self.container_to_object:
+            raise ValueError("part_to_object and container_to_object go opposite ways: turn on one of them")
         if self.min_growth < 1.0:
             raise ValueError(f"min_growth must be >= 1, not {self.min_growth}")
         size = self.completion_size
@@ -113,7 +132,8 @@ class Match:
         rejected: (N,) str, "" for scored candidates, else why it was rejected
             ("no component of the minimum area", "box spans the whole frame").
         best_match: the candidate plain matching chose; differs from ``index`` when part-to-object
-            completion took a larger candidate containing it.
+            completion took a larger candidate containing it, or container-to-object a smaller
+            one inside it.
     """
 
     index: int | None
@@ -124,7 +144,7 @@ class Match:
 
     @property
     def completed(self) -> bool:
-        """True when part-to-object completion replaced the best match by its object."""
+        """True when part-to-object (or container-to-object) replaced the best match by its object."""
         return self.index is not None and self.index != self.best_match
 
 
@@ -310,6 +330,8 @@ def match_masks(
     chosen = best
     if config.part_to_object:
         chosen = _complete_to_object(best, keep, prepared.on_grid(config.completion_size), scores, config)
+    elif config.container_to_object:
+        chosen = _shed_container(best, keep, prepared.packed, prepared.shape, scores, coarse_map, config)
     return Match(chosen, float(scores[chosen]), scores, rejected, best_match=best)
 
 
@@ -327,7 +349,7 @@ def match_at_full_resolution(
     Plain matching: the candidates are scored on ``candidate_masks``; those whose score is within
     :data:`FULL_RESOLUTION_MARGIN` of the best (the only ones that could win at full resolution)
     are scored again on ``full_resolution(i)``, and the best of those wins. With part-to-object
-    completion on, which compares the kept candidates pixel by pixel (a low-resolution cell more
+    or container-to-object on, which compare the kept candidates pixel by pixel (a low-resolution cell more
     or less moves a containment ratio across its threshold), everything is decided on the
     full-resolution masks, upsampled one at a time; a mask empty at low resolution is empty at
     full resolution (bilinear upsampling cannot exceed its cells), so it is not upsampled.
@@ -343,7 +365,7 @@ def match_at_full_resolution(
         full resolution; with completion, all at full resolution), and the chosen
         full-resolution mask (None when nothing was chosen).
     """
-    if config.part_to_object:
+    if config.part_to_object or config.container_to_object:
         n = len(candidate_masks)
         filled = np.flatnonzero(np.asarray(candidate_masks).reshape(n, -1).any(1)) if n else np.zeros(0, np.int64)
         if len(filled) == 0:
@@ -411,6 +433,47 @@ def _complete_to_object(best: int, keep: np.ndarray, packed: np.ndarray, scores:
         # The container that agrees best with the map; among equals, the smaller (the next level up).
         options = np.flatnonzero(container)
         chosen = int(keep[options[np.lexsort((areas[options], -scores[keep][options]))[0]]])
+
+
+def _shed_container(
+    best: int, keep: np.ndarray, packed: np.ndarray, shape: tuple[int, int], scores: np.ndarray, coarse_map: np.ndarray,
+    config: MatchConfig,
+) -> int:
+    """The object inside the container ``best`` (see :class:`MatchConfig`), descending while one
+    qualifies; among several, the one that keeps the most of the map's mass, then the better
+    match. ``packed`` as for :func:`_complete_to_object`; ``shape`` is the masks' (H, W)."""
+    pixels = shape[0] * shape[1]
+    lit = F.interpolate(
+        torch.as_tensor(np.asarray(coarse_map, dtype=np.float32))[None, None], size=tuple(shape), mode="bilinear",
+        align_corners=False,
+    )[0, 0].numpy().ravel().astype(np.float64)  # fmt: skip
+    areas = _POPCOUNT[packed].sum(1, dtype=np.int64)
+    masks: dict[int, np.ndarray] = {}
+
+    def pixels_of(k: int) -> np.ndarray:
+        if k not in masks:
+            masks[k] = np.unpackbits(packed[k], count=pixels).astype(bool)
+        return masks[k]
+
+    def mass(k: int) -> float:
+        return float(lit[pixels_of(k)].sum())
+
+    i = int(np.flatnonzero(keep == best)[0])
+    floor = config.object_mass * mass(i)
+    while True:
+        shared = _POPCOUNT[packed & packed[i]].sum(1, dtype=np.int64)
+        inside = np.flatnonzero((shared >= config.containment * np.maximum(areas, 1)) & (areas < areas[i]) & (areas > 0))
+        options = []
+        for k in inside:
+            kept = mass(int(k))
+            if kept <= 0 or kept < floor:
+                continue
+            shed = pixels_of(i) & ~pixels_of(int(k))
+            if shed.any() and lit[shed].mean() <= config.support_contrast * kept / areas[k]:
+                options.append((-kept, -scores[keep[k]], int(k)))
+        if not options:
+            return int(keep[i])
+        i = min(options)[2]
 
 
 def boxed_mask(

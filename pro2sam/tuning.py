@@ -6,8 +6,9 @@ This module holds what ``pro2sam tune`` and ``benchmarks/bench_quality.py`` shar
 
 - **The grid** (:class:`TuningGrid`, presets in :data:`GRIDS`): SAM's filter thresholds
   (predicted IoU, stability) x grid pruning give the *candidate settings*, one SAM pass per image
-  each; the matching rules (plain IoU, the authors' rule, and part-to-object completion at each
-  agreement x containment) are matched on those cached candidates. The base settings (those of
+  each; the matching rules (plain IoU, the authors' rule; part-to-object completion at each
+  agreement x containment; container-to-object at each object mass x support contrast) are
+  matched on those cached candidates. The base settings (those of
   the command line, the package defaults unless changed) are always among them.
 - **The objective** (:data:`OBJECTIVES`, ``pro2sam tune --objective``): GT-known Loc on the
   held-out split by default; or the single box's BoxAccV2 (IoU 0.3 / 0.5 / 0.7: rewards tight
@@ -15,7 +16,7 @@ This module holds what ``pro2sam tune`` and ``benchmarks/bench_quality.py`` shar
   :func:`pro2sam.evaluation.evaluate_predictions` (the evaluation job's code). Every row of the
   table carries all three where the data allows.
 - **The choice** (:func:`choose`): the best objective; ties go to the setting that changes
-  fewest of the base settings, then to plain IoU over part-to-object (the simpler rule), then to
+  fewest of the base settings, then to plain IoU over the other rules (the simpler rule), then to
   the earlier row of the table.
 - **The fallback threshold** is chosen after, on the chosen setting: it changes only the boxes
   of images where no candidate survived (:func:`with_fallback_threshold`), so trying it needs no
@@ -56,6 +57,7 @@ __all__ = [
     "code_version",
     "load_settings",
     "settings_document",
+    "rule_name",
     "table_row",
     "with_fallback_threshold",
 ]
@@ -79,6 +81,7 @@ OBJECTIVES = {
 OBJECTIVE = "gt_known_loc"
 PLAIN_IOU = "plain IoU"
 PART_TO_OBJECT = "part-to-object"
+CONTAINER_TO_OBJECT = "container-to-object"
 
 
 class SettingsError(ValueError):
@@ -100,6 +103,8 @@ class TuningGrid:
             (the tune job reuses the other images' candidates).
         completion_sizes: ``MatchConfig.completion_size`` of each part-to-object pair (None: pixel
             by pixel), matched on the cached candidates.
+        container_to_object: (object_mass, support_contrast) pairs of container-to-object, matched
+            on the cached candidates.
     """
 
     sam_filters: tuple[tuple[float, float], ...]
@@ -108,6 +113,7 @@ class TuningGrid:
     fallback_thresholds: tuple[float, ...]
     relax: tuple[bool, ...] = (False, True)
     completion_sizes: tuple[int | None, ...] = (None,)
+    container_to_object: tuple[tuple[float, float], ...] = ()
 
     def candidate_configs(self, base: CandidateConfig) -> list[CandidateConfig]:
         """The base candidate settings first, then every filter pair x pruning with the base's
@@ -122,12 +128,16 @@ class TuningGrid:
         return list(dict.fromkeys(configs))
 
     def match_configs(self, base: MatchConfig) -> list[MatchConfig]:
-        """The base matching first, then plain IoU and part-to-object at each pair and completion
-        grid, without repeats."""
-        configs = [base, replace(base, part_to_object=False)]
+        """The base matching first, then plain IoU, part-to-object at each pair and completion
+        grid, and container-to-object at each pair (with the base's containment), without repeats."""
+        configs = [base, replace(base, part_to_object=False, container_to_object=False)]
         configs += [
-            replace(base, part_to_object=True, agreement=a, containment=c, completion_size=size)
+            replace(base, part_to_object=True, container_to_object=False, agreement=a, containment=c, completion_size=size)
             for size in self.completion_sizes for a, c in self.part_to_object
+        ]  # fmt: skip
+        configs += [
+            replace(base, part_to_object=False, container_to_object=True, object_mass=m, support_contrast=r)
+            for m, r in self.container_to_object
         ]  # fmt: skip
         return list(dict.fromkeys(configs))
 
@@ -149,13 +159,17 @@ class TuningGrid:
 # contained up: with the filters relaxed, the part regime's choice on val sat at 30 %, then at this
 # edge, 20 %, on a plateau: 10-20 % tie on val, 5 % loses). "full" is bench_quality's grid: it also
 # reaches below 20 % and compares candidates on 64- and 32-cell grids (on the part regime's val
-# split every grid tied with pixel by pixel at the best rules; benchmarks/README.md).
+# split every grid tied with pixel by pixel at the best rules; benchmarks/README.md). Both try
+# container-to-object from a tenth of the map's mass kept up to most of it, and a shed area lit
+# from 0.4 of the object's mean up to as much as the object (1, the rule's natural end: beyond it
+# the shed area would be the better lit one).
 GRIDS: dict[str, TuningGrid] = {
     "small": TuningGrid(
         sam_filters=((0.88, 0.95), (0.7, 0.8)),
         prune=(True, False),
         part_to_object=tuple((a, c) for a in (0.0, 0.02, 0.1, 0.35) for c in (0.2, 0.3, 0.4, 0.5, 0.6, 0.9)),
         fallback_thresholds=(0.1, 0.3, 0.5),
+        container_to_object=tuple((m, r) for m in (0.1, 0.25, 0.4, 0.6) for r in (0.4, 0.6, 0.8, 1.0)),
     ),
     "full": TuningGrid(
         sam_filters=((0.88, 0.95), (0.8, 0.9), (0.7, 0.8), (0.6, 0.8), (0.5, 0.7), (0.0, 0.0)),
@@ -163,6 +177,7 @@ GRIDS: dict[str, TuningGrid] = {
         part_to_object=tuple((a, c) for a in (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35) for c in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9)),
         fallback_thresholds=(0.05, 0.1, 0.3, 0.4, 0.5),
         completion_sizes=(None, 64, 32),
+        container_to_object=tuple((m, r) for m in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8) for r in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)),
     ),
 }
 DEFAULT_GRID = "small"
@@ -175,9 +190,21 @@ def _changes(candidates: CandidateConfig, matching: MatchConfig, base_candidates
     """How many settings differ from the base ones (what a tie is broken on first)."""
     c = sum(getattr(candidates, k) != getattr(base_candidates, k) for k in CANDIDATE_SETTINGS)
     m = sum(getattr(matching, f.name) != getattr(base_matching, f.name) for f in fields(MatchConfig))
-    if not matching.part_to_object and not base_matching.part_to_object:
-        m -= sum(getattr(matching, k) != getattr(base_matching, k) for k in ("containment", "min_growth", "agreement", "completion_size"))
+    # A rule's thresholds count only where that rule is on (containment is both rules').
+    climbs = matching.part_to_object or base_matching.part_to_object
+    descends = matching.container_to_object or base_matching.container_to_object
+    unused = [k for k in ("min_growth", "agreement", "completion_size") if not climbs]
+    unused += [k for k in ("object_mass", "support_contrast") if not descends]
+    unused += ["containment"] if not (climbs or descends) else []
+    m -= sum(getattr(matching, k) != getattr(base_matching, k) for k in unused)
     return c + m
+
+
+def rule_name(matching: MatchConfig) -> str:
+    """The matching rule of a setting, as the table names it."""
+    if matching.part_to_object:
+        return PART_TO_OBJECT
+    return CONTAINER_TO_OBJECT if matching.container_to_object else PLAIN_IOU
 
 
 def table_row(
@@ -200,10 +227,12 @@ def table_row(
         **{k: getattr(candidates, k) for k in (
             "pred_iou_thresh", "stability_score_thresh", "prune_with_coarse_map", "relax_filters_when_empty",
         )},  # fmt: skip
-        "matching": PART_TO_OBJECT if matching.part_to_object else PLAIN_IOU,
+        "matching": rule_name(matching),
         "agreement": matching.agreement if matching.part_to_object else None,
-        "containment": matching.containment if matching.part_to_object else None,
+        "containment": matching.containment if matching.part_to_object or matching.container_to_object else None,
         "completion_size": matching.completion_size if matching.part_to_object else None,
+        "object_mass": matching.object_mass if matching.container_to_object else None,
+        "support_contrast": matching.support_contrast if matching.container_to_object else None,
         "fallback_threshold": matching.fallback_threshold,
         **{key: scores.get(key) for key, _ in OBJECTIVES.values()},
         "fallback_rate": scores.get("fallback_rate"),
@@ -213,7 +242,7 @@ def table_row(
 
 def choose(table: Sequence[Mapping], objective: str = OBJECTIVE) -> int:
     """Index of the chosen row: the highest ``objective`` (a key of :data:`OBJECTIVES`); ties to
-    the fewest changes from the base settings, then plain IoU over part-to-object, then the
+    the fewest changes from the base settings, then plain IoU over the other rules, then the
     earlier row. A row without the score (no held-out masks for ``miou``) is never preferred."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
@@ -298,7 +327,7 @@ def settings_document(
         },
         "confidence": dict(confidence) if confidence is not None else None,
         "objective": f"{objective}: {OBJECTIVES[objective][0]} ({OBJECTIVES[objective][1]})",
-        "tie_break": "fewest changes from the base settings, then plain IoU over part-to-object, then table order",
+        "tie_break": "fewest changes from the base settings, then plain IoU over the other rules, then table order",
         "chosen": chosen,
         "heldout": dict(heldout),
         "grid": grid,

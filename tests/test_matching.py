@@ -237,7 +237,7 @@ def test_a_cache_kept_with_the_candidates_gives_every_rule_the_match_it_would_ha
     pred_ious = rng.random(12)
     rules = [MatchConfig(), MatchConfig(part_to_object=True, containment=0.2, agreement=0.0),
              MatchConfig(similarity="dice"), MatchConfig(part_to_object=True, containment=0.9),
-             MatchConfig(min_component_area=400.0)]
+             MatchConfig(min_component_area=400.0), MatchConfig(container_to_object=True, object_mass=0.1)]
     cache: dict = {}
     for rule in rules:
         alone = match_masks(coarse, masks, pred_ious, rule)
@@ -335,3 +335,82 @@ def test_the_fast_path_decides_completion_on_the_grid_as_the_exact_path_does():
         assert (fast.index, fast.best_match) == (exact.index, exact.best_match), size
         assert np.array_equal(mask, full[exact.index])
     assert match_masks(coarse, full, ious, MatchConfig(part_to_object=True, agreement=0.02, containment=0.95, completion_size=14)).index == 1
+
+
+# ---------------------------------------------------------------- container-to-object
+
+
+def object_on_support():
+    """A 64x64-pixel object (cells 4..7) sitting on a 128x32 support below it (cells 4..11 x
+    8..9). The map covers the object (0.9) and, blurred as a 14x14 map is, lights the support
+    dimly (0.3, still above the 0.2 binarisation). Candidates: the container (object + support,
+    what SAM's grid also emits), the object, a 32x32 part of it, and the object without that
+    part (the body)."""
+    coarse = np.full((14, 14), 0.05, dtype=np.float32)
+    coarse[8:10, 4:12] = 0.3
+    coarse[4:8, 4:8] = 0.9
+    obj = rect_mask((224, 224), 64, 64, 127, 127)
+    support = rect_mask((224, 224), 64, 128, 191, 159)
+    part = rect_mask((224, 224), 96, 64, 127, 95)
+    return coarse, np.stack([obj | support, obj, part, obj & ~part]), np.array([0.9, 0.85, 0.95, 0.8])
+
+
+def test_plain_matching_takes_the_container_the_blurred_map_favours():
+    coarse, candidates, ious = object_on_support()
+    # On the 14x14 grid the binarised map is the container's 32 cells; the object holds 16 of them.
+    match = match_masks(coarse, candidates, ious)
+    assert match.index == 0 and match.match_score == pytest.approx(1.0)
+    assert match.scores[1] == pytest.approx(0.5)
+
+
+def test_container_to_object_sheds_the_dimly_lit_support_and_stops_at_the_object():
+    coarse, candidates, ious = object_on_support()
+    match = match_masks(coarse, candidates, ious, MatchConfig(container_to_object=True))
+    # The object keeps about 3/4 of the container's mass (>= 0.4) and the support it sheds is lit
+    # about a third as brightly (<= 0.7). From the object nothing qualifies: the part keeps about
+    # a fifth of the mass, and the body would shed a part lit as brightly as itself.
+    assert match.index == 1 and match.best_match == 0 and match.completed
+    assert match.match_score == pytest.approx(0.5)
+
+
+def test_container_to_object_needs_the_mass_kept_and_the_shed_area_dim():
+    coarse, candidates, ious = object_on_support()
+    assert match_masks(coarse, candidates, ious, MatchConfig(container_to_object=True, object_mass=0.9)).index == 0
+    assert match_masks(coarse, candidates, ious, MatchConfig(container_to_object=True, support_contrast=0.2)).index == 0
+    brighter = coarse.copy()
+    brighter[8:10, 4:12] = 0.9  # the map lights the support as much as the object: nothing to shed
+    assert match_masks(brighter, candidates, ious, MatchConfig(container_to_object=True)).index == 0
+    # A candidate that mostly lies outside the container is not inside it.
+    shifted = np.roll(candidates[1], 112, axis=1)
+    assert match_masks(coarse, np.stack([candidates[0], shifted]), ious[:2], MatchConfig(container_to_object=True)).index == 0
+
+
+def test_container_to_object_and_part_to_object_are_one_or_the_other():
+    with pytest.raises(ValueError, match="one of them"):
+        MatchConfig(part_to_object=True, container_to_object=True)
+    for bad in ({"object_mass": 1.5}, {"support_contrast": -0.1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MatchConfig(container_to_object=True, **bad)
+
+
+def test_the_fast_path_sheds_the_container_as_the_exact_path_does():
+    """Container-to-object compares pixels, so the fast path decides it on the full-resolution
+    masks, each upsampled once for every rule matched with the same cache."""
+    from pro2sam.matching import match_at_full_resolution
+
+    coarse, full, ious = object_on_support()
+    low = full[:, ::4, ::4]  # SAM's low-resolution grid, 56x56
+    asked = []
+
+    def upsample(i):
+        asked.append(i)
+        return full[i]
+
+    cache: dict = {}
+    rule = MatchConfig(container_to_object=True)
+    match, mask = match_at_full_resolution(coarse, low, ious, upsample, rule, cache=cache)
+    exact = match_masks(coarse, full, ious, rule)
+    assert match.index == exact.index == 1 and np.array_equal(mask, full[1])
+    again, _ = match_at_full_resolution(coarse, low, ious, upsample, replace(rule, object_mass=0.9), cache=cache)
+    assert again.index == 0
+    assert sorted(asked[:4]) == [0, 1, 2, 3] and len(asked) == 6  # all four once, then only each winner

@@ -23,7 +23,7 @@ from pro2sam.datasets import open_dataset
 from pro2sam.matching import MatchConfig
 from pro2sam.synthetic import write_wsol_dataset
 from pro2sam.tuning import (
-    GRIDS, OBJECTIVE, OBJECTIVES, PLAIN_IOU, SETTINGS_FORMAT, SettingsError, choose, load_settings, table_row, with_fallback_threshold,
+    CONTAINER_TO_OBJECT, GRIDS, OBJECTIVE, OBJECTIVES, PART_TO_OBJECT, PLAIN_IOU, SETTINGS_FORMAT, SettingsError, choose, load_settings, table_row, with_fallback_threshold,
 )
 
 # Small enough for 2 CPU cores: the shipped models on 5 small scenes, a 4x4 grid of SAM prompts.
@@ -107,7 +107,8 @@ def check_settings_file(path: Path, images: int, boxes: int, spec: str, objectiv
     for key in ("pred_iou_thresh", "stability_score_thresh", "prune_with_coarse_map"):
         assert settings["candidates"][key] == table[chosen][key]
     assert settings["matching"]["fallback_threshold"] == table[chosen]["fallback_threshold"]
-    assert settings["matching"]["part_to_object"] == (table[chosen]["matching"] != PLAIN_IOU)
+    assert settings["matching"]["part_to_object"] == (table[chosen]["matching"] == PART_TO_OBJECT)
+    assert settings["matching"]["container_to_object"] == (table[chosen]["matching"] == CONTAINER_TO_OBJECT)
     assert settings["candidates"]["points_per_side"] == 4
     assert document["confidence"]["fitted_on"]
     return document
@@ -220,7 +221,29 @@ def test_the_grid_always_holds_the_base_settings_once():
         completing = [m for m in grid.match_configs(base_m) if m.part_to_object]
         assert {m.completion_size for m in completing} == set(grid.completion_sizes) and None in grid.completion_sizes
         assert len(completing) == len(grid.part_to_object) * len(grid.completion_sizes)
+        # and every container-to-object pair once, with the base's containment
+        shedding = [m for m in grid.match_configs(base_m) if m.container_to_object]
+        assert {(m.object_mass, m.support_contrast) for m in shedding} == set(grid.container_to_object)
+        assert len(shedding) == len(grid.container_to_object) > 0
+        assert all(m.containment == base_m.containment and not m.part_to_object for m in shedding)
     assert len(GRIDS["full"].completion_sizes) > 1
+    # from a base with part-to-object on, plain IoU and container-to-object turn it off
+    climbing = MatchConfig(part_to_object=True, containment=0.2)
+    rules = GRIDS["small"].match_configs(climbing)
+    assert replace(climbing, part_to_object=False) in rules and all(not (m.part_to_object and m.container_to_object) for m in rules)
+
+
+def test_a_rule_s_thresholds_count_as_changes_only_where_the_rule_is_on():
+    base_c, base_m = CandidateConfig(), MatchConfig()
+
+    def changes(matching):
+        row = table_row(base_c, matching, {OBJECTIVE: 90.0}, base_candidates=base_c, base_matching=base_m, stage="sam+matching")
+        return row["changes_from_base"], row["matching"], row["object_mass"]
+
+    assert changes(MatchConfig(object_mass=0.1, containment=0.3)) == (0, PLAIN_IOU, None)
+    assert changes(MatchConfig(container_to_object=True)) == (1, CONTAINER_TO_OBJECT, MatchConfig().object_mass)
+    assert changes(MatchConfig(container_to_object=True, object_mass=0.1, support_contrast=1.0)) == (3, CONTAINER_TO_OBJECT, 0.1)
+    assert changes(MatchConfig(part_to_object=True, object_mass=0.1)) == (1, PART_TO_OBJECT, None)
 
 
 def test_a_tie_between_completion_grids_goes_to_pixel_by_pixel():
@@ -327,6 +350,9 @@ def test_predict_evaluate_and_demo_take_the_settings_as_defaults_too(tuned_on_ma
             assert args.prune == chosen["candidates"]["prune_with_coarse_map"], name
             assert args.pred_iou_thresh == chosen["candidates"]["pred_iou_thresh"], name
             assert (args.part_to_object, args.agreement) == (chosen["matching"]["part_to_object"], chosen["matching"]["agreement"])
+            assert (args.container_to_object, args.object_mass, args.support_contrast) == tuple(
+                chosen["matching"][k] for k in ("container_to_object", "object_mass", "support_contrast")
+            )
 
 
 def test_shipped_names_the_settings_chosen_for_the_shipped_models_and_the_demo_uses_its_regimes(tmp_path):

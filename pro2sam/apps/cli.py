@@ -64,6 +64,9 @@ _SETTINGS_OPTIONS = {
     ("matching", "min_growth"): ("min_growth", None),
     ("matching", "agreement"): ("agreement", None),
     ("matching", "completion_size"): ("completion_size", None),
+    ("matching", "container_to_object"): ("container_to_object", None),
+    ("matching", "object_mass"): ("object_mass", None),
+    ("matching", "support_contrast"): ("support_contrast", None),
 }
 
 
@@ -172,7 +175,15 @@ def _add_matching_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--agreement", type=float, default=d["agreement"],
                    help="the object's similarity to the map, at least this share of the best match's (default %(default)s)")  # fmt: skip
     g.add_argument("--completion-size", type=int, default=d["completion_size"],
-                   help="side of the square grid completion compares candidates on (default: pixel by pixel)")  # fmt: skip
+                   help="side of the square grid part-to-object compares candidates on (default: pixel by pixel)")  # fmt: skip
+    g.add_argument("--container-to-object", action=argparse.BooleanOptionalAction, default=d["container_to_object"],
+                   help="when the best match is a container (object + support) and a smaller candidate inside it keeps "
+                   "the map's mass while the area it sheds is weakly lit, take that object; not with --part-to-object "
+                   "(default %(default)s)")  # fmt: skip
+    g.add_argument("--object-mass", type=float, default=d["object_mass"],
+                   help="share of the map's mass over the best match that the object keeps (default %(default)s)")  # fmt: skip
+    g.add_argument("--support-contrast", type=float, default=d["support_contrast"],
+                   help="the shed area's mean map value, at most this times the object's (default %(default)s)")  # fmt: skip
 
 
 def _matching(args: argparse.Namespace):
@@ -190,6 +201,9 @@ def _matching(args: argparse.Namespace):
         min_growth=args.min_growth,
         agreement=args.agreement,
         completion_size=args.completion_size,
+        container_to_object=args.container_to_object,
+        object_mass=args.object_mass,
+        support_contrast=args.support_contrast,
     )
 
 
@@ -820,7 +834,8 @@ def _add_tune_parser(sub) -> None:
     p.add_argument("--images-root", help="folder of a COCO file's images (default: the JSON's folder)")
     sizes = "; ".join(
         f"{name}: {len(g.sam_filters) + 1} SAM filter pairs x pruning {'/'.join('on' if v else 'off' for v in g.prune)}, "
-        f"plain IoU + {len(g.part_to_object)} part-to-object rules, {len(g.fallback_thresholds) + 1} fallback thresholds"
+        f"plain IoU + {len(g.part_to_object)} part-to-object + {len(g.container_to_object)} container-to-object rules, "
+        f"{len(g.fallback_thresholds) + 1} fallback thresholds"
         for name, g in GRIDS.items()
     )
     p.add_argument("--grid", choices=sorted(GRIDS), default=DEFAULT_GRID,

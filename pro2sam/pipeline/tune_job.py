@@ -55,7 +55,11 @@ class TuneSummary:
 
     def __str__(self) -> str:
         c = self.chosen
-        rule = c["matching"] + (f" (agreement {c['agreement']:g}, containment {c['containment']:g})" if c["agreement"] is not None else "")
+        rule = c["matching"]
+        if c.get("agreement") is not None:
+            rule += f" (agreement {c['agreement']:g}, containment {c['containment']:g})"
+        elif c.get("object_mass") is not None:
+            rule += f" (object mass {c['object_mass']:g}, support contrast {c['support_contrast']:g})"
         return (
             f"pro2sam tune: {self.settings_tried} settings tried on {self.images} held-out images in {self.seconds:.1f} s; "
             f"chosen: SAM filters {c['pred_iou_thresh']:g} / {c['stability_score_thresh']:g}, pruning "
