@@ -362,12 +362,16 @@ def test_shipped_names_the_settings_chosen_for_the_shipped_models_and_the_demo_u
     assert parse_args(["demo", "--workdir", str(tmp_path)]).tuned.sha256 == digest["part"]
     assert parse_args(["demo", "--workdir", str(tmp_path), "--regime", "object"]).tuned.sha256 == digest["object"]
     # Each chosen by pro2sam tune on the val split of its own world: part-to-object where the map
-    # lights the part, the authors' rule where it covers the object.
+    # lights the part, container-to-object where it covers the object (and SAM emits containers).
     part, whole = (json.loads(shipped.settings_file(r).read_text()) for r in ("part", "object"))
     assert part["heldout"]["split"] == whole["heldout"]["split"] == "val"
     assert part["settings"]["matching"]["part_to_object"] is True and whole["settings"]["matching"]["part_to_object"] is False
+    assert part["settings"]["matching"]["container_to_object"] is False and whole["settings"]["matching"]["container_to_object"] is True
+    object_args = parse_args([*label, "--settings", str(shipped.settings_file("object"))])
+    assert (object_args.container_to_object, object_args.object_mass) == (True, whole["settings"]["matching"]["object_mass"])
     assert parse_args(["demo", "--workdir", str(tmp_path), "--settings", "none"]).tuned is None
     assert parse_args(label).part_to_object is False, "the authors' rule by default"
+    assert parse_args(label).container_to_object is False, "the authors' rule by default"
 
 
 def test_a_settings_file_on_object_storage_is_read_as_a_local_one(s3_bucket, tmp_path):
