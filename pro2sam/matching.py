@@ -83,7 +83,8 @@ class MatchConfig:
             the match's box when SAM also emits the match without it.
         object_mass: share of the map's mass (the coarse map upsampled bilinearly to the masks'
             frame, summed over the mask's pixels) over the best match that the object keeps.
-        support_contrast: the shed area's mean map value, at most this times the object's mean.
+        support_contrast: the shed area's mean map value, at most this times the object's mean
+            (>= 0; ``inf`` asks nothing of the shed area).
     """
 
     similarity: str = "iou"
@@ -109,9 +110,11 @@ class MatchConfig:
     def __post_init__(self) -> None:
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"unknown similarity {self.similarity!r}; choose from {sorted(SIMILARITIES)}")
-        for name in ("coarse_threshold", "fallback_threshold", "containment", "agreement", "object_mass", "support_contrast"):
+        for name in ("coarse_threshold", "fallback_threshold", "containment", "agreement", "object_mass"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], not {getattr(self, name)}")
+        if not self.support_contrast >= 0.0:  # past 1 the shed area may be lit more than the object; inf asks nothing
+            raise ValueError(f"support_contrast must be >= 0, not {self.support_contrast}")
         if self.part_to_object and self.container_to_object:
             raise ValueError("part_to_object and container_to_object go opposite ways: turn on one of them")
         if self.min_growth < 1.0:

@@ -388,9 +388,14 @@ def test_container_to_object_needs_the_mass_kept_and_the_shed_area_dim():
 def test_container_to_object_and_part_to_object_are_one_or_the_other():
     with pytest.raises(ValueError, match="one of them"):
         MatchConfig(part_to_object=True, container_to_object=True)
-    for bad in ({"object_mass": 1.5}, {"support_contrast": -0.1}):
+    for bad in ({"object_mass": 1.5}, {"support_contrast": -0.1}, {"support_contrast": float("nan")}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             MatchConfig(container_to_object=True, **bad)
+    coarse, candidates, ious = object_on_support()
+    brighter = coarse.copy()
+    brighter[8:10, 4:12] = 0.9  # the support lit as the object: only a contrast past 1 sheds it
+    assert match_masks(brighter, candidates, ious, MatchConfig(container_to_object=True, support_contrast=1.5)).index == 1
+    assert match_masks(brighter, candidates, ious, MatchConfig(container_to_object=True, support_contrast=float("inf"))).index == 1
 
 
 def test_the_fast_path_sheds_the_container_as_the_exact_path_does():
