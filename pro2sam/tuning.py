@@ -161,8 +161,9 @@ class TuningGrid:
 # reaches below 20 % and compares candidates on 64- and 32-cell grids (on the part regime's val
 # split every grid tied with pixel by pixel at the best rules; benchmarks/README.md). Both try
 # container-to-object from a tenth of the map's mass kept up to most of it, and a shed area lit
-# from 0.4 of the object's mean up to as much as the object (1, the rule's natural end: beyond it
-# the shed area would be the better lit one).
+# from 0.4 of the object's mean up to as much as the object. The object regime's val choice sat at
+# that top, contrast 1; past it nothing changed, up to asking nothing of the shed area (inf): the
+# mass kept decides (benchmarks/README.md, "Container-to-object").
 GRIDS: dict[str, TuningGrid] = {
     "small": TuningGrid(
         sam_filters=((0.88, 0.95), (0.7, 0.8)),
