@@ -43,6 +43,9 @@ __all__ = [
 
 log = logging.getLogger("pro2sam.resources")
 
+# How long the resource check waits for Ray's first autoscaler status before it asks for nodes.
+_FIRST_STATUS_S = 10.0
+
 
 @dataclass(frozen=True)
 class ActorResources:
@@ -155,8 +158,15 @@ class Resources:
         if lack and (cluster.local or self.wait_for_resources_s == 0):
             where = "this machine's Ray" if cluster.local else "the cluster"
             raise ValueError(f"{explain(lack)}: {where} cannot run it; ask for fewer actors or resources")
-        if lack and cluster.can_grow() is False:  # waiting would wait for nothing
-            raise fixed(lack)
+        if lack:
+            # Ray's monitor publishes its first status a moment after the cluster starts: give it
+            # a few seconds to say whether an autoscaler exists before asking one.
+            grows, settle = cluster.can_grow(), time.monotonic() + _FIRST_STATUS_S
+            while grows is None and time.monotonic() < settle:
+                time.sleep(0.5)
+                grows = cluster.can_grow()
+            if grows is False:  # waiting would wait for nothing
+                raise fixed(lack)
         if lack:
             bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
             cluster.request_resources([bundle] * actors)
