@@ -259,7 +259,7 @@ def test_the_object_regime_sam_was_fine_tuned_from_the_same_parent_on_object_reg
     argv = shlex.split(record["command"])
     args = _script("train_sam_synthetic").build_parser().parse_args(argv[argv.index("--variant"):])
     assert (args.variant, args.seed, args.regimes) == (shipped.SAM_VARIANT, record["seed"], ["object"])
-    assert Path(args.init).name == record["init_from"]["file"] and record["config"]["regimes"] == ["object"]
+    assert Path(args.init).name == record["init_from"]["file"]
     assert all(r["wall_seconds"] <= 35 * 60 for r in lineage[:-1])  # shared 2-core machine, beside the part regime's
 
 

@@ -192,6 +192,8 @@ def test_training_continues_from_given_weights_and_records_their_hash(tmp_path):
     after = build_sam("tiny", tmp_path / "second.pth", verify=False).state_dict()
     assert all(torch.equal(start[k], after[k]) for k in start)
     assert record["init_from"] == {"file": "first.pth", "sha256": sha256_file(first)}
+    # the parent's record rides along, so the lineage is in the child's record
+    assert record["init_record"] == json.loads(first.with_suffix(".json").read_text())
     scratch = build_sam("tiny", seed=9).state_dict()
     assert any(not torch.equal(scratch[k], after[k]) for k in scratch)
 
