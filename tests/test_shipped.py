@@ -184,7 +184,7 @@ def test_pro2sam_with_the_shipped_settings_boxes_the_whole_object(regime):
     scenes = [make_scene(shipped.SYNTHETIC_SEED, "test", i, regime=regime) for i in range(20)]
     results = model.predict([s.image for s in scenes])
     hits = [_box_iou(r.box_xyxy, s.box_xyxy) >= 0.5 for r, s in zip(results, scenes)]
-    assert np.mean(hits) >= 0.8  # on 500 test images: part regime 92.8 %, object regime 97.4 % (2026-12-04)
+    assert np.mean(hits) >= 0.8  # on 500 test images: part regime 92.8 %, object regime 99.2 % (2026-12-04)
 
 
 def test_command_line_names_resolve_to_the_shipped_files():
@@ -265,7 +265,7 @@ def test_the_object_regime_sam_was_fine_tuned_from_the_same_parent_on_object_reg
 
 def test_the_object_regime_sam_segments_a_clicked_object_on_its_support(object_scenes):
     ious = _clicked_body_ious(shipped.sam_checkpoint("object"), object_scenes)
-    assert np.median(ious) >= 0.88  # their parent, the part-world SAM: 0.81 on these scenes; this one 0.93 (2026-12-03)
+    assert np.median(ious) >= 0.88  # the part-world SAM they share: 0.81 on these scenes; this one 0.94 (0.93 before its 900 more steps)
 
 
 def test_the_object_regime_gtformer_classifies_and_its_map_covers_the_object(object_scenes):
@@ -285,25 +285,35 @@ def test_the_object_regime_gtformer_classifies_and_its_map_covers_the_object(obj
 
 
 def test_the_object_regime_settings_shed_the_containers_the_authors_rule_picks():
-    """Seven seed-0 test scenes of the object regime where, with the shipped object GTFormer and
+    """Five seed-0 test scenes of the object regime where, with the shipped object GTFormer and
     SAM, the authors' plain IoU picks a mask whose box misses the object's (IoU < 0.5): object +
-    support containers, or the object with a stray piece on its support (found once, 2026-12-04,
-    by a scan of the 500 test scenes). Container-to-object, which the object regime's settings file
-    turns on, takes the object inside instead."""
+    support containers, or the object with a stray piece on its support (found by a scan of the 500
+    test scenes with the SAM shipped on 2026-12-04: these five are all the scenes where the two rules
+    differ; plain IoU hits 98.4 %, the settings 99.4 %). Container-to-object, which the object
+    regime's settings file turns on, takes the object inside instead."""
     from dataclasses import replace
 
     model = _shipped_model("object")
     assert model.match_config.container_to_object
     plain = model.with_settings(matching=replace(model.match_config, container_to_object=False))
-    scenes = [make_scene(shipped.SYNTHETIC_SEED, "test", i, regime="object") for i in (58, 105, 141, 281, 290, 424, 456)]
+    scenes = [make_scene(shipped.SYNTHETIC_SEED, "test", i, regime="object") for i in (39, 118, 141, 290, 456)]
     images = [s.image for s in scenes]
     probs, maps = model.classify(images)
     # SAM once per image; both rules match the same candidates
     found = [model.generator.generate(image, coarse_map=c) for image, c in zip(images, maps)]
-    hits = {}
-    for name, m in (("plain", plain), ("tuned", model)):
-        results = [m.choose(image, p, c, f) for image, p, c, f in zip(images, probs, maps, found)]
-        hits[name] = [_box_iou(r.box_xyxy, s.box_xyxy) >= 0.5 for r, s in zip(results, scenes)]
-        if name == "tuned":  # the object inside: smaller than the container, and holding the class part
-            assert np.mean([(r.mask & s.part_mask).sum() >= 0.5 * s.part_mask.sum() for r, s in zip(results, scenes)]) >= 5 / 7
-    assert sum(hits["plain"]) <= 1 and sum(hits["tuned"]) >= 6, hits
+    chosen = {
+        name: [m.choose(image, p, c, f) for image, p, c, f in zip(images, probs, maps, found)]
+        for name, m in (("plain", plain), ("tuned", model))
+    }
+    hits = {name: [_box_iou(r.box_xyxy, s.box_xyxy) >= 0.5 for r, s in zip(rs, scenes)] for name, rs in chosen.items()}
+    assert sum(hits["plain"]) <= 1 and sum(hits["tuned"]) >= 4, hits
+    # the object inside the container: within the plain choice, a fraction of its area (measured
+    # 0.27-0.62), and a mask much closer to the object's (mean IoU 0.84 against 0.41)
+    inside = [(t.mask & p.mask).sum() >= 0.9 * t.mask.sum() and t.mask.sum() <= 0.7 * p.mask.sum()
+              for t, p in zip(chosen["tuned"], chosen["plain"])]  # fmt: skip
+    assert sum(inside) >= 4, inside
+    iou = {
+        name: np.mean([(r.mask & s.object_mask).sum() / (r.mask | s.object_mask).sum() for r, s in zip(rs, scenes)])
+        for name, rs in chosen.items()
+    }
+    assert iou["tuned"] >= iou["plain"] + 0.25, iou
