@@ -2,7 +2,7 @@
 DeiT backbone GTFormer was fine-tuned from.
 
 Official SAM and DeiT weights and real WSOL data sets need downloads; these models need none.
-All were trained here on 2 CPU cores in under 30 minutes each; ``pro2sam/shipped/README.md``
+All were trained here on 2 CPU cores, each run in under 35 minutes; ``pro2sam/shipped/README.md``
 gives the exact commands and seeds, and a JSON record beside each model holds its command,
 settings, loss history, wall time and SHA-256.
 
@@ -20,8 +20,8 @@ settings, loss history, wall time and SHA-256.
   Anything's own modules at a small size) was trained class-agnostically by
   ``scripts/train_sam_synthetic.py`` on the ``sam`` stream, which no written data set contains.
   One SAM per regime (``sam_checkpoint(regime)``): the same SAM trained from scratch, then
-  fine-tuned on that regime's scenes (the object regime's targets include the object with its
-  support, SA-1B's nested masks).
+  fine-tuned on that regime's scenes (the object regime's twice; its targets include the object
+  with its support, SA-1B's nested masks).
 
 They load through the same code as official checkpoints::
 
@@ -66,7 +66,7 @@ SHIPPED_NAME = "shipped"
 # The GTFormer shipped for each regime of the synthetic world (pro2sam.synthetic.REGIMES).
 _GTFORMER_DIRS = {"part": "gtformer_synthetic", "object": "gtformer_synthetic_object"}
 # The SAM shipped for each regime: one SAM trained from scratch on part-regime scenes, then
-# fine-tuned once on each regime's scenes (README.md here; each record holds its parent's).
+# fine-tuned on each regime's scenes (README.md here; each record holds its parents' under init_record).
 _SAM_FILES = {"part": "sam_synthetic.pth", "object": "sam_synthetic_object.pth"}
 _BACKBONE_FILE = "deit_backbone_synthetic.safetensors"
 # What pro2sam tune chose for the shipped models on each regime's synthetic val split (README.md here).
