@@ -16,19 +16,26 @@ SAM_FLOWS = ("ours_bf16", "ours_bf16enc", "ours_fp16enc", "ours_fp32", "referenc
              "sam2_ours_fp32", "sam2_reference")
 
 
-def gpu_check(*args: str, python: str = sys.executable, timeout: int = 540) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": python}
+# The dry run checks that every flow runs, not how fast: its time budget is the GPU run's (450 s)
+# times a margin for a loaded 2-core machine (a fresh-check beside a tuning run took 449 s and
+# skipped the compile flows), and the script's hard limit follows it.
+DRY_RUN_BUDGET_S = 1200
+
+
+def gpu_check(*args: str, python: str = sys.executable, timeout: int = 540, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": python, **(env or {})}
     return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path_factory.mktemp("gpu_check") / "gpu_check.json"
-    proc = gpu_check("--device", "cpu", "--images", "1", "--json", str(out))
+    proc = gpu_check("--device", "cpu", "--images", "1", "--json", str(out), "--time-budget-s", str(DRY_RUN_BUDGET_S),
+                     env={"GPU_CHECK_LIMIT_S": str(DRY_RUN_BUDGET_S + 30)}, timeout=DRY_RUN_BUDGET_S + 90)  # fmt: skip
     return proc, json.loads(out.read_text()) if out.exists() else {}
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(DRY_RUN_BUDGET_S + 150)
 def test_dry_run_succeeds_and_runs_every_flow(dry_run):
     proc, report = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -37,7 +44,7 @@ def test_dry_run_succeeds_and_runs_every_flow(dry_run):
     assert set(report["flows"]) == {"gtformer", "same_answer", *SAM_FLOWS}
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(DRY_RUN_BUDGET_S + 150)
 def test_each_sam_flow_reports_images_per_second_memory_and_where_the_time_went(dry_run):
     _, report = dry_run
     for name in SAM_FLOWS:
@@ -52,7 +59,7 @@ def test_each_sam_flow_reports_images_per_second_memory_and_where_the_time_went(
     assert set(report["device_hours_per_million_images"]) == set(SAM_FLOWS)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(DRY_RUN_BUDGET_S + 150)
 def test_dry_run_checks_the_same_answer_in_both_precisions(dry_run):
     _, report = dry_run
     same = report["flows"]["same_answer"]
