@@ -12,6 +12,7 @@ import pytest
 from pro2sam import shipped
 from pro2sam.candidates import CandidateConfig
 from pro2sam.gtformer import load_gtformer
+from pro2sam.metrics import mask_iou
 from pro2sam.model import Pro2SAM
 from pro2sam.sam import SAM_VARIANTS, build_sam
 from pro2sam.synthetic import make_scene
@@ -312,8 +313,5 @@ def test_the_object_regime_settings_shed_the_containers_the_authors_rule_picks()
     inside = [(t.mask & p.mask).sum() >= 0.9 * t.mask.sum() and t.mask.sum() <= 0.7 * p.mask.sum()
               for t, p in zip(chosen["tuned"], chosen["plain"])]  # fmt: skip
     assert sum(inside) >= 4, inside
-    iou = {
-        name: np.mean([(r.mask & s.object_mask).sum() / (r.mask | s.object_mask).sum() for r, s in zip(rs, scenes)])
-        for name, rs in chosen.items()
-    }
+    iou = {name: np.mean([mask_iou(r.mask, s.object_mask) for r, s in zip(rs, scenes)]) for name, rs in chosen.items()}
     assert iou["tuned"] >= iou["plain"] + 0.25, iou

@@ -369,20 +369,21 @@ def _save_state_dict(sam: Sam, path: Path) -> None:
     write_bytes_atomic(str(path), data)  # a reader never sees half a file
 
 
-def _parent_record(init_from: str | Path | None) -> dict:
-    """``{"init_record": ...}``: the training record of the weights a run continues from (the
-    ``.json`` beside them, when it is the record of those very weights), so that a fine-tuned SAM's
-    record holds its whole lineage; ``{}`` for a run from scratch or weights without their record."""
+def _init_fields(init_from: str | Path | None) -> dict:
+    """The record's ``init_from`` (the file and SHA-256 of the weights a run continues from) and,
+    when the ``.json`` beside them is the record of those very weights, ``init_record``, so that a
+    fine-tuned SAM's record holds its whole lineage; ``{"init_from": None}`` for a run from scratch."""
     if init_from is None:
-        return {}
-    path = Path(init_from).with_suffix(".json")
+        return {"init_from": None}
+    digest = sha256_file(Path(init_from))
+    fields = {"init_from": {"file": Path(init_from).name, "sha256": digest}}
     try:
-        parent = json.loads(path.read_text())
+        parent = json.loads(Path(init_from).with_suffix(".json").read_text())
     except (OSError, ValueError):
-        return {}
-    if not isinstance(parent, dict) or parent.get("sha256") != sha256_file(Path(init_from)):
-        return {}
-    return {"init_record": parent}
+        return fields
+    if isinstance(parent, dict) and parent.get("sha256") == digest:
+        fields["init_record"] = parent
+    return fields
 
 
 def train_sam(
@@ -460,8 +461,7 @@ def train_sam(
         "weights": out_path.name,
         "command": command if command is not None else shlex.join(["python", *sys.argv]),
         "seed": config.seed,
-        "init_from": None if init_from is None else {"file": Path(init_from).name, "sha256": sha256_file(Path(init_from))},
-        **_parent_record(init_from),
+        **_init_fields(init_from),
         "config": asdict(config),
         "synthetic_generator_version": GENERATOR_VERSION,
         "device": str(device),
