@@ -28,6 +28,7 @@ __all__ = [
     "mask_box",
     "coarse_fallback",
     "upsample_coarse_map",
+    "absorb_lit_parts",
 ]
 
 # Minimum connected-component area of a usable mask, in pixels of a 224x224 frame.
@@ -85,6 +86,16 @@ class MatchConfig:
             frame, summed over the mask's pixels) over the best match that the object keeps.
         support_contrast: the shed area's mean map value, at most this times the object's mean
             (>= 0; ``inf`` asks nothing of the shed area).
+        absorb_parts: **[ours]**, off by default; after any rule: SAM's grid may split an object
+            into its body and the part at its edge that the map lights (the class part); with the
+            body chosen, the stored mask would leave the part out. The stored mask also takes each
+            smaller kept candidate (at most ``absorb_area`` of its area) that the map lights at
+            least ``absorb_contrast`` times as brightly as the chosen mask (mean of the map,
+            min-max normalised and upsampled, over the pixels) and that grows the chosen box's area
+            at most ``absorb_box_growth`` times; the box is the new mask's (:func:`absorb_lit_parts`).
+        absorb_contrast: the candidate's mean map value, at least this times the chosen mask's (>= 0).
+        absorb_box_growth: the chosen box with the candidate's pixels, at most this times its area (>= 1).
+        absorb_area: the candidate's area, at most this share of the chosen mask's (in (0, 1]).
     """
 
     similarity: str = "iou"
@@ -106,6 +117,12 @@ class MatchConfig:
     container_to_object: bool = False
     object_mass: float = 0.4
     support_contrast: float = 0.7
+    # Off by default; `pro2sam tune` tries it on its choice (the part regime's val split: the part
+    # held 95.0 -> 98.0 % of images, the boxes unchanged; benchmarks/README.md, "Absorbing the lit part").
+    absorb_parts: bool = False
+    absorb_contrast: float = 0.5
+    absorb_box_growth: float = 1.1
+    absorb_area: float = 0.25
 
     def __post_init__(self) -> None:
         if self.similarity not in SIMILARITIES:
@@ -119,6 +136,12 @@ class MatchConfig:
             raise ValueError("part_to_object and container_to_object go opposite ways: turn on one of them")
         if self.min_growth < 1.0:
             raise ValueError(f"min_growth must be >= 1, not {self.min_growth}")
+        if not self.absorb_contrast >= 0.0:
+            raise ValueError(f"absorb_contrast must be >= 0, not {self.absorb_contrast}")
+        if not self.absorb_box_growth >= 1.0:
+            raise ValueError(f"absorb_box_growth must be >= 1, not {self.absorb_box_growth}")
+        if not 0.0 < self.absorb_area <= 1.0:
+            raise ValueError(f"absorb_area must be in (0, 1], not {self.absorb_area}")
         size = self.completion_size
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
             raise ValueError(f"completion_size must be a positive whole number of cells or None, not {size!r}")
@@ -477,6 +500,51 @@ def _shed_container(
         if not options:
             return int(keep[i])
         i = min(options)[2]
+
+
+def absorb_lit_parts(
+    mask: np.ndarray,
+    box: tuple[int, int, int, int],
+    coarse_map: np.ndarray,
+    candidate: Callable[[int], np.ndarray],
+    indices: Sequence[int],
+    config: MatchConfig,
+) -> tuple[np.ndarray, tuple[int, int, int, int], list[int]]:
+    """The chosen mask with the lit parts SAM split from it (``MatchConfig.absorb_parts``).
+
+    Args:
+        mask: (H, W) bool, the chosen mask as stored (:func:`boxed_mask`); box: its box.
+        coarse_map: (h, w) float, the coarse map the choice was made with.
+        candidate: index -> that candidate's (H, W) bool mask in the same frame.
+        indices: the kept candidates to consider (not the chosen one).
+        config: ``absorb_contrast``, ``absorb_box_growth``, ``absorb_area``, ``min_component_area``.
+
+    Returns:
+        ``(mask, box, absorbed)``: the mask with every qualifying candidate's pixels and its
+        :func:`boxed_mask` box (the inputs when none qualifies), and the absorbed indices.
+    """
+    area = int(mask.sum())
+    if area == 0:
+        return mask, box, []
+    lit = upsample_coarse_map(coarse_map, mask.shape)
+    brightness = float(lit[mask].mean())
+    x0, y0, x1, y1 = box
+    box_area = (x1 - x0 + 1) * (y1 - y0 + 1)
+    out, absorbed = mask.copy(), []
+    for i in indices:
+        other = np.asarray(candidate(int(i)), dtype=bool)
+        size = int(other.sum())
+        if size == 0 or size > config.absorb_area * area or lit[other].mean() < config.absorb_contrast * brightness:
+            continue
+        rows, cols = np.flatnonzero(other.any(1)), np.flatnonzero(other.any(0))
+        grown = (max(x1, cols[-1]) - min(x0, cols[0]) + 1) * (max(y1, rows[-1]) - min(y0, rows[0]) + 1)
+        if grown <= config.absorb_box_growth * box_area:
+            out |= other
+            absorbed.append(int(i))
+    if not absorbed:
+        return mask, box, []
+    kept, new_box = boxed_mask(out, config.min_component_area)
+    return kept, new_box, absorbed
 
 
 def boxed_mask(

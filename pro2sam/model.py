@@ -19,7 +19,7 @@ from .candidates import CandidateConfig, Candidates, GridCandidateGenerator
 from .checkpoints import OFFICIAL_SAM_CHECKPOINTS
 from .gtformer import DEFAULT_SETTINGS, GTFormerSettings, load_gtformer
 from .images import to_rgb_array
-from .matching import MatchConfig, boxed_mask, coarse_fallback, match_at_full_resolution, match_masks
+from .matching import MatchConfig, absorb_lit_parts, boxed_mask, coarse_fallback, match_at_full_resolution, match_masks
 from .sam import DEFAULT_SAM_VARIANT, build_sam
 from .storage import sha256_file
 
@@ -310,6 +310,11 @@ class Pro2SAM:
         else:
             mask, box = boxed
             source, score = "sam", match.match_score
+            if self.match_config.absorb_parts:  # the lit parts SAM split from the chosen mask
+                kept = [int(i) for i in np.flatnonzero(match.rejected == "") if i != match.index]
+                if candidates.mode == "fast" and kept:  # the decision on the full-resolution masks
+                    kept = [i for i in kept if candidates.masks[i].any()]
+                mask, box, _ = absorb_lit_parts(mask, box, coarse_map, candidates.full_resolution_mask, kept, self.match_config)
             pred_iou = float(candidates.pred_ious[match.index])
             stability = float(candidates.stability_scores[match.index])
         return Pro2SAMResult(

@@ -15,9 +15,14 @@ This module holds what ``pro2sam tune`` and ``benchmarks/bench_quality.py`` shar
   boxes), or the masks' mIoU (held-out masks needed); scored by
   :func:`pro2sam.evaluation.evaluate_predictions` (the evaluation job's code). Every row of the
   table carries all three where the data allows.
-- **The choice** (:func:`choose`): the best objective; ties go to the setting that changes
-  fewest of the base settings, then to plain IoU over the other rules (the simpler rule), then to
-  the earlier row of the table.
+- **The choice** (:func:`choose`): the best objective; ties go to the better masks (mask mIoU,
+  where the held-out split has masks), then to the setting that changes fewest of the base
+  settings, then to plain IoU over the other rules (the simpler rule), then to the earlier row of
+  the table.
+- **Part absorption** (``MatchConfig.absorb_parts``) is tried after, on the chosen setting, at each
+  pair of the grid's ``absorb``: it changes the chosen mask (and its box by little), so the tune
+  job labels the held-out images once more, SAM once per image, every pair matched on the same
+  candidates.
 - **The fallback threshold** is chosen after, on the chosen setting: it changes only the boxes
   of images where no candidate survived (:func:`with_fallback_threshold`), so trying it needs no
   model.
@@ -50,6 +55,8 @@ __all__ = [
     "DEFAULT_GRID",
     "OBJECTIVE",
     "OBJECTIVES",
+    "TIE_BREAK",
+    "ABSORB_GRID",
     "SettingsError",
     "TunedSettings",
     "TuningGrid",
@@ -105,6 +112,8 @@ class TuningGrid:
             by pixel), matched on the cached candidates.
         container_to_object: (object_mass, support_contrast) pairs of container-to-object, matched
             on the cached candidates.
+        absorb: (absorb_contrast, absorb_box_growth) pairs of ``MatchConfig.absorb_parts``, tried
+            on the chosen setting (one more pass over the held-out images, SAM once per image).
     """
 
     sam_filters: tuple[tuple[float, float], ...]
@@ -114,6 +123,7 @@ class TuningGrid:
     relax: tuple[bool, ...] = (False, True)
     completion_sizes: tuple[int | None, ...] = (None,)
     container_to_object: tuple[tuple[float, float], ...] = ()
+    absorb: tuple[tuple[float, float], ...] = ()
 
     def candidate_configs(self, base: CandidateConfig) -> list[CandidateConfig]:
         """The base candidate settings first, then every filter pair x pruning with the base's
@@ -144,12 +154,20 @@ class TuningGrid:
     def fallback_values(self, base: MatchConfig) -> list[float]:
         return list(dict.fromkeys((base.fallback_threshold, *self.fallback_thresholds)))
 
-    def size(self, base_candidates: CandidateConfig, base_matching: MatchConfig) -> tuple[int, int, int]:
-        """(SAM passes per image, matchings per pass, fallback thresholds)."""
+    def absorb_configs(self, chosen: MatchConfig) -> list[MatchConfig]:
+        """The chosen matching with part absorption at each pair (and off, where it was on),
+        without the chosen one itself."""
+        configs = [replace(chosen, absorb_parts=True, absorb_contrast=c, absorb_box_growth=g) for c, g in self.absorb]
+        configs += [replace(chosen, absorb_parts=False)] if chosen.absorb_parts else []
+        return [m for m in dict.fromkeys(configs) if m != chosen]
+
+    def size(self, base_candidates: CandidateConfig, base_matching: MatchConfig) -> tuple[int, int, int, int]:
+        """(SAM passes per image, matchings per pass, fallback thresholds, absorption pairs)."""
         return (
             len(self.candidate_configs(base_candidates)),
             len(self.match_configs(base_matching)),
             len(self.fallback_values(base_matching)),
+            len(self.absorb),
         )
 
 
@@ -164,6 +182,10 @@ class TuningGrid:
 # from 0.4 of the object's mean up to as much as the object. The object regime's val choice sat at
 # that top, contrast 1; past it nothing changed, up to asking nothing of the shed area (inf): the
 # mass kept decides (benchmarks/README.md, "Container-to-object").
+# Part absorption (contrast, box growth): a part lit from a quarter of the chosen mask's mean up to
+# twice it, the box grown by nothing up to a quarter (the part regime's val split, scratch scan:
+# growth 1.25 and past lost boxes, 1.1 and under none; benchmarks/README.md, "Absorbing the lit part").
+ABSORB_GRID = tuple((c, g) for c in (0.25, 0.5, 1.0, 2.0) for g in (1.0, 1.05, 1.1, 1.25))
 GRIDS: dict[str, TuningGrid] = {
     "small": TuningGrid(
         sam_filters=((0.88, 0.95), (0.7, 0.8)),
@@ -171,6 +193,7 @@ GRIDS: dict[str, TuningGrid] = {
         part_to_object=tuple((a, c) for a in (0.0, 0.02, 0.1, 0.35) for c in (0.2, 0.3, 0.4, 0.5, 0.6, 0.9)),
         fallback_thresholds=(0.1, 0.3, 0.5),
         container_to_object=tuple((m, r) for m in (0.1, 0.25, 0.4, 0.6) for r in (0.4, 0.6, 0.8, 1.0)),
+        absorb=ABSORB_GRID,
     ),
     "full": TuningGrid(
         sam_filters=((0.88, 0.95), (0.8, 0.9), (0.7, 0.8), (0.6, 0.8), (0.5, 0.7), (0.0, 0.0)),
@@ -179,6 +202,7 @@ GRIDS: dict[str, TuningGrid] = {
         fallback_thresholds=(0.05, 0.1, 0.3, 0.4, 0.5),
         completion_sizes=(None, 64, 32),
         container_to_object=tuple((m, r) for m in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8) for r in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)),
+        absorb=ABSORB_GRID,
     ),
 }
 DEFAULT_GRID = "small"
@@ -197,6 +221,8 @@ def _changes(candidates: CandidateConfig, matching: MatchConfig, base_candidates
     unused = [k for k in ("min_growth", "agreement", "completion_size") if not climbs]
     unused += [k for k in ("object_mass", "support_contrast") if not descends]
     unused += ["containment"] if not (climbs or descends) else []
+    absorbs = matching.absorb_parts or base_matching.absorb_parts
+    unused += [k for k in ("absorb_contrast", "absorb_box_growth", "absorb_area") if not absorbs]
     m -= sum(getattr(matching, k) != getattr(base_matching, k) for k in unused)
     return c + m
 
@@ -221,7 +247,7 @@ def table_row(
 
     Args:
         scores: the ``Pro2SAM`` part of :func:`pro2sam.evaluation.evaluate_predictions`.
-        stage: ``"sam+matching"`` or ``"fallback"`` (tried on the chosen setting).
+        stage: ``"sam+matching"``, or ``"absorb"`` / ``"fallback"`` (tried on the chosen setting).
     """
     return {
         "stage": stage,
@@ -235,24 +261,32 @@ def table_row(
         "object_mass": matching.object_mass if matching.container_to_object else None,
         "support_contrast": matching.support_contrast if matching.container_to_object else None,
         "fallback_threshold": matching.fallback_threshold,
+        "absorb_contrast": matching.absorb_contrast if matching.absorb_parts else None,
+        "absorb_box_growth": matching.absorb_box_growth if matching.absorb_parts else None,
         **{key: scores.get(key) for key, _ in OBJECTIVES.values()},
         "fallback_rate": scores.get("fallback_rate"),
         "changes_from_base": _changes(candidates, matching, base_candidates, base_matching),
     }
 
 
+TIE_BREAK = "the better mask mIoU where the held-out split has masks, then fewest changes from the base settings, then plain IoU over the other rules, then table order"
+
+
 def choose(table: Sequence[Mapping], objective: str = OBJECTIVE) -> int:
     """Index of the chosen row: the highest ``objective`` (a key of :data:`OBJECTIVES`); ties to
-    the fewest changes from the base settings, then plain IoU over the other rules, then the
-    earlier row. A row without the score (no held-out masks for ``miou``) is never preferred."""
+    the better masks (the higher ``mIoU``, where the held-out split has masks: equal boxes, better
+    labels), then the fewest changes from the base settings, then plain IoU over the other rules,
+    then the earlier row. A row without the score (no held-out masks for ``miou``) is never
+    preferred."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
     column = OBJECTIVES[objective][0]
 
     def key(i: int):
         row = table[i]
-        score = row.get(column)
-        return (-(score if score is not None else -1.0), row["changes_from_base"], row["matching"] != PLAIN_IOU, i)
+        score, masks = row.get(column), row.get("mIoU")
+        return (-(score if score is not None else -1.0), -(masks if masks is not None else -1.0), row["changes_from_base"],
+                row["matching"] != PLAIN_IOU, i)  # fmt: skip
 
     if not table:
         raise ValueError("nothing to choose from: the table is empty")
@@ -328,7 +362,7 @@ def settings_document(
         },
         "confidence": dict(confidence) if confidence is not None else None,
         "objective": f"{objective}: {OBJECTIVES[objective][0]} ({OBJECTIVES[objective][1]})",
-        "tie_break": "fewest changes from the base settings, then plain IoU over the other rules, then table order",
+        "tie_break": TIE_BREAK,
         "chosen": chosen,
         "heldout": dict(heldout),
         "grid": grid,

@@ -419,3 +419,52 @@ def test_the_fast_path_sheds_the_container_as_the_exact_path_does():
     again, _ = match_at_full_resolution(coarse, low, ious, upsample, replace(rule, object_mass=0.9), cache=cache)
     assert again.index == 0
     assert sorted(asked[:4]) == [0, 1, 2, 3] and len(asked) == 6  # all four once, then only each winner
+
+
+# ---------------------------------------------------------------- part absorption
+
+
+def body_and_lit_part():
+    """A 64x64-pixel object (x, y 64..127) whose class part, an 18x18 square at its top-right
+    corner (x 112..129, y 62..79), sticks out of the body by two pixels; SAM's grid split them:
+    candidates are the body without the part, the part, and a lit 20x20 distractor far away
+    (x, y 180..199). The map lights the body (0.6), the part (0.9, cells x 7..8, y 3..4) and the
+    distractor (0.9)."""
+    coarse = np.full((14, 14), 0.05, dtype=np.float32)
+    coarse[4:8, 4:8] = 0.6
+    coarse[3:5, 7:9] = 0.9
+    coarse[11:13, 11:13] = 0.9
+    obj = rect_mask((224, 224), 64, 64, 127, 127)
+    part = rect_mask((224, 224), 112, 62, 129, 79)
+    distractor = rect_mask((224, 224), 180, 180, 199, 199)
+    return coarse, np.stack([obj & ~part, part, distractor]), np.array([0.9, 0.85, 0.8])
+
+
+def test_absorption_adds_the_lit_part_and_the_box_becomes_the_new_mask_s():
+    from pro2sam.matching import absorb_lit_parts
+
+    coarse, candidates, ious = body_and_lit_part()
+    assert match_masks(coarse, candidates, ious).index == 0  # plain matching takes the body
+    body, box = boxed_mask(candidates[0])
+    assert box == (64, 64, 127, 127)
+    mask, new_box, absorbed = absorb_lit_parts(body, box, coarse, lambda i: candidates[i], [1, 2], MatchConfig(absorb_parts=True))
+    # the part grows the box from 64x64 to 66x66 pixels (x 64..129, y 62..127), 1.06 times: under 1.1;
+    # the distractor would grow it about 4.5 times
+    assert absorbed == [1] and new_box == (64, 62, 129, 127)
+    assert np.array_equal(mask, candidates[0] | candidates[1])
+
+
+@pytest.mark.parametrize("change", [{"absorb_contrast": 2.0}, {"absorb_box_growth": 1.05}, {"absorb_area": 0.05}])
+def test_absorption_needs_a_lit_small_part_that_barely_grows_the_box(change):
+    from pro2sam.matching import absorb_lit_parts
+
+    coarse, candidates, _ = body_and_lit_part()
+    body, box = boxed_mask(candidates[0])
+    # the part is lit about 1.4 times the body's mean (not 2), grows the box 1.06 times (over 1.05),
+    # and is 324 pixels, 8.6 % of the body's 3,772 (over 5 %)
+    config = MatchConfig(absorb_parts=True, **change)
+    mask, new_box, absorbed = absorb_lit_parts(body, box, coarse, lambda i: candidates[i], [1, 2], config)
+    assert absorbed == [] and new_box == box and mask is body
+    for bad in ({"absorb_contrast": -1.0}, {"absorb_box_growth": 0.9}, {"absorb_area": 0.0}, {"absorb_area": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MatchConfig(absorb_parts=True, **bad)

@@ -160,3 +160,31 @@ def test_fast_path_chooses_the_exact_paths_mask_with_the_shipped_models_and_sett
         a, b = fast.localize(image, p, m), exact.localize(image, p, m)
         assert a.box_source == b.box_source == "sam"
         assert a.box_xyxy == b.box_xyxy and (a.mask == b.mask).mean() > 0.999
+
+
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_the_absorbed_part_is_stored_with_the_mask_and_its_box_on_both_paths(model, mode):
+    """Part absorption is off by default (the authors' rule); on, the stored mask and its box hold
+    the lit part SAM split from the chosen body, decided alike on the exact path and on the fast
+    path's full-resolution masks."""
+    from test_matching import body_and_lit_part
+
+    from pro2sam.candidates import Candidates
+
+    coarse, full, ious = body_and_lit_part()
+    n = len(full)
+    common = dict(pred_ious=ious.astype(np.float32), stability_scores=np.full(n, 0.95, np.float32),
+                  point_coords=np.zeros((n, 2)), multimask_index=np.zeros(n, np.int64),
+                  boxes_xyxy=np.zeros((n, 4), np.int64), image_size=(224, 224), num_grid_points=n)  # fmt: skip
+    if mode == "exact":
+        candidates = Candidates(masks=full, mode="exact", **common)
+    else:  # SAM's 56x56 grid; the upsampling of its logits to the image planted
+        candidates = Candidates(masks=full[:, ::4, ::4], mode="fast", **common)
+        candidates.full_resolution_mask = lambda i: full[i]
+    image, probs = np.zeros((224, 224, 3), np.uint8), np.array([0.6, 0.3, 0.1], np.float32)
+    plain = model.choose(image, probs, coarse, candidates)
+    assert plain.box_xyxy == (64, 64, 127, 127) and np.array_equal(plain.mask, full[0])
+    absorbing = model.with_settings(matching=MatchConfig(absorb_parts=True))
+    r = absorbing.choose(image, probs, coarse, candidates)
+    assert r.box_xyxy == (64, 62, 129, 127) and np.array_equal(r.mask, full[0] | full[1])
+    assert tight_box(r.mask) == r.box_xyxy and r.box_source == "sam" and r.pred_iou == pytest.approx(0.9)

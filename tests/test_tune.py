@@ -94,8 +94,10 @@ def check_settings_file(path: Path, images: int, boxes: int, spec: str, objectiv
     assert (document["heldout"]["images"], document["heldout"]["boxes"]) == (images, boxes)
     assert document["code_version"]["pro2sam"] and {"git_sha", "git_dirty"} <= set(document["code_version"])
     table = document["table"]
-    candidates, matchings, fallbacks = GRIDS["small"].size(CandidateConfig.for_variant("synthetic", points_per_side=4), MatchConfig())
-    assert len(table) == candidates * matchings + fallbacks - 1
+    candidates, matchings, fallbacks, absorbs = GRIDS["small"].size(CandidateConfig.for_variant("synthetic", points_per_side=4), MatchConfig())
+    assert len(table) == candidates * matchings + absorbs + fallbacks - 1
+    assert [r["stage"] for r in table].count("absorb") == absorbs > 0
+    assert {(r["absorb_contrast"], r["absorb_box_growth"]) for r in table if r["stage"] == "absorb"} == set(GRIDS["small"].absorb)
     assert all(0.0 <= row[key] <= 100.0 for row in table for key in ("gt_known_loc", "BoxAccV2_single_box"))
     # the choice is the best held-out row of the table by the objective, and the file's settings are that row's
     column = {"gt_known_loc": "gt_known_loc", "box_acc_v2": "BoxAccV2_single_box"}[objective]
@@ -109,6 +111,7 @@ def check_settings_file(path: Path, images: int, boxes: int, spec: str, objectiv
     assert settings["matching"]["fallback_threshold"] == table[chosen]["fallback_threshold"]
     assert settings["matching"]["part_to_object"] == (table[chosen]["matching"] == PART_TO_OBJECT)
     assert settings["matching"]["container_to_object"] == (table[chosen]["matching"] == CONTAINER_TO_OBJECT)
+    assert settings["matching"]["absorb_parts"] == (table[chosen]["absorb_contrast"] is not None)
     assert settings["candidates"]["points_per_side"] == 4
     assert document["confidence"]["fitted_on"]
     return document
@@ -187,6 +190,15 @@ def test_ties_go_to_the_base_settings_then_to_plain_iou():
     assert choose([row(90, 0, "part-to-object"), row(90, 1, PLAIN_IOU)]) == 0
 
 
+def test_equal_scores_go_to_the_better_masks_before_the_fewest_changes():
+    def row(score, miou, changes):
+        return {OBJECTIVE: score, "mIoU": miou, "changes_from_base": changes, "matching": PLAIN_IOU}
+
+    assert choose([row(90, 80.0, 0), row(90, 81.0, 2), row(91, 70.0, 3)]) == 2
+    assert choose([row(90, 80.0, 0), row(90, 81.0, 2), row(89, 95.0, 0)]) == 1
+    assert choose([row(90, None, 1), row(90, None, 0)]) == 1  # no held-out masks: the fewest changes
+
+
 def test_the_objective_picks_the_column_the_choice_maximises():
     def row(gt_known, box_acc, miou):
         return {"gt_known_loc": gt_known, "BoxAccV2_single_box": box_acc, "mIoU": miou, "changes_from_base": 0, "matching": PLAIN_IOU}
@@ -244,6 +256,8 @@ def test_a_rule_s_thresholds_count_as_changes_only_where_the_rule_is_on():
     assert changes(MatchConfig(container_to_object=True)) == (1, CONTAINER_TO_OBJECT, MatchConfig().object_mass)
     assert changes(MatchConfig(container_to_object=True, object_mass=0.1, support_contrast=1.0)) == (3, CONTAINER_TO_OBJECT, 0.1)
     assert changes(MatchConfig(part_to_object=True, object_mass=0.1)) == (1, PART_TO_OBJECT, None)
+    assert changes(MatchConfig(absorb_contrast=1.0, absorb_box_growth=1.25)) == (0, PLAIN_IOU, None)
+    assert changes(MatchConfig(absorb_parts=True, absorb_contrast=1.0, absorb_box_growth=1.25)) == (3, PLAIN_IOU, None)
 
 
 def test_a_tie_between_completion_grids_goes_to_pixel_by_pixel():

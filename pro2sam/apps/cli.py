@@ -67,6 +67,10 @@ _SETTINGS_OPTIONS = {
     ("matching", "container_to_object"): ("container_to_object", None),
     ("matching", "object_mass"): ("object_mass", None),
     ("matching", "support_contrast"): ("support_contrast", None),
+    ("matching", "absorb_parts"): ("absorb_parts", None),
+    ("matching", "absorb_contrast"): ("absorb_contrast", None),
+    ("matching", "absorb_box_growth"): ("absorb_box_growth", None),
+    ("matching", "absorb_area"): ("absorb_area", None),
 }
 
 
@@ -184,6 +188,15 @@ def _add_matching_options(p: argparse.ArgumentParser) -> None:
                    help="share of the map's mass over the best match that the object keeps (default %(default)s)")  # fmt: skip
     g.add_argument("--support-contrast", type=float, default=d["support_contrast"],
                    help="the shed area's mean map value, at most this times the object's (default %(default)s)")  # fmt: skip
+    g.add_argument("--absorb-parts", action=argparse.BooleanOptionalAction, default=d["absorb_parts"],
+                   help="the stored mask also takes the smaller candidates the map lights that lie in its box (a part "
+                   "SAM split from the object) (default %(default)s)")  # fmt: skip
+    g.add_argument("--absorb-contrast", type=float, default=d["absorb_contrast"],
+                   help="a part's mean map value, at least this times the chosen mask's (default %(default)s)")  # fmt: skip
+    g.add_argument("--absorb-box-growth", type=float, default=d["absorb_box_growth"],
+                   help="the chosen box with a part's pixels, at most this times its area (default %(default)s)")  # fmt: skip
+    g.add_argument("--absorb-area", type=float, default=d["absorb_area"],
+                   help="a part's area, at most this share of the chosen mask's (default %(default)s)")  # fmt: skip
 
 
 def _matching(args: argparse.Namespace):
@@ -204,6 +217,10 @@ def _matching(args: argparse.Namespace):
         container_to_object=args.container_to_object,
         object_mass=args.object_mass,
         support_contrast=args.support_contrast,
+        absorb_parts=args.absorb_parts,
+        absorb_contrast=args.absorb_contrast,
+        absorb_box_growth=args.absorb_box_growth,
+        absorb_area=args.absorb_area,
     )
 
 
@@ -835,7 +852,7 @@ def _add_tune_parser(sub) -> None:
     sizes = "; ".join(
         f"{name}: {len(g.sam_filters) + 1} SAM filter pairs x pruning {'/'.join('on' if v else 'off' for v in g.prune)}, "
         f"plain IoU + {len(g.part_to_object)} part-to-object + {len(g.container_to_object)} container-to-object rules, "
-        f"{len(g.fallback_thresholds) + 1} fallback thresholds"
+        f"{len(g.fallback_thresholds) + 1} fallback thresholds, {len(g.absorb)} part absorptions"
         for name, g in GRIDS.items()
     )
     p.add_argument("--grid", choices=sorted(GRIDS), default=DEFAULT_GRID,

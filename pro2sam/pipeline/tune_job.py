@@ -60,6 +60,8 @@ class TuneSummary:
             rule += f" (agreement {c['agreement']:g}, containment {c['containment']:g})"
         elif c.get("object_mass") is not None:
             rule += f" (object mass {c['object_mass']:g}, support contrast {c['support_contrast']:g})"
+        if c.get("absorb_contrast") is not None:
+            rule += f", absorbing lit parts (contrast {c['absorb_contrast']:g}, box growth {c['absorb_box_growth']:g})"
         return (
             f"pro2sam tune: {self.settings_tried} settings tried on {self.images} held-out images in {self.seconds:.1f} s; "
             f"chosen: SAM filters {c['pred_iou_thresh']:g} / {c['stability_score_thresh']:g}, pruning "
@@ -215,8 +217,9 @@ def run_tune_job(cfg: TuneJobConfig) -> TuneSummary:
     grid = GRIDS[cfg.grid]
     candidates, matchings = grid.candidate_configs(base_candidates), grid.match_configs(base_matching)
     log.info(
-        "tuning on %d held-out images: %d SAM passes per image x %d matching rules, then %d fallback thresholds",
-        len(dataset.samples), len(candidates), len(matchings), len(grid.fallback_values(base_matching)),
+        "tuning on %d held-out images: %d SAM passes per image x %d matching rules, then %d part absorptions and %d "
+        "fallback thresholds", len(dataset.samples), len(candidates), len(matchings), len(grid.absorb),
+        len(grid.fallback_values(base_matching)),
     )  # fmt: skip
     rows = _label_every_setting(cfg, _heldout_inputs(dataset), candidates, matchings)
 
@@ -233,23 +236,37 @@ def run_tune_job(cfg: TuneJobConfig) -> TuneSummary:
             scores = score(by_setting.get((c, m), [])).results["Pro2SAM"]
             table.append(table_row(cand, match, scores, base_candidates=base_candidates, base_matching=base_matching, stage="sam+matching"))
             keys.append((c, m, match.fallback_threshold))
+    # Each row of the table: (candidate settings, matching, the held-out rows it labelled).
+    settings = [(candidates[c], matchings[m], by_setting.get((c, m), [])) for c, m, _ in keys]
     first = choose(table, cfg.objective)
-    c, m, _ = keys[first]
+    absorbing = grid.absorb_configs(settings[first][1])
+    if absorbing:  # on the chosen setting: one more pass, SAM once per image, every pair on its candidates
+        log.info("part absorption: %d settings on the chosen one", len(absorbing))
+        more: dict[int, list[dict]] = defaultdict(list)
+        for row in _label_every_setting(cfg, _heldout_inputs(dataset), [settings[first][0]], absorbing):
+            row.pop("candidates_index")
+            more[row.pop("matching_index")].append(row)
+        for a, match in enumerate(absorbing):
+            scores = score(more.get(a, [])).results["Pro2SAM"]
+            table.append(table_row(settings[first][0], match, scores, base_candidates=base_candidates, base_matching=base_matching, stage="absorb"))
+            settings.append((settings[first][0], match, more.get(a, [])))
+    second = choose(table, cfg.objective)
+    cand, match, labelled = settings[second]
     for threshold in grid.fallback_values(base_matching):
-        if threshold == matchings[m].fallback_threshold:
+        if threshold == match.fallback_threshold:
             continue
-        match = replace(matchings[m], fallback_threshold=threshold)
-        scores = score(with_fallback_threshold(by_setting.get((c, m), []), threshold)).results["Pro2SAM"]
-        table.append(table_row(candidates[c], match, scores, base_candidates=base_candidates, base_matching=base_matching, stage="fallback"))
-        keys.append((c, m, threshold))
+        scores = score(with_fallback_threshold(labelled, threshold)).results["Pro2SAM"]
+        table.append(table_row(cand, replace(match, fallback_threshold=threshold), scores, base_candidates=base_candidates,
+                               base_matching=base_matching, stage="fallback"))  # fmt: skip
+        settings.append((cand, replace(match, fallback_threshold=threshold), labelled))
     chosen = choose(table, cfg.objective)
-    c, m, threshold = keys[chosen]
-    chosen_candidates, chosen_matching = candidates[c], replace(matchings[m], fallback_threshold=threshold)
+    chosen_candidates, chosen_matching, labelled = settings[chosen]
+    threshold = chosen_matching.fallback_threshold
     table[chosen]["chosen"] = True
 
     confidence = None
     if cfg.calibrate_confidence:
-        chosen_rows = with_fallback_threshold(by_setting.get((c, m), []), threshold)
+        chosen_rows = with_fallback_threshold(labelled, threshold)
         records = score(chosen_rows).images
         fitted_on = f"{dataset.name}:{dataset.split}"
         confidence = calibrate(records, index_rows(chosen_rows), fitted_on=fitted_on).to_dict()
