@@ -230,14 +230,15 @@ def run_tune_job(cfg: TuneJobConfig) -> TuneSummary:
     def score(setting_rows: list[dict]) -> SplitResult:
         return evaluate_predictions(dataset, setting_rows, methods=("Pro2SAM",))
 
-    table, keys = [], []
+    # Each row of the table, and beside it in ``settings``: (candidate settings, matching, the
+    # held-out rows it labelled).
+    table, settings = [], []
     for c, cand in enumerate(candidates):
         for m, match in enumerate(matchings):
-            scores = score(by_setting.get((c, m), [])).results["Pro2SAM"]
-            table.append(table_row(cand, match, scores, base_candidates=base_candidates, base_matching=base_matching, stage="sam+matching"))
-            keys.append((c, m, match.fallback_threshold))
-    # Each row of the table: (candidate settings, matching, the held-out rows it labelled).
-    settings = [(candidates[c], matchings[m], by_setting.get((c, m), [])) for c, m, _ in keys]
+            labelled = by_setting.get((c, m), [])
+            table.append(table_row(cand, match, score(labelled).results["Pro2SAM"], base_candidates=base_candidates,
+                                   base_matching=base_matching, stage="sam+matching"))  # fmt: skip
+            settings.append((cand, match, labelled))
     first = choose(table, cfg.objective)
     absorbing = grid.absorb_configs(settings[first][1])
     if absorbing:  # on the chosen setting: one more pass, SAM once per image, every pair on its candidates
